@@ -1,0 +1,183 @@
+//! The batch, version 1: everything one run emitted during one flush interval.
+//!
+//! A batch is JSON compressed with zstd (see [`crate::codec`]). Order is carried by
+//! `seq` (per line / per result) and `batch_seq` (per batch), never by arrival order.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Major version of the wire format. A consumer rejects any other major.
+pub const SCHEMA_MAJOR: u32 = 1;
+/// Minor version: a newer minor only adds optional fields.
+pub const SCHEMA_MINOR: u32 = 0;
+/// The version as carried in `v` and in the `Athanor-Schema` header.
+pub const SCHEMA_VERSION: &str = "1.0";
+
+/// One message on `athanor.run.<run_id>.batch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Schema version, `"<major>.<minor>"`.
+    pub v: String,
+    pub run_id: String,
+    /// 0, 1, 2, … per run, gapless.
+    pub batch_seq: u64,
+    pub worker_id: String,
+    /// When the batch was encoded (µs since the epoch).
+    pub sent_at: i64,
+    /// What was run: present on a run's first batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogLine>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub results: Vec<ResultRecord>,
+    /// The latest progress at the time of the batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// A status transition: `running` on the first batch, the terminal state on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// Totals, on the last batch of a run only.
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "final")]
+    pub final_: Option<Final>,
+}
+
+impl Batch {
+    /// An empty batch of the current schema version.
+    pub fn new(run_id: impl Into<String>, batch_seq: u64, worker_id: impl Into<String>) -> Self {
+        Batch {
+            v: SCHEMA_VERSION.to_string(),
+            run_id: run_id.into(),
+            batch_seq,
+            worker_id: worker_id.into(),
+            sent_at: crate::now_micros(),
+            run: None,
+            logs: Vec::new(),
+            results: Vec::new(),
+            progress: None,
+            status: None,
+            final_: None,
+        }
+    }
+
+    /// The major part of `v`, if it parses.
+    pub fn major(&self) -> Option<u32> {
+        parse_major(&self.v)
+    }
+}
+
+pub(crate) fn parse_major(v: &str) -> Option<u32> {
+    v.split('.').next()?.parse().ok()
+}
+
+/// What a run executes: sent once, on its first batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub experiment: String,
+    /// The validated config, defaults applied.
+    pub config: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// When the worker started the run (µs since the epoch).
+    pub started_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl Level {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Per run, assigned when `log()` is called, gapless from 0.
+    pub seq: u64,
+    /// µs since the epoch.
+    pub ts: i64,
+    pub level: Level,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    /// Per run, gapless from 0; for one key, the highest `seq` wins.
+    pub seq: u64,
+    pub key: String,
+    pub value: Value,
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub current: u64,
+    pub total: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub ts: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Pending,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    Lost,
+}
+
+impl RunState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunState::Pending | RunState::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Running => "running",
+            RunState::Completed => "completed",
+            RunState::Failed => "failed",
+            RunState::Cancelled => "cancelled",
+            RunState::Lost => "lost",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: RunState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub at: i64,
+}
+
+/// Totals of a finished run, carried by its last batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Final {
+    pub status: RunState,
+    /// Number of batches of the run, this one included (so the last `batch_seq` + 1).
+    pub batches: u64,
+    /// Number of log lines of the run.
+    pub lines: u64,
+    /// Number of result records of the run.
+    pub results: u64,
+}

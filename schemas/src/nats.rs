@@ -1,0 +1,361 @@
+//! How every component talks to NATS: the `[nats]` config section, connecting,
+//! declaring the streams and buckets of the design, and running an embedded
+//! `nats-server` (for `athanor up` and for tests).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+use serde::{Deserialize, Serialize};
+
+use crate::names;
+
+/// The oldest nats-server this project runs against.
+pub const MIN_SERVER_VERSION: (u32, u32) = (2, 11);
+
+/// The `[nats]` section of the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. `athanor up` spawns its own server when unset;
+    /// the other commands then use `nats://127.0.0.1:4222`.
+    pub url: Option<String>,
+    /// The `nats-server` binary `athanor up` spawns: a path, or a name looked up on
+    /// `PATH` (the first one that is at least 2.11 wins).
+    pub server_bin: String,
+    /// JetStream replicas of every stream and bucket (3 in a cluster).
+    pub replicas: usize,
+    /// How long `ATHANOR_RUNS` keeps batches.
+    #[serde(with = "humantime_serde")]
+    pub runs_max_age: Duration,
+    /// Broker-side deduplication window of `ATHANOR_RUNS` and `ATHANOR_REQUESTS`.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// A worker that has not heartbeated for this long disappears from `athanor_workers`.
+    #[serde(with = "humantime_serde")]
+    pub workers_ttl: Duration,
+    /// Timeout of JetStream API calls and publish acks.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: None,
+            server_bin: "nats-server".into(),
+            replicas: 1,
+            runs_max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(120),
+            workers_ttl: Duration::from_secs(15),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl NatsConfig {
+    pub const DEFAULT_URL: &'static str = "nats://127.0.0.1:4222";
+
+    /// Short timeouts for tests.
+    pub fn for_tests(url: &str) -> Self {
+        NatsConfig {
+            url: Some(url.into()),
+            workers_ttl: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(2),
+            ..Default::default()
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        self.url.as_deref().unwrap_or(Self::DEFAULT_URL)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error("cannot declare {what}: {message}")]
+    Declare { what: String, message: String },
+    #[error("{0}")]
+    Server(String),
+}
+
+/// Connects with unlimited reconnects: a worker outlives NATS restarts.
+pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
+    let url = config.url();
+    async_nats::ConnectOptions::new()
+        .name(name)
+        .request_timeout(Some(config.request_timeout))
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((50 * 2u64.pow(attempts.min(5) as u32)).min(1000))
+        })
+        .connect(url)
+        .await
+        .map_err(|source| NatsError::Connect {
+            url: url.into(),
+            source,
+        })
+}
+
+/// A JetStream context whose acks time out after the configured request timeout.
+pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(config.request_timeout)
+        .build(client)
+}
+
+/// Creates, or updates to the design's settings, every stream and bucket. Idempotent:
+/// every component calls it at start.
+pub async fn ensure_topology(
+    js: &jetstream::Context,
+    config: &NatsConfig,
+) -> Result<(), NatsError> {
+    let streams = [
+        stream::Config {
+            name: names::RUNS_STREAM.into(),
+            description: Some("Athanor run output: one zstd batch per run per flush".into()),
+            subjects: vec![names::RUNS_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: config.runs_max_age,
+            duplicate_window: config.duplicate_window,
+            num_replicas: config.replicas,
+            allow_direct: true,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names::REQUESTS_STREAM.into(),
+            description: Some("Athanor run requests, one work queue per experiment".into()),
+            subjects: vec![names::REQUESTS_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: config.duplicate_window,
+            num_replicas: config.replicas,
+            ..Default::default()
+        },
+        stream::Config {
+            name: names::DLQ_STREAM.into(),
+            description: Some(
+                "Athanor batches that could not be decoded or stored, with the reason".into(),
+            ),
+            subjects: vec![names::DLQ_SUBJECTS.into()],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            max_age: Duration::from_secs(30 * 24 * 3600),
+            num_replicas: config.replicas,
+            ..Default::default()
+        },
+    ];
+    for s in streams {
+        let what = format!("stream {}", s.name);
+        js.create_or_update_stream(s)
+            .await
+            .map_err(|e| NatsError::Declare {
+                what,
+                message: e.to_string(),
+            })?;
+    }
+    let buckets = [
+        kv::Config {
+            bucket: names::WORKERS_BUCKET.into(),
+            description: "Athanor live workers (entries expire when heartbeats stop)".into(),
+            history: 1,
+            max_age: config.workers_ttl,
+            num_replicas: config.replicas,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: names::CONTROL_BUCKET.into(),
+            description: "Athanor control requests: cancel.<run_id>".into(),
+            history: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            num_replicas: config.replicas,
+            ..Default::default()
+        },
+    ];
+    for b in buckets {
+        let what = format!("bucket {}", b.bucket);
+        js.create_or_update_key_value(b)
+            .await
+            .map_err(|e| NatsError::Declare {
+                what,
+                message: e.to_string(),
+            })?;
+    }
+    Ok(())
+}
+
+/// A `nats-server` child process with JetStream, on a loopback port, with its store
+/// in a directory of ours. Killed (SIGKILL) when dropped.
+pub struct EmbeddedServer {
+    bin: PathBuf,
+    store_dir: PathBuf,
+    port: u16,
+    sync_always: bool,
+    child: Option<Child>,
+}
+
+impl EmbeddedServer {
+    /// Starts a server on a free port and waits until it accepts connections.
+    pub fn start(server_bin: &str, store_dir: &Path) -> Result<Self, NatsError> {
+        Self::start_with(server_bin, store_dir, false)
+    }
+
+    /// As [`start`](Self::start); with `sync_always`, JetStream fsyncs every write.
+    pub fn start_with(
+        server_bin: &str,
+        store_dir: &Path,
+        sync_always: bool,
+    ) -> Result<Self, NatsError> {
+        let bin = find_server(server_bin)?;
+        std::fs::create_dir_all(store_dir).map_err(|e| {
+            NatsError::Server(format!("cannot create {}: {e}", store_dir.display()))
+        })?;
+        let port = free_port()?;
+        let mut server = EmbeddedServer {
+            bin,
+            store_dir: store_dir.to_path_buf(),
+            port,
+            sync_always,
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<(), NatsError> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<(), NatsError> {
+        let conf = self.store_dir.join("nats-server.conf");
+        let store = self.store_dir.join("jetstream");
+        let sync = if self.sync_always {
+            "\n  sync_interval: always"
+        } else {
+            ""
+        };
+        let text = format!(
+            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}\n}}\n",
+            self.port,
+            self.port,
+            store.display().to_string()
+        );
+        std::fs::write(&conf, text)
+            .map_err(|e| NatsError::Server(format!("cannot write {}: {e}", conf.display())))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store_dir.join("nats-server.log"))
+            .map_err(|e| NatsError::Server(format!("cannot open the server log: {e}")))?;
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| NatsError::Server(format!("cannot start {}: {e}", self.bin.display())))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(NatsError::Server(format!(
+                    "nats-server exited with {status}; see {}",
+                    self.store_dir.join("nats-server.log").display()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(NatsError::Server(format!(
+                    "nats-server did not listen on port {} within 20 s",
+                    self.port
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16, NatsError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| NatsError::Server(format!("no free port: {e}")))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| NatsError::Server(e.to_string()))?
+        .port())
+}
+
+/// Finds a `nats-server` of at least [`MIN_SERVER_VERSION`]: `name` itself when it is a
+/// path, else the first such binary on `PATH`.
+pub fn find_server(name: &str) -> Result<PathBuf, NatsError> {
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|dir| dir.join(name))
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut seen = Vec::new();
+    for path in candidates {
+        match server_version(&path) {
+            Some(v) if v >= MIN_SERVER_VERSION => return Ok(path),
+            Some((major, minor)) => seen.push(format!("{} is {major}.{minor}", path.display())),
+            None => seen.push(format!("{} does not run", path.display())),
+        }
+    }
+    Err(NatsError::Server(format!(
+        "no nats-server >= {}.{} found for {name:?} ({}); run `scripts/setup` (installs it under .tools/) or set nats.server_bin",
+        MIN_SERVER_VERSION.0,
+        MIN_SERVER_VERSION.1,
+        if seen.is_empty() { "none on PATH".to_string() } else { seen.join("; ") }
+    )))
+}
+
+fn server_version(path: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "nats-server: v2.12.8"
+    let v = text.trim().rsplit('v').next()?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}

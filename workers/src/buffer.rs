@@ -1,0 +1,375 @@
+//! The in-memory buffer of one run, and the worker-wide budget that bounds them all.
+//!
+//! `log()` never does I/O and never sends a message: it takes a sequence number and
+//! appends the line under a short lock. The flusher swaps the pending vectors out
+//! under the same lock, so a line is either in the drained batch or still pending,
+//! never lost in between.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use athanor_schemas::{now_micros, Level, LogLine, Progress, ResultRecord};
+use parking_lot::{Condvar, Mutex};
+use serde_json::Value;
+
+/// Fixed cost charged per line on top of its text: the `LogLine` itself and its
+/// share of the vector.
+const LINE_OVERHEAD: usize = 64;
+
+/// What `log()` does when the unpublished output of the worker is over its bound.
+/// Run output is never dropped, so there is one policy: the caller waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Block the logging thread until the flusher has published (and JetStream has
+    /// acknowledged) enough output.
+    Block,
+}
+
+/// Bytes of output logged but not yet acknowledged by JetStream, across every run of
+/// a worker. Reserved by `log()`, released by the flusher after the ack.
+pub struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+    policy: WhenFull,
+    /// Threads waiting in [`reserve`](Self::reserve); releases only take `lock` when
+    /// someone waits.
+    waiters: AtomicUsize,
+    /// Guards the wait on `freed`; holds no data.
+    lock: Mutex<()>,
+    /// Signalled when bytes are released.
+    freed: Condvar,
+    /// How many `log()` calls had to wait, for metrics and tests.
+    blocked_calls: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Budget {
+            used: AtomicUsize::new(0),
+            limit,
+            policy: WhenFull::Block,
+            waiters: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            freed: Condvar::new(),
+            blocked_calls: AtomicU64::new(0),
+        })
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn blocked_calls(&self) -> u64 {
+        self.blocked_calls.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes of budget, waiting per the policy while the worker is over its
+    /// bound. A single line larger than the whole bound passes when nothing else is
+    /// pending, so it cannot wait forever.
+    pub fn reserve(&self, n: usize) {
+        if self.used.load(Ordering::SeqCst) + n <= self.limit {
+            self.used.fetch_add(n, Ordering::SeqCst);
+            return;
+        }
+        match self.policy {
+            WhenFull::Block => self.block_until_room(n),
+        }
+    }
+
+    fn block_until_room(&self, n: usize) {
+        self.blocked_calls.fetch_add(1, Ordering::Relaxed);
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.lock.lock();
+        loop {
+            let used = self.used.load(Ordering::SeqCst);
+            if used + n <= self.limit || used == 0 {
+                break;
+            }
+            // The timeout is a backstop only; releases notify.
+            self.freed.wait_for(&mut guard, Duration::from_millis(100));
+        }
+        self.used.fetch_add(n, Ordering::SeqCst);
+        drop(guard);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Gives back `n` bytes once JetStream has acknowledged them.
+    pub fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.used.fetch_sub(n, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _guard = self.lock.lock();
+            self.freed.notify_all();
+        }
+    }
+}
+
+/// Output of one run not yet taken by the flusher.
+#[derive(Default)]
+struct Pending {
+    logs: Vec<LogLine>,
+    results: Vec<ResultRecord>,
+    progress: Option<Progress>,
+    next_seq: u64,
+    next_result_seq: u64,
+    /// Budget bytes charged for what is in `logs` and `results`.
+    bytes: usize,
+}
+
+/// What the flusher took from a buffer in one go.
+#[derive(Debug, Default)]
+pub struct Drained {
+    pub logs: Vec<LogLine>,
+    pub results: Vec<ResultRecord>,
+    pub progress: Option<Progress>,
+    /// Budget bytes to release once all of it is acknowledged.
+    pub bytes: usize,
+    /// Lines and results logged so far in this run (the next `seq`s).
+    pub total_lines: u64,
+    pub total_results: u64,
+}
+
+impl Drained {
+    pub fn is_empty(&self) -> bool {
+        self.logs.is_empty() && self.results.is_empty() && self.progress.is_none()
+    }
+}
+
+/// The buffer of one run. Shared by the run's context (any number of threads) and
+/// its flusher.
+pub struct RunBuffer {
+    pending: Mutex<Pending>,
+    budget: Arc<Budget>,
+    max_line_bytes: usize,
+    /// Set when a run was stopped after ignoring cancellation: its thread may still be
+    /// running, and what it logs from then on is discarded (the run is already over).
+    closed: AtomicBool,
+}
+
+impl RunBuffer {
+    pub fn new(budget: Arc<Budget>, max_line_bytes: usize) -> Self {
+        RunBuffer {
+            pending: Mutex::new(Pending::default()),
+            budget,
+            max_line_bytes,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn log(&self, level: Level, message: String, metadata: Option<Value>) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let message = self.cap(message);
+        let cost = LINE_OVERHEAD + message.len() + metadata.as_ref().map_or(0, json_size);
+        self.budget.reserve(cost);
+        let ts = now_micros();
+        let mut p = self.pending.lock();
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        p.bytes += cost;
+        p.logs.push(LogLine {
+            seq,
+            ts,
+            level,
+            message,
+            metadata,
+        });
+    }
+
+    /// Appends many lines under one lock; their `seq`s are consecutive.
+    pub fn log_batch(&self, lines: impl IntoIterator<Item = (Level, String)>) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let lines: Vec<(Level, String)> =
+            lines.into_iter().map(|(l, m)| (l, self.cap(m))).collect();
+        let cost: usize = lines.iter().map(|(_, m)| LINE_OVERHEAD + m.len()).sum();
+        self.budget.reserve(cost);
+        let ts = now_micros();
+        let mut p = self.pending.lock();
+        p.bytes += cost;
+        p.logs.reserve(lines.len());
+        for (level, message) in lines {
+            let seq = p.next_seq;
+            p.next_seq += 1;
+            p.logs.push(LogLine {
+                seq,
+                ts,
+                level,
+                message,
+                metadata: None,
+            });
+        }
+    }
+
+    pub fn result(&self, key: String, value: Value) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let cost = LINE_OVERHEAD + key.len() + json_size(&value);
+        self.budget.reserve(cost);
+        let ts = now_micros();
+        let mut p = self.pending.lock();
+        let seq = p.next_result_seq;
+        p.next_result_seq += 1;
+        p.bytes += cost;
+        p.results.push(ResultRecord {
+            seq,
+            key,
+            value,
+            ts,
+        });
+    }
+
+    /// Progress is a "latest wins" value: only the newest one is kept.
+    pub fn progress(&self, current: u64, total: u64, message: Option<String>) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let ts = now_micros();
+        self.pending.lock().progress = Some(Progress {
+            current,
+            total,
+            message,
+            ts,
+        });
+    }
+
+    /// Takes everything pending, atomically.
+    pub fn drain(&self) -> Drained {
+        let mut p = self.pending.lock();
+        let capacity = p.logs.len();
+        Drained {
+            logs: std::mem::replace(&mut p.logs, Vec::with_capacity(capacity)),
+            results: std::mem::take(&mut p.results),
+            progress: p.progress.take(),
+            bytes: std::mem::take(&mut p.bytes),
+            total_lines: p.next_seq,
+            total_results: p.next_result_seq,
+        }
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    fn cap(&self, mut message: String) -> String {
+        if message.len() <= self.max_line_bytes {
+            return message;
+        }
+        let original = message.len();
+        let cut = message.floor_char_boundary(self.max_line_bytes);
+        message.truncate(cut);
+        message.push_str(&format!(
+            " …[truncated {} of {original} bytes]",
+            original - cut
+        ));
+        message
+    }
+}
+
+/// A cheap over-estimate of a JSON value's encoded size, for budget accounting.
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => 2 + items.iter().map(|i| json_size(i) + 1).sum::<usize>(),
+        Value::Object(map) => {
+            2 + map
+                .iter()
+                .map(|(k, v)| k.len() + 4 + json_size(v))
+                .sum::<usize>()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seqs_are_gapless_across_threads_and_drains() {
+        let buffer = Arc::new(RunBuffer::new(Budget::new(usize::MAX / 2), 1024));
+        let mut all = Vec::new();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let buffer = buffer.clone();
+                s.spawn(move || {
+                    for i in 0..10_000 {
+                        buffer.log(Level::Info, format!("t{t} line {i}"), None);
+                    }
+                });
+            }
+            // Drain concurrently with the writers.
+            for _ in 0..50 {
+                all.extend(buffer.drain().logs);
+                std::thread::yield_now();
+            }
+        });
+        all.extend(buffer.drain().logs);
+        let mut seqs: Vec<u64> = all.iter().map(|l| l.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..40_000).collect::<Vec<_>>());
+        // Each thread's own lines keep their order.
+        for t in 0..4 {
+            let prefix = format!("t{t} line ");
+            let mine: Vec<u64> = all
+                .iter()
+                .filter_map(|l| {
+                    l.message
+                        .strip_prefix(&prefix)
+                        .map(|n| (l.seq, n.parse::<u64>().unwrap()))
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_values()
+                .collect();
+            assert_eq!(mine, (0..10_000).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn long_lines_are_cut_with_a_marker() {
+        let buffer = RunBuffer::new(Budget::new(1 << 30), 10);
+        buffer.log(Level::Info, "héllo wörld and more".into(), None);
+        let line = &buffer.drain().logs[0];
+        assert_eq!(line.message, "héllo wö …[truncated 12 of 22 bytes]");
+    }
+
+    #[test]
+    fn budget_blocks_until_released() {
+        let budget = Budget::new(1000);
+        let buffer = Arc::new(RunBuffer::new(budget.clone(), 1 << 20));
+        for _ in 0..10 {
+            buffer.log(Level::Info, "x".repeat(30), None); // 94 bytes each
+        }
+        assert_eq!(budget.used(), 940);
+        let writer = {
+            let buffer = buffer.clone();
+            std::thread::spawn(move || buffer.log(Level::Info, "y".repeat(100), None))
+        };
+        // The writer must be parked in reserve(), not finished.
+        while budget.blocked_calls() == 0 {
+            std::thread::yield_now();
+        }
+        assert!(!writer.is_finished());
+        let drained = buffer.drain();
+        assert_eq!(drained.logs.len(), 10);
+        budget.release(drained.bytes);
+        writer.join().unwrap();
+        assert_eq!(buffer.drain().logs[0].seq, 10);
+        assert_eq!(budget.used(), 164);
+    }
+}

@@ -1,0 +1,63 @@
+//! Built-in experiments: load generators and examples. Their config field names are
+//! part of the test contract of later components.
+
+mod flaky;
+mod log_storm;
+mod sleepy;
+mod sweep;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use flaky::Flaky;
+pub use log_storm::LogStorm;
+pub use sleepy::Sleepy;
+pub use sweep::Sweep;
+
+use crate::context::RunContext;
+use crate::{Error, Experiment, Result};
+
+/// Every built-in experiment.
+pub fn all() -> Vec<Arc<dyn Experiment>> {
+    vec![
+        Arc::new(LogStorm),
+        Arc::new(Sweep),
+        Arc::new(Flaky),
+        Arc::new(Sleepy),
+    ]
+}
+
+/// The built-ins named in `names`, or all of them when `names` is empty.
+pub fn select(names: &[String]) -> Result<Vec<Arc<dyn Experiment>>> {
+    let all = all();
+    if names.is_empty() {
+        return Ok(all);
+    }
+    names
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|e| e.name() == name)
+                .cloned()
+                .ok_or_else(|| Error::UnknownExperiment {
+                    name: name.clone(),
+                    hosted: all.iter().map(|e| e.name()).collect::<Vec<_>>().join(", "),
+                })
+        })
+        .collect()
+}
+
+/// Sleeps for `total` in short steps; returns false when the run was cancelled.
+pub(crate) fn sleep_unless_cancelled(ctx: &RunContext, total: Duration) -> bool {
+    let deadline = std::time::Instant::now() + total;
+    loop {
+        if ctx.cancelled() {
+            return false;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(10)));
+    }
+}

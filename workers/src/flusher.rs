@@ -1,0 +1,390 @@
+//! Turns a run's drained output into batches and publishes them, in order, with
+//! retries under the same `Nats-Msg-Id` until JetStream acknowledges each one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use athanor_schemas::batch::SCHEMA_VERSION;
+use athanor_schemas::codec::{self, MAX_BATCH_JSON_BYTES};
+use athanor_schemas::{names, Batch, Final, RunInfo, RunState, Status};
+use bytes::Bytes;
+use tracing::{debug, warn};
+
+use crate::buffer::Drained;
+
+/// Why a batch was sent: a metric label and a log field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushTrigger {
+    /// The periodic flush of a running run.
+    Tick,
+    /// An extra batch of the same flush, because one batch would exceed `max_payload`.
+    Size,
+    /// The last flush of a run, carrying its terminal status.
+    Final,
+}
+
+impl FlushTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlushTrigger::Tick => "tick",
+            FlushTrigger::Size => "size",
+            FlushTrigger::Final => "final",
+        }
+    }
+}
+
+/// Room left in `max_payload` for the headers and protocol framing of a message.
+const HEADER_SLACK: usize = 4 << 10;
+
+/// Counters of what a worker published (all runs).
+#[derive(Debug, Default)]
+pub struct PublishStats {
+    pub batches: AtomicU64,
+    pub lines: AtomicU64,
+    /// Compressed bytes sent (payloads only).
+    pub wire_bytes: AtomicU64,
+    /// JSON bytes before compression.
+    pub json_bytes: AtomicU64,
+    /// Publish attempts that failed or timed out and were retried.
+    pub retries: AtomicU64,
+    /// Acks saying the broker had the batch already (a retry after a lost ack).
+    pub duplicates: AtomicU64,
+}
+
+/// One encoded batch, ready to publish.
+struct Outgoing {
+    batch_seq: u64,
+    lines: usize,
+    json_len: usize,
+    payload: Vec<u8>,
+}
+
+/// Publishes the batches of one run. Owned by the run's supervisor task, so batches
+/// of one run go out strictly in order.
+pub(crate) struct Publisher {
+    js: jetstream::Context,
+    run_id: String,
+    worker_id: String,
+    subject: String,
+    next_batch_seq: u64,
+    /// Sent with the first batch, then `None`.
+    run_info: Option<RunInfo>,
+    max_payload: usize,
+    publish_timeout: Duration,
+    stats: Arc<PublishStats>,
+}
+
+impl Publisher {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        run_id: &str,
+        worker_id: &str,
+        run_info: RunInfo,
+        max_payload: usize,
+        publish_timeout: Duration,
+        stats: Arc<PublishStats>,
+    ) -> Self {
+        Publisher {
+            js,
+            run_id: run_id.into(),
+            worker_id: worker_id.into(),
+            subject: names::run_subject(run_id),
+            next_batch_seq: 0,
+            run_info: Some(run_info),
+            max_payload,
+            publish_timeout,
+            stats,
+        }
+    }
+
+    /// Publishes what was drained (the first call always publishes: it carries
+    /// `running`), or with `terminal`, the run's final batch. Returns when every batch
+    /// is acknowledged.
+    pub(crate) async fn send(
+        &mut self,
+        drained: Drained,
+        trigger: FlushTrigger,
+        terminal: Option<(RunState, Option<String>)>,
+    ) {
+        let first = self.next_batch_seq == 0;
+        if drained.is_empty() && terminal.is_none() && !first {
+            return;
+        }
+        let mut head = Batch::new(
+            self.run_id.clone(),
+            self.next_batch_seq,
+            self.worker_id.clone(),
+        );
+        head.run = self.run_info.take();
+        let now = athanor_schemas::now_micros();
+        head.status = Some(match &terminal {
+            Some((state, error)) => Status {
+                state: *state,
+                error: error.clone(),
+                at: now,
+            },
+            None if first => Status {
+                state: RunState::Running,
+                error: None,
+                at: now,
+            },
+            None => return self.send_body(head, drained, trigger).await,
+        });
+        if let Some((state, _)) = terminal {
+            head.final_ = Some(Final {
+                status: state,
+                batches: 0,
+                lines: drained.total_lines,
+                results: drained.total_results,
+            });
+        }
+        self.send_body(head, drained, trigger).await
+    }
+
+    async fn send_body(&mut self, mut head: Batch, drained: Drained, trigger: FlushTrigger) {
+        head.logs = drained.logs;
+        head.results = drained.results;
+        head.progress = drained.progress;
+        let first_seq = self.next_batch_seq;
+        let max_payload = self.max_payload.saturating_sub(HEADER_SLACK).max(1024);
+        let outgoing = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let mut next = first_seq;
+            encode_fitting(head, max_payload, &mut next, &mut out);
+            out
+        })
+        .await
+        .expect("batch encoding does not panic");
+        for (i, batch) in outgoing.into_iter().enumerate() {
+            self.next_batch_seq = batch.batch_seq + 1;
+            let trigger = if i == 0 { trigger } else { FlushTrigger::Size };
+            self.publish(batch, trigger).await;
+        }
+    }
+
+    async fn publish(&self, batch: Outgoing, trigger: FlushTrigger) {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            names::headers::MSG_ID,
+            names::batch_msg_id(&self.run_id, batch.batch_seq).as_str(),
+        );
+        headers.insert(names::headers::CONTENT_ENCODING, "zstd");
+        headers.insert(names::headers::CONTENT_TYPE, "application/json");
+        headers.insert(names::headers::SCHEMA, SCHEMA_VERSION);
+        headers.insert(names::headers::RUN, self.run_id.as_str());
+        headers.insert(names::headers::BATCH, batch.batch_seq.to_string().as_str());
+        headers.insert(names::headers::LINES, batch.lines.to_string().as_str());
+        let payload = Bytes::from(batch.payload);
+        let wire = payload.len() as u64;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let attempt = async {
+                let ack = self
+                    .js
+                    .publish_with_headers(self.subject.clone(), headers.clone(), payload.clone())
+                    .await?;
+                ack.await
+            };
+            match tokio::time::timeout(self.publish_timeout, attempt).await {
+                Ok(Ok(ack)) => {
+                    if ack.duplicate {
+                        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .lines
+                        .fetch_add(batch.lines as u64, Ordering::Relaxed);
+                    self.stats.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+                    self.stats
+                        .json_bytes
+                        .fetch_add(batch.json_len as u64, Ordering::Relaxed);
+                    debug!(run_id = %self.run_id, batch_seq = batch.batch_seq, lines = batch.lines, bytes = wire,
+                        trigger = trigger.as_str(), stream_seq = ack.sequence, "batch published");
+                    return;
+                }
+                Ok(Err(error)) => {
+                    warn!(run_id = %self.run_id, batch_seq = batch.batch_seq, %error, retry_in = ?delay, "publish failed; retrying");
+                }
+                Err(_) => {
+                    warn!(run_id = %self.run_id, batch_seq = batch.batch_seq, timeout = ?self.publish_timeout, retry_in = ?delay,
+                        "publish not acknowledged in time; retrying");
+                }
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Encodes `batch` as batch `*next`, splitting it when the payload would exceed
+/// `max_payload` or its JSON [`MAX_BATCH_JSON_BYTES`]. Pieces are emitted left to
+/// right, so `batch_seq`s stay consecutive and in log order; the head fields (`run`,
+/// `running`, results, progress) stay on the first piece and `final` on the last.
+fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mut Vec<Outgoing>) {
+    batch.batch_seq = *next;
+    if let Some(f) = batch.final_.as_mut() {
+        f.batches = *next + 1;
+    }
+    batch.sent_at = athanor_schemas::now_micros();
+    let encoded = codec::encode(&batch);
+    if encoded.payload.len() <= max_payload && encoded.json_len <= MAX_BATCH_JSON_BYTES {
+        *next += 1;
+        out.push(Outgoing {
+            batch_seq: batch.batch_seq,
+            lines: batch.logs.len(),
+            json_len: encoded.json_len,
+            payload: encoded.payload,
+        });
+        return;
+    }
+    match split(batch) {
+        Ok((left, right)) => {
+            encode_fitting(left, max_payload, next, out);
+            encode_fitting(right, max_payload, next, out);
+        }
+        Err(single) => encode_fitting(shrink(single), max_payload, next, out),
+    }
+}
+
+/// Splits a batch in two halves of its logs (or of its results when it has one line).
+fn split(mut batch: Batch) -> Result<(Batch, Batch), Batch> {
+    let mut right = Batch::new(batch.run_id.clone(), 0, batch.worker_id.clone());
+    right.final_ = batch.final_.take();
+    if right.final_.is_some() {
+        // The terminal status travels with `final`; a `running` status stays in front.
+        if batch.status.as_ref().is_some_and(|s| s.state.is_terminal()) {
+            right.status = batch.status.take();
+        }
+    }
+    if batch.logs.len() > 1 {
+        right.logs = batch.logs.split_off(batch.logs.len() / 2);
+    } else if batch.results.len() > 1 {
+        right.results = batch.results.split_off(batch.results.len() / 2);
+        right.logs = std::mem::take(&mut batch.logs);
+    } else {
+        batch.final_ = right.final_.take();
+        if batch.final_.is_some() && right.status.is_some() {
+            batch.status = right.status.take();
+        }
+        return Err(batch);
+    }
+    Ok((batch, right))
+}
+
+/// A batch of one line or one result that is still too large: cut its text and
+/// metadata, leaving a visible marker.
+fn shrink(mut batch: Batch) -> Batch {
+    const KEEP: usize = 16 << 10;
+    for line in &mut batch.logs {
+        if let Some(meta) = line.metadata.take() {
+            line.message.push_str(&format!(
+                " …[metadata of {} bytes dropped: too large]",
+                meta.to_string().len()
+            ));
+        }
+        if line.message.len() > KEEP {
+            let cut = line.message.floor_char_boundary(KEEP);
+            let total = line.message.len();
+            line.message.truncate(cut);
+            line.message
+                .push_str(&format!(" …[truncated {} of {total} bytes]", total - cut));
+        }
+    }
+    for result in &mut batch.results {
+        let size = result.value.to_string().len();
+        if size > KEEP {
+            result.value = serde_json::json!({ "truncated": true, "bytes": size });
+        }
+    }
+    if let Some(m) = batch.progress.as_mut().and_then(|p| p.message.as_mut()) {
+        m.truncate(m.floor_char_boundary(1024));
+    }
+    batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use athanor_schemas::{Level, LogLine};
+
+    /// Lines of pseudo-random letters: they barely compress, so payloads really grow.
+    fn lines(n: u64, len: usize) -> Vec<LogLine> {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        (0..n)
+            .map(|seq| LogLine {
+                seq,
+                ts: 0,
+                level: Level::Info,
+                message: (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (b'a' + (x % 26) as u8) as char
+                    })
+                    .collect(),
+                metadata: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn large_output_splits_into_consecutive_decodable_batches() {
+        let mut head = Batch::new("r", 5, "w");
+        head.status = Some(Status {
+            state: RunState::Completed,
+            error: None,
+            at: 0,
+        });
+        head.final_ = Some(Final {
+            status: RunState::Completed,
+            batches: 0,
+            lines: 4000,
+            results: 0,
+        });
+        head.logs = lines(4000, 200);
+        let mut next = 5;
+        let mut out = Vec::new();
+        encode_fitting(head, 64 << 10, &mut next, &mut out);
+        assert!(out.len() > 2, "{} batches", out.len());
+        let decoded: Vec<Batch> = out
+            .iter()
+            .map(|o| codec::decode(&o.payload, 1 << 30).unwrap())
+            .collect();
+        assert_eq!(
+            decoded.iter().map(|b| b.batch_seq).collect::<Vec<_>>(),
+            (5..5 + out.len() as u64).collect::<Vec<_>>()
+        );
+        let seqs: Vec<u64> = decoded
+            .iter()
+            .flat_map(|b| b.logs.iter().map(|l| l.seq))
+            .collect();
+        assert_eq!(seqs, (0..4000).collect::<Vec<_>>());
+        assert!(out.iter().all(|o| o.payload.len() <= 64 << 10));
+        let last = decoded.last().unwrap();
+        assert_eq!(last.final_.as_ref().unwrap().batches, next);
+        assert_eq!(last.status.as_ref().unwrap().state, RunState::Completed);
+        assert!(decoded[..decoded.len() - 1]
+            .iter()
+            .all(|b| b.final_.is_none() && b.status.is_none()));
+    }
+
+    #[test]
+    fn a_single_huge_line_is_cut_not_lost() {
+        let mut head = Batch::new("r", 0, "w");
+        head.logs = lines(1, 300_000);
+        let mut next = 0;
+        let mut out = Vec::new();
+        encode_fitting(head, 32 << 10, &mut next, &mut out);
+        assert_eq!(out.len(), 1);
+        let b = codec::decode(&out[0].payload, 1 << 30).unwrap();
+        assert!(b.logs[0].message.ends_with(&format!(
+            "…[truncated {} of 300000 bytes]",
+            300_000 - (16 << 10)
+        )));
+    }
+}

@@ -1,0 +1,58 @@
+//! Athanor workers: the first stage of the pipeline.
+//!
+//! A worker hosts experiments. It takes run requests from `ATHANOR_REQUESTS`, runs
+//! each experiment on a thread of its own, and collects what the experiment emits in
+//! an in-memory [`buffer::RunBuffer`] (no I/O on the experiment's path). Every
+//! `flush_interval` (100 ms) the run's supervisor drains that buffer into one
+//! zstd-compressed batch and publishes it to `ATHANOR_RUNS`, waiting for the JetStream
+//! ack; the aggregator and the gateway take it from there. The worker advertises
+//! itself and its experiments in the `athanor_workers` bucket and watches
+//! `athanor_control` for cancellations.
+
+pub mod buffer;
+pub mod builtin;
+pub mod config;
+pub mod context;
+pub mod experiment;
+pub mod flusher;
+mod registry;
+mod runner;
+
+pub use athanor_schemas::Level;
+pub use config::WorkerConfig;
+pub use context::RunContext;
+pub use experiment::{Experiment, RunError};
+pub use runner::{RunHandle, Worker};
+
+use athanor_schemas::nats::{NatsConfig, NatsError};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("jetstream: {0}")]
+    JetStream(String),
+    #[error("unknown experiment {name:?} (this worker hosts: {hosted})")]
+    UnknownExperiment { name: String, hosted: String },
+    #[error("invalid run id {0:?}: use 1-128 characters of A-Z a-z 0-9 - _")]
+    InvalidRunId(String),
+    #[error("the worker is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs a worker hosting the built-in experiments (or those named in
+/// `worker.experiments`) until `shutdown` is cancelled, then stops taking requests,
+/// cancels and finally flushes its running runs, and deregisters.
+pub async fn run(
+    config: WorkerConfig,
+    nats: NatsConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let experiments = builtin::select(&config.experiments)?;
+    let worker = Worker::start(config, nats, experiments, shutdown).await?;
+    worker.wait().await;
+    Ok(())
+}
