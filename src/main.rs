@@ -1,1 +1,81 @@
-fn main() {}
+//! The `athanor` binary: parses arguments, loads the configuration and calls the
+//! crates' `run(config, shutdown)` entry points. Nothing else lives here.
+
+mod config;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "athanor", version, about = "A live experiment harness")]
+struct Cli {
+    /// Configuration file (default: ./athanor.toml when present).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process on the embedded defaults: spawns nats-server (unless
+    /// nats.url is set) with its store under the data directory, and a worker.
+    Up {
+        /// Where the embedded nats-server keeps its store.
+        #[arg(long, default_value = "./data")]
+        data_dir: PathBuf,
+    },
+    /// A worker: runs the experiments requested on ATHANOR_REQUESTS.
+    Worker,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = config::load(cli.config.as_deref())?;
+    init_logging(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        match cli.command {
+            Command::Up { data_dir } => up::run(config, data_dir, shutdown).await,
+            Command::Worker => {
+                Ok(athanor_workers::run(config.worker, config.nats, shutdown).await?)
+            }
+        }
+    })
+}
+
+/// First Ctrl-C (or SIGTERM): orderly shutdown. Second: exit at once.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    for round in 0..2 {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if round == 0 {
+            tracing::info!("shutting down: finishing running runs (signal again to exit at once)");
+            shutdown.cancel();
+        }
+    }
+    std::process::exit(130);
+}
+
+fn init_logging(log: &config::LogConfig) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        config::LogFormat::Text => builder.init(),
+        config::LogFormat::Json => builder.json().init(),
+    }
+}

@@ -52,6 +52,16 @@ impl TestNats {
     }
 }
 
+/// Logs of the code under test, shown for failing tests (`RUST_LOG` filters; default warn).
+pub fn init_tracing() {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// The nats-server that `scripts/setup` installs under `.tools/`, else whatever
 /// `PATH` holds (checked to be recent enough when started).
 pub fn server_bin() -> String {

@@ -30,6 +30,8 @@ pub enum WhenFull {
 /// a worker. Reserved by `log()`, released by the flusher after the ack.
 pub struct Budget {
     used: AtomicUsize,
+    /// The highest `used` ever reached: the proof that the bound held.
+    peak: AtomicUsize,
     limit: usize,
     policy: WhenFull,
     /// Threads waiting in [`reserve`](Self::reserve); releases only take `lock` when
@@ -47,6 +49,7 @@ impl Budget {
     pub fn new(limit: usize) -> Arc<Self> {
         Arc::new(Budget {
             used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             limit,
             policy: WhenFull::Block,
             waiters: AtomicUsize::new(0),
@@ -58,6 +61,10 @@ impl Budget {
 
     pub fn used(&self) -> usize {
         self.used.load(Ordering::SeqCst)
+    }
+
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
     }
 
     pub fn limit(&self) -> usize {
@@ -73,7 +80,8 @@ impl Budget {
     /// pending, so it cannot wait forever.
     pub fn reserve(&self, n: usize) {
         if self.used.load(Ordering::SeqCst) + n <= self.limit {
-            self.used.fetch_add(n, Ordering::SeqCst);
+            let now = self.used.fetch_add(n, Ordering::SeqCst) + n;
+            self.note_peak(now);
             return;
         }
         match self.policy {
@@ -93,9 +101,17 @@ impl Budget {
             // The timeout is a backstop only; releases notify.
             self.freed.wait_for(&mut guard, Duration::from_millis(100));
         }
-        self.used.fetch_add(n, Ordering::SeqCst);
+        let now = self.used.fetch_add(n, Ordering::SeqCst) + n;
+        self.note_peak(now);
         drop(guard);
         self.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn note_peak(&self, now: usize) {
+        // Read first: the common case (no new peak) then writes nothing.
+        if now > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
     }
 
     /// Gives back `n` bytes once JetStream has acknowledged them.

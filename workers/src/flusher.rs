@@ -13,7 +13,7 @@ use athanor_schemas::{names, Batch, Final, RunInfo, RunState, Status};
 use bytes::Bytes;
 use tracing::{debug, warn};
 
-use crate::buffer::Drained;
+use crate::buffer::{Budget, Drained};
 
 /// Why a batch was sent: a metric label and a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +75,8 @@ pub(crate) struct Publisher {
     max_payload: usize,
     publish_timeout: Duration,
     stats: Arc<PublishStats>,
+    /// Drained bytes are given back here once JetStream has acknowledged them.
+    budget: Arc<Budget>,
 }
 
 impl Publisher {
@@ -86,6 +88,7 @@ impl Publisher {
         max_payload: usize,
         publish_timeout: Duration,
         stats: Arc<PublishStats>,
+        budget: Arc<Budget>,
     ) -> Self {
         Publisher {
             js,
@@ -97,13 +100,25 @@ impl Publisher {
             max_payload,
             publish_timeout,
             stats,
+            budget,
         }
     }
 
     /// Publishes what was drained (the first call always publishes: it carries
     /// `running`), or with `terminal`, the run's final batch. Returns when every batch
-    /// is acknowledged.
+    /// is acknowledged, and only then gives the drained bytes back to the budget.
     pub(crate) async fn send(
+        &mut self,
+        drained: Drained,
+        trigger: FlushTrigger,
+        terminal: Option<(RunState, Option<String>)>,
+    ) {
+        let bytes = drained.bytes;
+        self.send_drained(drained, trigger, terminal).await;
+        self.budget.release(bytes);
+    }
+
+    async fn send_drained(
         &mut self,
         drained: Drained,
         trigger: FlushTrigger,

@@ -285,6 +285,7 @@ impl WorkerShared {
             self.max_payload,
             self.config.publish_timeout,
             self.stats.clone(),
+            self.budget.clone(),
         )
     }
 
@@ -427,34 +428,44 @@ async fn consume_requests(worker: Arc<WorkerShared>, experiment: String) {
         }
     };
     loop {
-        let permit = tokio::select! {
+        // Wait until a slot is free, without holding it while idle: every experiment
+        // of this worker polls its own queue, and an idle poller must not starve the
+        // others of slots.
+        tokio::select! {
             _ = worker.shutdown.cancelled() => return,
-            permit = worker.slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
+            permit = worker.slots.acquire() => match permit {
+                Ok(permit) => drop(permit),
                 Err(_) => return,
             },
+        }
+        let next = async {
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(Duration::from_secs(2))
+                .messages()
+                .await?;
+            batch.next().await.transpose()
         };
-        let message = loop {
-            let next = async {
-                let mut batch = consumer
-                    .batch()
-                    .max_messages(1)
-                    .expires(Duration::from_secs(2))
-                    .messages()
-                    .await?;
-                batch.next().await.transpose()
-            };
-            tokio::select! {
-                _ = worker.shutdown.cancelled() => return,
-                next = next => match next {
-                    Ok(Some(message)) => break message,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        warn!(experiment, %error, "fetching run requests failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                },
-            }
+        let message = tokio::select! {
+            _ = worker.shutdown.cancelled() => return,
+            next = next => match next {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!(experiment, %error, "fetching run requests failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = worker.slots.clone().try_acquire_owned() else {
+            // Another experiment's request took the last slot meanwhile: hand this one
+            // back for any worker with room.
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(100))))
+                .await;
+            continue;
         };
         let request = match serde_json::from_slice::<RunRequest>(&message.payload) {
             Ok(request) => request,
