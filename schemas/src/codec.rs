@@ -105,22 +105,50 @@ pub fn decode(bytes: &[u8], limit: usize) -> Result<Batch, DecodeError> {
         }
         Ok(_) => {}
     }
-    let capacity = declared.map_or(64 << 10, |n| n as usize);
-    let mut json = Vec::with_capacity(capacity.min(limit));
-    let decoder = zstd::stream::read::Decoder::with_buffer(bytes)
-        .map_err(|e| DecodeError::Garbage(e.to_string()))?;
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| DecodeError::Garbage(format!("corrupt zstd data: {e}")))?;
-    if json.len() > limit {
-        return Err(DecodeError::TooLarge {
-            size: json.len() as u64,
-            limit,
-            what: "actual",
-        });
-    }
+    let json = inflate(bytes, declared, limit)?;
     from_json(&json)
+}
+
+/// Decompresses one frame into at most `limit` bytes. The decoder's window is capped
+/// to the limit too, so a frame cannot make zstd allocate a larger window than that,
+/// and the output buffer grows by doubling only up to `limit` + 1.
+fn inflate(bytes: &[u8], declared: Option<u64>, limit: usize) -> Result<Vec<u8>, DecodeError> {
+    let corrupt = |e: std::io::Error| DecodeError::Garbage(format!("corrupt zstd data: {e}"));
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(bytes).map_err(corrupt)?;
+    let window_log =
+        (usize::BITS - limit.max(1 << 10).next_power_of_two().leading_zeros() - 1).max(10);
+    decoder.window_log_max(window_log).map_err(corrupt)?;
+    let mut json: Vec<u8> =
+        Vec::with_capacity(declared.map_or(64 << 10, |n| n as usize + 1).min(limit + 1));
+    let mut chunk = [0u8; 64 << 10];
+    loop {
+        let n = decoder.read(&mut chunk).map_err(|e| {
+            if e.to_string().contains("Frame requires too much memory") {
+                DecodeError::TooLarge {
+                    size: 1 << window_log,
+                    limit,
+                    what: "window",
+                }
+            } else {
+                corrupt(e)
+            }
+        })?;
+        if n == 0 {
+            return Ok(json);
+        }
+        if json.len() + n > limit {
+            return Err(DecodeError::TooLarge {
+                size: (json.len() + n) as u64,
+                limit,
+                what: "actual",
+            });
+        }
+        if json.capacity() - json.len() < n {
+            let want = (json.capacity() * 2).max(json.len() + n).min(limit + 1);
+            json.reserve_exact(want - json.len());
+        }
+        json.extend_from_slice(&chunk[..n]);
+    }
 }
 
 fn from_json(json: &[u8]) -> Result<Batch, DecodeError> {
@@ -301,6 +329,24 @@ mod tests {
         assert!(matches!(err, DecodeError::Malformed(_)), "{err}");
         let err = decode(&frame_of(b"\xff\xfe not json"), DEFAULT_DECODE_LIMIT).unwrap_err();
         assert!(matches!(err, DecodeError::Malformed(_)), "{err}");
+    }
+
+    /// A tiny frame without a declared size whose header asks for a 1 GiB window must
+    /// be refused, not make zstd allocate that window.
+    #[test]
+    fn frame_with_a_huge_window_is_rejected() {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        enc.include_contentsize(false).unwrap();
+        enc.window_log(30).unwrap();
+        enc.long_distance_matching(true).unwrap();
+        enc.write_all(&[b'z'; 64]).unwrap();
+        let bytes = enc.finish().unwrap();
+        assert!(bytes.len() < 64, "{} bytes", bytes.len());
+        let err = decode(&bytes, 1 << 20).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::TooLarge { what: "window", .. }),
+            "{err}"
+        );
     }
 
     use std::io::Write;

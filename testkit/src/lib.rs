@@ -155,7 +155,15 @@ pub async fn read_run(
         let pending = msg.info().map(|i| i.pending).unwrap_or(0);
         let batch = athanor_schemas::decode(&msg.payload, athanor_schemas::DEFAULT_DECODE_LIMIT)?;
         final_seen |= batch.final_.is_some();
-        seen.entry(batch.batch_seq).or_insert(batch);
+        match seen.get(&batch.batch_seq) {
+            Some(first) if *first != batch => {
+                bail!("two different batches {} of run {run_id}", batch.batch_seq)
+            }
+            Some(_) => {}
+            None => {
+                seen.insert(batch.batch_seq, batch);
+            }
+        }
         if final_seen && pending == 0 {
             break;
         }

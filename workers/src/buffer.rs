@@ -79,9 +79,7 @@ impl Budget {
     /// bound. A single line larger than the whole bound passes when nothing else is
     /// pending, so it cannot wait forever.
     pub fn reserve(&self, n: usize) {
-        if self.used.load(Ordering::SeqCst) + n <= self.limit {
-            let now = self.used.fetch_add(n, Ordering::SeqCst) + n;
-            self.note_peak(now);
+        if self.try_take(n) {
             return;
         }
         match self.policy {
@@ -89,20 +87,37 @@ impl Budget {
         }
     }
 
+    /// Takes `n` bytes if they fit (or if nothing is reserved at all), atomically, so
+    /// racing threads cannot overshoot the limit together.
+    fn try_take(&self, n: usize) -> bool {
+        let mut used = self.used.load(Ordering::SeqCst);
+        loop {
+            if used + n > self.limit && used != 0 {
+                return false;
+            }
+            match self.used.compare_exchange_weak(
+                used,
+                used + n,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => {
+                    self.note_peak(used + n);
+                    return true;
+                }
+                Err(actual) => used = actual,
+            }
+        }
+    }
+
     fn block_until_room(&self, n: usize) {
         self.blocked_calls.fetch_add(1, Ordering::Relaxed);
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock();
-        loop {
-            let used = self.used.load(Ordering::SeqCst);
-            if used + n <= self.limit || used == 0 {
-                break;
-            }
+        while !self.try_take(n) {
             // The timeout is a backstop only; releases notify.
             self.freed.wait_for(&mut guard, Duration::from_millis(100));
         }
-        let now = self.used.fetch_add(n, Ordering::SeqCst) + n;
-        self.note_peak(now);
         drop(guard);
         self.waiters.fetch_sub(1, Ordering::SeqCst);
     }
@@ -187,7 +202,9 @@ impl RunBuffer {
         let cost = LINE_OVERHEAD + message.len() + metadata.as_ref().map_or(0, json_size);
         self.budget.reserve(cost);
         let ts = now_micros();
-        let mut p = self.pending.lock();
+        let Some(mut p) = self.open_pending(cost) else {
+            return;
+        };
         let seq = p.next_seq;
         p.next_seq += 1;
         p.bytes += cost;
@@ -210,7 +227,9 @@ impl RunBuffer {
         let cost: usize = lines.iter().map(|(_, m)| LINE_OVERHEAD + m.len()).sum();
         self.budget.reserve(cost);
         let ts = now_micros();
-        let mut p = self.pending.lock();
+        let Some(mut p) = self.open_pending(cost) else {
+            return;
+        };
         p.bytes += cost;
         p.logs.reserve(lines.len());
         for (level, message) in lines {
@@ -233,7 +252,9 @@ impl RunBuffer {
         let cost = LINE_OVERHEAD + key.len() + json_size(&value);
         self.budget.reserve(cost);
         let ts = now_micros();
-        let mut p = self.pending.lock();
+        let Some(mut p) = self.open_pending(cost) else {
+            return;
+        };
         let seq = p.next_result_seq;
         p.next_result_seq += 1;
         p.bytes += cost;
@@ -259,6 +280,19 @@ impl RunBuffer {
         });
     }
 
+    /// Locks the pending output for an append of `cost` reserved bytes, unless the
+    /// buffer was closed meanwhile (a caller blocked in `reserve` while the run ended):
+    /// then the reservation is given back and nothing is appended.
+    fn open_pending(&self, cost: usize) -> Option<parking_lot::MutexGuard<'_, Pending>> {
+        let p = self.pending.lock();
+        if self.closed.load(Ordering::Relaxed) {
+            drop(p);
+            self.budget.release(cost);
+            return None;
+        }
+        Some(p)
+    }
+
     /// Takes everything pending, atomically.
     pub fn drain(&self) -> Drained {
         let mut p = self.pending.lock();
@@ -273,6 +307,8 @@ impl RunBuffer {
         }
     }
 
+    /// Ends the run's input: from now on everything logged is discarded. Called before
+    /// the final drain, so what the final batch holds is everything there will be.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
     }

@@ -246,23 +246,33 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
     }
     batch.sent_at = athanor_schemas::now_micros();
     let encoded = codec::encode(&batch);
-    if encoded.payload.len() <= max_payload && encoded.json_len <= MAX_BATCH_JSON_BYTES {
-        *next += 1;
-        out.push(Outgoing {
-            batch_seq: batch.batch_seq,
-            lines: batch.logs.len(),
-            json_len: encoded.json_len,
-            payload: encoded.payload,
-        });
-        return;
-    }
-    match split(batch) {
-        Ok((left, right)) => {
-            encode_fitting(left, max_payload, next, out);
-            encode_fitting(right, max_payload, next, out);
+    let fits = encoded.payload.len() <= max_payload && encoded.json_len <= MAX_BATCH_JSON_BYTES;
+    if !fits {
+        match split(batch) {
+            Ok((left, right)) => {
+                encode_fitting(left, max_payload, next, out);
+                encode_fitting(right, max_payload, next, out);
+                return;
+            }
+            Err(single) => {
+                // One line (or result) too large even alone: cut it down to size. Every
+                // field is then at most max_payload / 8, so this recursion ends here.
+                if let Some(shrunk) = shrink(single, (max_payload / 8).max(256)) {
+                    encode_fitting(shrunk, max_payload, next, out);
+                } else {
+                    unreachable!("a batch that shrink() left unchanged fits");
+                }
+                return;
+            }
         }
-        Err(single) => encode_fitting(shrink(single), max_payload, next, out),
     }
+    *next += 1;
+    out.push(Outgoing {
+        batch_seq: batch.batch_seq,
+        lines: batch.logs.len(),
+        json_len: encoded.json_len,
+        payload: encoded.payload,
+    });
 }
 
 /// Splits a batch in two halves of its logs (or of its results when it has one line).
@@ -290,35 +300,55 @@ fn split(mut batch: Batch) -> Result<(Batch, Batch), Batch> {
     Ok((batch, right))
 }
 
-/// A batch of one line or one result that is still too large: cut its text and
-/// metadata, leaving a visible marker.
-fn shrink(mut batch: Batch) -> Batch {
-    const KEEP: usize = 16 << 10;
+/// Cuts every oversized field of a batch of one line or one result down to `keep`
+/// bytes, with a visible marker. Returns `None` when nothing was over `keep`.
+fn shrink(mut batch: Batch, keep: usize) -> Option<Batch> {
+    let mut changed = false;
     for line in &mut batch.logs {
-        if let Some(meta) = line.metadata.take() {
-            line.message.push_str(&format!(
-                " …[metadata of {} bytes dropped: too large]",
-                meta.to_string().len()
-            ));
-        }
-        if line.message.len() > KEEP {
-            let cut = line.message.floor_char_boundary(KEEP);
-            let total = line.message.len();
-            line.message.truncate(cut);
-            line.message
-                .push_str(&format!(" …[truncated {} of {total} bytes]", total - cut));
+        changed |= cut_text(&mut line.message, keep);
+        if let Some(meta) = line.metadata.as_mut() {
+            changed |= cut_json(meta, keep);
         }
     }
     for result in &mut batch.results {
-        let size = result.value.to_string().len();
-        if size > KEEP {
-            result.value = serde_json::json!({ "truncated": true, "bytes": size });
-        }
+        changed |= cut_text(&mut result.key, keep);
+        changed |= cut_json(&mut result.value, keep);
     }
     if let Some(m) = batch.progress.as_mut().and_then(|p| p.message.as_mut()) {
-        m.truncate(m.floor_char_boundary(1024));
+        changed |= cut_text(m, keep);
     }
-    batch
+    if let Some(e) = batch.status.as_mut().and_then(|s| s.error.as_mut()) {
+        changed |= cut_text(e, keep);
+    }
+    if let Some(run) = batch.run.as_mut() {
+        if let Some(id) = run.instance_id.as_mut() {
+            changed |= cut_text(id, keep);
+        }
+        changed |= cut_json(&mut run.config, keep);
+    }
+    changed.then_some(batch)
+}
+
+/// Truncates `text` to `keep` bytes plus a marker; true when it did.
+fn cut_text(text: &mut String, keep: usize) -> bool {
+    if text.len() <= keep {
+        return false;
+    }
+    let total = text.len();
+    let cut = text.floor_char_boundary(keep);
+    text.truncate(cut);
+    text.push_str(&format!(" …[truncated {} of {total} bytes]", total - cut));
+    true
+}
+
+/// Replaces a JSON value larger than `keep` bytes by a marker; true when it did.
+fn cut_json(value: &mut serde_json::Value, keep: usize) -> bool {
+    let size = value.to_string().len();
+    if size <= keep {
+        return false;
+    }
+    *value = serde_json::json!({ "truncated": true, "bytes": size });
+    true
 }
 
 #[cfg(test)]
@@ -397,9 +427,53 @@ mod tests {
         encode_fitting(head, 32 << 10, &mut next, &mut out);
         assert_eq!(out.len(), 1);
         let b = codec::decode(&out[0].payload, 1 << 30).unwrap();
-        assert!(b.logs[0].message.ends_with(&format!(
-            "…[truncated {} of 300000 bytes]",
-            300_000 - (16 << 10)
-        )));
+        assert_eq!(
+            b.logs[0].message.len(),
+            4096 + " …[truncated 295904 of 300000 bytes]".len()
+        );
+        assert!(b.logs[0]
+            .message
+            .ends_with(" …[truncated 295904 of 300000 bytes]"));
+    }
+
+    /// Huge text outside the logs (a giant error, a giant config) is cut too, instead
+    /// of splitting forever.
+    #[test]
+    fn a_huge_error_and_config_are_cut() {
+        let huge = lines(1, 600_000).remove(0).message;
+        let mut head = Batch::new("r", 0, "w");
+        head.run = Some(RunInfo {
+            experiment: "x".into(),
+            config: serde_json::json!({ huge.clone(): 1 }),
+            instance_id: None,
+            started_at: 0,
+        });
+        head.status = Some(Status {
+            state: RunState::Failed,
+            error: Some(huge),
+            at: 0,
+        });
+        head.final_ = Some(Final {
+            status: RunState::Failed,
+            batches: 0,
+            lines: 0,
+            results: 0,
+        });
+        let mut next = 0;
+        let mut out = Vec::new();
+        encode_fitting(head, 64 << 10, &mut next, &mut out);
+        assert_eq!(out.len(), 1);
+        let b = codec::decode(&out[0].payload, 1 << 30).unwrap();
+        assert!(b
+            .status
+            .unwrap()
+            .error
+            .unwrap()
+            .ends_with(" …[truncated 591808 of 600000 bytes]"));
+        assert_eq!(
+            b.run.unwrap().config,
+            serde_json::json!({"truncated": true, "bytes": 600_006})
+        );
+        assert_eq!(b.final_.unwrap().batches, 1);
     }
 }

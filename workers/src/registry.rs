@@ -14,7 +14,7 @@ pub(crate) async fn heartbeat(worker: Arc<WorkerShared>, bucket: kv::Store) {
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         tokio::select! {
-            _ = worker.shutdown.cancelled() => break,
+            _ = worker.deregister.cancelled() => break,
             _ = interval.tick() => {
                 let info = serde_json::to_vec(&worker.info()).expect("worker info serialises");
                 match bucket.put(&worker.id, info.into()).await {

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, kv, AckKind};
 use athanor_schemas::nats::{connect, ensure_topology, jetstream as js_context, NatsConfig};
 use athanor_schemas::requests::{ExperimentInfo, RunRequest, WorkerInfo};
@@ -43,17 +44,26 @@ pub(crate) struct WorkerShared {
     /// One permit per concurrently executing run (`max_concurrent_runs`).
     slots: Arc<Semaphore>,
     stats: Arc<PublishStats>,
+    /// Runs whose experiment was started, for metrics and tests.
+    runs_started: AtomicU64,
+    /// `ATHANOR_RUNS`, to check whether a run already has output.
+    runs_stream: jetstream::stream::Stream,
     max_payload: usize,
     started_at: i64,
     /// Cancelled to stop the worker: request loops stop, runs are cancelled.
     pub(crate) shutdown: CancellationToken,
-    /// Every task of the worker (request loops, run supervisors, heartbeat, watcher).
+    /// Cancelled once every run has published its final batch: the heartbeat stops
+    /// and the registration is deleted.
+    pub(crate) deregister: CancellationToken,
+    /// Every task of the worker but the heartbeat (request loops, run supervisors,
+    /// the cancel watcher).
     tasks: TaskTracker,
 }
 
 /// A running worker. Dropping it does not stop it; cancel the token and `wait`.
 pub struct Worker {
     shared: Arc<WorkerShared>,
+    heartbeat: tokio::task::JoinHandle<()>,
 }
 
 /// Follows one run to its end.
@@ -95,6 +105,10 @@ impl Worker {
             .get_key_value(names::WORKERS_BUCKET)
             .await
             .map_err(|e| Error::JetStream(e.to_string()))?;
+        let runs_stream = js
+            .get_stream(names::RUNS_STREAM)
+            .await
+            .map_err(|e| Error::JetStream(e.to_string()))?;
         let shared = Arc::new(WorkerShared {
             id,
             budget: Budget::new(config.max_pending_bytes),
@@ -108,6 +122,8 @@ impl Worker {
                 .collect(),
             runs: Mutex::new(HashMap::new()),
             stats: Arc::new(PublishStats::default()),
+            runs_started: AtomicU64::new(0),
+            runs_stream,
             max_payload: if max_payload == 0 {
                 1 << 20
             } else {
@@ -115,11 +131,10 @@ impl Worker {
             },
             started_at: now_micros(),
             shutdown,
+            deregister: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
-        shared
-            .tasks
-            .spawn(registry::heartbeat(shared.clone(), workers));
+        let heartbeat = tokio::spawn(registry::heartbeat(shared.clone(), workers));
         shared.tasks.spawn(watch_cancels(shared.clone(), control));
         for name in shared.experiments.keys() {
             shared
@@ -128,7 +143,7 @@ impl Worker {
         }
         info!(worker_id = %shared.id, experiments = ?shared.experiments.keys().collect::<Vec<_>>(),
             max_concurrent_runs = shared.config.max_concurrent_runs, "worker started");
-        Ok(Worker { shared })
+        Ok(Worker { shared, heartbeat })
     }
 
     pub fn id(&self) -> &str {
@@ -138,6 +153,11 @@ impl Worker {
     /// What this worker has published so far.
     pub fn stats(&self) -> &PublishStats {
         &self.shared.stats
+    }
+
+    /// Runs whose experiment this worker started.
+    pub fn runs_started(&self) -> u64 {
+        self.shared.runs_started.load(Ordering::Relaxed)
     }
 
     /// The worker-wide bound on unpublished output.
@@ -151,7 +171,7 @@ impl Worker {
             _ = self.shared.shutdown.cancelled() => return Err(Error::ShuttingDown),
             permit = self.shared.slots.clone().acquire_owned() => permit.map_err(|_| Error::ShuttingDown)?,
         };
-        self.shared.start_run(request, permit).await
+        self.shared.start_run(request, permit, None).await
     }
 
     /// Waits for the shutdown token, then shuts down in order: stop taking requests,
@@ -164,6 +184,9 @@ impl Worker {
         }
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
+        // Deregister only now: until every final batch is out, the runs are live.
+        self.shared.deregister.cancel();
+        let _ = self.heartbeat.await;
         info!(worker_id = %self.shared.id, "worker stopped");
     }
 }
@@ -192,10 +215,14 @@ impl WorkerShared {
         }
     }
 
+    /// Starts a run. With `request_message`, the request is acknowledged (and the
+    /// server's confirmation awaited) before the experiment starts: a run whose
+    /// request cannot be acknowledged is not started, so it is not run twice.
     async fn start_run(
         self: &Arc<Self>,
         request: RunRequest,
         permit: OwnedSemaphorePermit,
+        request_message: Option<&jetstream::Message>,
     ) -> Result<RunHandle> {
         if !names::is_valid_token(&request.run_id) {
             return Err(Error::InvalidRunId(request.run_id));
@@ -213,6 +240,9 @@ impl WorkerShared {
                 }
             })?;
         let run_id = request.run_id.clone();
+        if self.runs.lock().contains_key(&run_id) || self.already_published(&run_id).await {
+            return Err(Error::DuplicateRun(run_id));
+        }
         let (state_tx, state_rx) = watch::channel(None);
         let handle = RunHandle {
             run_id: run_id.clone(),
@@ -224,11 +254,16 @@ impl WorkerShared {
             instance_id: request.instance_id.clone(),
             started_at: now_micros(),
         };
-        let config = match experiment.config_schema().validate(&request.config) {
+        let validated = experiment.config_schema().validate(&request.config);
+        if let Ok(config) = &validated {
+            run_info.config = Value::Object(config.clone());
+        }
+        let publisher = self.publisher(&run_id, run_info);
+        let config = match validated {
             Ok(config) => config,
             Err(e) => {
+                acknowledge(request_message).await?;
                 warn!(run_id = %run_id, error = %e, "run refused: invalid config");
-                let publisher = self.publisher(&run_id, run_info);
                 self.tasks.spawn(finish_unstarted(
                     publisher,
                     RunState::Failed,
@@ -238,8 +273,6 @@ impl WorkerShared {
                 return Ok(handle);
             }
         };
-        run_info.config = Value::Object(config.clone());
-        let publisher = self.publisher(&run_id, run_info);
         let run = Arc::new(RunShared {
             run_id: run_id.clone(),
             experiment: request.experiment.clone(),
@@ -252,7 +285,18 @@ impl WorkerShared {
         });
         // Registered before the cancel check: a cancel arriving from now on is seen
         // either by the watcher (run registered) or by the check below.
-        self.runs.lock().insert(run_id.clone(), run.clone());
+        if self
+            .runs
+            .lock()
+            .insert(run_id.clone(), run.clone())
+            .is_some()
+        {
+            return Err(Error::DuplicateRun(run_id));
+        }
+        if let Err(e) = acknowledge(request_message).await {
+            self.runs.lock().remove(&run_id);
+            return Err(e);
+        }
         if self.cancel_requested(&run_id).await {
             self.runs.lock().remove(&run_id);
             info!(run_id = %run_id, "run cancelled before it started");
@@ -265,6 +309,7 @@ impl WorkerShared {
             return Ok(handle);
         }
         info!(run_id = %run_id, experiment = %request.experiment, "run started");
+        self.runs_started.fetch_add(1, Ordering::Relaxed);
         self.tasks.spawn(supervise(
             self.clone(),
             run,
@@ -274,6 +319,23 @@ impl WorkerShared {
             state_tx,
         ));
         Ok(handle)
+    }
+
+    /// Whether `ATHANOR_RUNS` already holds output of `run_id` (a request delivered
+    /// again after its run started elsewhere).
+    async fn already_published(&self, run_id: &str) -> bool {
+        match self
+            .runs_stream
+            .get_last_raw_message_by_subject(&names::run_subject(run_id))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => false,
+            Err(error) => {
+                warn!(run_id, %error, "could not check whether the run already exists");
+                false
+            }
+        }
     }
 
     fn publisher(&self, run_id: &str, run_info: RunInfo) -> Publisher {
@@ -297,6 +359,17 @@ impl WorkerShared {
                 false
             }
         }
+    }
+}
+
+/// Acknowledges a run request and waits for the server to confirm it.
+async fn acknowledge(message: Option<&jetstream::Message>) -> Result<()> {
+    match message {
+        Some(message) => message
+            .double_ack()
+            .await
+            .map_err(|e| Error::Ack(e.to_string())),
+        None => Ok(()),
     }
 }
 
@@ -341,6 +414,9 @@ async fn supervise(
     let spawned = std::thread::Builder::new()
         .name(format!("run-{}", &run.run_id))
         .spawn(move || {
+            // The slot is held by the thread itself: a run stopped after ignoring
+            // cancellation keeps its slot until its thread really ends.
+            let _slot = permit;
             let outcome = panic::catch_unwind(AssertUnwindSafe(|| experiment.run(&ctx)));
             let _ = returned_tx.send(match outcome {
                 Ok(Ok(())) => Ok(()),
@@ -366,6 +442,9 @@ async fn supervise(
                     warn!(run_id = %run.run_id, grace = ?worker.config.cancel_grace, "run ignored cancellation; stopped");
                     break Ended::Stopped;
                 }
+                _ = worker.shutdown.cancelled(), if !run.cancelled.load(Ordering::Relaxed) => {
+                    run.cancel("the worker is shutting down");
+                }
                 _ = interval.tick() => {
                     publisher.send(run.buffer.drain(), FlushTrigger::Tick, None).await;
                 }
@@ -383,6 +462,8 @@ async fn supervise(
         ),
     };
     // The synchronous final flush: everything logged before the end, then the status.
+    // Closed first, so a thread still logging cannot add lines after the final batch.
+    run.buffer.close();
     publisher
         .send(
             run.buffer.drain(),
@@ -391,7 +472,6 @@ async fn supervise(
         )
         .await;
     worker.runs.lock().remove(&run.run_id);
-    drop(permit);
     match &error {
         Some(error) if state == RunState::Failed => {
             warn!(run_id = %run.run_id, state = state.as_str(), %error, "run finished")
@@ -480,11 +560,11 @@ async fn consume_requests(worker: Arc<WorkerShared>, experiment: String) {
             let _ = message.ack_with(AckKind::Term).await;
             continue;
         }
-        match worker.start_run(request, permit).await {
-            Ok(_) => {
-                if let Err(error) = message.ack().await {
-                    warn!(experiment, %error, "could not ack a started run's request");
-                }
+        match worker.start_run(request, permit, Some(&message)).await {
+            Ok(_) => {}
+            Err(e @ Error::Ack(_)) => {
+                // Not started: the request stays in the queue and is delivered again.
+                warn!(experiment, error = %e, "run not started");
             }
             Err(e) => {
                 error!(experiment, error = %e, "run request refused");
@@ -521,7 +601,7 @@ async fn request_consumer(
 /// Applies `cancel.<run_id>` keys to the runs executing here.
 async fn watch_cancels(worker: Arc<WorkerShared>, control: kv::Store) {
     loop {
-        let mut watch = match control.watch("cancel.>").await {
+        let mut watch = match control.watch_with_history("cancel.>").await {
             Ok(watch) => watch,
             Err(error) => {
                 warn!(%error, "cannot watch cancel requests; retrying");

@@ -451,6 +451,9 @@ async fn cancel_before_start_during_run_and_past_grace() {
     let n = out.final_batch().unwrap().final_.as_ref().unwrap().lines;
     assert!(n > 0 && n < 600);
     assert_gapless(&out, n);
+    // The abandoned thread keeps calling log(): discarded, and nothing stays reserved.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(worker.worker.budget().used(), 0);
     worker.stop().await;
 }
 
@@ -525,11 +528,13 @@ async fn requests_are_shared_by_workers_and_bounded_per_worker() {
     // Publishing the same request again (same Nats-Msg-Id) does not run it twice.
     publish_request(&js, &requests[0]).await;
     let mut spans = Vec::new();
+    let mut messages = Vec::new();
     let mut by_worker: BTreeMap<String, usize> = BTreeMap::new();
     for r in &requests {
         let out = read_run(&js, &r.run_id, READ_TIMEOUT).await.unwrap();
         assert_eq!(final_status(&out).0, RunState::Completed);
         assert_eq!(out.messages, out.batches.len(), "each run executed once");
+        messages.push(out.messages);
         let worker_id = out.batches[0].worker_id.clone();
         let start = out.batches[0].run.as_ref().unwrap().started_at;
         let end = out.batches.last().unwrap().status.as_ref().unwrap().at;
@@ -551,6 +556,46 @@ async fn requests_are_shared_by_workers_and_bounded_per_worker() {
             "{worker_id} ran {overlapping} runs at once"
         );
     }
+    assert_eq!(a.worker.runs_started() + b.worker.runs_started(), 8);
+    // A request delivered again after its run happened (here: re-published past the
+    // broker's dedupe, under another message id) is refused, not run twice.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::headers::MSG_ID, "another-id");
+    js.publish_with_headers(
+        names::request_subject("sleepy"),
+        headers,
+        serde_json::to_vec(&requests[3]).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_for(
+        "the repeated request to be consumed",
+        Duration::from_secs(20),
+        || async {
+            let n = js
+                .get_stream(names::REQUESTS_STREAM)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .messages;
+            (n == 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.worker.runs_started() + b.worker.runs_started(), 8);
+    assert_eq!(
+        read_run(&js, &requests[3].run_id, READ_TIMEOUT)
+            .await
+            .unwrap()
+            .messages,
+        messages[3]
+    );
     // The work queue is drained.
     let info = js
         .get_stream(names::REQUESTS_STREAM)
@@ -591,6 +636,11 @@ async fn nats_killed_and_restarted_mid_run_loses_and_duplicates_nothing() {
     let js = nats.jetstream().await;
     let out = read_run(&js, &handle.run_id, READ_TIMEOUT).await.unwrap();
     assert_gapless(&out, 80_001);
+    assert_eq!(
+        out.messages,
+        out.batches.len(),
+        "a retried batch was stored twice"
+    );
     let retries = worker
         .worker
         .stats()
@@ -620,7 +670,7 @@ async fn with_nats_down_log_blocks_within_the_memory_bound_then_everything_flows
         .worker
         .start_run(request(
             "log_storm",
-            json!({"lines_per_second": 50_000, "duration_ms": 2000, "line_bytes": 200}),
+            json!({"lines_per_second": 50_000, "duration_ms": 2000, "line_bytes": 200, "threads": 4}),
         ))
         .await
         .unwrap();

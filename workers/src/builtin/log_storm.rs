@@ -129,6 +129,18 @@ fn storm_thread(
     }
 }
 
+/// `n` lines of the text `log_storm` emits (same seed, same lines): for benchmarks
+/// and compression measurements.
+pub fn sample_lines(n: usize, line_bytes: usize, seed: u64) -> Vec<(Level, String)> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut text = LineText {
+        rng: &mut rng,
+        step: 0,
+        buf: String::new(),
+    };
+    (0..n).map(|_| text.next(line_bytes)).collect()
+}
+
 /// Generates training-log-like text of roughly the requested length.
 struct LineText<'a> {
     rng: &'a mut SmallRng,

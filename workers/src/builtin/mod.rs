@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use flaky::Flaky;
-pub use log_storm::LogStorm;
+pub use log_storm::{sample_lines, LogStorm};
 pub use sleepy::Sleepy;
 pub use sweep::Sweep;
 
