@@ -19,8 +19,9 @@ pub use config_schema::{ConfigError, ConfigSchema, Field, FieldKind};
 
 /// Microseconds since the Unix epoch: the unit of every `ts` and `at` in the wire format.
 pub fn now_micros() -> i64 {
+    // Seconds and sub-second micros separately: `as_micros` would divide a u128.
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
+        .map(|d| d.as_secs() as i64 * 1_000_000 + d.subsec_micros() as i64)
         .unwrap_or(0)
 }

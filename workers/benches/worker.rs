@@ -102,7 +102,8 @@ fn producer_cost(calls: usize) {
         let ns = time_calls(threads, calls, |_, i| {
             let (level, msg) = lines[i % lines.len()].clone();
             let buffer = buffer.clone();
-            Box::new(move || buffer.log(level, std::mem::take(&mut msg.clone()), None))
+            let mut msg = Some(msg);
+            Box::new(move || buffer.log(level, msg.take().unwrap(), None))
         });
         stop.store(true, Ordering::Relaxed);
         drainer.join().unwrap();

@@ -333,7 +333,7 @@ impl RunBuffer {
 }
 
 /// A cheap over-estimate of a JSON value's encoded size, for budget accounting.
-fn json_size(v: &Value) -> usize {
+pub(crate) fn json_size(v: &Value) -> usize {
     match v {
         Value::Null | Value::Bool(_) => 5,
         Value::Number(_) => 24,

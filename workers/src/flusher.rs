@@ -168,7 +168,9 @@ impl Publisher {
         let outgoing = tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             let mut next = first_seq;
-            encode_fitting(head, max_payload, &mut next, &mut out);
+            for piece in presplit(head, max_payload) {
+                encode_fitting(piece, max_payload, &mut next, &mut out);
+            }
             out
         })
         .await
@@ -233,6 +235,54 @@ impl Publisher {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+/// JSON bytes a batch is cut at before encoding, for a given `max_payload`: log text
+/// compresses well over 3x, so a piece of this size nearly always fits in one message
+/// and is encoded once. (`encode_fitting` still splits the rare piece that does not.)
+fn piece_json_bytes(max_payload: usize) -> usize {
+    (max_payload * 3).min(MAX_BATCH_JSON_BYTES)
+}
+
+/// Cuts a batch's logs into pieces of about [`piece_json_bytes`] of JSON each. The
+/// head fields (`run`, `running`, results, progress) stay on the first piece, the
+/// terminal status and `final` go on the last.
+fn presplit(mut batch: Batch, max_payload: usize) -> Vec<Batch> {
+    let target = piece_json_bytes(max_payload);
+    let mut chunks = vec![Vec::new()];
+    let mut size = 0;
+    for line in std::mem::take(&mut batch.logs) {
+        let line_size =
+            60 + line.message.len() + line.metadata.as_ref().map_or(0, crate::buffer::json_size);
+        if size + line_size > target && size > 0 {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += line_size;
+        chunks.last_mut().expect("never empty").push(line);
+    }
+    if chunks.len() == 1 {
+        batch.logs = chunks.pop().expect("one chunk");
+        return vec![batch];
+    }
+    let final_ = batch.final_.take();
+    let terminal = batch.status.take_if(|s| s.state.is_terminal());
+    let mut pieces: Vec<Batch> = chunks
+        .into_iter()
+        .map(|logs| Batch {
+            logs,
+            ..Batch::new(batch.run_id.clone(), 0, batch.worker_id.clone())
+        })
+        .collect();
+    let last = pieces.last_mut().expect("several pieces");
+    last.final_ = final_;
+    last.status = terminal;
+    let first = &mut pieces[0];
+    first.run = batch.run;
+    first.results = batch.results;
+    first.progress = batch.progress;
+    first.status = batch.status;
+    pieces
 }
 
 /// Encodes `batch` as batch `*next`, splitting it when the payload would exceed
@@ -416,6 +466,56 @@ mod tests {
         assert!(decoded[..decoded.len() - 1]
             .iter()
             .all(|b| b.final_.is_none() && b.status.is_none()));
+    }
+
+    #[test]
+    fn output_is_cut_before_encoding_keeping_head_and_tail_fields() {
+        let mut head = Batch::new("r", 0, "w");
+        head.status = Some(Status {
+            state: RunState::Running,
+            error: None,
+            at: 0,
+        });
+        head.results = vec![athanor_schemas::ResultRecord {
+            seq: 0,
+            key: "k".into(),
+            value: 1.into(),
+            ts: 0,
+        }];
+        head.logs = lines(1000, 100); // ~160 kB of JSON
+        let pieces = presplit(head.clone(), 16 << 10); // pieces of ~48 kB
+        assert_eq!(pieces.len(), 4);
+        assert_eq!(pieces[0].status.as_ref().unwrap().state, RunState::Running);
+        assert_eq!(pieces[0].results.len(), 1);
+        assert!(pieces[1..]
+            .iter()
+            .all(|p| p.status.is_none() && p.results.is_empty()));
+        let seqs: Vec<u64> = pieces
+            .iter()
+            .flat_map(|p| p.logs.iter().map(|l| l.seq))
+            .collect();
+        assert_eq!(seqs, (0..1000).collect::<Vec<_>>());
+
+        head.status = Some(Status {
+            state: RunState::Completed,
+            error: None,
+            at: 0,
+        });
+        head.final_ = Some(Final {
+            status: RunState::Completed,
+            batches: 0,
+            lines: 1000,
+            results: 1,
+        });
+        let pieces = presplit(head, 16 << 10);
+        assert!(pieces[..3]
+            .iter()
+            .all(|p| p.final_.is_none() && p.status.is_none()));
+        assert_eq!(
+            pieces[3].status.as_ref().unwrap().state,
+            RunState::Completed
+        );
+        assert!(pieces[3].final_.is_some());
     }
 
     #[test]
