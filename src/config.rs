@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use anyhow::Context as _;
+use athanor_aggregator::AggregatorConfig;
+use athanor_schemas::db::DatabaseConfig;
 use athanor_schemas::nats::NatsConfig;
 use athanor_workers::WorkerConfig;
 use serde::{Deserialize, Serialize};
@@ -13,7 +15,9 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, default)]
 pub struct AppConfig {
     pub nats: NatsConfig,
+    pub database: DatabaseConfig,
     pub worker: WorkerConfig,
+    pub aggregator: AggregatorConfig,
     pub log: LogConfig,
 }
 

@@ -22,7 +22,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Everything in one process on the embedded defaults: spawns nats-server (unless
-    /// nats.url is set) with its store under the data directory, and a worker.
+    /// nats.url is set) with its store under the data directory, migrates the
+    /// database (SQLite at <data-dir>/athanor.db unless database.url is set), and runs
+    /// an aggregator and a worker.
     Up {
         /// Where the embedded nats-server keeps its store.
         #[arg(long, default_value = "./data")]
@@ -30,6 +32,10 @@ enum Command {
     },
     /// A worker: runs the experiments requested on ATHANOR_REQUESTS.
     Worker,
+    /// An aggregator: persists run batches from ATHANOR_RUNS into the database.
+    Aggregator,
+    /// Applies the database migrations and exits.
+    Migrate,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,8 +53,28 @@ fn main() -> anyhow::Result<()> {
             Command::Worker => {
                 Ok(athanor_workers::run(config.worker, config.nats, shutdown).await?)
             }
+            Command::Aggregator => Ok(athanor_aggregator::run(
+                config.aggregator,
+                config.database,
+                config.nats,
+                shutdown,
+            )
+            .await?),
+            Command::Migrate => {
+                let db = athanor_schemas::db::connect(&config.database).await?;
+                migrate(&db).await?;
+                println!("migrations applied to {}", config.database.url());
+                Ok(())
+            }
         }
     })
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &sea_orm::DatabaseConnection) -> anyhow::Result<()> {
+    use athanor_migrations::MigratorTrait;
+    athanor_migrations::Migrator::up(db, None).await?;
+    Ok(())
 }
 
 /// First Ctrl-C (or SIGTERM): orderly shutdown. Second: exit at once.

@@ -15,7 +15,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    // Held until the worker has published its final batches; dropping it stops the server.
+    // Held until the worker and aggregator are done; dropping it stops the server.
     let embedded = match &config.nats.url {
         Some(_) => None,
         None => {
@@ -24,11 +24,37 @@ pub async fn run(
             Some(server)
         }
     };
+    if config.database.url.is_none() {
+        config.database.url = Some(format!(
+            "sqlite://{}",
+            data_dir.join("athanor.db").display()
+        ));
+    }
+    let db = athanor_schemas::db::connect(&config.database).await?;
+    crate::migrate(&db).await?;
     let url = config.nats.url().to_string();
-    println!("Athanor is up. NATS: {url}");
+    println!(
+        "Athanor is up. NATS: {url}  database: {}",
+        config.database.url()
+    );
     println!("  inspect: nats --server {url} stream info ATHANOR_RUNS");
-    println!("  request a run: nats --server {url} pub athanor.request.sweep '{{\"run_id\":\"demo-1\",\"experiment\":\"sweep\",\"config\":{{\"iterations\":5}},\"requested_at\":0}}'");
-    athanor_workers::run(config.worker, config.nats, shutdown).await?;
+    println!(
+        "  request a run: nats --server {url} pub athanor.request.sweep '{{\"run_id\":\"demo-1\",\"experiment\":\"sweep\",\"config\":{{\"iterations\":5}},\"requested_at\":0}}'"
+    );
+    // Stopping order: the worker first (its final batches reach JetStream), then the
+    // aggregator after it has stored what is in flight, then NATS.
+    let aggregator_stop = CancellationToken::new();
+    let aggregator = athanor_aggregator::Aggregator::start(
+        config.aggregator,
+        config.nats.clone(),
+        db,
+        aggregator_stop.clone(),
+    )
+    .await?;
+    let worker = athanor_workers::run(config.worker, config.nats, shutdown).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    aggregator_stop.cancel();
+    aggregator.wait().await;
     drop(embedded);
-    Ok(())
+    Ok(worker?)
 }

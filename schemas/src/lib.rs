@@ -9,6 +9,10 @@
 pub mod batch;
 pub mod codec;
 pub mod config_schema;
+#[cfg(feature = "db")]
+pub mod db;
+#[cfg(feature = "db")]
+pub mod entities;
 pub mod names;
 pub mod nats;
 pub mod requests;

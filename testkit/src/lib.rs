@@ -52,6 +52,170 @@ impl TestNats {
     }
 }
 
+/// A migrated database of its own: a SQLite file in a temp dir, or, when
+/// `ATHANOR_TEST_DATABASE_URL` points at a PostgreSQL server, a fresh database there
+/// (dropped by [`TestDb::close`]).
+pub struct TestDb {
+    pub config: athanor_schemas::db::DatabaseConfig,
+    pub db: sea_orm::DatabaseConnection,
+    /// PostgreSQL: the server URL and the database created for this test.
+    pg: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        use athanor_migrations::MigratorTrait;
+        use sea_orm::ConnectionTrait;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = athanor_schemas::db::DatabaseConfig {
+            busy_timeout: Duration::from_millis(500),
+            ..Default::default()
+        };
+        let mut pg = None;
+        match std::env::var("ATHANOR_TEST_DATABASE_URL") {
+            Ok(server) if !server.is_empty() => {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let name = format!(
+                    "athanor_t{}_{}_{}",
+                    std::process::id(),
+                    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                    athanor_schemas::now_micros() % 1_000_000
+                );
+                let admin = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
+                    url: Some(server.clone()),
+                    max_connections: 1,
+                    ..Default::default()
+                })
+                .await
+                .expect("connect to ATHANOR_TEST_DATABASE_URL");
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("create test database");
+                let (base, _) = server.rsplit_once('/').expect("a URL with a database");
+                config.url = Some(format!("{base}/{name}"));
+                pg = Some((server, name));
+            }
+            _ => {
+                config.url = Some(format!(
+                    "sqlite://{}",
+                    dir.path().join("athanor.db").display()
+                ))
+            }
+        }
+        let db = athanor_schemas::db::connect(&config)
+            .await
+            .expect("open the test database");
+        athanor_migrations::Migrator::up(&db, None)
+            .await
+            .expect("migrate");
+        TestDb {
+            config,
+            db,
+            pg,
+            _dir: dir,
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.pg.is_some()
+    }
+
+    /// Makes the database refuse writes until [`Outage::end`]: SQLite — another
+    /// connection holds the write lock; PostgreSQL — connections to the database are
+    /// refused and the open ones terminated.
+    pub async fn outage(&self) -> Outage {
+        use sea_orm::{ConnectionTrait, TransactionTrait};
+        match &self.pg {
+            Some((server, name)) => {
+                let admin = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
+                    url: Some(server.clone()),
+                    max_connections: 1,
+                    ..Default::default()
+                })
+                .await
+                .expect("admin connection");
+                admin
+                    .execute_unprepared(&format!(
+                        "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"
+                    ))
+                    .await
+                    .unwrap();
+                admin
+                    .execute_unprepared(&format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}' AND pid <> pg_backend_pid()"))
+                    .await
+                    .unwrap();
+                Outage::Postgres {
+                    admin,
+                    name: name.clone(),
+                }
+            }
+            None => {
+                let conn = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
+                    max_connections: 1,
+                    ..self.config.clone()
+                })
+                .await
+                .unwrap();
+                let txn = conn.begin().await.unwrap();
+                txn.execute_unprepared("INSERT INTO instances (id, name, experiment, config, created_at, updated_at) VALUES ('lock', 'l', 'e', '{}', 0, 0)")
+                    .await
+                    .unwrap();
+                Outage::Sqlite { _conn: conn, txn }
+            }
+        }
+    }
+
+    /// Closes the pool and drops a PostgreSQL test database.
+    pub async fn close(self) {
+        use sea_orm::ConnectionTrait;
+        let _ = self.db.close().await;
+        if let Some((server, name)) = self.pg {
+            if let Ok(admin) = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
+                url: Some(server),
+                max_connections: 1,
+                ..Default::default()
+            })
+            .await
+            {
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+}
+
+/// A database made unavailable by [`TestDb::outage`].
+pub enum Outage {
+    Sqlite {
+        _conn: sea_orm::DatabaseConnection,
+        txn: sea_orm::DatabaseTransaction,
+    },
+    Postgres {
+        admin: sea_orm::DatabaseConnection,
+        name: String,
+    },
+}
+
+impl Outage {
+    pub async fn end(self) {
+        use sea_orm::ConnectionTrait;
+        match self {
+            Outage::Sqlite { txn, .. } => txn.rollback().await.unwrap(),
+            Outage::Postgres { admin, name } => {
+                admin
+                    .execute_unprepared(&format!(
+                        "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true"
+                    ))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
+
 /// Logs of the code under test, shown for failing tests (`RUST_LOG` filters; default warn).
 pub fn init_tracing() {
     let filter =

@@ -1,0 +1,175 @@
+//! Athanor aggregator: the only writer of run output to the database.
+//!
+//! It pulls batches from `ATHANOR_RUNS` through one durable consumer (shared by every
+//! aggregator), decodes them with the bounded decoder, writes many batches per
+//! transaction through sea-orm and acknowledges them only after the commit. A batch
+//! seen again is absorbed by the `run_batches` key, so the database holds every batch
+//! exactly once whatever JetStream redelivers. Undecodable messages go to
+//! `ATHANOR_DLQ` with the reason. It also marks runs whose worker stopped
+//! heartbeating as `lost`.
+
+mod consumer;
+mod dlq;
+mod lifecycle;
+pub mod store;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use athanor_schemas::db::DatabaseConfig;
+use athanor_schemas::nats::{NatsConfig, NatsError};
+use sea_orm::DatabaseConnection;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// The `[aggregator]` section of the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Name of the durable consumer on `ATHANOR_RUNS`, shared by all aggregators.
+    pub consumer: String,
+    /// Most messages written in one transaction.
+    pub max_batch_messages: usize,
+    /// How long to wait for more messages before writing what has arrived.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Redelivery timeout of unacknowledged messages.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Largest decompressed batch accepted; larger ones go to the dead-letter stream.
+    pub decode_limit: usize,
+    /// How often runs of vanished workers are looked for.
+    #[serde(with = "humantime_serde")]
+    pub lost_check_interval: Duration,
+    /// Longest pause between retries while the database is unavailable.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_delay: Duration,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig {
+            consumer: "aggregator".into(),
+            max_batch_messages: 1000,
+            linger: Duration::from_millis(20),
+            ack_wait: Duration::from_secs(60),
+            decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,
+            lost_check_interval: Duration::from_secs(5),
+            max_retry_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AggregatorConfig {
+    pub fn for_tests() -> Self {
+        AggregatorConfig {
+            lost_check_interval: Duration::from_millis(500),
+            max_retry_delay: Duration::from_millis(500),
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error(transparent)]
+    Db(#[from] athanor_schemas::db::DbError),
+    #[error("jetstream: {0}")]
+    JetStream(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What an aggregator did, for logs, metrics and tests.
+#[derive(Debug, Default)]
+pub struct AggregatorStats {
+    /// Batches written for the first time.
+    pub batches: AtomicU64,
+    /// Batches that were already stored (redeliveries, republished duplicates).
+    pub duplicates: AtomicU64,
+    pub lines: AtomicU64,
+    /// Messages sent to `ATHANOR_DLQ`.
+    pub dead_lettered: AtomicU64,
+    /// Transactions that failed and were retried.
+    pub retries: AtomicU64,
+    /// Runs marked `lost`.
+    pub lost: AtomicU64,
+}
+
+impl AggregatorStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: AggregatorConfig,
+    pub(crate) nats: NatsConfig,
+    pub(crate) db: DatabaseConnection,
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) stats: Arc<AggregatorStats>,
+    /// Cancelled to stop: the consumer stops fetching; a write in progress is finished
+    /// and acknowledged, a write being retried is abandoned unacknowledged.
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A running aggregator.
+pub struct Aggregator {
+    shared: Arc<Shared>,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Aggregator {
+    /// Connects to NATS, declares the topology and starts consuming into `db` (which
+    /// must be migrated).
+    pub async fn start(
+        config: AggregatorConfig,
+        nats: NatsConfig,
+        db: DatabaseConnection,
+        shutdown: CancellationToken,
+    ) -> Result<Self> {
+        let client = athanor_schemas::nats::connect(&nats, "athanor-aggregator").await?;
+        let js = athanor_schemas::nats::jetstream(client, &nats);
+        athanor_schemas::nats::ensure_topology(&js, &nats).await?;
+        let shared = Arc::new(Shared {
+            config,
+            nats,
+            db,
+            js,
+            stats: Arc::new(AggregatorStats::default()),
+            shutdown,
+        });
+        let tasks = tokio_util::task::TaskTracker::new();
+        tasks.spawn(consumer::consume(shared.clone()));
+        tasks.spawn(lifecycle::watch_lost(shared.clone()));
+        tasks.close();
+        Ok(Aggregator { shared, tasks })
+    }
+
+    pub fn stats(&self) -> &Arc<AggregatorStats> {
+        &self.shared.stats
+    }
+
+    /// Waits until the shutdown token is cancelled and the tasks have stopped.
+    pub async fn wait(self) {
+        self.tasks.wait().await;
+    }
+}
+
+/// Runs an aggregator until `shutdown` is cancelled.
+pub async fn run(
+    config: AggregatorConfig,
+    database: DatabaseConfig,
+    nats: NatsConfig,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let db = athanor_schemas::db::connect(&database).await?;
+    Aggregator::start(config, nats, db, shutdown)
+        .await?
+        .wait()
+        .await;
+    Ok(())
+}

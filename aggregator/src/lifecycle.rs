@@ -1,0 +1,85 @@
+//! Runs whose worker disappeared: a `running` run with no final batch, whose worker
+//! is no longer in `athanor_workers` (its heartbeat TTL expired) and from which
+//! nothing was stored for a TTL, becomes `lost` with a reason. Its stored output is
+//! kept; if its final batch still arrives, the run takes the final status.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use athanor_schemas::db::stmt;
+use athanor_schemas::{names, now_micros};
+use futures::TryStreamExt;
+use sea_orm::{ConnectionTrait, DbErr};
+use tokio::time::MissedTickBehavior;
+use tracing::{info, warn};
+
+use crate::Shared;
+
+pub(crate) async fn watch_lost(shared: Arc<Shared>) {
+    let mut interval = tokio::time::interval(shared.config.lost_check_interval);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                if let Err(error) = mark_lost(&shared).await {
+                    warn!(%error, "checking for lost runs failed");
+                }
+            }
+        }
+    }
+}
+
+async fn mark_lost(shared: &Shared) -> Result<(), String> {
+    let bucket = shared
+        .js
+        .get_key_value(names::WORKERS_BUCKET)
+        .await
+        .map_err(|e| e.to_string())?;
+    let live: HashSet<String> = bucket
+        .keys()
+        .await
+        .map_err(|e| e.to_string())?
+        .try_collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let backend = shared.db.get_database_backend();
+    let now = now_micros();
+    let quiet_since = now - shared.nats.workers_ttl.as_micros() as i64;
+    let candidates = shared
+        .db
+        .query_all(stmt(
+            backend,
+            "SELECT id, worker_id FROM runs WHERE status = 'running' AND final_batches IS NULL AND updated_at < ? LIMIT 1000",
+            vec![quiet_since.into()],
+        ))
+        .await
+        .map_err(|e: DbErr| e.to_string())?;
+    for row in candidates {
+        let id: String = row.try_get("", "id").map_err(|e| e.to_string())?;
+        let worker: Option<String> = row.try_get("", "worker_id").map_err(|e| e.to_string())?;
+        if worker.as_ref().is_some_and(|w| live.contains(w)) {
+            continue;
+        }
+        let reason = format!(
+            "worker {} stopped heartbeating",
+            worker.as_deref().unwrap_or("(unknown)")
+        );
+        let changed = shared
+            .db
+            .execute(stmt(
+                backend,
+                "UPDATE runs SET status = 'lost', error = ?, finished_at = ? WHERE id = ? AND status = 'running' AND final_batches IS NULL",
+                vec![reason.clone().into(), now.into(), id.clone().into()],
+            ))
+            .await
+            .map_err(|e| e.to_string())?
+            .rows_affected();
+        if changed > 0 {
+            shared.stats.lost.fetch_add(1, Ordering::Relaxed);
+            info!(run_id = %id, %reason, "run lost");
+        }
+    }
+    Ok(())
+}

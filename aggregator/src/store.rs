@@ -1,0 +1,315 @@
+//! Writing decoded batches: many per transaction, each exactly once.
+//!
+//! A batch is new when its (run_id, batch_seq) row can be inserted into
+//! `run_batches`; only then are its lines, results and counters written. Results keep
+//! the record with the highest `seq`, progress the newest report, so the outcome does
+//! not depend on delivery order. A run becomes terminal when every batch up to its
+//! final one is stored.
+
+use std::collections::BTreeMap;
+
+use athanor_schemas::db::stmt;
+use athanor_schemas::{now_micros, Batch, RunState};
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, TransactionTrait, Value,
+};
+
+/// A decoded batch and its position in `ATHANOR_RUNS`.
+pub struct Incoming {
+    pub batch: Batch,
+    pub stream_seq: u64,
+}
+
+/// What one transaction wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub batches: u64,
+    pub duplicates: u64,
+    pub lines: u64,
+}
+
+/// Rows per multi-row INSERT, under the bind-parameter limits (SQLite 32 766,
+/// PostgreSQL 65 535) for the widest row (6 columns).
+fn rows_per_insert(backend: DatabaseBackend) -> usize {
+    match backend {
+        DatabaseBackend::Postgres => 10_000,
+        _ => 5_000,
+    }
+}
+
+/// Per-run changes collected from the new batches of one transaction.
+#[derive(Default)]
+struct RunDelta {
+    lines: i64,
+    results: i64,
+    batches: i64,
+    worker_id: Option<String>,
+    run: Option<athanor_schemas::RunInfo>,
+    progress: Option<athanor_schemas::Progress>,
+    final_: Option<(athanor_schemas::Final, Option<athanor_schemas::Status>)>,
+}
+
+/// Writes `incoming` in one transaction (sorted by run and batch, so concurrent
+/// aggregators lock rows in the same order).
+pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Result<Written, DbErr> {
+    let backend = db.get_database_backend();
+    incoming.sort_by(|a, b| {
+        (&a.batch.run_id, a.batch.batch_seq).cmp(&(&b.batch.run_id, b.batch.batch_seq))
+    });
+    let now = now_micros();
+    let txn = db.begin().await?;
+    let mut written = Written::default();
+    let mut deltas: BTreeMap<String, RunDelta> = BTreeMap::new();
+    let mut logs: Vec<Value> = Vec::new();
+    // Newest record per (run, key) in this transaction: one statement may not touch a
+    // row twice.
+    let mut results: BTreeMap<(String, String), athanor_schemas::ResultRecord> = BTreeMap::new();
+    for Incoming { batch, stream_seq } in incoming {
+        let run_id = batch.run_id;
+        if !deltas.contains_key(&run_id) {
+            txn.execute(stmt(
+                backend,
+                "INSERT INTO runs (id, experiment, config, status, created_at, updated_at, lines, results, batches) \
+                 VALUES (?, '', '{}', 'running', ?, ?, 0, 0, 0) ON CONFLICT (id) DO NOTHING",
+                vec![run_id.clone().into(), now.into(), now.into()],
+            ))
+            .await?;
+            deltas.insert(run_id.clone(), RunDelta::default());
+        }
+        let inserted = txn
+            .execute(stmt(
+                backend,
+                "INSERT INTO run_batches (run_id, batch_seq, stream_seq, lines, stored_at) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (run_id, batch_seq) DO NOTHING",
+                vec![
+                    run_id.clone().into(),
+                    (batch.batch_seq as i64).into(),
+                    (stream_seq as i64).into(),
+                    (batch.logs.len() as i64).into(),
+                    now.into(),
+                ],
+            ))
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            written.duplicates += 1;
+            continue;
+        }
+        written.batches += 1;
+        written.lines += batch.logs.len() as u64;
+        let delta = deltas.get_mut(&run_id).expect("inserted above");
+        delta.batches += 1;
+        delta.lines += batch.logs.len() as i64;
+        delta.results += batch.results.len() as i64;
+        delta.worker_id = Some(batch.worker_id);
+        if batch.run.is_some() {
+            delta.run = batch.run;
+        }
+        if let Some(p) = batch.progress {
+            if delta.progress.as_ref().is_none_or(|old| old.ts <= p.ts) {
+                delta.progress = Some(p);
+            }
+        }
+        if let Some(f) = batch.final_ {
+            delta.final_ = Some((f, batch.status));
+        }
+        for line in batch.logs {
+            logs.push(run_id.clone().into());
+            logs.push((line.seq as i64).into());
+            logs.push(line.ts.into());
+            logs.push(line.level.as_str().into());
+            logs.push(line.message.into());
+            logs.push(line.metadata.map(|m| m.to_string()).into());
+        }
+        for record in batch.results {
+            let key = (run_id.clone(), record.key.clone());
+            if results.get(&key).is_none_or(|old| old.seq < record.seq) {
+                results.insert(key, record);
+            }
+        }
+    }
+    insert_rows(
+        &txn,
+        backend,
+        "INSERT INTO run_logs (run_id, seq, ts, level, message, metadata) VALUES ",
+        6,
+        logs,
+        " ON CONFLICT (run_id, seq) DO NOTHING",
+    )
+    .await?;
+    let mut values = Vec::with_capacity(results.len() * 5);
+    for ((run_id, key), record) in results {
+        values.extend([
+            run_id.into(),
+            key.into(),
+            record.value.to_string().into(),
+            (record.seq as i64).into(),
+            record.ts.into(),
+        ]);
+    }
+    insert_rows(
+        &txn,
+        backend,
+        "INSERT INTO run_results (run_id, key, value, seq, ts) VALUES ",
+        5,
+        values,
+        " ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq, ts = excluded.ts \
+         WHERE excluded.seq > run_results.seq",
+    )
+    .await?;
+    for (run_id, delta) in deltas {
+        if delta.batches > 0 {
+            update_run(&txn, backend, &run_id, delta, now).await?;
+        }
+    }
+    txn.commit().await?;
+    Ok(written)
+}
+
+/// Executes `head (?, …), (?, …) … tail` over `values` (`width` per row), in chunks
+/// under the backend's bind-parameter limit.
+async fn insert_rows(
+    txn: &impl ConnectionTrait,
+    backend: DatabaseBackend,
+    head: &str,
+    width: usize,
+    values: Vec<Value>,
+    tail: &str,
+) -> Result<(), DbErr> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    let row = format!("({})", vec!["?"; width].join(", "));
+    let per_statement = rows_per_insert(backend) * width;
+    let mut full_sql: Option<String> = None;
+    let mut values = values.into_iter().peekable();
+    while values.peek().is_some() {
+        let chunk: Vec<Value> = values.by_ref().take(per_statement).collect();
+        let rows = chunk.len() / width;
+        let sql = if chunk.len() == per_statement {
+            full_sql
+                .get_or_insert_with(|| statement_sql(head, &row, rows, tail))
+                .clone()
+        } else {
+            statement_sql(head, &row, rows, tail)
+        };
+        txn.execute(stmt(backend, &sql, chunk)).await?;
+    }
+    Ok(())
+}
+
+fn statement_sql(head: &str, row: &str, rows: usize, tail: &str) -> String {
+    let mut sql = String::with_capacity(head.len() + rows * (row.len() + 1) + tail.len());
+    sql.push_str(head);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push(',');
+        }
+        sql.push_str(row);
+    }
+    sql.push_str(tail);
+    sql
+}
+
+async fn update_run(
+    txn: &impl ConnectionTrait,
+    backend: DatabaseBackend,
+    run_id: &str,
+    delta: RunDelta,
+    now: i64,
+) -> Result<(), DbErr> {
+    txn.execute(stmt(
+        backend,
+        "UPDATE runs SET lines = lines + ?, results = results + ?, batches = batches + ?, updated_at = ?, \
+         worker_id = COALESCE(?, worker_id), status = CASE WHEN status = 'pending' THEN 'running' ELSE status END \
+         WHERE id = ?",
+        vec![delta.lines.into(), delta.results.into(), delta.batches.into(), now.into(), delta.worker_id.into(), run_id.into()],
+    ))
+    .await?;
+    if let Some(run) = delta.run {
+        txn.execute(stmt(
+            backend,
+            "UPDATE runs SET experiment = ?, config = ?, instance_id = COALESCE(?, instance_id), started_at = ? WHERE id = ?",
+            vec![run.experiment.into(), run.config.to_string().into(), run.instance_id.into(), run.started_at.into(), run_id.into()],
+        ))
+        .await?;
+    }
+    if let Some(p) = delta.progress {
+        txn.execute(stmt(
+            backend,
+            "UPDATE runs SET progress_current = ?, progress_total = ?, progress_message = ?, progress_at = ? \
+             WHERE id = ? AND (progress_at IS NULL OR progress_at <= ?)",
+            vec![(p.current as i64).into(), (p.total as i64).into(), p.message.into(), p.ts.into(), run_id.into(), p.ts.into()],
+        ))
+        .await?;
+    }
+    if let Some((f, status)) = delta.final_ {
+        let (error, at) = status.map_or((None, now), |s| (s.error, s.at));
+        txn.execute(stmt(
+            backend,
+            "UPDATE runs SET final_batches = ?, final_status = ?, final_error = ?, final_at = ? WHERE id = ?",
+            vec![(f.batches as i64).into(), f.status.as_str().into(), error.into(), at.into(), run_id.into()],
+        ))
+        .await?;
+    }
+    advance(txn, backend, run_id, now).await
+}
+
+/// Moves the run's contiguous watermark (`last_batch_seq`, `last_stream_seq`) over the
+/// batches stored without a gap, and makes the run terminal once all its batches are in.
+async fn advance(
+    txn: &impl ConnectionTrait,
+    backend: DatabaseBackend,
+    run_id: &str,
+    now: i64,
+) -> Result<(), DbErr> {
+    let row = txn
+        .query_one(stmt(
+            backend,
+            "SELECT last_batch_seq, final_batches, final_status, status FROM runs WHERE id = ?",
+            vec![run_id.into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound(format!("run {run_id}")))?;
+    let last: Option<i64> = row.try_get("", "last_batch_seq")?;
+    let final_batches: Option<i64> = row.try_get("", "final_batches")?;
+    let final_status: Option<String> = row.try_get("", "final_status")?;
+    let status: String = row.try_get("", "status")?;
+    let following = txn
+        .query_all(stmt(
+            backend,
+            "SELECT batch_seq, stream_seq FROM run_batches WHERE run_id = ? AND batch_seq > ? ORDER BY batch_seq",
+            vec![run_id.into(), last.unwrap_or(-1).into()],
+        ))
+        .await?;
+    let mut new_last = last;
+    let mut stream_seq = None;
+    for r in following {
+        let seq: i64 = r.try_get("", "batch_seq")?;
+        if seq != new_last.map_or(0, |l| l + 1) {
+            break;
+        }
+        new_last = Some(seq);
+        stream_seq = Some(r.try_get::<i64>("", "stream_seq")?);
+    }
+    if new_last != last {
+        txn.execute(stmt(
+            backend,
+            "UPDATE runs SET last_batch_seq = ?, last_stream_seq = ? WHERE id = ?",
+            vec![new_last.into(), stream_seq.into(), run_id.into()],
+        ))
+        .await?;
+    }
+    let complete = matches!((new_last, final_batches), (Some(l), Some(n)) if l + 1 == n);
+    let open = matches!(status.as_str(), "pending" | "running" | "lost");
+    if complete && open {
+        let state = final_status.unwrap_or_else(|| RunState::Completed.as_str().into());
+        txn.execute(stmt(
+            backend,
+            "UPDATE runs SET status = ?, error = final_error, finished_at = COALESCE(final_at, ?) WHERE id = ?",
+            vec![state.into(), now.into(), run_id.into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}

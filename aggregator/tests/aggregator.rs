@@ -1,0 +1,579 @@
+//! The aggregator against a real nats-server and a real database (SQLite in a temp
+//! dir; PostgreSQL when `ATHANOR_TEST_DATABASE_URL` is set): exact rows, whatever the
+//! delivery.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use athanor_aggregator::{Aggregator, AggregatorConfig, AggregatorStats};
+use athanor_schemas::entities::{run_logs, run_results, runs};
+use athanor_schemas::requests::RunRequest;
+use athanor_schemas::{
+    codec, names, now_micros, Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo,
+    RunState, Status,
+};
+use athanor_testkit::{read_run, wait_for, TestDb, TestNats};
+use athanor_workers::{builtin, Worker, WorkerConfig};
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+struct Running {
+    aggregator: Aggregator,
+    stop: CancellationToken,
+}
+
+impl Running {
+    async fn start(nats: &TestNats, db: &TestDb) -> Self {
+        athanor_testkit::init_tracing();
+        let stop = CancellationToken::new();
+        let aggregator = Aggregator::start(
+            AggregatorConfig::for_tests(),
+            nats.config(),
+            db.db.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        Running { aggregator, stop }
+    }
+
+    fn stats(&self) -> Arc<AggregatorStats> {
+        self.aggregator.stats().clone()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.aggregator.wait().await;
+    }
+}
+
+async fn start_worker(nats: &TestNats) -> (Worker, CancellationToken) {
+    let stop = CancellationToken::new();
+    let worker = Worker::start(
+        WorkerConfig::for_tests(),
+        nats.config(),
+        builtin::all(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    (worker, stop)
+}
+
+fn request(experiment: &str, config: serde_json::Value) -> RunRequest {
+    RunRequest {
+        run_id: names::new_run_id(),
+        experiment: experiment.into(),
+        config,
+        instance_id: None,
+        requested_at: now_micros(),
+    }
+}
+
+async fn wait_terminal(db: &DatabaseConnection, run_id: &str) -> runs::Model {
+    wait_for(
+        "the run to be terminal in the database",
+        DEADLINE,
+        || async {
+            runs::Entity::find_by_id(run_id.to_string())
+                .one(db)
+                .await
+                .unwrap()
+                .filter(|r| !matches!(r.status.as_str(), "pending" | "running"))
+        },
+    )
+    .await
+    .unwrap()
+}
+
+async fn logs_of(db: &DatabaseConnection, run_id: &str) -> Vec<run_logs::Model> {
+    run_logs::Entity::find()
+        .filter(run_logs::Column::RunId.eq(run_id))
+        .order_by_asc(run_logs::Column::Seq)
+        .all(db)
+        .await
+        .unwrap()
+}
+
+async fn results_of(db: &DatabaseConnection, run_id: &str) -> Vec<(String, String, i64)> {
+    run_results::Entity::find()
+        .filter(run_results::Column::RunId.eq(run_id))
+        .order_by_asc(run_results::Column::Key)
+        .all(db)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.value, r.seq))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_line_run_is_stored_exactly_once_with_its_content() {
+    let nats = TestNats::start();
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    let (worker, worker_stop) = start_worker(&nats).await;
+    let mut handle = worker
+        .start_run(request("log_storm", json!({"lines_per_second": 50_000, "duration_ms": 2000, "line_bytes": 100, "with_metadata": true})))
+        .await
+        .unwrap();
+    assert_eq!(handle.finished().await, RunState::Completed);
+    let run = wait_terminal(&db.db, &handle.run_id).await;
+    assert_eq!(run.status, "completed");
+    assert_eq!(run.lines, 100_001);
+    assert_eq!(run.experiment, "log_storm");
+    assert_eq!(run.final_batches, Some(run.batches));
+    assert_eq!(run.last_batch_seq, Some(run.batches - 1));
+    assert!(run.finished_at.unwrap() >= run.started_at.unwrap());
+    assert_eq!(
+        (run.progress_current, run.progress_total),
+        (Some(100_000), Some(100_000))
+    );
+    let stored = logs_of(&db.db, &handle.run_id).await;
+    assert_eq!(stored.len(), 100_001);
+    // Exactly what the worker published, line by line.
+    let published = read_run(&nats.jetstream().await, &handle.run_id, DEADLINE)
+        .await
+        .unwrap();
+    for (row, line) in stored.iter().zip(published.lines()) {
+        assert_eq!(row.seq, line.seq as i64);
+        assert_eq!(
+            (row.ts, row.level.as_str(), &row.message),
+            (line.ts, line.level.as_str(), &line.message)
+        );
+        assert_eq!(
+            row.metadata
+                .as_ref()
+                .map(|m| serde_json::from_str::<serde_json::Value>(m).unwrap()),
+            line.metadata
+        );
+    }
+    assert_eq!(run.last_stream_seq.unwrap() as usize, published.messages);
+    let results = results_of(&db.db, &handle.run_id).await;
+    assert_eq!(
+        results.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["achieved_lines_per_second", "lines_emitted"]
+    );
+    assert_eq!(results[1].1, "100000");
+    worker_stop.cancel();
+    worker.wait().await;
+    aggregator.stop().await;
+    db.close().await;
+}
+
+/// A synthetic run: `n` batches of 50 lines, the key `best` recorded in every batch
+/// (the newest seq must win), progress, a final batch.
+fn synthetic_run(run_id: &str, n: u64) -> Vec<Batch> {
+    (0..n)
+        .map(|b| {
+            let mut batch = Batch::new(run_id, b, "w-synthetic");
+            if b == 0 {
+                batch.run = Some(RunInfo {
+                    experiment: "synthetic".into(),
+                    config: json!({"k": 1}),
+                    instance_id: None,
+                    started_at: 1000,
+                });
+                batch.status = Some(Status {
+                    state: RunState::Running,
+                    error: None,
+                    at: 1000,
+                });
+            }
+            batch.logs = (0..50)
+                .map(|i| LogLine {
+                    seq: b * 50 + i,
+                    ts: 2000 + (b * 50 + i) as i64,
+                    level: if i % 7 == 0 { Level::Warn } else { Level::Info },
+                    message: format!("line {} <b>of</b> batch {b}", b * 50 + i),
+                    metadata: (i % 10 == 0).then(|| json!({"i": i})),
+                })
+                .collect();
+            batch.results = vec![
+                ResultRecord {
+                    seq: 2 * b,
+                    key: "best".into(),
+                    value: json!(b),
+                    ts: 3000 + b as i64,
+                },
+                ResultRecord {
+                    seq: 2 * b + 1,
+                    key: format!("batch_{b}"),
+                    value: json!({"b": b}),
+                    ts: 3000 + b as i64,
+                },
+            ];
+            batch.progress = Some(Progress {
+                current: b + 1,
+                total: n,
+                message: Some(format!("{}/{n}", b + 1)),
+                ts: 4000 + b as i64,
+            });
+            if b == n - 1 {
+                batch.status = Some(Status {
+                    state: RunState::Failed,
+                    error: Some("it broke".into()),
+                    at: 9000,
+                });
+                batch.final_ = Some(Final {
+                    status: RunState::Failed,
+                    batches: n,
+                    lines: n * 50,
+                    results: 2 * n,
+                });
+            }
+            batch
+        })
+        .collect()
+}
+
+async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>, msg_id: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::headers::MSG_ID, msg_id);
+    js.publish_with_headers(subject.to_string(), headers, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// Everything the database says about a run, without its id.
+async fn snapshot(db: &DatabaseConnection, run_id: &str) -> serde_json::Value {
+    let run = runs::Entity::find_by_id(run_id.to_string())
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap();
+    let logs: Vec<_> = logs_of(db, run_id)
+        .await
+        .into_iter()
+        .map(|l| (l.seq, l.ts, l.level, l.message, l.metadata))
+        .collect();
+    json!({
+        "status": run.status, "error": run.error, "experiment": run.experiment, "config": run.config,
+        "lines": run.lines, "results": run.results, "batches": run.batches, "last_batch_seq": run.last_batch_seq,
+        "final_batches": run.final_batches, "finished_at": run.finished_at, "started_at": run.started_at,
+        "progress": [run.progress_current, run.progress_total, run.progress_message, run.progress_at],
+        "logs": logs, "result_rows": results_of(db, run_id).await,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_and_disorder_leave_the_same_database() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    // Run A in order; run B the same batches in reverse order, each published twice
+    // under different message ids so the broker keeps both copies.
+    let (a, b) = ("run-in-order", "run-shuffled");
+    for batch in synthetic_run(a, 12) {
+        publish_raw(
+            &js,
+            &names::run_subject(a),
+            codec::encode(&batch).payload,
+            &format!("{a}.{}", batch.batch_seq),
+        )
+        .await;
+    }
+    for batch in synthetic_run(b, 12).into_iter().rev() {
+        let payload = codec::encode(&batch).payload;
+        publish_raw(
+            &js,
+            &names::run_subject(b),
+            payload.clone(),
+            &format!("{b}.{}", batch.batch_seq),
+        )
+        .await;
+        publish_raw(
+            &js,
+            &names::run_subject(b),
+            payload,
+            &format!("{b}.{}.again", batch.batch_seq),
+        )
+        .await;
+    }
+    wait_terminal(&db.db, a).await;
+    wait_terminal(&db.db, b).await;
+    let stats = aggregator.stats();
+    wait_for("all duplicates seen", DEADLINE, || async {
+        (AggregatorStats::get(&stats.duplicates) == 12).then_some(())
+    })
+    .await
+    .unwrap();
+    let snap_a = snapshot(&db.db, a).await;
+    assert_eq!(snap_a, snapshot(&db.db, b).await);
+    assert_eq!(snap_a["status"], "failed");
+    assert_eq!(snap_a["error"], "it broke");
+    assert_eq!(snap_a["lines"], 600);
+    assert_eq!(snap_a["logs"].as_array().unwrap().len(), 600);
+    assert_eq!(snap_a["finished_at"], 9000);
+    assert_eq!(snap_a["progress"], json!([12, 12, "12/12", 4011]));
+    let results = snap_a["result_rows"].as_array().unwrap();
+    assert_eq!(results.len(), 13);
+    assert_eq!(results[0], json!(["batch_0", "{\"b\":0}", 1]));
+    assert_eq!(results.last().unwrap(), &json!(["best", "11", 22]));
+    assert_eq!(AggregatorStats::get(&stats.batches), 24);
+
+    // Republishing the whole of run A again (new ids) changes nothing.
+    for batch in synthetic_run(a, 12) {
+        publish_raw(
+            &js,
+            &names::run_subject(a),
+            codec::encode(&batch).payload,
+            &format!("{a}.{}.third", batch.batch_seq),
+        )
+        .await;
+    }
+    wait_for("the republished batches", DEADLINE, || async {
+        (AggregatorStats::get(&stats.duplicates) == 24).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(snapshot(&db.db, a).await, snap_a);
+    assert_eq!(run_logs::Entity::find().count(&db.db).await.unwrap(), 1200);
+    aggregator.stop().await;
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    let subject = names::run_subject("victim");
+    let good = codec::encode(&synthetic_run("victim", 1)[0]).payload;
+    let mut huge = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    huge.set_pledged_src_size(Some(1 << 30)).unwrap();
+    std::io::Write::write_all(&mut huge, &[b'a'; 1024]).unwrap();
+    std::io::Write::flush(&mut huge).unwrap();
+    let mut future = synthetic_run("victim", 1).remove(0);
+    future.v = "2.0".into();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"definitely not zstd".to_vec()),
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("too_large", huge.get_ref().clone()),
+        ("unknown_version", codec::encode(&future).payload),
+        (
+            "wrong_subject",
+            codec::encode(&synthetic_run("someone-else", 1)[0]).payload,
+        ),
+    ];
+    for (i, (_, payload)) in cases.iter().enumerate() {
+        publish_raw(&js, &subject, payload.clone(), &format!("bad-{i}")).await;
+    }
+    for batch in synthetic_run("survivor", 5) {
+        publish_raw(
+            &js,
+            &names::run_subject("survivor"),
+            codec::encode(&batch).payload,
+            &format!("survivor.{}", batch.batch_seq),
+        )
+        .await;
+    }
+    let run = wait_terminal(&db.db, "survivor").await;
+    assert_eq!(run.lines, 250);
+    let stats = aggregator.stats();
+    wait_for("dead letters", DEADLINE, || async {
+        (AggregatorStats::get(&stats.dead_lettered) == 5).then_some(())
+    })
+    .await
+    .unwrap();
+    let mut dlq = js.get_stream(names::DLQ_STREAM).await.unwrap();
+    for (i, (kind, payload)) in cases.iter().enumerate() {
+        let msg = dlq
+            .get_last_raw_message_by_subject(&format!("athanor.dlq.{kind}"))
+            .await
+            .unwrap();
+        assert_eq!(&msg.payload[..], &payload[..], "{kind}: payload kept");
+        let headers = msg.headers;
+        assert_eq!(
+            headers.get("Nats-Msg-Id").unwrap().as_str(),
+            format!("bad-{i}"),
+            "{kind}: original headers kept"
+        );
+        assert_eq!(
+            headers.get("Athanor-Dlq-Subject").unwrap().as_str(),
+            subject
+        );
+        assert!(!headers
+            .get("Athanor-Dlq-Reason")
+            .unwrap()
+            .as_str()
+            .is_empty());
+    }
+    let reason = dlq
+        .get_last_raw_message_by_subject("athanor.dlq.too_large")
+        .await
+        .unwrap()
+        .headers;
+    assert_eq!(
+        reason.get("Athanor-Dlq-Reason").unwrap().as_str(),
+        "batch too large: 1073741824 bytes decompressed (declared), limit 33554432"
+    );
+    assert_eq!(dlq.info().await.unwrap().state.messages, 5);
+    // Nothing of the bad messages reached the database; the consumer has nothing pending.
+    assert!(runs::Entity::find_by_id("victim".to_string())
+        .one(&db.db)
+        .await
+        .unwrap()
+        .is_none());
+    aggregator.stop().await;
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_aggregators_store_each_line_once() {
+    let nats = TestNats::start();
+    let db = TestDb::new().await;
+    let first = Running::start(&nats, &db).await;
+    let second = Running::start(&nats, &db).await;
+    let (worker, worker_stop) = start_worker(&nats).await;
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        handles.push(
+            worker
+                .start_run(request(
+                    "log_storm",
+                    json!({"lines_per_second": 20_000, "duration_ms": 1500, "line_bytes": 80}),
+                ))
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in &mut handles {
+        assert_eq!(handle.finished().await, RunState::Completed);
+        let run = wait_terminal(&db.db, &handle.run_id).await;
+        assert_eq!((run.status.as_str(), run.lines), ("completed", 30_001));
+        let seqs: Vec<i64> = logs_of(&db.db, &handle.run_id)
+            .await
+            .iter()
+            .map(|l| l.seq)
+            .collect();
+        assert!(seqs.iter().copied().eq(0..30_001));
+    }
+    assert_eq!(
+        run_logs::Entity::find().count(&db.db).await.unwrap(),
+        4 * 30_001
+    );
+    let (a, b) = (first.stats(), second.stats());
+    assert_eq!(
+        AggregatorStats::get(&a.lines) + AggregatorStats::get(&b.lines),
+        4 * 30_001
+    );
+    worker_stop.cancel();
+    worker.wait().await;
+    first.stop().await;
+    second.stop().await;
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_worker_vanished_becomes_lost_and_keeps_its_output() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    // Two batches of a run from a worker that never registered (or died), no final.
+    for batch in synthetic_run("orphan", 3).into_iter().take(2) {
+        publish_raw(
+            &js,
+            &names::run_subject("orphan"),
+            codec::encode(&batch).payload,
+            &format!("orphan.{}", batch.batch_seq),
+        )
+        .await;
+    }
+    let run = wait_terminal(&db.db, "orphan").await;
+    assert_eq!(run.status, "lost");
+    assert_eq!(
+        run.error.as_deref(),
+        Some("worker w-synthetic stopped heartbeating")
+    );
+    assert_eq!(logs_of(&db.db, "orphan").await.len(), 100);
+    // Its final batch arriving late still settles it.
+    let last = synthetic_run("orphan", 3).pop().unwrap();
+    publish_raw(
+        &js,
+        &names::run_subject("orphan"),
+        codec::encode(&last).payload,
+        "orphan.2",
+    )
+    .await;
+    wait_for("the final status", DEADLINE, || async {
+        let r = runs::Entity::find_by_id("orphan".to_string())
+            .one(&db.db)
+            .await
+            .unwrap()
+            .unwrap();
+        (r.status == "failed").then_some(())
+    })
+    .await
+    .unwrap();
+    aggregator.stop().await;
+    db.close().await;
+}
+
+/// The database refuses writes for a while (SQLite: another connection holds the
+/// write lock; PostgreSQL: connections refused). Nothing is acked in the
+/// meantime, and everything is stored once it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_unavailable_then_back_nothing_acked_early_nothing_lost() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    let outage = db.outage().await;
+    for batch in synthetic_run("patient", 6) {
+        publish_raw(
+            &js,
+            &names::run_subject("patient"),
+            codec::encode(&batch).payload,
+            &format!("patient.{}", batch.batch_seq),
+        )
+        .await;
+    }
+    let stats = aggregator.stats();
+    wait_for("failed write attempts", DEADLINE, || async {
+        (AggregatorStats::get(&stats.retries) >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(names::RUNS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer("aggregator")
+        .await
+        .unwrap();
+    let info = consumer.clone().info().await.unwrap().clone();
+    assert_eq!(
+        info.ack_floor.stream_sequence, 0,
+        "acked while the database was unavailable"
+    );
+    assert_eq!(info.num_ack_pending, 6);
+    outage.end().await;
+    let run = wait_terminal(&db.db, "patient").await;
+    assert_eq!(
+        (run.status.as_str(), run.lines, run.batches),
+        ("failed", 300, 6)
+    );
+    wait_for("acks", DEADLINE, || {
+        let consumer = consumer.clone();
+        async move {
+            let info = consumer.clone().info().await.unwrap().clone();
+            (info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 6).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    aggregator.stop().await;
+    db.close().await;
+}

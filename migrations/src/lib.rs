@@ -1,0 +1,15 @@
+//! The database schema of Athanor as sea-orm migrations, the same on SQLite and
+//! PostgreSQL. `athanor migrate` applies them, and so does `athanor up` at start.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m0001_initial;
+
+pub struct Migrator;
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_initial::Migration)]
+    }
+}

@@ -1,0 +1,136 @@
+//! The `[database]` config section and how every component opens the database:
+//! SQLite (default, tuned for this workload) or PostgreSQL, by URL.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, SqlxPostgresConnector,
+    SqlxSqliteConnector, Statement, Value,
+};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` or `postgres://…`. `athanor up` uses `<data-dir>/athanor.db` when unset.
+    pub url: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+    /// SQLite `synchronous`: `normal` (default; in WAL mode a commit survives a crash of
+    /// the process, but the last commits can roll back on power loss or an OS crash)
+    /// or `full` (every commit is fsynced; slower).
+    pub sqlite_synchronous: SqliteSync,
+    /// How long a SQLite writer waits for a lock before failing (and retrying).
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSync {
+    Normal,
+    Full,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            max_connections: 8,
+            sqlite_synchronous: SqliteSync::Normal,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub const DEFAULT_URL: &'static str = "sqlite://./data/athanor.db";
+
+    pub fn url(&self) -> &str {
+        self.url.as_deref().unwrap_or(Self::DEFAULT_URL)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open the database {url}: {message}")]
+    Open { url: String, message: String },
+}
+
+/// Opens a pool. SQLite: WAL journal, the configured `synchronous`, a busy timeout,
+/// foreign keys on, the file created when missing.
+pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbError> {
+    let url = config.url();
+    let open = |message: String| DbError::Open {
+        url: url.to_string(),
+        message,
+    };
+    if url.starts_with("sqlite:") {
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
+            .map_err(|e| open(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(match config.sqlite_synchronous {
+                SqliteSync::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+                SqliteSync::Full => sqlx::sqlite::SqliteSynchronous::Full,
+            })
+            .busy_timeout(config.busy_timeout)
+            .foreign_keys(true);
+        if let Some(dir) = options
+            .get_filename()
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| open(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let options =
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(|e| open(e.to_string()))?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(config.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await
+            .map_err(|e| open(e.to_string()))?;
+        Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
+    } else {
+        Err(open(
+            "the URL must start with sqlite:// or postgres://".into(),
+        ))
+    }
+}
+
+/// A statement written with `?` placeholders, numbered `$1, $2, …` for PostgreSQL.
+/// (The SQL Athanor writes by hand is otherwise the same on both backends.)
+pub fn stmt(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
+    if backend == DatabaseBackend::Postgres {
+        let mut out = String::with_capacity(sql.len() + values.len() * 3);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        Statement::from_sql_and_values(backend, out, values)
+    } else {
+        Statement::from_sql_and_values(backend, sql, values)
+    }
+}
+
+/// Whether the database answers (for readiness checks and tests).
+pub async fn ping(db: &DatabaseConnection) -> bool {
+    db.execute_unprepared("SELECT 1").await.is_ok()
+}
