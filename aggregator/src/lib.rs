@@ -34,7 +34,9 @@ pub struct AggregatorConfig {
     /// How long to wait for more messages before writing what has arrived.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
-    /// Redelivery timeout of unacknowledged messages.
+    /// Redelivery timeout of unacknowledged messages: how soon another aggregator
+    /// takes over what a crashed one had fetched. (While the database fails, held
+    /// messages are kept with progress acks.)
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
     /// Largest decompressed batch accepted; larger ones go to the dead-letter stream.
@@ -53,7 +55,7 @@ impl Default for AggregatorConfig {
             consumer: "aggregator".into(),
             max_batch_messages: 1000,
             linger: Duration::from_millis(20),
-            ack_wait: Duration::from_secs(60),
+            ack_wait: Duration::from_secs(15),
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,
             lost_check_interval: Duration::from_secs(5),
             max_retry_delay: Duration::from_secs(5),
@@ -65,6 +67,7 @@ impl AggregatorConfig {
     pub fn for_tests() -> Self {
         AggregatorConfig {
             lost_check_interval: Duration::from_millis(500),
+            ack_wait: Duration::from_secs(3),
             max_retry_delay: Duration::from_millis(500),
             ..Default::default()
         }
