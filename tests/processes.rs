@@ -33,7 +33,14 @@ async fn aggregator_killed_with_sigkill_mid_stream_loses_and_duplicates_nothing(
     let nats = TestNats::start();
     let db = TestDb::new().await;
     let stop = CancellationToken::new();
-    let worker = Worker::start(WorkerConfig::for_tests(), nats.config(), builtin::all(), stop.clone()).await.unwrap();
+    let worker = Worker::start(
+        WorkerConfig::for_tests(),
+        nats.config(),
+        builtin::all(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let mut aggregator = aggregator_process(&nats, &db);
     let run_id = names::new_run_id();
     let mut handle = worker
@@ -47,13 +54,19 @@ async fn aggregator_killed_with_sigkill_mid_stream_loses_and_duplicates_nothing(
         .await
         .unwrap();
     let stored = || async {
-        run_logs::Entity::find().filter(run_logs::Column::RunId.eq(run_id.as_str())).count(&db.db).await.unwrap_or(0)
+        run_logs::Entity::find()
+            .filter(run_logs::Column::RunId.eq(run_id.as_str()))
+            .count(&db.db)
+            .await
+            .unwrap_or(0)
     };
     for kill in 1..=2u64 {
         let before = stored().await;
-        wait_for("the aggregator to store more lines", Duration::from_secs(60), || async {
-            (stored().await > before + 10_000).then_some(())
-        })
+        wait_for(
+            "the aggregator to store more lines",
+            Duration::from_secs(60),
+            || async { (stored().await > before + 10_000).then_some(()) },
+        )
         .await
         .unwrap();
         aggregator.kill().unwrap(); // SIGKILL
@@ -62,9 +75,17 @@ async fn aggregator_killed_with_sigkill_mid_stream_loses_and_duplicates_nothing(
         aggregator = aggregator_process(&nats, &db);
     }
     assert_eq!(handle.finished().await, RunState::Completed);
-    let run = wait_for("the run to complete in the database", Duration::from_secs(90), || async {
-        runs::Entity::find_by_id(run_id.clone()).one(&db.db).await.unwrap().filter(|r| r.status == "completed")
-    })
+    let run = wait_for(
+        "the run to complete in the database",
+        Duration::from_secs(90),
+        || async {
+            runs::Entity::find_by_id(run_id.clone())
+                .one(&db.db)
+                .await
+                .unwrap()
+                .filter(|r| r.status == "completed")
+        },
+    )
     .await
     .unwrap();
     assert_eq!(run.lines, 160_001);
@@ -78,7 +99,10 @@ async fn aggregator_killed_with_sigkill_mid_stream_loses_and_duplicates_nothing(
         .await
         .unwrap();
     assert_eq!(seqs.len(), 160_001);
-    assert!(seqs.into_iter().eq(0..160_001), "gaps or duplicates in run_logs");
+    assert!(
+        seqs.into_iter().eq(0..160_001),
+        "gaps or duplicates in run_logs"
+    );
     assert_eq!(run.final_batches, Some(run.batches));
     aggregator.kill().unwrap();
     aggregator.wait().unwrap();

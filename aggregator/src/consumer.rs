@@ -13,11 +13,31 @@ use tracing::{debug, info, warn};
 use crate::store::{self, Incoming};
 use crate::{dlq, Shared};
 
+/// Decoded messages on their way to the writer. Bounded: when the database is slower
+/// than decoding, the decoder waits (policy: block), so at most this many fetched
+/// transactions are held in memory.
+const DECODED_QUEUE: usize = 2;
+
+/// One transaction's worth: the messages to ack after the commit, and their batches.
+struct Decoded {
+    messages: Vec<jetstream::Message>,
+    incoming: Vec<Incoming>,
+}
+
 /// Pulls from the shared durable consumer until shutdown, recreating the pull stream
-/// when it ends (NATS restarts are handled by the client).
+/// when it ends (NATS restarts are handled by the client). Decoding runs here, the
+/// writes in a task of their own, so the two overlap.
 pub(crate) async fn consume(shared: Arc<Shared>) {
+    let (to_writer, from_decoder) = tokio::sync::mpsc::channel::<Decoded>(DECODED_QUEUE);
+    let writer = tokio::spawn(write_loop(shared.clone(), from_decoder));
+    pull_loop(&shared, to_writer).await;
+    // The channel is closed: the writer finishes what it has, then stops.
+    let _ = writer.await;
+}
+
+async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded>) {
     loop {
-        let mut messages = match open(&shared).await {
+        let mut messages = match open(shared).await {
             Ok(messages) => messages,
             Err(error) => {
                 warn!(%error, "cannot open the aggregator consumer; retrying");
@@ -42,10 +62,16 @@ pub(crate) async fn consume(shared: Arc<Shared>) {
                 None => break,
             };
             // Take what else is already there, up to the transaction size.
+            let mut bytes = pending[0].payload.len();
             let deadline = Instant::now() + shared.config.linger;
-            while pending.len() < shared.config.max_batch_messages {
+            while pending.len() < shared.config.max_batch_messages
+                && bytes < shared.config.max_batch_bytes
+            {
                 match tokio::time::timeout_at(deadline, messages.next()).await {
-                    Ok(Some(Ok(message))) => pending.push(message),
+                    Ok(Some(Ok(message))) => {
+                        bytes += message.payload.len();
+                        pending.push(message);
+                    }
                     Ok(Some(Err(error))) => {
                         debug!(%error, "pull stream error");
                         break;
@@ -53,9 +79,39 @@ pub(crate) async fn consume(shared: Arc<Shared>) {
                     Ok(None) | Err(_) => break,
                 }
             }
-            if !write(&shared, pending).await {
+            let decoded = decode_all(shared, pending).await;
+            if !decoded.messages.is_empty() && to_writer.send(decoded).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+/// Decodes messages, dead-lettering those that cannot be.
+async fn decode_all(shared: &Shared, messages: Vec<jetstream::Message>) -> Decoded {
+    let mut decoded = Decoded {
+        messages: Vec::with_capacity(messages.len()),
+        incoming: Vec::with_capacity(messages.len()),
+    };
+    for message in messages {
+        match decode(shared, &message) {
+            Ok(batch) => {
+                decoded.incoming.push(Incoming {
+                    batch,
+                    stream_seq: message.info().map_or(0, |i| i.stream_sequence),
+                });
+                decoded.messages.push(message);
+            }
+            Err((kind, reason)) => dlq::dead_letter(shared, &message, kind, &reason).await,
+        }
+    }
+    decoded
+}
+
+async fn write_loop(shared: Arc<Shared>, mut from_decoder: tokio::sync::mpsc::Receiver<Decoded>) {
+    while let Some(decoded) = from_decoder.recv().await {
+        if !write(&shared, decoded).await {
+            return;
         }
     }
 }
@@ -85,6 +141,7 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
     consumer
         .stream()
         .max_messages_per_batch(shared.config.max_batch_messages)
+        .max_bytes_per_batch(shared.config.max_batch_bytes * 2)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -92,33 +149,17 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Decodes `messages` (dead-lettering the bad ones), writes the good ones in one
-/// transaction — retried with backoff while the database fails — and acks them after
-/// the commit. Returns false when shutdown interrupted a retry (nothing acked).
-async fn write(shared: &Shared, messages: Vec<jetstream::Message>) -> bool {
-    let mut good = Vec::with_capacity(messages.len());
-    for message in messages {
-        match decode(shared, &message) {
-            Ok(_) => good.push(message),
-            Err((kind, reason)) => dlq::dead_letter(shared, &message, kind, &reason).await,
-        }
-    }
-    if good.is_empty() {
-        return true;
-    }
+/// Writes one transaction — retried with backoff while the database fails — and
+/// acks its messages after the commit. Returns false when shutdown interrupted a
+/// retry (nothing acked).
+async fn write(shared: &Shared, decoded: Decoded) -> bool {
+    let Decoded {
+        messages,
+        mut incoming,
+    } = decoded;
     let mut delay = Duration::from_millis(100);
     loop {
-        // Decoded again on a retry: cheaper than keeping a copy of every batch.
-        let incoming: Vec<Incoming> = good
-            .iter()
-            .filter_map(|m| {
-                decode(shared, m).ok().map(|batch| Incoming {
-                    batch,
-                    stream_seq: m.info().map_or(0, |i| i.stream_sequence),
-                })
-            })
-            .collect();
-        match store::store(&shared.db, incoming).await {
+        match store::store(&shared.db, std::mem::take(&mut incoming)).await {
             Ok(written) => {
                 shared
                     .stats
@@ -138,7 +179,7 @@ async fn write(shared: &Shared, messages: Vec<jetstream::Message>) -> bool {
                     lines = written.lines,
                     "stored"
                 );
-                for message in &good {
+                for message in &messages {
                     if let Err(error) = message.ack().await {
                         // The batch is stored; a redelivery is absorbed.
                         debug!(%error, "ack failed");
@@ -148,9 +189,9 @@ async fn write(shared: &Shared, messages: Vec<jetstream::Message>) -> bool {
             }
             Err(error) => {
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
-                warn!(%error, messages = good.len(), retry_in = ?delay, "writing batches failed; nothing acknowledged, retrying");
+                warn!(%error, messages = messages.len(), retry_in = ?delay, "writing batches failed; nothing acknowledged, retrying");
                 // Keep the messages ours while we retry.
-                for message in &good {
+                for message in &messages {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
                 tokio::select! {
@@ -158,6 +199,9 @@ async fn write(shared: &Shared, messages: Vec<jetstream::Message>) -> bool {
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(shared.config.max_retry_delay);
+                // The failed attempt consumed the batches: decode them again (cheaper
+                // than keeping a copy of every batch for the rare retry).
+                incoming = decode_all(shared, messages.clone()).await.incoming;
             }
         }
     }

@@ -31,6 +31,8 @@ pub struct AggregatorConfig {
     pub consumer: String,
     /// Most messages written in one transaction.
     pub max_batch_messages: usize,
+    /// Compressed bytes after which a transaction takes no more messages.
+    pub max_batch_bytes: usize,
     /// How long to wait for more messages before writing what has arrived.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
@@ -54,6 +56,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             consumer: "aggregator".into(),
             max_batch_messages: 1000,
+            max_batch_bytes: 4 << 20,
             linger: Duration::from_millis(20),
             ack_wait: Duration::from_secs(15),
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,

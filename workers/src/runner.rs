@@ -407,6 +407,8 @@ async fn supervise(
     permit: OwnedSemaphorePermit,
     done: watch::Sender<Option<RunState>>,
 ) {
+    let slot = Arc::new(permit);
+    let thread_slot = slot.clone();
     let (returned_tx, mut returned_rx) = oneshot::channel();
     let ctx = RunContext {
         shared: run.clone(),
@@ -414,9 +416,10 @@ async fn supervise(
     let spawned = std::thread::Builder::new()
         .name(format!("run-{}", &run.run_id))
         .spawn(move || {
-            // The slot is held by the thread itself: a run stopped after ignoring
-            // cancellation keeps its slot until its thread really ends.
-            let _slot = permit;
+            // The slot is held by the thread and by this supervisor: it frees up when
+            // the final batch is out *and* the thread has ended (a run stopped after
+            // ignoring cancellation keeps its slot until its thread really ends).
+            let _slot = thread_slot;
             let outcome = panic::catch_unwind(AssertUnwindSafe(|| experiment.run(&ctx)));
             let _ = returned_tx.send(match outcome {
                 Ok(Ok(())) => Ok(()),
@@ -472,6 +475,7 @@ async fn supervise(
         )
         .await;
     worker.runs.lock().remove(&run.run_id);
+    drop(slot);
     match &error {
         Some(error) if state == RunState::Failed => {
             warn!(run_id = %run.run_id, state = state.as_str(), %error, "run finished")
