@@ -192,6 +192,11 @@ async fn pipeline_rate(nats: &TestNats, config: &DatabaseConfig, total: u64, lab
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "{label}: {secs:.2} s in all, decoding {:.2} s, writing {:.2} s",
+        AggregatorStats::get(&stats.decode_micros) as f64 / 1e6,
+        AggregatorStats::get(&stats.write_micros) as f64 / 1e6
+    );
     stop.cancel();
     aggregator.wait().await;
     total as f64 / secs

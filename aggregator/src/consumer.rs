@@ -79,7 +79,9 @@ async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded
                     Ok(None) | Err(_) => break,
                 }
             }
+            let started = Instant::now();
             let decoded = decode_all(shared, pending).await;
+            shared.stats.decode_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             if !decoded.messages.is_empty() && to_writer.send(decoded).await.is_err() {
                 return;
             }
@@ -159,7 +161,10 @@ async fn write(shared: &Shared, decoded: Decoded) -> bool {
     } = decoded;
     let mut delay = Duration::from_millis(100);
     loop {
-        match store::store(&shared.db, std::mem::take(&mut incoming)).await {
+        let started = Instant::now();
+        let stored = store::store(&shared.db, std::mem::take(&mut incoming)).await;
+        shared.stats.write_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match stored {
             Ok(written) => {
                 shared
                     .stats
