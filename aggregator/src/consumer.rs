@@ -62,14 +62,14 @@ async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded
                 None => break,
             };
             // Take what else is already there, up to the transaction size.
-            let mut bytes = pending[0].payload.len();
+            let mut bytes = decoded_size(&pending[0].payload);
             let deadline = Instant::now() + shared.config.linger;
             while pending.len() < shared.config.max_batch_messages
                 && bytes < shared.config.max_batch_bytes
             {
                 match tokio::time::timeout_at(deadline, messages.next()).await {
                     Ok(Some(Ok(message))) => {
-                        bytes += message.payload.len();
+                        bytes += decoded_size(&message.payload);
                         pending.push(message);
                     }
                     Ok(Some(Err(error))) => {
@@ -81,12 +81,22 @@ async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded
             }
             let started = Instant::now();
             let decoded = decode_all(shared, pending).await;
-            shared.stats.decode_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            shared
+                .stats
+                .decode_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             if !decoded.messages.is_empty() && to_writer.send(decoded).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// What a message will take in memory once decoded: its declared size (bounded by the
+/// decode limit), or for a frame without one, a generous guess.
+fn decoded_size(payload: &[u8]) -> usize {
+    athanor_schemas::codec::declared_size(payload)
+        .map_or(payload.len() * 10, |n| n.min(u32::MAX as u64) as usize)
 }
 
 /// Decodes messages, dead-lettering those that cannot be.
@@ -143,7 +153,7 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
     consumer
         .stream()
         .max_messages_per_batch(shared.config.max_batch_messages)
-        .max_bytes_per_batch(shared.config.max_batch_bytes * 2)
+        .max_bytes_per_batch(shared.config.max_batch_bytes)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -151,19 +161,73 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Writes one transaction — retried with backoff while the database fails — and
-/// acks its messages after the commit. Returns false when shutdown interrupted a
-/// retry (nothing acked).
+/// Writes one transaction and acks its messages after the commit. A transaction the
+/// database refuses for good (a data error, not an outage) is split into one
+/// transaction per message, and a message refused alone goes to the dead-letter stream,
+/// so one bad batch cannot stop the aggregator. Returns false when shutdown interrupted
+/// a retry (nothing acked).
 async fn write(shared: &Shared, decoded: Decoded) -> bool {
-    let Decoded {
-        messages,
-        mut incoming,
-    } = decoded;
+    let Decoded { messages, incoming } = decoded;
+    match write_with_retry(shared, &messages, incoming).await {
+        Outcome::Stored => {
+            ack_all(&messages).await;
+            true
+        }
+        Outcome::Shutdown => false,
+        Outcome::Refused(error) => {
+            warn!(%error, messages = messages.len(), "the database refused a transaction; writing its batches one by one");
+            for message in messages {
+                let single = decode_all(shared, vec![message.clone()]).await.incoming;
+                match write_with_retry(shared, std::slice::from_ref(&message), single).await {
+                    Outcome::Stored => ack_all(std::slice::from_ref(&message)).await,
+                    Outcome::Shutdown => return false,
+                    Outcome::Refused(error) => {
+                        dlq::dead_letter(
+                            shared,
+                            &message,
+                            "store",
+                            &format!("the database refused the batch: {error}"),
+                        )
+                        .await
+                    }
+                }
+            }
+            true
+        }
+    }
+}
+
+enum Outcome {
+    Stored,
+    Shutdown,
+    /// A permanent error: retrying the same data would fail again.
+    Refused(sea_orm::DbErr),
+}
+
+async fn ack_all(messages: &[jetstream::Message]) {
+    for message in messages {
+        if let Err(error) = message.ack().await {
+            // The batch is stored; a redelivery is absorbed.
+            debug!(%error, "ack failed");
+        }
+    }
+}
+
+/// Stores `incoming`, retrying with backoff while the database is unavailable (the
+/// held messages get progress acks meanwhile, so they are not redelivered elsewhere).
+async fn write_with_retry(
+    shared: &Shared,
+    messages: &[jetstream::Message],
+    mut incoming: Vec<Incoming>,
+) -> Outcome {
     let mut delay = Duration::from_millis(100);
     loop {
         let started = Instant::now();
         let stored = store::store(&shared.db, std::mem::take(&mut incoming)).await;
-        shared.stats.write_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        shared
+            .stats
+            .write_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         match stored {
             Ok(written) => {
                 shared
@@ -184,29 +248,23 @@ async fn write(shared: &Shared, decoded: Decoded) -> bool {
                     lines = written.lines,
                     "stored"
                 );
-                for message in &messages {
-                    if let Err(error) = message.ack().await {
-                        // The batch is stored; a redelivery is absorbed.
-                        debug!(%error, "ack failed");
-                    }
-                }
-                return true;
+                return Outcome::Stored;
             }
+            Err(error) if store::is_permanent(&error) => return Outcome::Refused(error),
             Err(error) => {
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
                 warn!(%error, messages = messages.len(), retry_in = ?delay, "writing batches failed; nothing acknowledged, retrying");
-                // Keep the messages ours while we retry.
-                for message in &messages {
+                for message in messages {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
                 tokio::select! {
-                    _ = shared.shutdown.cancelled() => return false,
+                    _ = shared.shutdown.cancelled() => return Outcome::Shutdown,
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(shared.config.max_retry_delay);
                 // The failed attempt consumed the batches: decode them again (cheaper
                 // than keeping a copy of every batch for the rare retry).
-                incoming = decode_all(shared, messages.clone()).await.incoming;
+                incoming = decode_all(shared, messages.to_vec()).await.incoming;
             }
         }
     }

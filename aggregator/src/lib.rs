@@ -31,7 +31,9 @@ pub struct AggregatorConfig {
     pub consumer: String,
     /// Most messages written in one transaction.
     pub max_batch_messages: usize,
-    /// Compressed bytes after which a transaction takes no more messages.
+    /// Decompressed bytes after which a transaction takes no more messages: with at
+    /// most two transactions queued and one being written, this bounds the memory the
+    /// aggregator holds.
     pub max_batch_bytes: usize,
     /// How long to wait for more messages before writing what has arrived.
     #[serde(with = "humantime_serde")]
@@ -56,7 +58,7 @@ impl Default for AggregatorConfig {
         AggregatorConfig {
             consumer: "aggregator".into(),
             max_batch_messages: 1000,
-            max_batch_bytes: 4 << 20,
+            max_batch_bytes: 32 << 20,
             linger: Duration::from_millis(20),
             ack_wait: Duration::from_secs(15),
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,

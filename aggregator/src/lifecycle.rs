@@ -51,7 +51,8 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
         .db
         .query_all(stmt(
             backend,
-            "SELECT id, worker_id FROM runs WHERE status = 'running' AND final_batches IS NULL AND updated_at < ? LIMIT 1000",
+            "SELECT id, worker_id FROM runs WHERE status = 'running' AND final_batches IS NULL AND updated_at < ? \
+             ORDER BY updated_at LIMIT 1000",
             vec![quiet_since.into()],
         ))
         .await
@@ -59,7 +60,9 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
     for row in candidates {
         let id: String = row.try_get("", "id").map_err(|e| e.to_string())?;
         let worker: Option<String> = row.try_get("", "worker_id").map_err(|e| e.to_string())?;
-        if worker.as_ref().is_some_and(|w| live.contains(w)) {
+        if worker.as_ref().is_some_and(|w| live.contains(w)) || lagging(&shared, &id).await {
+            // Alive, or JetStream holds output of this run the database does not have
+            // yet: the aggregators are behind and the worker may well have finished.
             continue;
         }
         let reason = format!(
@@ -70,8 +73,14 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
             .db
             .execute(stmt(
                 backend,
-                "UPDATE runs SET status = 'lost', error = ?, finished_at = ? WHERE id = ? AND status = 'running' AND final_batches IS NULL",
-                vec![reason.clone().into(), now.into(), id.clone().into()],
+                "UPDATE runs SET status = 'lost', error = ?, finished_at = ? \
+                 WHERE id = ? AND status = 'running' AND final_batches IS NULL AND updated_at < ?",
+                vec![
+                    reason.clone().into(),
+                    now.into(),
+                    id.clone().into(),
+                    quiet_since.into(),
+                ],
             ))
             .await
             .map_err(|e| e.to_string())?
@@ -82,4 +91,31 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether the newest message of the run in `ATHANOR_RUNS` is newer than anything
+/// stored for it.
+async fn lagging(shared: &Shared, run_id: &str) -> bool {
+    let newest = match shared.js.get_stream(names::RUNS_STREAM).await {
+        Ok(stream) => match stream
+            .get_last_raw_message_by_subject(&names::run_subject(run_id))
+            .await
+        {
+            Ok(message) => message.sequence,
+            Err(_) => return false,
+        },
+        Err(_) => return true,
+    };
+    let stored = shared
+        .db
+        .query_one(stmt(
+            shared.db.get_database_backend(),
+            "SELECT MAX(stream_seq) AS s FROM run_batches WHERE run_id = ?",
+            vec![run_id.into()],
+        ))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|row| row.try_get::<Option<i64>>("", "s").ok().flatten());
+    stored.is_none_or(|s| (s as u64) < newest)
 }

@@ -28,6 +28,47 @@ pub struct Written {
     pub lines: u64,
 }
 
+/// Whether a failed transaction would fail again with the same data: a data error
+/// (PostgreSQL class 22 or 23; SQLite TOOBIG, CONSTRAINT, MISMATCH). Anything else —
+/// connections, locks, timeouts, a database refusing connections — is an outage and is
+/// retried: when unsure, retrying loses nothing.
+pub fn is_permanent(error: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    let sqlx = match error {
+        DbErr::Exec(RuntimeErr::SqlxError(e))
+        | DbErr::Query(RuntimeErr::SqlxError(e))
+        | DbErr::Conn(RuntimeErr::SqlxError(e)) => e,
+        _ => return false,
+    };
+    let Some(code) = sqlx.as_database_error().and_then(|db| db.code()) else {
+        return false;
+    };
+    if code.len() == 5 {
+        // A PostgreSQL SQLSTATE.
+        return code.starts_with("22") || code.starts_with("23");
+    }
+    // A SQLite (extended) result code: the primary code is the low byte.
+    code.parse::<u32>()
+        .is_ok_and(|n| matches!(n & 0xff, 18..=20))
+}
+
+/// PostgreSQL text cannot hold NUL characters: they are stored as U+2400 (␀). JSON
+/// values are stored escaped (`\u0000`) and keep them.
+fn text(backend: DatabaseBackend, s: String) -> Value {
+    opt_text(backend, Some(s))
+}
+
+fn opt_text(backend: DatabaseBackend, s: Option<String>) -> Value {
+    let Some(s) = s else {
+        return Value::String(None);
+    };
+    if backend == DatabaseBackend::Postgres && s.contains('\0') {
+        s.replace('\0', "\u{2400}").into()
+    } else {
+        s.into()
+    }
+}
+
 /// Rows per multi-row INSERT, under the bind-parameter limits (SQLite 32 766,
 /// PostgreSQL 65 535) for the widest row (6 columns).
 fn rows_per_insert(backend: DatabaseBackend) -> usize {
@@ -118,7 +159,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
             logs.push((line.seq as i64).into());
             logs.push(line.ts.into());
             logs.push(line.level.as_str().into());
-            logs.push(line.message.into());
+            logs.push(text(backend, line.message));
             logs.push(line.metadata.map(|m| m.to_string()).into());
         }
         for record in batch.results {
@@ -141,7 +182,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     for ((run_id, key), record) in results {
         values.extend([
             run_id.into(),
-            key.into(),
+            text(backend, key),
             record.value.to_string().into(),
             (record.seq as i64).into(),
             record.ts.into(),
@@ -221,7 +262,7 @@ async fn update_run(
     txn.execute(stmt(
         backend,
         "UPDATE runs SET lines = lines + ?, results = results + ?, batches = batches + ?, updated_at = ?, \
-         worker_id = COALESCE(?, worker_id), status = CASE WHEN status = 'pending' THEN 'running' ELSE status END \
+         worker_id = COALESCE(?, worker_id), status = CASE WHEN status IN ('pending', 'lost') THEN 'running' ELSE status END \
          WHERE id = ?",
         vec![delta.lines.into(), delta.results.into(), delta.batches.into(), now.into(), delta.worker_id.into(), run_id.into()],
     ))
@@ -239,7 +280,7 @@ async fn update_run(
             backend,
             "UPDATE runs SET progress_current = ?, progress_total = ?, progress_message = ?, progress_at = ? \
              WHERE id = ? AND (progress_at IS NULL OR progress_at <= ?)",
-            vec![(p.current as i64).into(), (p.total as i64).into(), p.message.into(), p.ts.into(), run_id.into(), p.ts.into()],
+            vec![(p.current as i64).into(), (p.total as i64).into(), opt_text(backend, p.message), p.ts.into(), run_id.into(), p.ts.into()],
         ))
         .await?;
     }
@@ -248,7 +289,7 @@ async fn update_run(
         txn.execute(stmt(
             backend,
             "UPDATE runs SET final_batches = ?, final_status = ?, final_error = ?, final_at = ? WHERE id = ?",
-            vec![(f.batches as i64).into(), f.status.as_str().into(), error.into(), at.into(), run_id.into()],
+            vec![(f.batches as i64).into(), f.status.as_str().into(), opt_text(backend, error), at.into(), run_id.into()],
         ))
         .await?;
     }

@@ -425,6 +425,25 @@ async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
         .await
         .unwrap()
         .is_none());
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(names::RUNS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer("aggregator")
+        .await
+        .unwrap();
+    wait_for("every message settled", DEADLINE, || {
+        let consumer = consumer.clone();
+        async move {
+            let info = consumer.clone().info().await.unwrap().clone();
+            (info.num_ack_pending == 0
+                && info.num_pending == 0
+                && info.ack_floor.stream_sequence == 10)
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
     aggregator.stop().await;
     db.close().await;
 }
@@ -575,5 +594,80 @@ async fn database_unavailable_then_back_nothing_acked_early_nothing_lost() {
     .await
     .unwrap();
     aggregator.stop().await;
+    db.close().await;
+}
+
+/// The write rules across transactions, without NATS: each batch of a run in a
+/// transaction of its own, newest first, gives the same rows as one in-order
+/// transaction; a line holding NUL and markup is stored (PostgreSQL: NUL as U+2400).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_batch_per_transaction_in_reverse_gives_the_same_rows() {
+    use athanor_aggregator::store::{store, Incoming};
+    let db = TestDb::new().await;
+    let mut in_order = synthetic_run("tx-in-order", 8);
+    in_order[3].logs[0].message = "nul:\0:<script>alert(1)</script>".into();
+    let written = store(
+        &db.db,
+        in_order
+            .into_iter()
+            .enumerate()
+            .map(|(i, batch)| Incoming {
+                batch,
+                stream_seq: i as u64 + 1,
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((written.batches, written.lines), (8, 400));
+    let mut reversed = synthetic_run("tx-reversed", 8);
+    reversed[3].logs[0].message = "nul:\0:<script>alert(1)</script>".into();
+    for (i, batch) in reversed.into_iter().enumerate().rev() {
+        let stored = store(
+            &db.db,
+            vec![Incoming {
+                batch,
+                stream_seq: i as u64 + 1,
+            }],
+        )
+        .await
+        .unwrap();
+        assert_eq!(stored.batches, 1);
+        let run = runs::Entity::find_by_id("tx-reversed".to_string())
+            .one(&db.db)
+            .await
+            .unwrap()
+            .unwrap();
+        // Batch 0 comes last: until then nothing is stored without a gap.
+        assert_eq!(run.last_batch_seq, if i == 0 { Some(7) } else { None });
+        assert_eq!(run.status, if i == 0 { "failed" } else { "running" });
+    }
+    let expected = snapshot(&db.db, "tx-in-order").await;
+    assert_eq!(snapshot(&db.db, "tx-reversed").await, expected);
+    assert_eq!(expected["progress"], json!([8, 8, "8/8", 4007]));
+    let run = runs::Entity::find_by_id("tx-reversed".to_string())
+        .one(&db.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(run.last_stream_seq, Some(8));
+    let line = &logs_of(&db.db, "tx-reversed").await[150];
+    let nul = if db.is_postgres() { "\u{2400}" } else { "\0" };
+    assert_eq!(line.message, format!("nul:{nul}:<script>alert(1)</script>"));
+    // Stored again: absorbed.
+    let again = store(
+        &db.db,
+        synthetic_run("tx-reversed", 8)
+            .into_iter()
+            .map(|batch| Incoming {
+                batch,
+                stream_seq: 99,
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.batches, again.duplicates), (0, 8));
+    assert_eq!(snapshot(&db.db, "tx-reversed").await, expected);
     db.close().await;
 }

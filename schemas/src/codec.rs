@@ -69,6 +69,14 @@ pub fn encode(batch: &Batch) -> Encoded {
     }
 }
 
+/// The decompressed size a frame declares in its header, if it declares one and the
+/// header is readable. (Producers always declare it.)
+pub fn declared_size(bytes: &[u8]) -> Option<u64> {
+    zstd::zstd_safe::get_frame_content_size(bytes)
+        .ok()
+        .flatten()
+}
+
 /// Decodes one batch, refusing anything that would decompress to more than `limit`
 /// bytes, without allocating more than `limit` + 1 bytes.
 pub fn decode(bytes: &[u8], limit: usize) -> Result<Batch, DecodeError> {
