@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use athanor_aggregator::AggregatorConfig;
+use athanor_gateway::GatewayConfig;
 use athanor_schemas::db::DatabaseConfig;
 use athanor_schemas::nats::NatsConfig;
 use athanor_workers::WorkerConfig;
@@ -18,6 +19,7 @@ pub struct AppConfig {
     pub database: DatabaseConfig,
     pub worker: WorkerConfig,
     pub aggregator: AggregatorConfig,
+    pub gateway: GatewayConfig,
     pub log: LogConfig,
 }
 

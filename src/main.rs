@@ -24,16 +24,21 @@ enum Command {
     /// Everything in one process on the embedded defaults: spawns nats-server (unless
     /// nats.url is set) with its store under the data directory, migrates the
     /// database (SQLite at <data-dir>/athanor.db unless database.url is set), and runs
-    /// an aggregator and a worker.
+    /// the gateway, an aggregator and a worker.
     Up {
-        /// Where the embedded nats-server keeps its store.
+        /// Where the embedded nats-server keeps its store, and the SQLite database.
         #[arg(long, default_value = "./data")]
         data_dir: PathBuf,
+        /// Where the HTTP API listens (default: gateway.http_addr, 127.0.0.1:8080).
+        #[arg(long)]
+        http_addr: Option<String>,
     },
     /// A worker: runs the experiments requested on ATHANOR_REQUESTS.
     Worker,
     /// An aggregator: persists run batches from ATHANOR_RUNS into the database.
     Aggregator,
+    /// A gateway: the HTTP API.
+    Gateway,
     /// Applies the database migrations and exits.
     Migrate,
 }
@@ -49,7 +54,22 @@ fn main() -> anyhow::Result<()> {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         match cli.command {
-            Command::Up { data_dir } => up::run(config, data_dir, shutdown).await,
+            Command::Up {
+                data_dir,
+                http_addr,
+            } => {
+                let mut config = config;
+                if let Some(addr) = http_addr {
+                    config.gateway.http_addr = addr;
+                }
+                up::run(config, data_dir, shutdown).await
+            }
+            Command::Gateway => {
+                Ok(
+                    athanor_gateway::run(config.gateway, config.database, config.nats, shutdown)
+                        .await?,
+                )
+            }
             Command::Worker => {
                 Ok(athanor_workers::run(config.worker, config.nats, shutdown).await?)
             }

@@ -33,28 +33,32 @@ pub async fn run(
     let db = athanor_schemas::db::connect(&config.database).await?;
     crate::migrate(&db).await?;
     let url = config.nats.url().to_string();
-    println!(
-        "Athanor is up. NATS: {url}  database: {}",
-        config.database.url()
-    );
-    println!("  inspect: nats --server {url} stream info ATHANOR_RUNS");
-    println!(
-        "  request a run: nats --server {url} pub athanor.request.sweep '{{\"run_id\":\"demo-1\",\"experiment\":\"sweep\",\"config\":{{\"iterations\":5}},\"requested_at\":0}}'"
-    );
     // Stopping order: the worker first (its final batches reach JetStream), then the
-    // aggregator after it has stored what is in flight, then NATS.
-    let aggregator_stop = CancellationToken::new();
+    // aggregator (after it has stored what is in flight) and the gateway, then NATS.
+    let rest_stop = CancellationToken::new();
     let aggregator = athanor_aggregator::Aggregator::start(
         config.aggregator,
         config.nats.clone(),
-        db,
-        aggregator_stop.clone(),
+        db.clone(),
+        rest_stop.clone(),
     )
     .await?;
+    let gateway =
+        athanor_gateway::Gateway::start(config.gateway, config.nats.clone(), db, rest_stop.clone())
+            .await?;
+    let http = format!("http://{}", gateway.addr);
+    println!("Athanor is up.");
+    println!("  NATS:     {url}   (nats --server {url} stream info ATHANOR_RUNS)");
+    println!("  database: {}", config.database.url());
+    println!("  API:      {http}/api/experiments");
+    println!(
+        "  start a run: curl -X POST {http}/api/runs -H 'content-type: application/json' -d '{{\"experiment\":\"sweep\",\"config\":{{\"iterations\":5}}}}'"
+    );
     let worker = athanor_workers::run(config.worker, config.nats, shutdown).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    aggregator_stop.cancel();
+    rest_stop.cancel();
     aggregator.wait().await;
+    gateway.wait().await;
     drop(embedded);
     Ok(worker?)
 }

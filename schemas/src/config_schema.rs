@@ -207,6 +207,49 @@ impl ConfigSchema {
         Ok(out)
     }
 
+    /// Reads back a schema written by [`to_json_schema`](Self::to_json_schema) (the
+    /// subset of JSON Schema Athanor uses), as the gateway does from the registry.
+    pub fn from_json_schema(schema: &Value) -> Option<Self> {
+        let properties = schema.get("properties")?.as_object()?;
+        let required: Vec<&str> = schema
+            .get("required")
+            .and_then(Value::as_array)
+            .map_or_else(Vec::new, |r| r.iter().filter_map(Value::as_str).collect());
+        let mut fields = Vec::new();
+        for (name, p) in properties {
+            let kind = match (
+                p.get("type").and_then(Value::as_str)?,
+                p.get("enum").and_then(Value::as_array),
+            ) {
+                ("string", Some(choices)) => FieldKind::Enum(
+                    choices
+                        .iter()
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                        .collect(),
+                ),
+                ("string", None) => FieldKind::String,
+                ("integer", _) => FieldKind::Int,
+                ("number", _) => FieldKind::Float,
+                ("boolean", _) => FieldKind::Bool,
+                _ => return None,
+            };
+            fields.push(Field {
+                name: name.clone(),
+                kind,
+                description: p
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                default: p.get("default").cloned(),
+                min: p.get("minimum").and_then(Value::as_f64),
+                max: p.get("maximum").and_then(Value::as_f64),
+                required: required.contains(&name.as_str()),
+            });
+        }
+        Some(ConfigSchema { fields })
+    }
+
     /// The schema as JSON Schema (draft 2020-12), as published in the worker registry.
     pub fn to_json_schema(&self) -> Value {
         let mut properties = Map::new();
@@ -323,6 +366,14 @@ mod tests {
             s.validate(&json!([1])).unwrap_err().reason,
             "must be an object, got an array"
         );
+    }
+
+    #[test]
+    fn json_schema_reads_back() {
+        let back = ConfigSchema::from_json_schema(&schema().to_json_schema()).unwrap();
+        let mut fields = schema().fields;
+        fields.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(back.fields, fields);
     }
 
     #[test]

@@ -1,0 +1,50 @@
+//! Every API error, mapped to its HTTP status in one place, answered as JSON
+//! `{"error": "<what to fix>", …}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("config field `{field}` {reason}")]
+    InvalidConfig { field: String, reason: String },
+    #[error("request body larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the database is unavailable: {0}")]
+    Database(#[from] sea_orm::DbErr),
+    #[error("NATS is unavailable: {0}")]
+    Nats(String),
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Database(_) | ApiError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        }
+        let body = match &self {
+            ApiError::InvalidConfig { field, reason } => {
+                json!({ "error": self.to_string(), "field": field, "reason": reason })
+            }
+            _ => json!({ "error": self.to_string() }),
+        };
+        (status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,325 @@
+//! The HTTP API over a real pipeline: nats-server, a worker, an aggregator, a database
+//! and the gateway on a free port, spoken to with a real HTTP client.
+
+use std::time::Duration;
+
+use athanor_aggregator::{Aggregator, AggregatorConfig};
+use athanor_gateway::{Gateway, GatewayConfig};
+use athanor_testkit::{wait_for, TestDb, TestNats};
+use athanor_workers::{builtin, Worker, WorkerConfig};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct Stack {
+    _nats: TestNats,
+    db: TestDb,
+    stop: CancellationToken,
+    worker: Worker,
+    aggregator: Aggregator,
+    gateway: Gateway,
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        athanor_testkit::init_tracing();
+        let nats = TestNats::start();
+        let db = TestDb::new().await;
+        let stop = CancellationToken::new();
+        let worker = Worker::start(
+            WorkerConfig::for_tests(),
+            nats.config(),
+            builtin::all(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let aggregator = Aggregator::start(
+            AggregatorConfig::for_tests(),
+            nats.config(),
+            db.db.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let config = GatewayConfig {
+            http_addr: "127.0.0.1:0".into(),
+            ..Default::default()
+        };
+        let gateway = Gateway::start(config, nats.config(), db.db.clone(), stop.clone())
+            .await
+            .unwrap();
+        let base = format!("http://{}", gateway.addr);
+        let stack = Stack {
+            _nats: nats,
+            db,
+            stop,
+            worker,
+            aggregator,
+            gateway,
+            http: reqwest::Client::new(),
+            base,
+        };
+        // The worker registers on its first heartbeat.
+        wait_for(
+            "the worker's registration",
+            Duration::from_secs(20),
+            || async {
+                let (_, body) = stack.get("/api/experiments").await;
+                (body["experiments"].as_array().is_some_and(|e| e.len() == 4)).then_some(())
+            },
+        )
+        .await
+        .unwrap();
+        stack
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn wait_status(&self, id: &str, status: &str) -> Value {
+        wait_for(
+            &format!("run {id} to be {status}"),
+            Duration::from_secs(60),
+            || async {
+                let (_, run) = self.get(&format!("/api/runs/{id}")).await;
+                (run["status"] == status).then_some(run)
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.worker.wait().await;
+        self.aggregator.wait().await;
+        self.gateway.wait().await;
+        self.db.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_a_run_follow_it_and_read_its_output() {
+    let stack = Stack::start().await;
+    let (status, body) = stack.get("/api/experiments").await;
+    assert_eq!(status, StatusCode::OK);
+    let sweep = body["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "sweep")
+        .unwrap()
+        .clone();
+    assert_eq!(sweep["workers"], 1);
+    assert_eq!(
+        sweep["config_schema"]["properties"]["iterations"]["minimum"],
+        1
+    );
+
+    let (status, created) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sweep","config":{"iterations":3,"delay_ms":0}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["config"], json!({"iterations": 3, "delay_ms": 0}));
+    let id = created["id"].as_str().unwrap().to_string();
+    let run = stack.wait_status(&id, "completed").await;
+    assert_eq!(run["experiment"], "sweep");
+    assert_eq!(run["lines"], 3);
+    assert_eq!(run["progress"]["current"], 3);
+
+    let (_, results) = stack.get(&format!("/api/runs/{id}/results")).await;
+    let keys: Vec<&str> = results["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        ["best_score", "iteration_0", "iteration_1", "iteration_2"]
+    );
+    assert_eq!(results["results"][1]["value"]["iteration"], 0);
+
+    let (_, logs) = stack.get(&format!("/api/runs/{id}/logs")).await;
+    let messages: Vec<&str> = logs["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(messages.len(), 3);
+    assert!(messages[2].starts_with("iteration 2: "), "{}", messages[2]);
+    assert_eq!(logs["total"], 3);
+
+    let text = stack
+        .http
+        .get(format!("{}/api/runs/{id}/logs.txt", stack.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(text.lines().count(), 3);
+    assert!(
+        text.lines().nth(2).unwrap().contains(" INFO iteration 2: "),
+        "{text}"
+    );
+
+    let (_, list) = stack
+        .get("/api/runs?experiment=sweep&status=completed")
+        .await;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["runs"][0]["id"], id.as_str());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_paging_level_filter_and_search() {
+    let stack = Stack::start().await;
+    let (_, created) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"flaky","config":{"mode":"ok","after_lines":25}}"#,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    stack.wait_status(&id, "completed").await;
+    let seqs = |body: &Value| {
+        body["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["seq"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?after=4&limit=5"))
+        .await;
+    assert_eq!(seqs(&page), [5, 6, 7, 8, 9]);
+    assert_eq!(page["more"], true);
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?before=20&limit=3"))
+        .await;
+    assert_eq!(seqs(&page), [17, 18, 19]);
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?q=LINE%201%20OF"))
+        .await;
+    assert_eq!(seqs(&page), [1]);
+    let (_, page) = stack.get(&format!("/api/runs/{id}/logs?q=line%202")).await;
+    assert_eq!(seqs(&page), [2, 20, 21, 22, 23, 24]);
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?level=warn,error"))
+        .await;
+    assert_eq!(seqs(&page), Vec::<i64>::new());
+    let (status, body) = stack.get(&format!("/api/runs/{id}/logs?level=loud")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["error"],
+        "unknown level \"loud\" (use trace, debug, info, warn, error)"
+    );
+    let (status, _) = stack.get(&format!("/api/runs/{id}/logs?after=abc")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_json_errors() {
+    let stack = Stack::start().await;
+    let (status, body) = stack
+        .post("/api/runs", r#"{"experiment":"sweep","config":"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed request body"),
+        "{body}"
+    );
+    let (status, body) = stack.post("/api/runs", r#"{"experiment":"nope"}"#).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body["error"],
+        "unknown experiment \"nope\" (live workers host: flaky, log_storm, sleepy, sweep)"
+    );
+    let (status, body) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sweep","config":{"iterations":0}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body,
+        json!({"error": "config field `iterations` must be at least 1, got 0", "field": "iterations", "reason": "must be at least 1, got 0"})
+    );
+    let big = format!(
+        r#"{{"experiment":"sweep","config":{{"pad":"{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    let (status, body) = stack.post("/api/runs", &big).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"], "request body larger than 1048576 bytes");
+    let (status, body) = stack.get("/api/runs/does-not-exist").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "run \"does-not-exist\" not found");
+    let (status, _) = stack.get("/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = stack.get("/api/runs?limit=-1").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_a_run_is_idempotent_and_a_finished_run_says_409() {
+    let stack = Stack::start().await;
+    let (_, created) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sleepy","config":{"duration_ms":60000}}"#,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    stack.wait_status(&id, "running").await;
+    for _ in 0..2 {
+        let (status, body) = stack.post(&format!("/api/runs/{id}/cancel"), "").await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let run = stack.wait_status(&id, "cancelled").await;
+    assert_eq!(run["error"], "cancelled on request");
+    let (status, body) = stack.post(&format!("/api/runs/{id}/cancel"), "").await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        body["error"],
+        format!("run {id} already finished (cancelled); there is nothing to cancel")
+    );
+    stack.stop().await;
+}
