@@ -181,9 +181,19 @@ pub(crate) async fn create_run(
             .await?
             .await
     };
-    published
-        .await
-        .map_err(|e| ApiError::Nats(format!("the run request could not be queued: {e}")))?;
+    if let Err(e) = published.await {
+        // The run will never start: say so on its row rather than leave it pending.
+        let error = format!("the run request could not be queued: {e}");
+        let failed = runs::ActiveModel {
+            id: ActiveValue::Unchanged(run_id.clone()),
+            status: ActiveValue::Set("failed".into()),
+            error: ActiveValue::Set(Some(error.clone())),
+            finished_at: ActiveValue::Set(Some(now_micros())),
+            ..Default::default()
+        };
+        let _ = runs::Entity::update(failed).exec(&state.db).await;
+        return Err(ApiError::Nats(error));
+    }
     Ok((
         StatusCode::CREATED,
         Json(

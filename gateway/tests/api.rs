@@ -283,9 +283,21 @@ async fn bad_requests_get_clear_json_errors() {
     );
     let big = format!(
         r#"{{"experiment":"sweep","config":{{"pad":"{}"}}}}"#,
-        "x".repeat(2 << 20)
+        "x".repeat((1 << 20) + 1024)
     );
-    let (status, body) = stack.post("/api/runs", &big).await;
+    // On its own connection: the server answers 413 without reading the body and then
+    // closes that connection, which a pooled client could otherwise reuse.
+    let response = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+        .post(format!("{}/api/runs", stack.base))
+        .header("content-type", "application/json")
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    let (status, body): (_, Value) = (response.status(), response.json().await.unwrap());
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(body["error"], "request body larger than 1048576 bytes");
     let (status, body) = stack.get("/api/runs/does-not-exist").await;
