@@ -142,9 +142,7 @@ impl Aggregator {
         db: DatabaseConnection,
         shutdown: CancellationToken,
     ) -> Result<Self> {
-        let client = athanor_schemas::nats::connect(&nats, "athanor-aggregator").await?;
-        let js = athanor_schemas::nats::jetstream(client, &nats);
-        athanor_schemas::nats::ensure_topology(&js, &nats).await?;
+        let js = athanor_schemas::nats::open(&nats, "athanor-aggregator").await?;
         let shared = Arc::new(Shared {
             config,
             nats,

@@ -141,6 +141,7 @@ async fn a_100k_line_run_is_stored_exactly_once_with_its_content() {
     let published = read_run(&nats.jetstream().await, &handle.run_id, DEADLINE)
         .await
         .unwrap();
+    assert_eq!(published.lines().len(), stored.len());
     for (row, line) in stored.iter().zip(published.lines()) {
         assert_eq!(row.seq, line.seq as i64);
         assert_eq!(

@@ -75,9 +75,7 @@ impl AppState {
         db: DatabaseConnection,
         max_body_bytes: usize,
     ) -> Result<Self> {
-        let client = athanor_schemas::nats::connect(nats, "athanor-gateway").await?;
-        let js = athanor_schemas::nats::jetstream(client, nats);
-        athanor_schemas::nats::ensure_topology(&js, nats).await?;
+        let js = athanor_schemas::nats::open(nats, "athanor-gateway").await?;
         let workers = js
             .get_key_value(names::WORKERS_BUCKET)
             .await

@@ -239,6 +239,10 @@ async fn log_paging_level_filter_and_search() {
         .get(&format!("/api/runs/{id}/logs?level=warn,error"))
         .await;
     assert_eq!(seqs(&page), Vec::<i64>::new());
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?level=info,warn&after=22"))
+        .await;
+    assert_eq!(seqs(&page), [23, 24]);
     let (status, body) = stack.get(&format!("/api/runs/{id}/logs?level=loud")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(

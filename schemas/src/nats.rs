@@ -110,6 +110,14 @@ pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::
         .build(client)
 }
 
+/// Connects and returns a JetStream context over that connection, with every stream
+/// and bucket declared: how each component opens NATS at start.
+pub async fn open(config: &NatsConfig, name: &str) -> Result<jetstream::Context, NatsError> {
+    let js = jetstream(connect(config, name).await?, config);
+    ensure_topology(&js, config).await?;
+    Ok(js)
+}
+
 /// Creates, or updates to the design's settings, every stream and bucket. Idempotent:
 /// every component calls it at start.
 pub async fn ensure_topology(

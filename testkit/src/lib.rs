@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, consumer};
-use athanor_schemas::nats::{connect, ensure_topology, jetstream, EmbeddedServer, NatsConfig};
+use athanor_schemas::nats::{EmbeddedServer, NatsConfig};
 use athanor_schemas::{names, Batch};
 use futures::StreamExt;
 
@@ -40,15 +40,9 @@ impl TestNats {
 
     /// A client and JetStream context, with the streams and buckets declared.
     pub async fn jetstream(&self) -> jetstream::Context {
-        let config = self.config();
-        let client = connect(&config, "athanor-test")
+        athanor_schemas::nats::open(&self.config(), "athanor-test")
             .await
-            .expect("connect to the test nats-server");
-        let js = jetstream(client, &config);
-        ensure_topology(&js, &config)
-            .await
-            .expect("declare topology");
-        js
+            .expect("connect to the test nats-server")
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, kv, AckKind};
-use athanor_schemas::nats::{connect, ensure_topology, jetstream as js_context, NatsConfig};
+use athanor_schemas::nats::{open, NatsConfig};
 use athanor_schemas::requests::{ExperimentInfo, RunRequest, WorkerInfo};
 use athanor_schemas::{names, now_micros, RunInfo, RunState};
 use futures::StreamExt;
@@ -93,10 +93,8 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Result<Worker> {
         let id = config.id.clone().unwrap_or_else(default_worker_id);
-        let client = connect(&nats, &format!("athanor-worker {id}")).await?;
-        let max_payload = client.server_info().max_payload;
-        let js = js_context(client, &nats);
-        ensure_topology(&js, &nats).await?;
+        let js = open(&nats, &format!("athanor-worker {id}")).await?;
+        let max_payload = js.client().server_info().max_payload;
         let control = js
             .get_key_value(names::CONTROL_BUCKET)
             .await
