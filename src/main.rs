@@ -1,6 +1,7 @@
 //! The `athanor` binary: parses arguments, loads the configuration and calls the
 //! crates' `run(config, shutdown)` entry points. Nothing else lives here.
 
+mod client;
 mod config;
 mod up;
 
@@ -41,6 +42,60 @@ enum Command {
     Gateway,
     /// Applies the database migrations and exits.
     Migrate,
+    /// Starts a run of an experiment (prints its id; with --follow, its live log).
+    Run {
+        experiment: String,
+        /// A config field: `-c key=value` (value as JSON when it parses, else text).
+        #[arg(short = 'c', long = "config-field", value_name = "KEY=VALUE")]
+        fields: Vec<String>,
+        /// Print the run's log live, with a progress bar, and its results; exit 0 when
+        /// it completed, 1 failed, 3 cancelled, 4 lost.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
+    /// Prints a run's log (with --follow: then live, until the run ends).
+    Logs {
+        run_id: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
+    /// Lists runs, newest first.
+    Runs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        experiment: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
+    /// Lists the experiments live workers host, with their config fields.
+    Experiments {
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
+}
+
+#[derive(clap::Args)]
+struct GatewayUrl {
+    /// The gateway (default: http://<gateway.http_addr>, i.e. the local `athanor up`).
+    #[arg(long, env = "ATHANOR_URL")]
+    url: Option<String>,
+}
+
+impl GatewayUrl {
+    fn client(&self, config: &config::AppConfig) -> client::Client {
+        let url = self
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", config.gateway.http_addr));
+        client::Client::new(&url)
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,7 +108,57 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
+        let outcome = match &cli.command {
+            Command::Run {
+                experiment,
+                fields,
+                follow,
+                gateway,
+            } => Some(
+                gateway
+                    .client(&config)
+                    .run(experiment, fields, *follow, shutdown.clone())
+                    .await,
+            ),
+            Command::Logs {
+                run_id,
+                follow,
+                gateway,
+            } => Some(
+                gateway
+                    .client(&config)
+                    .logs(run_id, *follow, shutdown.clone())
+                    .await,
+            ),
+            Command::Runs {
+                status,
+                experiment,
+                limit,
+                gateway,
+            } => Some(
+                gateway
+                    .client(&config)
+                    .runs(status.as_deref(), experiment.as_deref(), *limit)
+                    .await,
+            ),
+            Command::Experiments { gateway } => Some(gateway.client(&config).experiments().await),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            let code = match outcome {
+                Ok(code) => code,
+                Err(failure) => {
+                    eprintln!("athanor: {}", failure.message);
+                    failure.code
+                }
+            };
+            std::process::exit(code);
+        }
         match cli.command {
+            Command::Run { .. }
+            | Command::Logs { .. }
+            | Command::Runs { .. }
+            | Command::Experiments { .. } => unreachable!("answered above"),
             Command::Up {
                 data_dir,
                 http_addr,

@@ -248,6 +248,7 @@ async fn write_with_retry(
                     lines = written.lines,
                     "stored"
                 );
+                crate::lifecycle::announce(shared, &written.changes).await;
                 return Outcome::Stored;
             }
             Err(error) if store::is_permanent(&error) => return Outcome::Refused(error),

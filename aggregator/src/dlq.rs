@@ -3,7 +3,6 @@
 //! terminated so they are never redelivered.
 
 use async_nats::jetstream::{self, AckKind};
-use async_nats::HeaderMap;
 use tracing::{error, warn};
 
 use crate::Shared;
@@ -20,7 +19,7 @@ pub(crate) async fn dead_letter(
     kind: &str,
     reason: &str,
 ) {
-    let mut headers = message.headers.clone().unwrap_or_else(HeaderMap::new);
+    let mut headers = message.headers.clone().unwrap_or_default();
     // The original headers stay as they are (its Nats-Msg-Id dedupes a message
     // dead-lettered twice); the reason and origin are added.
     let stream_seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);

@@ -8,13 +8,31 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use athanor_schemas::db::stmt;
+use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{names, now_micros};
 use futures::TryStreamExt;
 use sea_orm::{ConnectionTrait, DbErr};
 use tokio::time::MissedTickBehavior;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::Shared;
+
+/// Announces committed status changes on `athanor.lifecycle.<run_id>` (core NATS: a
+/// live hint for run lists; the database stays the record, so a missed one is
+/// harmless).
+pub(crate) async fn announce(shared: &Shared, changes: &[Lifecycle]) {
+    for change in changes {
+        let payload = serde_json::to_vec(change).expect("a lifecycle change serialises");
+        if let Err(error) = shared
+            .js
+            .client()
+            .publish(names::lifecycle_subject(&change.run_id), payload.into())
+            .await
+        {
+            debug!(%error, run_id = %change.run_id, "announcing a lifecycle change failed");
+        }
+    }
+}
 
 pub(crate) async fn watch_lost(shared: Arc<Shared>) {
     let mut interval = tokio::time::interval(shared.config.lost_check_interval);
@@ -60,7 +78,7 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
     for row in candidates {
         let id: String = row.try_get("", "id").map_err(|e| e.to_string())?;
         let worker: Option<String> = row.try_get("", "worker_id").map_err(|e| e.to_string())?;
-        if worker.as_ref().is_some_and(|w| live.contains(w)) || lagging(&shared, &id).await {
+        if worker.as_ref().is_some_and(|w| live.contains(w)) || lagging(shared, &id).await {
             // Alive, or JetStream holds output of this run the database does not have
             // yet: the aggregators are behind and the worker may well have finished.
             continue;
@@ -88,6 +106,14 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
         if changed > 0 {
             shared.stats.lost.fetch_add(1, Ordering::Relaxed);
             info!(run_id = %id, %reason, "run lost");
+            let change = Lifecycle {
+                run_id: id,
+                status: "lost".into(),
+                experiment: None,
+                error: Some(reason),
+                at: now,
+            };
+            announce(shared, &[change]).await;
         }
     }
     Ok(())

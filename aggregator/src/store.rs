@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use athanor_schemas::db::stmt;
+use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{now_micros, Batch, RunState};
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, TransactionTrait, Value,
@@ -21,11 +22,14 @@ pub struct Incoming {
 }
 
 /// What one transaction wrote.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Written {
     pub batches: u64,
     pub duplicates: u64,
     pub lines: u64,
+    /// Status changes committed (runs that started, runs that became terminal), to
+    /// announce on `athanor.lifecycle.<run_id>` once the transaction is in.
+    pub changes: Vec<Lifecycle>,
 }
 
 /// Whether a failed transaction would fail again with the same data: a data error
@@ -138,6 +142,16 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         }
         written.batches += 1;
         written.lines += batch.logs.len() as u64;
+        // A run's first batch carries `run`: it has started.
+        if let Some(run) = &batch.run {
+            written.changes.push(Lifecycle {
+                run_id: run_id.clone(),
+                status: RunState::Running.as_str().into(),
+                experiment: Some(run.experiment.clone()),
+                error: None,
+                at: run.started_at,
+            });
+        }
         let delta = deltas.get_mut(&run_id).expect("inserted above");
         delta.batches += 1;
         delta.lines += batch.logs.len() as i64;
@@ -200,7 +214,9 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     .await?;
     for (run_id, delta) in deltas {
         if delta.batches > 0 {
-            update_run(&txn, backend, &run_id, delta, now).await?;
+            if let Some(change) = update_run(&txn, backend, &run_id, delta, now).await? {
+                written.changes.push(change);
+            }
         }
     }
     txn.commit().await?;
@@ -258,7 +274,7 @@ async fn update_run(
     run_id: &str,
     delta: RunDelta,
     now: i64,
-) -> Result<(), DbErr> {
+) -> Result<Option<Lifecycle>, DbErr> {
     txn.execute(stmt(
         backend,
         "UPDATE runs SET lines = lines + ?, results = results + ?, batches = batches + ?, updated_at = ?, \
@@ -297,17 +313,19 @@ async fn update_run(
 }
 
 /// Moves the run's contiguous watermark (`last_batch_seq`, `last_stream_seq`) over the
-/// batches stored without a gap, and makes the run terminal once all its batches are in.
+/// batches stored without a gap, and makes the run terminal once all its batches are in
+/// (returning that change).
 async fn advance(
     txn: &impl ConnectionTrait,
     backend: DatabaseBackend,
     run_id: &str,
     now: i64,
-) -> Result<(), DbErr> {
+) -> Result<Option<Lifecycle>, DbErr> {
     let row = txn
         .query_one(stmt(
             backend,
-            "SELECT last_batch_seq, final_batches, final_status, status FROM runs WHERE id = ?",
+            "SELECT last_batch_seq, final_batches, final_status, final_error, final_at, experiment, status \
+             FROM runs WHERE id = ?",
             vec![run_id.into()],
         ))
         .await?
@@ -315,6 +333,9 @@ async fn advance(
     let last: Option<i64> = row.try_get("", "last_batch_seq")?;
     let final_batches: Option<i64> = row.try_get("", "final_batches")?;
     let final_status: Option<String> = row.try_get("", "final_status")?;
+    let final_error: Option<String> = row.try_get("", "final_error")?;
+    let final_at: Option<i64> = row.try_get("", "final_at")?;
+    let experiment: String = row.try_get("", "experiment")?;
     let status: String = row.try_get("", "status")?;
     let following = txn
         .query_all(stmt(
@@ -348,9 +369,16 @@ async fn advance(
         txn.execute(stmt(
             backend,
             "UPDATE runs SET status = ?, error = final_error, finished_at = COALESCE(final_at, ?) WHERE id = ?",
-            vec![state.into(), now.into(), run_id.into()],
+            vec![state.clone().into(), now.into(), run_id.into()],
         ))
         .await?;
+        return Ok(Some(Lifecycle {
+            run_id: run_id.to_string(),
+            status: state,
+            experiment: Some(experiment),
+            error: final_error,
+            at: final_at.unwrap_or(now),
+        }));
     }
-    Ok(())
+    Ok(None)
 }

@@ -621,6 +621,16 @@ async fn one_batch_per_transaction_in_reverse_gives_the_same_rows() {
     .await
     .unwrap();
     assert_eq!((written.batches, written.lines), (8, 400));
+    // What it announces on athanor.lifecycle.<run_id>, once committed.
+    let announced: Vec<(&str, &str)> = written
+        .changes
+        .iter()
+        .map(|c| (c.run_id.as_str(), c.status.as_str()))
+        .collect();
+    assert_eq!(
+        announced,
+        [("tx-in-order", "running"), ("tx-in-order", "failed")]
+    );
     let mut reversed = synthetic_run("tx-reversed", 8);
     reversed[3].logs[0].message = "nul:\0:<script>alert(1)</script>".into();
     for (i, batch) in reversed.into_iter().enumerate().rev() {
@@ -634,6 +644,10 @@ async fn one_batch_per_transaction_in_reverse_gives_the_same_rows() {
         .await
         .unwrap();
         assert_eq!(stored.batches, 1);
+        // Batch 0 (the run's start) is stored last and completes the run.
+        let announced: Vec<&str> = stored.changes.iter().map(|c| c.status.as_str()).collect();
+        let expected: &[&str] = if i == 0 { &["running", "failed"] } else { &[] };
+        assert_eq!(announced, expected);
         let run = runs::Entity::find_by_id("tx-reversed".to_string())
             .one(&db.db)
             .await

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use athanor_schemas::entities::{run_logs, run_results, runs};
+use athanor_schemas::events::Lifecycle;
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
 use athanor_schemas::{names, now_micros, ConfigSchema};
 use axum::body::Body;
@@ -23,7 +24,7 @@ use serde_json::{json, Value};
 use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
-type AppStateRef = State<Arc<AppState>>;
+pub(crate) type AppStateRef = State<Arc<AppState>>;
 
 pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
@@ -41,6 +42,15 @@ pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     (status, Json(json!({ "database": db, "nats": nats }))).into_response()
 }
 
+/// The OpenAPI 3 description of this API.
+pub(crate) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
 pub(crate) async fn no_route() -> ApiError {
     ApiError::NotFound(
         "no such endpoint; the API is under /api (see /api/experiments, /api/runs)".into(),
@@ -48,13 +58,13 @@ pub(crate) async fn no_route() -> ApiError {
 }
 
 /// Experiments hosted by live workers, from `athanor_workers`.
-struct Hosted {
+pub(crate) struct Hosted {
     description: String,
     config_schema: Value,
     workers: usize,
 }
 
-async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hosted>> {
+pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hosted>> {
     let nats = |e: &dyn std::fmt::Display| ApiError::Nats(e.to_string());
     let keys: Vec<String> = state
         .workers
@@ -104,7 +114,7 @@ pub(crate) struct CreateRun {
 }
 
 /// Maps a body that is not the expected JSON to 400 (or 413 when too large).
-fn body<T>(state: &AppState, body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+pub(crate) fn body<T>(state: &AppState, body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
     match body {
         Ok(Json(value)) => Ok(value),
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -122,12 +132,21 @@ pub(crate) async fn create_run(
     request: Result<Json<CreateRun>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let request = body(&state, request)?;
-    let hosted = hosted(&state).await?;
-    let Some(experiment) = hosted.get(&request.experiment) else {
+    start_run(&state, &request.experiment, &request.config, None).await
+}
+
+/// `config` checked against the schema of `experiment` as a live worker publishes it:
+/// 404 when no live worker hosts it, 422 naming the field that is wrong.
+pub(crate) async fn validated_config(
+    state: &AppState,
+    experiment: &str,
+    config: &Value,
+) -> ApiResult<Value> {
+    let hosted = hosted(state).await?;
+    let Some(hosting) = hosted.get(experiment) else {
         let known: Vec<&str> = hosted.keys().map(String::as_str).collect();
         return Err(ApiError::NotFound(format!(
-            "unknown experiment {:?} (live workers host: {})",
-            request.experiment,
+            "unknown experiment {experiment:?} (live workers host: {})",
             if known.is_empty() {
                 "none".to_string()
             } else {
@@ -135,20 +154,30 @@ pub(crate) async fn create_run(
             }
         )));
     };
-    let schema = ConfigSchema::from_json_schema(&experiment.config_schema).unwrap_or_default();
+    let schema = ConfigSchema::from_json_schema(&hosting.config_schema).unwrap_or_default();
     let config = schema
-        .validate(&request.config)
+        .validate(config)
         .map_err(|e| ApiError::InvalidConfig {
             field: e.field,
             reason: e.reason,
         })?;
+    Ok(Value::Object(config))
+}
+
+/// Validates, records the run as `pending`, queues its request and announces it.
+pub(crate) async fn start_run(
+    state: &AppState,
+    experiment: &str,
+    config: &Value,
+    instance_id: Option<String>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let config = validated_config(state, experiment, config).await?;
     let run_id = names::new_run_id();
     let now = now_micros();
-    let config = Value::Object(config);
     runs::Entity::insert(runs::ActiveModel {
         id: ActiveValue::Set(run_id.clone()),
-        experiment: ActiveValue::Set(request.experiment.clone()),
-        instance_id: ActiveValue::Set(None),
+        experiment: ActiveValue::Set(experiment.to_string()),
+        instance_id: ActiveValue::Set(instance_id.clone()),
         config: ActiveValue::Set(config.to_string()),
         status: ActiveValue::Set("pending".into()),
         created_at: ActiveValue::Set(now),
@@ -162,9 +191,9 @@ pub(crate) async fn create_run(
     .await?;
     let run_request = RunRequest {
         run_id: run_id.clone(),
-        experiment: request.experiment.clone(),
+        experiment: experiment.to_string(),
         config: config.clone(),
-        instance_id: None,
+        instance_id: instance_id.clone(),
         requested_at: now,
     };
     let mut headers = async_nats::HeaderMap::new();
@@ -173,11 +202,7 @@ pub(crate) async fn create_run(
     let published = async {
         state
             .js
-            .publish_with_headers(
-                names::request_subject(&request.experiment),
-                headers,
-                payload.into(),
-            )
+            .publish_with_headers(names::request_subject(experiment), headers, payload.into())
             .await?
             .await
     };
@@ -194,34 +219,30 @@ pub(crate) async fn create_run(
         let _ = runs::Entity::update(failed).exec(&state.db).await;
         return Err(ApiError::Nats(error));
     }
+    let created = Lifecycle {
+        run_id: run_id.clone(),
+        status: "pending".into(),
+        experiment: Some(experiment.to_string()),
+        error: None,
+        at: now,
+    };
+    let announced = serde_json::to_vec(&created).expect("serialises");
+    // A hint for run lists; the run is recorded whether or not it is heard.
+    let _ = state
+        .js
+        .client()
+        .publish(names::lifecycle_subject(&run_id), announced.into())
+        .await;
     Ok((
         StatusCode::CREATED,
         Json(
-            json!({ "id": run_id, "status": "pending", "experiment": request.experiment, "config": config }),
+            json!({ "id": run_id, "status": "pending", "experiment": experiment, "instance_id": instance_id, "config": config }),
         ),
     ))
 }
 
 fn run_json(run: runs::Model) -> Value {
-    let progress = run.progress_at.map(|at| {
-        json!({ "current": run.progress_current, "total": run.progress_total, "message": run.progress_message, "at": at })
-    });
-    json!({
-        "id": run.id,
-        "experiment": run.experiment,
-        "instance_id": run.instance_id,
-        "config": serde_json::from_str::<Value>(&run.config).unwrap_or(Value::Null),
-        "status": run.status,
-        "error": run.error,
-        "worker_id": run.worker_id,
-        "created_at": run.created_at,
-        "started_at": run.started_at,
-        "finished_at": run.finished_at,
-        "progress": progress,
-        "lines": run.lines,
-        "results": run.results,
-        "batches": run.batches,
-    })
+    serde_json::to_value(crate::hub::run_view(run)).expect("a run serialises")
 }
 
 #[derive(Deserialize)]
@@ -314,13 +335,7 @@ pub(crate) struct LogQuery {
 }
 
 fn log_json(line: run_logs::Model) -> Value {
-    json!({
-        "seq": line.seq,
-        "ts": line.ts,
-        "level": line.level,
-        "message": line.message,
-        "metadata": line.metadata.and_then(|m| serde_json::from_str::<Value>(&m).ok()),
-    })
+    serde_json::to_value(crate::hub::log_line(line)).expect("a line serialises")
 }
 
 pub(crate) async fn logs(
@@ -410,7 +425,7 @@ pub(crate) async fn logs_txt(
             let last = page.last().map_or(after, |l| l.seq);
             let mut text = String::with_capacity(page.len() * 128);
             for line in page {
-                text.push_str(&format_time(line.ts));
+                text.push_str(&athanor_schemas::format_time(line.ts));
                 text.push(' ');
                 text.push_str(&line.level.to_uppercase());
                 text.push(' ');
@@ -451,43 +466,4 @@ pub(crate) async fn results(
         .map(|r| json!({ "key": r.key, "value": serde_json::from_str::<Value>(&r.value).unwrap_or(Value::Null), "seq": r.seq, "ts": r.ts }))
         .collect();
     Ok(Json(json!({ "run_id": id, "results": results })))
-}
-
-/// µs since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
-fn format_time(micros: i64) -> String {
-    let secs = micros.div_euclid(1_000_000);
-    let millis = micros.rem_euclid(1_000_000) / 1000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn formats_times_in_utc() {
-        assert_eq!(super::format_time(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            super::format_time(1_764_194_400_123_456),
-            "2025-11-26T22:00:00.123Z"
-        );
-        assert_eq!(
-            super::format_time(951_825_600_000_000),
-            "2000-02-29T12:00:00.000Z"
-        );
-    }
 }

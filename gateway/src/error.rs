@@ -22,6 +22,20 @@ pub enum ApiError {
     Database(#[from] sea_orm::DbErr),
     #[error("NATS is unavailable: {0}")]
     Nats(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    /// An error shared by several waiters (moka's coalesced initialisation).
+    pub(crate) fn shared(error: &ApiError) -> ApiError {
+        match error {
+            ApiError::NotFound(m) => ApiError::NotFound(m.clone()),
+            ApiError::BadRequest(m) => ApiError::BadRequest(m.clone()),
+            ApiError::Nats(m) => ApiError::Nats(m.clone()),
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -34,7 +48,9 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Database(_) | ApiError::Nats(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Database(_) | ApiError::Nats(_) | ApiError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");

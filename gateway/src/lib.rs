@@ -1,13 +1,19 @@
-//! Athanor gateway: the HTTP API under `/api` (experiments, runs, cancel, logs,
-//! results). It writes the control plane — a new run's row in `pending` and its request
-//! on `ATHANOR_REQUESTS`, cancel keys in `athanor_control` — and reads everything else
-//! from the database the aggregator fills. (The live SSE feed and the web UI come next.)
+//! Athanor gateway: the HTTP API under `/api` (experiments, instances, runs, cancel,
+//! logs, results) and the live Server-Sent Events feeds. It writes the control plane —
+//! instances, a new run's row in `pending` and its request on `ATHANOR_REQUESTS`, cancel
+//! keys in `athanor_control` — and reads history from the database the aggregator
+//! fills. Live batches reach viewers straight from JetStream through per-run hubs
+//! (`hub.rs`, `sse.rs`), without waiting for the database.
 
 mod api;
 mod error;
+mod hub;
+mod instances;
+mod sse;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use athanor_schemas::db::DatabaseConfig;
@@ -30,6 +36,20 @@ pub struct GatewayConfig {
     pub http_addr: String,
     /// Largest request body accepted (larger: 413).
     pub max_body_bytes: usize,
+    /// SSE keep-alive comment interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Log lines in a feed's `snapshot`.
+    pub tail_lines: usize,
+    /// A run's hub with no viewers for this long stops following and is evicted.
+    #[serde(with = "humantime_serde")]
+    pub hub_idle: Duration,
+    /// Frames a viewer may fall behind its hub before it is resynced.
+    pub hub_buffer: usize,
+    /// How often a hub with nothing new checks the database for a status the stream
+    /// does not carry (`lost`).
+    #[serde(with = "humantime_serde")]
+    pub status_poll: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -37,6 +57,24 @@ impl Default for GatewayConfig {
         GatewayConfig {
             http_addr: "127.0.0.1:8080".into(),
             max_body_bytes: 1 << 20,
+            keep_alive: Duration::from_secs(15),
+            tail_lines: 1000,
+            hub_idle: Duration::from_secs(30),
+            hub_buffer: 1024,
+            status_poll: Duration::from_secs(2),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Port 0 and short intervals.
+    pub fn for_tests() -> Self {
+        GatewayConfig {
+            http_addr: "127.0.0.1:0".into(),
+            keep_alive: Duration::from_secs(1),
+            hub_idle: Duration::from_secs(2),
+            status_poll: Duration::from_millis(500),
+            ..Default::default()
         }
     }
 }
@@ -67,15 +105,25 @@ pub struct AppState {
     pub(crate) control: kv::Store,
     /// `gateway.max_body_bytes`, for the 413 message.
     pub(crate) max_body_bytes: usize,
+    /// Per-run hubs of the live feeds.
+    pub(crate) hubs: Arc<hub::Hubs>,
+    /// Lifecycle changes relayed from NATS to `/api/events` viewers.
+    pub(crate) lifecycle: tokio::sync::broadcast::Sender<Arc<hub::Frame>>,
 }
 
 impl AppState {
     pub async fn connect(
         nats: &NatsConfig,
         db: DatabaseConnection,
-        max_body_bytes: usize,
+        config: &GatewayConfig,
+        shutdown: CancellationToken,
     ) -> Result<Self> {
         let js = athanor_schemas::nats::open(nats, "athanor-gateway").await?;
+        let subscriber = js
+            .client()
+            .subscribe(names::LIFECYCLE_SUBJECTS)
+            .await
+            .map_err(|e| Error::JetStream(e.to_string()))?;
         let workers = js
             .get_key_value(names::WORKERS_BUCKET)
             .await
@@ -84,12 +132,22 @@ impl AppState {
             .get_key_value(names::CONTROL_BUCKET)
             .await
             .map_err(|e| Error::JetStream(e.to_string()))?;
+        let hubs = hub::Hubs::new(db.clone(), js.clone(), config.clone(), shutdown);
+        // Bounded: a lifecycle viewer that lags is told to reload.
+        let (lifecycle, _) = tokio::sync::broadcast::channel(1024);
+        tokio::spawn(sse::relay_lifecycle(
+            hubs.clone(),
+            subscriber,
+            lifecycle.clone(),
+        ));
         Ok(AppState {
             db,
             js,
             workers,
             control,
-            max_body_bytes,
+            max_body_bytes: config.max_body_bytes,
+            hubs,
+            lifecycle,
         })
     }
 }
@@ -99,9 +157,23 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
+        .route("/api/openapi.json", get(api::openapi))
         .route("/api/experiments", get(api::experiments))
+        .route(
+            "/api/instances",
+            get(instances::list).post(instances::create),
+        )
+        .route(
+            "/api/instances/{id}",
+            get(instances::get)
+                .put(instances::update)
+                .delete(instances::delete),
+        )
+        .route("/api/instances/{id}/runs", post(instances::start_run_of))
+        .route("/api/events", get(sse::lifecycle_events))
         .route("/api/runs", get(api::list_runs).post(api::create_run))
         .route("/api/runs/{id}", get(api::get_run))
+        .route("/api/runs/{id}/events", get(sse::run_events))
         .route("/api/runs/{id}/cancel", post(api::cancel_run))
         .route("/api/runs/{id}/logs", get(api::logs))
         .route("/api/runs/{id}/logs.txt", get(api::logs_txt))
@@ -124,7 +196,7 @@ impl Gateway {
         db: DatabaseConnection,
         shutdown: CancellationToken,
     ) -> Result<Self> {
-        let state = AppState::connect(&nats, db, config.max_body_bytes).await?;
+        let state = AppState::connect(&nats, db, &config, shutdown.clone()).await?;
         let listener = tokio::net::TcpListener::bind(&config.http_addr)
             .await
             .map_err(|source| Error::Listen {

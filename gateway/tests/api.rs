@@ -1,126 +1,11 @@
 //! The HTTP API over a real pipeline: nats-server, a worker, an aggregator, a database
 //! and the gateway on a free port, spoken to with a real HTTP client.
 
-use std::time::Duration;
+mod common;
 
-use athanor_aggregator::{Aggregator, AggregatorConfig};
-use athanor_gateway::{Gateway, GatewayConfig};
-use athanor_testkit::{wait_for, TestDb, TestNats};
-use athanor_workers::{builtin, Worker, WorkerConfig};
+use common::Stack;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-
-struct Stack {
-    _nats: TestNats,
-    db: TestDb,
-    stop: CancellationToken,
-    worker: Worker,
-    aggregator: Aggregator,
-    gateway: Gateway,
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Stack {
-    async fn start() -> Self {
-        athanor_testkit::init_tracing();
-        let nats = TestNats::start();
-        let db = TestDb::new().await;
-        let stop = CancellationToken::new();
-        let worker = Worker::start(
-            WorkerConfig::for_tests(),
-            nats.config(),
-            builtin::all(),
-            stop.clone(),
-        )
-        .await
-        .unwrap();
-        let aggregator = Aggregator::start(
-            AggregatorConfig::for_tests(),
-            nats.config(),
-            db.db.clone(),
-            stop.clone(),
-        )
-        .await
-        .unwrap();
-        let config = GatewayConfig {
-            http_addr: "127.0.0.1:0".into(),
-            ..Default::default()
-        };
-        let gateway = Gateway::start(config, nats.config(), db.db.clone(), stop.clone())
-            .await
-            .unwrap();
-        let base = format!("http://{}", gateway.addr);
-        let stack = Stack {
-            _nats: nats,
-            db,
-            stop,
-            worker,
-            aggregator,
-            gateway,
-            http: reqwest::Client::new(),
-            base,
-        };
-        // The worker registers on its first heartbeat.
-        wait_for(
-            "the worker's registration",
-            Duration::from_secs(20),
-            || async {
-                let (_, body) = stack.get("/api/experiments").await;
-                (body["experiments"].as_array().is_some_and(|e| e.len() == 4)).then_some(())
-            },
-        )
-        .await
-        .unwrap();
-        stack
-    }
-
-    async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn wait_status(&self, id: &str, status: &str) -> Value {
-        wait_for(
-            &format!("run {id} to be {status}"),
-            Duration::from_secs(60),
-            || async {
-                let (_, run) = self.get(&format!("/api/runs/{id}")).await;
-                (run["status"] == status).then_some(run)
-            },
-        )
-        .await
-        .unwrap()
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.worker.wait().await;
-        self.aggregator.wait().await;
-        self.gateway.wait().await;
-        self.db.close().await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_a_run_follow_it_and_read_its_output() {
@@ -337,5 +222,144 @@ async fn cancel_during_a_run_is_idempotent_and_a_finished_run_says_409() {
         body["error"],
         format!("run {id} already finished (cancelled); there is nothing to cancel")
     );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_are_created_listed_changed_run_and_deleted() {
+    let stack = Stack::start().await;
+    let (status, created) = stack
+        .post(
+            "/api/instances",
+            r#"{"name":"short sweep","experiment":"sweep","config":{"iterations":2}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["config"], json!({"iterations": 2, "delay_ms": 100}));
+    let id = created["id"].as_str().unwrap().to_string();
+
+    let (status, body) = stack
+        .post(
+            "/api/instances",
+            r#"{"name":"bad","experiment":"sweep","config":{"iterations":-3}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["field"], "iterations");
+    let (status, _) = stack
+        .post("/api/instances", r#"{"name":"x","experiment":"nope"}"#)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = stack
+        .post("/api/instances", r#"{"name":"  ","experiment":"sweep"}"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "`name` must hold 1 to 200 characters");
+
+    let response = stack
+        .http
+        .put(format!("{}/api/instances/{id}", stack.base))
+        .json(&json!({"config": {"iterations": 3, "delay_ms": 0}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, list) = stack.get("/api/instances?experiment=sweep").await;
+    assert_eq!(list["instances"].as_array().unwrap().len(), 1);
+    assert_eq!(list["instances"][0]["name"], "short sweep");
+    assert_eq!(
+        list["instances"][0]["config"],
+        json!({"iterations": 3, "delay_ms": 0})
+    );
+
+    // Run it as saved, then again with one field overridden.
+    let (status, run) = stack.post(&format!("/api/instances/{id}/runs"), "").await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    assert_eq!(run["instance_id"], id.as_str());
+    let first = stack
+        .wait_status(run["id"].as_str().unwrap(), "completed")
+        .await;
+    assert_eq!(first["lines"], 3);
+    assert_eq!(first["instance_id"], id.as_str());
+    let (status, run) = stack
+        .post(
+            &format!("/api/instances/{id}/runs"),
+            r#"{"config":{"iterations":1}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{run}");
+    assert_eq!(run["config"], json!({"iterations": 1, "delay_ms": 0}));
+    stack
+        .wait_status(run["id"].as_str().unwrap(), "completed")
+        .await;
+    let (status, _) = stack
+        .post(
+            &format!("/api/instances/{id}/runs"),
+            r#"{"config":{"iterations":0}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let response = stack
+        .http
+        .delete(format!("{}/api/instances/{id}", stack.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (status, body) = stack.get(&format!("/api/instances/{id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], format!("instance \"{id}\" not found"));
+    // Its runs stay.
+    let (_, runs) = stack.get("/api/runs?experiment=sweep").await;
+    assert_eq!(runs["total"], 2);
+    stack.stop().await;
+}
+
+/// Every route is described in /api/openapi.json, and every documented path answers
+/// something other than "no such endpoint".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_describes_every_route() {
+    let stack = Stack::start().await;
+    let (status, doc) = stack.get("/api/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths: Vec<&str> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let routes = [
+        "/healthz",
+        "/readyz",
+        "/api/openapi.json",
+        "/api/experiments",
+        "/api/instances",
+        "/api/instances/{id}",
+        "/api/instances/{id}/runs",
+        "/api/events",
+        "/api/runs",
+        "/api/runs/{id}",
+        "/api/runs/{id}/events",
+        "/api/runs/{id}/cancel",
+        "/api/runs/{id}/logs",
+        "/api/runs/{id}/logs.txt",
+        "/api/runs/{id}/results",
+    ];
+    let mut sorted_paths = paths.clone();
+    sorted_paths.sort();
+    let mut sorted_routes = routes.to_vec();
+    sorted_routes.sort();
+    assert_eq!(sorted_paths, sorted_routes);
+    // Every $ref resolves.
+    let text = doc.to_string();
+    for part in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = part.split('"').next().unwrap();
+        assert!(
+            doc["components"]["schemas"].get(name).is_some(),
+            "unresolved $ref {name}"
+        );
+    }
     stack.stop().await;
 }

@@ -18,6 +18,14 @@ pub const WORKERS_BUCKET: &str = "athanor_workers";
 /// KV bucket of control requests (`cancel.<run_id>`).
 pub const CONTROL_BUCKET: &str = "athanor_control";
 
+/// Core NATS subjects (not stored) on which run lifecycle changes are announced.
+pub const LIFECYCLE_SUBJECTS: &str = "athanor.lifecycle.*";
+
+/// The subject a run's lifecycle changes are announced on.
+pub fn lifecycle_subject(run_id: &str) -> String {
+    format!("athanor.lifecycle.{run_id}")
+}
+
 /// The subject a run's batches are published on.
 pub fn run_subject(run_id: &str) -> String {
     format!("athanor.run.{run_id}.batch")

@@ -1,0 +1,613 @@
+//! Per-run hubs: one upstream JetStream consumer per run followed by any number of
+//! viewers on this gateway.
+//!
+//! A hub bootstraps from the database — the run, its results, its progress and the
+//! tail of its log as of the highest batch stored without a gap (`runs.last_batch_seq`)
+//! — and then follows the run's subject in `ATHANOR_RUNS` from just after that batch's
+//! stream sequence (`runs.last_stream_seq`), so opening a long run never replays its
+//! whole stream. Batches are applied in `batch_seq` order exactly once (duplicates
+//! dropped, early ones held until the gap fills) and fanned out as ready-made SSE frames
+//! on a bounded broadcast channel: a viewer that falls behind loses its place and is
+//! resynced (`sse.rs`); it never slows the hub, other viewers or the pipeline.
+//!
+//! Hubs live in a moka cache. A hub touches its entry while it has viewers; one with no
+//! viewers for `gateway.hub_idle` stops following and is evicted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use athanor_schemas::db::stmt;
+use athanor_schemas::entities::{run_logs, run_results, runs};
+use athanor_schemas::events::{self, BatchEvent, RunView, Snapshot, StatusEvent};
+use athanor_schemas::{names, Batch, Level, LogLine, Progress, ResultRecord};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+use serde_json::Value;
+use tokio::sync::{broadcast, Notify};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::error::{ApiError, ApiResult};
+use crate::GatewayConfig;
+
+/// One SSE event, serialised once and shared by every viewer that sends it.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub event: &'static str,
+    /// The batch watermark after this event (none on `resync`).
+    pub id: Option<u64>,
+    pub data: String,
+}
+
+impl Frame {
+    fn new(event: &'static str, id: Option<u64>, data: &impl serde::Serialize) -> Arc<Frame> {
+        Arc::new(Frame {
+            event,
+            id,
+            data: serde_json::to_string(data).expect("an event serialises"),
+        })
+    }
+
+    /// The frame of one batch: the same bytes whether it comes from a hub or from a
+    /// viewer's catch-up.
+    pub fn batch(batch: &Batch) -> Arc<Frame> {
+        Frame::new(
+            events::BATCH,
+            Some(batch.batch_seq + 1),
+            &BatchEvent::of(batch),
+        )
+    }
+
+    pub fn resync(reason: &str) -> Arc<Frame> {
+        Frame::new(
+            events::RESYNC,
+            None,
+            &serde_json::json!({ "reason": reason }),
+        )
+    }
+}
+
+/// What every hub shares.
+pub(crate) struct Hubs {
+    pub db: DatabaseConnection,
+    pub js: jetstream::Context,
+    pub config: GatewayConfig,
+    cache: moka::future::Cache<String, Arc<Hub>>,
+    /// Cancelled when the gateway stops: hubs stop following, feeds end.
+    pub shutdown: CancellationToken,
+}
+
+impl Hubs {
+    pub fn new(
+        db: DatabaseConnection,
+        js: jetstream::Context,
+        config: GatewayConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let cache = moka::future::Cache::builder()
+            .time_to_idle(config.hub_idle)
+            .eviction_listener(|_run, hub: Arc<Hub>, _cause| hub.stop.cancel())
+            .build();
+        Arc::new(Hubs {
+            db,
+            js,
+            config,
+            cache,
+            shutdown,
+        })
+    }
+
+    /// The hub of `run_id`, opened (once, however many viewers ask at the same time)
+    /// when there is none.
+    pub async fn get(self: &Arc<Self>, run_id: &str) -> ApiResult<Arc<Hub>> {
+        for _ in 0..2 {
+            let hub = self
+                .cache
+                .try_get_with(run_id.to_string(), self.clone().open(run_id.to_string()))
+                .await
+                .map_err(|e| ApiError::shared(&e))?;
+            if !hub.stopped_early() {
+                return Ok(hub);
+            }
+            // It stopped following (idle, NATS error) but is still cached: replace it.
+            self.cache.invalidate(run_id).await;
+        }
+        Err(ApiError::Unavailable(format!(
+            "the live feed of run {run_id} could not be opened; retry"
+        )))
+    }
+
+    /// A lifecycle change for `run_id` was announced: its hub (if any) checks the
+    /// database now rather than at its next poll.
+    pub async fn poke(&self, run_id: &str) {
+        if let Some(hub) = self.cache.get(run_id).await {
+            hub.poke.notify_one();
+        }
+    }
+
+    async fn open(self: Arc<Self>, run_id: String) -> ApiResult<Arc<Hub>> {
+        let run = runs::Entity::find_by_id(run_id.clone())
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("run {run_id:?} not found")))?;
+        let covered = run.last_batch_seq.map_or(0, |b| b as u64 + 1);
+        // Lines of the batches covered: batches beyond the watermark may be stored
+        // already, and the hub will see them again from the stream.
+        let lines = if covered == 0 {
+            0
+        } else {
+            let backend = self.db.get_database_backend();
+            self.db
+                .query_one(stmt(
+                    backend,
+                    "SELECT CAST(COALESCE(SUM(lines), 0) AS BIGINT) AS n FROM run_batches WHERE run_id = ? AND batch_seq < ?",
+                    vec![run_id.clone().into(), (covered as i64).into()],
+                ))
+                .await?
+                .map(|row| row.try_get::<i64>("", "n"))
+                .transpose()?
+                .unwrap_or(0) as u64
+        };
+        let mut tail: Vec<LogLine> = run_logs::Entity::find()
+            .filter(run_logs::Column::RunId.eq(run_id.as_str()))
+            .filter(run_logs::Column::Seq.lt(lines as i64))
+            .order_by_desc(run_logs::Column::Seq)
+            .limit(self.config.tail_lines as u64)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(log_line)
+            .collect();
+        tail.reverse();
+        let results: BTreeMap<String, ResultRecord> = run_results::Entity::find()
+            .filter(run_results::Column::RunId.eq(run_id.as_str()))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|r| {
+                let record = ResultRecord {
+                    seq: r.seq as u64,
+                    key: r.key.clone(),
+                    value: serde_json::from_str(&r.value).unwrap_or(Value::Null),
+                    ts: r.ts,
+                };
+                (r.key, record)
+            })
+            .collect();
+        let start = run.last_stream_seq.map(|s| s as u64 + 1);
+        let final_batches = run.final_batches.map(|n| n as u64);
+        let mut view = run_view(run);
+        view.lines = lines as i64;
+        view.batches = covered as i64;
+        let mut state = HubState {
+            run: view,
+            results,
+            tail: tail.into(),
+            tail_cap: self.config.tail_lines,
+            lines,
+            next: covered,
+            early: BTreeMap::new(),
+            final_batches,
+            terminal: None,
+        };
+        if is_terminal(&state.run.status) {
+            state.terminal = Some(state.status_frame());
+        }
+        let (tx, _) = broadcast::channel(self.config.hub_buffer.max(1));
+        let hub = Arc::new(Hub {
+            run_id: run_id.clone(),
+            state: Mutex::new(state),
+            tx,
+            stop: self.shutdown.child_token(),
+            poke: Notify::new(),
+        });
+        if hub.state.lock().terminal.is_none() {
+            tokio::spawn(follow(self.clone(), hub.clone(), start));
+        } else {
+            hub.stop.cancel();
+        }
+        debug!(run_id = %run_id, covered, lines, "hub opened");
+        Ok(hub)
+    }
+
+    /// A consumer of the run's subject starting at stream sequence `start` (the
+    /// beginning when unknown): ordered, ephemeral, recreated by the client after a
+    /// NATS restart.
+    pub async fn consumer(
+        &self,
+        run_id: &str,
+        start: Option<u64>,
+    ) -> Result<consumer::pull::Ordered, String> {
+        let stream = self
+            .js
+            .get_stream(names::RUNS_STREAM)
+            .await
+            .map_err(|e| e.to_string())?;
+        let deliver_policy = match start {
+            Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+            None => consumer::DeliverPolicy::All,
+        };
+        stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: names::run_subject(run_id),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where a viewer holding batches `0..have` resumes in the stream: just after the
+    /// last batch it holds when the database knows where that is, else after the
+    /// database's watermark (every batch after a batch follows all copies of it).
+    pub async fn resume_point(&self, run_id: &str, have: u64) -> ApiResult<Option<u64>> {
+        if have == 0 {
+            return Ok(None);
+        }
+        let backend = self.db.get_database_backend();
+        let row = self
+            .db
+            .query_one(stmt(
+                backend,
+                "SELECT stream_seq FROM run_batches WHERE run_id = ? AND batch_seq = ?",
+                vec![run_id.into(), (have as i64 - 1).into()],
+            ))
+            .await?;
+        if let Some(row) = row {
+            return Ok(Some(row.try_get::<i64>("", "stream_seq")? as u64 + 1));
+        }
+        let run = runs::Entity::find_by_id(run_id.to_string())
+            .one(&self.db)
+            .await?;
+        Ok(run.and_then(|r| r.last_stream_seq).map(|s| s as u64 + 1))
+    }
+}
+
+/// A run's live state on this gateway and its viewers' channel.
+pub(crate) struct Hub {
+    pub run_id: String,
+    state: Mutex<HubState>,
+    /// Every frame after the state, in order; bounded: a viewer that lags is resynced.
+    tx: broadcast::Sender<Arc<Frame>>,
+    /// Cancelled when the hub stops following: terminal, idle, evicted or shutdown.
+    pub stop: CancellationToken,
+    /// Wakes the hub to check the database for a status it cannot see on the stream
+    /// (`lost`).
+    poke: Notify,
+}
+
+/// What a viewer gets when it joins a hub.
+pub(crate) struct Joined {
+    pub rx: broadcast::Receiver<Arc<Frame>>,
+    /// The hub's watermark: frames on `rx` start after it.
+    pub next: u64,
+    /// The `status` frame, when the run has already ended.
+    pub terminal: Option<Arc<Frame>>,
+}
+
+impl Hub {
+    /// Joins without a snapshot (a viewer resuming from its own watermark).
+    pub fn join(&self) -> Joined {
+        let state = self.state.lock();
+        Joined {
+            rx: self.tx.subscribe(),
+            next: state.next,
+            terminal: state.terminal.clone(),
+        }
+    }
+
+    /// Joins with a snapshot of the state the following frames apply to.
+    pub fn join_with_snapshot(&self) -> (Joined, Arc<Frame>) {
+        let state = self.state.lock();
+        let joined = Joined {
+            rx: self.tx.subscribe(),
+            next: state.next,
+            terminal: state.terminal.clone(),
+        };
+        (joined, state.snapshot_frame())
+    }
+
+    /// Whether it stopped following without reaching the run's end.
+    fn stopped_early(&self) -> bool {
+        self.stop.is_cancelled() && self.state.lock().terminal.is_none()
+    }
+
+    fn apply(&self, batch: Batch) {
+        let mut state = self.state.lock();
+        for frame in state.apply(batch) {
+            // No receivers is not an error: the frame is in the state for later viewers.
+            let _ = self.tx.send(frame);
+        }
+    }
+
+    fn end(&self, status: String, error: Option<String>, at: Option<i64>) {
+        let mut state = self.state.lock();
+        if state.terminal.is_some() {
+            return;
+        }
+        state.run.status = status;
+        state.run.error = error;
+        state.run.finished_at = at;
+        let frame = state.status_frame();
+        state.terminal = Some(frame.clone());
+        let _ = self.tx.send(frame);
+    }
+
+    fn is_terminal(&self) -> bool {
+        self.state.lock().terminal.is_some()
+    }
+}
+
+struct HubState {
+    run: RunView,
+    results: BTreeMap<String, ResultRecord>,
+    tail: VecDeque<LogLine>,
+    tail_cap: usize,
+    lines: u64,
+    /// Batches applied: `0..next`.
+    next: u64,
+    /// Batches that arrived before a missing one, by `batch_seq`.
+    early: BTreeMap<u64, Batch>,
+    final_batches: Option<u64>,
+    /// The `status` frame, once the run has ended.
+    terminal: Option<Arc<Frame>>,
+}
+
+/// Early batches held at most; past it the oldest gap is given up on (its viewers
+/// resync on the jump).
+const MAX_EARLY: usize = 1024;
+
+impl HubState {
+    /// Applies `batch` (and the early batches it unblocks); returns the frames to send.
+    fn apply(&mut self, batch: Batch) -> Vec<Arc<Frame>> {
+        if batch.batch_seq < self.next || self.terminal.is_some() {
+            return Vec::new();
+        }
+        self.early.insert(batch.batch_seq, batch);
+        if self.early.len() > MAX_EARLY {
+            let first = *self.early.keys().next().expect("not empty");
+            warn!(run_id = %self.run.id, missing = self.next, resumed_at = first, "batches missing from the stream; skipping them");
+            self.next = first;
+        }
+        let mut frames = Vec::new();
+        while let Some(batch) = self.early.remove(&self.next) {
+            frames.push(Frame::batch(&batch));
+            self.take(batch);
+            if self.final_batches.is_some_and(|n| self.next >= n) {
+                frames.push(self.finish());
+                break;
+            }
+        }
+        frames
+    }
+
+    fn take(&mut self, batch: Batch) {
+        self.next = batch.batch_seq + 1;
+        self.run.batches = self.next as i64;
+        self.lines += batch.logs.len() as u64;
+        self.run.lines = self.lines as i64;
+        self.run.results += batch.results.len() as i64;
+        for line in batch.logs {
+            if self.tail.len() == self.tail_cap {
+                self.tail.pop_front();
+            }
+            if self.tail_cap > 0 {
+                self.tail.push_back(line);
+            }
+        }
+        for record in batch.results {
+            if self
+                .results
+                .get(&record.key)
+                .is_none_or(|old| old.seq < record.seq)
+            {
+                self.results.insert(record.key.clone(), record);
+            }
+        }
+        if let Some(p) = batch.progress {
+            if self.run.progress.as_ref().is_none_or(|old| old.ts <= p.ts) {
+                self.run.progress = Some(p);
+            }
+        }
+        if let Some(info) = batch.run {
+            self.run.experiment = info.experiment;
+            self.run.config = info.config;
+            self.run.started_at = Some(info.started_at);
+        }
+        self.run.worker_id = Some(batch.worker_id);
+        if let Some(status) = batch.status {
+            self.run.status = status.state.as_str().to_string();
+            if status.state.is_terminal() {
+                self.run.error = status.error;
+                self.run.finished_at = Some(status.at);
+            }
+        } else if self.run.status == "pending" {
+            self.run.status = "running".into();
+        }
+        if let Some(f) = batch.final_ {
+            self.final_batches = Some(f.batches);
+            self.run.status = f.status.as_str().to_string();
+        }
+    }
+
+    fn finish(&mut self) -> Arc<Frame> {
+        let frame = self.status_frame();
+        self.terminal = Some(frame.clone());
+        frame
+    }
+
+    fn status_frame(&self) -> Arc<Frame> {
+        Frame::new(
+            events::STATUS,
+            Some(self.next),
+            &StatusEvent {
+                status: self.run.status.clone(),
+                error: self.run.error.clone(),
+                lines: self.lines,
+                batches: self.next,
+                finished_at: self.run.finished_at,
+            },
+        )
+    }
+
+    fn snapshot_frame(&self) -> Arc<Frame> {
+        Frame::new(
+            events::SNAPSHOT,
+            Some(self.next),
+            &Snapshot {
+                run: self.run.clone(),
+                results: self.results.clone(),
+                tail: self.tail.iter().cloned().collect(),
+                lines: self.lines,
+                batches: self.next,
+            },
+        )
+    }
+}
+
+/// Follows the run's subject until the run ends, the hub idles, or shutdown.
+async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
+    let config = &hubs.config;
+    let mut messages = None;
+    let mut position = start;
+    let mut idle_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(config.status_poll);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut last_message = Instant::now();
+    while !hub.is_terminal() {
+        if messages.is_none() {
+            match hubs.consumer(&hub.run_id, position).await {
+                Ok(m) => messages = Some(m),
+                Err(error) => {
+                    warn!(run_id = %hub.run_id, %error, "cannot follow the run; retrying");
+                    tokio::select! {
+                        _ = hub.stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            }
+        }
+        let stream = messages.as_mut().expect("set above");
+        tokio::select! {
+            _ = hub.stop.cancelled() => break,
+            message = stream.next() => match message {
+                Some(Ok(message)) => {
+                    last_message = Instant::now();
+                    if let Ok(info) = message.info() {
+                        position = Some(info.stream_sequence + 1);
+                    }
+                    match athanor_schemas::decode(&message.payload, athanor_schemas::DEFAULT_DECODE_LIMIT) {
+                        Ok(batch) if batch.run_id == hub.run_id => hub.apply(batch),
+                        Ok(_) => {}
+                        // The aggregator dead-letters it; a viewer cannot use it either.
+                        Err(error) => debug!(run_id = %hub.run_id, %error, "undecodable batch skipped"),
+                    }
+                }
+                Some(Err(error)) => {
+                    warn!(run_id = %hub.run_id, %error, "following the run failed; resuming");
+                    messages = None;
+                }
+                None => messages = None,
+            },
+            _ = hub.poke.notified() => check_database(&hubs, &hub).await,
+            _ = tick.tick() => {
+                if hub.tx.receiver_count() == 0 {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= config.hub_idle {
+                        debug!(run_id = %hub.run_id, "hub idle; stopping");
+                        break;
+                    }
+                } else {
+                    idle_since = None;
+                    // Keeps the cache entry of a watched hub alive.
+                    let _ = hubs.cache.get(&hub.run_id).await;
+                }
+                if last_message.elapsed() >= config.status_poll {
+                    check_database(&hubs, &hub).await;
+                }
+            }
+        }
+    }
+    hub.stop.cancel();
+    if !hub.is_terminal() {
+        // Not cached any more once stopped, so the next viewer opens a fresh hub.
+        if let Some(cached) = hubs.cache.get(&hub.run_id).await {
+            if Arc::ptr_eq(&cached, &hub) {
+                hubs.cache.invalidate(&hub.run_id).await;
+            }
+        }
+    }
+}
+
+/// Ends the hub when the database holds a terminal status the stream will not bring:
+/// `lost` (its worker vanished), or an end reached without further batches.
+async fn check_database(hubs: &Hubs, hub: &Hub) {
+    let run = match runs::Entity::find_by_id(hub.run_id.clone())
+        .one(&hubs.db)
+        .await
+    {
+        Ok(Some(run)) => run,
+        Ok(None) => return,
+        Err(error) => {
+            debug!(run_id = %hub.run_id, %error, "status check failed");
+            return;
+        }
+    };
+    if !is_terminal(&run.status) {
+        return;
+    }
+    let next = hub.state.lock().next;
+    let complete = run.final_batches.is_none_or(|n| next >= n as u64);
+    if run.status == "lost" || complete {
+        hub.end(run.status, run.error, run.finished_at);
+    }
+}
+
+fn is_terminal(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "cancelled" | "lost")
+}
+
+pub(crate) fn run_view(run: runs::Model) -> RunView {
+    let progress = run.progress_at.map(|ts| Progress {
+        current: run.progress_current.unwrap_or(0) as u64,
+        total: run.progress_total.unwrap_or(0) as u64,
+        message: run.progress_message.clone(),
+        ts,
+    });
+    RunView {
+        config: serde_json::from_str(&run.config).unwrap_or(Value::Null),
+        id: run.id,
+        experiment: run.experiment,
+        instance_id: run.instance_id,
+        status: run.status,
+        error: run.error,
+        worker_id: run.worker_id,
+        created_at: run.created_at,
+        started_at: run.started_at,
+        finished_at: run.finished_at,
+        progress,
+        lines: run.lines,
+        results: run.results,
+        batches: run.batches,
+    }
+}
+
+pub(crate) fn log_line(line: run_logs::Model) -> LogLine {
+    LogLine {
+        seq: line.seq as u64,
+        ts: line.ts,
+        level: serde_json::from_value(Value::String(line.level)).unwrap_or(Level::Info),
+        message: line.message,
+        metadata: line.metadata.and_then(|m| serde_json::from_str(&m).ok()),
+    }
+}

@@ -1,0 +1,200 @@
+//! Instances: a named, configured experiment, kept so the same run can be started
+//! again. Their config is validated against the experiment's schema when saved and
+//! again when a run starts (the schema may have changed since).
+
+use athanor_schemas::entities::instances;
+use athanor_schemas::{names, now_micros};
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
+use axum::Json;
+use sea_orm::{ActiveValue, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+
+use crate::api::{body, start_run, validated_config, AppStateRef};
+use crate::error::{ApiError, ApiResult};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NewInstance {
+    name: String,
+    experiment: String,
+    #[serde(default)]
+    config: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct InstanceChange {
+    name: Option<String>,
+    config: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    experiment: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunOverrides {
+    /// Fields replacing the instance's config for this run only.
+    #[serde(default)]
+    config: Map<String, Value>,
+}
+
+fn instance_json(instance: instances::Model) -> Value {
+    json!({
+        "id": instance.id,
+        "name": instance.name,
+        "experiment": instance.experiment,
+        "config": serde_json::from_str::<Value>(&instance.config).unwrap_or(Value::Null),
+        "created_at": instance.created_at,
+        "updated_at": instance.updated_at,
+    })
+}
+
+fn checked_name(name: &str) -> ApiResult<String> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err(ApiError::BadRequest(
+            "`name` must hold 1 to 200 characters".into(),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+async fn find(state: &crate::AppState, id: &str) -> ApiResult<instances::Model> {
+    instances::Entity::find_by_id(id.to_string())
+        .one(&state.db)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("instance {id:?} not found")))
+}
+
+pub(crate) async fn create(
+    axum::extract::State(state): AppStateRef,
+    request: Result<Json<NewInstance>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let request = body(&state, request)?;
+    let name = checked_name(&request.name)?;
+    let config = validated_config(&state, &request.experiment, &request.config).await?;
+    let now = now_micros();
+    let instance = instances::Model {
+        id: names::new_run_id(),
+        name,
+        experiment: request.experiment,
+        config: config.to_string(),
+        created_at: now,
+        updated_at: now,
+    };
+    instances::Entity::insert(instances::ActiveModel::from(instance.clone()))
+        .exec_without_returning(&state.db)
+        .await?;
+    Ok((StatusCode::CREATED, Json(instance_json(instance))))
+}
+
+pub(crate) async fn list(
+    axum::extract::State(state): AppStateRef,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let mut find = instances::Entity::find();
+    if let Some(experiment) = &q.experiment {
+        find = find.filter(instances::Column::Experiment.eq(experiment.as_str()));
+    }
+    let rows = find
+        .order_by_asc(instances::Column::Name)
+        .order_by_asc(instances::Column::Id)
+        .all(&state.db)
+        .await?;
+    Ok(Json(
+        json!({ "instances": rows.into_iter().map(instance_json).collect::<Vec<_>>() }),
+    ))
+}
+
+pub(crate) async fn get(
+    axum::extract::State(state): AppStateRef,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(instance_json(find(&state, &id).await?)))
+}
+
+pub(crate) async fn update(
+    axum::extract::State(state): AppStateRef,
+    Path(id): Path<String>,
+    request: Result<Json<InstanceChange>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let request = body(&state, request)?;
+    let mut instance = find(&state, &id).await?;
+    if let Some(name) = &request.name {
+        instance.name = checked_name(name)?;
+    }
+    if let Some(config) = &request.config {
+        instance.config = validated_config(&state, &instance.experiment, config)
+            .await?
+            .to_string();
+    }
+    instance.updated_at = now_micros();
+    let change = instances::ActiveModel {
+        id: ActiveValue::Unchanged(instance.id.clone()),
+        name: ActiveValue::Set(instance.name.clone()),
+        config: ActiveValue::Set(instance.config.clone()),
+        updated_at: ActiveValue::Set(instance.updated_at),
+        ..Default::default()
+    };
+    instances::Entity::update(change).exec(&state.db).await?;
+    Ok(Json(instance_json(instance)))
+}
+
+/// Deletes the instance; its runs stay, with their `instance_id`.
+pub(crate) async fn delete(
+    axum::extract::State(state): AppStateRef,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let deleted = instances::Entity::delete_by_id(id.clone())
+        .exec(&state.db)
+        .await?
+        .rows_affected;
+    if deleted == 0 {
+        return Err(ApiError::NotFound(format!("instance {id:?} not found")));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a run of the instance, with `config` fields (optional) overriding its own.
+pub(crate) async fn start_run_of(
+    axum::extract::State(state): AppStateRef,
+    Path(id): Path<String>,
+    request: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    // The body is optional: empty means "as saved".
+    let request = match request {
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::TooLarge(state.max_body_bytes));
+        }
+        Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => None,
+        Ok(bytes) => Some(
+            serde_json::from_slice::<RunOverrides>(&bytes)
+                .map_err(|e| ApiError::BadRequest(format!("malformed request body: {e}")))?,
+        ),
+    };
+    let instance = find(&state, &id).await?;
+    let mut config = match serde_json::from_str::<Value>(&instance.config) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    };
+    if let Some(overrides) = request {
+        config.extend(overrides.config);
+    }
+    start_run(
+        &state,
+        &instance.experiment,
+        &Value::Object(config),
+        Some(instance.id),
+    )
+    .await
+}

@@ -1,0 +1,289 @@
+//! Server-Sent Events: a run's live feed (`/api/runs/{id}/events`) and the lifecycle
+//! feed of all runs (`/api/events`). Event shapes are in `athanor_schemas::events`.
+//!
+//! A viewer sends a `snapshot` and then the hub's frames; a viewer resuming with
+//! `Last-Event-ID: n` gets batches `n..` instead — replayed from JetStream when the hub
+//! is past `n` (after a reconnect to another gateway, or a restart), then the hub's
+//! frames. A viewer that lags behind the hub's bounded channel is sent `resync` and a
+//! fresh snapshot. Every feed ends on the run's `status`, or when the gateway stops.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use athanor_schemas::events;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::api::AppStateRef;
+use crate::error::{ApiError, ApiResult};
+use crate::hub::{Frame, Hub, Hubs, Joined};
+
+/// How long a catch-up waits for the next batch before giving up and resyncing.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FeedQuery {
+    /// The same as a `Last-Event-ID` header, for clients that cannot set headers.
+    last_event_id: Option<String>,
+}
+
+fn event(frame: &Frame) -> Event {
+    let event = Event::default().event(frame.event).data(&frame.data);
+    match frame.id {
+        Some(id) => event.id(id.to_string()),
+        None => event,
+    }
+}
+
+pub(crate) async fn run_events(
+    State(state): AppStateRef,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let last = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+        .or(query.last_event_id)
+        .filter(|v| !v.is_empty());
+    let have = match last {
+        None => None,
+        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+            ApiError::BadRequest(format!(
+                "Last-Event-ID {v:?} is not a batch watermark (a whole number from this feed's `id:` fields)"
+            ))
+        })?),
+    };
+    let hubs = state.hubs.clone();
+    let hub = hubs.get(&id).await?;
+    let viewer = Viewer::new(hubs.clone(), hub, have);
+    let stream = futures::stream::unfold(viewer, |mut viewer| async move {
+        let frame = viewer.next().await?;
+        Some((Ok(event(&frame)), viewer))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(hubs.config.keep_alive)))
+}
+
+/// One viewer of a run's feed.
+struct Viewer {
+    hubs: Arc<Hubs>,
+    hub: Arc<Hub>,
+    rx: broadcast::Receiver<Arc<Frame>>,
+    /// Batches this viewer holds: `0..have`.
+    have: u64,
+    /// Frames to send before anything else.
+    queue: VecDeque<Arc<Frame>>,
+    /// Replaying batches `have..target` from JetStream.
+    catch_up: Option<CatchUp>,
+    /// The run's `status` frame when it ended before this viewer caught up.
+    terminal: Option<Arc<Frame>>,
+    done: bool,
+}
+
+struct CatchUp {
+    target: u64,
+    messages: Option<consumer::pull::Ordered>,
+}
+
+impl Viewer {
+    fn new(hubs: Arc<Hubs>, hub: Arc<Hub>, have: Option<u64>) -> Self {
+        let (joined, snapshot) = match have {
+            Some(_) => (hub.join(), None),
+            None => {
+                let (joined, snapshot) = hub.join_with_snapshot();
+                (joined, Some(snapshot))
+            }
+        };
+        let Joined { rx, next, terminal } = joined;
+        let have = have.unwrap_or(next);
+        let catch_up = (have < next).then_some(CatchUp {
+            target: next,
+            messages: None,
+        });
+        Viewer {
+            hubs,
+            hub,
+            rx,
+            have,
+            queue: snapshot.into_iter().collect(),
+            catch_up,
+            terminal,
+            done: false,
+        }
+    }
+
+    /// Replaces this viewer's place with a fresh snapshot.
+    fn resync(&mut self, reason: &str) {
+        let (joined, snapshot) = self.hub.join_with_snapshot();
+        self.rx = joined.rx;
+        self.have = joined.next;
+        self.terminal = joined.terminal;
+        self.catch_up = None;
+        self.queue.clear();
+        self.queue.push_back(Frame::resync(reason));
+        self.queue.push_back(snapshot);
+    }
+
+    async fn next(&mut self) -> Option<Arc<Frame>> {
+        loop {
+            if let Some(frame) = self.queue.pop_front() {
+                if frame.event == events::STATUS {
+                    self.done = true;
+                }
+                return Some(frame);
+            }
+            if self.done || self.hubs.shutdown.is_cancelled() {
+                return None;
+            }
+            if self.catch_up.is_some() {
+                if let Some(frame) = self.catch_up_next().await {
+                    return Some(frame);
+                }
+                continue;
+            }
+            if let Some(terminal) = self.terminal.take() {
+                self.queue.push_back(terminal);
+                continue;
+            }
+            tokio::select! {
+                biased;
+                received = self.rx.recv() => match received {
+                    Ok(frame) => match frame.event {
+                        events::BATCH => {
+                            let id = frame.id.unwrap_or(0);
+                            if id <= self.have {
+                                continue;
+                            }
+                            if id == self.have + 1 {
+                                self.have = id;
+                                return Some(frame);
+                            }
+                            self.resync("batches missing from the stream");
+                        }
+                        _ => self.queue.push_back(frame),
+                    },
+                    Err(RecvError::Lagged(missed)) => {
+                        self.resync(&format!("this viewer fell {missed} events behind"));
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+                // Stopped without an end for this viewer (idle eviction, shutdown).
+                _ = self.hub.stop.cancelled() => return None,
+                _ = self.hubs.shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    /// The next batch of the catch-up, or `None` when it finished or failed (then the
+    /// viewer is resynced).
+    async fn catch_up_next(&mut self) -> Option<Arc<Frame>> {
+        let run_id = self.hub.run_id.clone();
+        let catch_up = self.catch_up.as_mut().expect("catching up");
+        if self.have >= catch_up.target {
+            self.catch_up = None;
+            return None;
+        }
+        if catch_up.messages.is_none() {
+            let opened = match self.hubs.resume_point(&run_id, self.have).await {
+                Ok(start) => self.hubs.consumer(&run_id, start).await,
+                Err(e) => Err(e.to_string()),
+            };
+            match opened {
+                Ok(messages) => catch_up.messages = Some(messages),
+                Err(error) => {
+                    self.resync(&format!("cannot replay the missed batches: {error}"));
+                    return None;
+                }
+            }
+        }
+        let messages = catch_up.messages.as_mut().expect("opened above");
+        loop {
+            let message = tokio::select! {
+                _ = self.hubs.shutdown.cancelled() => return None,
+                m = tokio::time::timeout(CATCH_UP_WAIT, messages.next()) => m,
+            };
+            let batch = match message {
+                Ok(Some(Ok(message))) => {
+                    athanor_schemas::decode(&message.payload, athanor_schemas::DEFAULT_DECODE_LIMIT)
+                }
+                _ => {
+                    self.resync("the missed batches are not in the stream any more");
+                    return None;
+                }
+            };
+            let Ok(batch) = batch else { continue };
+            if batch.batch_seq < self.have {
+                continue;
+            }
+            if batch.batch_seq > self.have {
+                self.resync("the missed batches are not in the stream any more");
+                return None;
+            }
+            self.have += 1;
+            return Some(Frame::batch(&batch));
+        }
+    }
+}
+
+/// Run lifecycle changes of every run (`run` events), relayed from
+/// `athanor.lifecycle.*`. A client that lags gets `resync` and should reload its list.
+pub(crate) async fn lifecycle_events(
+    State(state): AppStateRef,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.lifecycle.subscribe();
+    let shutdown = state.hubs.shutdown.clone();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let frame = match rx.recv().await {
+            Ok(frame) => frame,
+            Err(RecvError::Lagged(missed)) => {
+                Frame::resync(&format!("{missed} changes missed; reload the list"))
+            }
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event(&frame)), rx))
+    })
+    .take_until(shutdown.cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(state.hubs.config.keep_alive))
+}
+
+/// Relays `athanor.lifecycle.*` into `tx` until shutdown, and pokes the hub of a run
+/// announced terminal (so `lost` reaches its viewers at once).
+pub(crate) async fn relay_lifecycle(
+    hubs: Arc<Hubs>,
+    mut subscriber: async_nats::Subscriber,
+    tx: broadcast::Sender<Arc<Frame>>,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = hubs.shutdown.cancelled() => return,
+            m = subscriber.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let Ok(change) = serde_json::from_slice::<events::Lifecycle>(&message.payload) else {
+            continue;
+        };
+        if matches!(
+            change.status.as_str(),
+            "lost" | "completed" | "failed" | "cancelled"
+        ) {
+            hubs.poke(&change.run_id).await;
+        }
+        let _ = tx.send(Arc::new(Frame {
+            event: events::RUN,
+            id: None,
+            data: serde_json::to_string(&change).expect("serialises"),
+        }));
+    }
+}

@@ -1,0 +1,428 @@
+//! The live feeds over a real pipeline: every line exactly once and in order, resuming
+//! with `Last-Event-ID` on the same or another gateway, many viewers sharing one hub, a
+//! stalled viewer resynced without holding anyone up, and the lifecycle feed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use athanor_gateway::{Gateway, GatewayConfig};
+use athanor_schemas::events::{BatchEvent, Snapshot, SseEvent, StatusEvent};
+use athanor_schemas::{names, LogLine};
+use athanor_testkit::wait_for;
+use athanor_workers::WorkerConfig;
+use common::{Feed, Stack};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// What a viewer holds after reading a feed: its lines by seq (a line received twice
+/// is a failure), the watermark, and the terminal status.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Viewed {
+    lines: BTreeMap<u64, LogLine>,
+    have: u64,
+    status: Option<StatusEvent>,
+    resyncs: usize,
+    events: usize,
+}
+
+impl Viewed {
+    /// Applies one event, checking the feed's rules as it goes.
+    fn apply(&mut self, event: &SseEvent) {
+        assert!(
+            self.status.is_none(),
+            "an event after the status: {event:?}"
+        );
+        self.events += 1;
+        let id = event.id.as_deref().map(|i| i.parse::<u64>().unwrap());
+        match event.event.as_str() {
+            "snapshot" => {
+                let snapshot: Snapshot = serde_json::from_str(&event.data).unwrap();
+                assert_eq!(id, Some(snapshot.batches));
+                // A snapshot replaces what the viewer held.
+                self.lines = snapshot.tail.into_iter().map(|l| (l.seq, l)).collect();
+                self.have = snapshot.batches;
+            }
+            "batch" => {
+                let batch: BatchEvent = serde_json::from_str(&event.data).unwrap();
+                assert_eq!(
+                    batch.batch_seq, self.have,
+                    "batches arrive in order, each once"
+                );
+                assert_eq!(id, Some(batch.batch_seq + 1));
+                for line in batch.logs {
+                    let seq = line.seq;
+                    assert!(self.lines.insert(seq, line).is_none(), "line {seq} twice");
+                }
+                self.have += 1;
+            }
+            "resync" => self.resyncs += 1,
+            "status" => {
+                assert_eq!(id, Some(self.have));
+                self.status = Some(serde_json::from_str(&event.data).unwrap());
+            }
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+
+    fn seqs(&self) -> Vec<u64> {
+        self.lines.keys().copied().collect()
+    }
+}
+
+/// Reads `feed` to its end into `viewed`; the stream must end right after the status.
+async fn read_to_end(feed: &mut Feed, viewed: &mut Viewed) {
+    while let Some(event) = feed.next().await {
+        viewed.apply(&event);
+    }
+    assert!(viewed.status.is_some(), "the stream ended without a status");
+}
+
+async fn start_run(stack: &Stack, experiment: &str, config: Value) -> String {
+    let (status, created) = stack
+        .post(
+            "/api/runs",
+            &json!({ "experiment": experiment, "config": config }).to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    created["id"].as_str().unwrap().to_string()
+}
+
+/// Every stored line of the run, through the paged API.
+async fn stored_lines(stack: &Stack, id: &str) -> Vec<LogLine> {
+    let mut lines: Vec<LogLine> = Vec::new();
+    loop {
+        let after = lines.last().map_or(-1, |l| l.seq as i64);
+        let (_, page) = stack
+            .get(&format!("/api/runs/{id}/logs?after={after}&limit=10000"))
+            .await;
+        let page: Vec<LogLine> = serde_json::from_value(page["lines"].clone()).unwrap();
+        if page.is_empty() {
+            return lines;
+        }
+        lines.extend(page);
+    }
+}
+
+fn events_path(id: &str) -> String {
+    format!("/api/runs/{id}/events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_carries_every_line_once_in_order_and_the_status_last() {
+    let stack = Stack::start().await;
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 20000, "duration_ms": 2000, "with_metadata": true}),
+    )
+    .await;
+    let mut feed = Feed::open(&stack.base, &events_path(&id), None).await;
+    let mut viewed = Viewed::default();
+    read_to_end(&mut feed, &mut viewed).await;
+    let expected = 40_001;
+    assert_eq!(viewed.seqs(), (0..expected).collect::<Vec<_>>());
+    assert_eq!(viewed.resyncs, 0);
+    let status = viewed.status.as_ref().unwrap();
+    assert_eq!(
+        (status.status.as_str(), status.lines, status.batches),
+        ("completed", expected, viewed.have)
+    );
+    // The feed came from JetStream; the database holds the same lines.
+    stack.wait_status(&id, "completed").await;
+    let stored = stored_lines(&stack, &id).await;
+    assert_eq!(stored, viewed.lines.into_values().collect::<Vec<_>>());
+
+    // A viewer arriving after the end gets the snapshot and the status.
+    let mut late = Feed::open(&stack.base, &events_path(&id), None).await;
+    let first = late.next().await.unwrap();
+    assert_eq!(first.event, "snapshot");
+    let snapshot: Snapshot = serde_json::from_str(&first.data).unwrap();
+    assert_eq!(
+        (
+            snapshot.lines,
+            snapshot.tail.len(),
+            snapshot.run.status.as_str()
+        ),
+        (expected, 1000, "completed")
+    );
+    assert_eq!(snapshot.tail.last().unwrap().seq, expected - 1);
+    let last = late.next().await.unwrap();
+    assert_eq!(last.event, "status");
+    assert!(late.next().await.is_none());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_with_last_event_id_on_another_gateway_has_no_gap_and_no_duplicate() {
+    let stack = Stack::start().await;
+    let second = Gateway::start(
+        GatewayConfig::for_tests(),
+        stack.nats.config(),
+        stack.db.db.clone(),
+        stack.stop.clone(),
+    )
+    .await
+    .unwrap();
+    let second_base = format!("http://{}", second.addr);
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 5000, "duration_ms": 3000}),
+    )
+    .await;
+    let expected: Vec<u64> = (0..15_001).collect();
+
+    // Read until a few batches are in, then drop the connection mid-run.
+    let mut viewed = Viewed::default();
+    let mut feed = Feed::open(&stack.base, &events_path(&id), None).await;
+    let mut at_three = None;
+    while viewed.have < 5 {
+        viewed.apply(&feed.next().await.unwrap());
+        if viewed.have == 3 {
+            at_three = Some(viewed.clone());
+        }
+    }
+    drop(feed);
+    let dropped_at = viewed.have;
+    // The run goes on meanwhile; resume on the other gateway (a fresh hub there).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut feed = Feed::open(&second_base, &events_path(&id), Some(dropped_at)).await;
+    let first = feed.next().await.unwrap();
+    assert_eq!(first.event, "batch", "a resumed feed has no snapshot");
+    viewed.apply(&first);
+    read_to_end(&mut feed, &mut viewed).await;
+    assert_eq!(viewed.seqs(), expected);
+    assert_eq!(viewed.resyncs, 0);
+    assert_eq!(viewed.status.as_ref().unwrap().status, "completed");
+
+    // After the end, from an early watermark: the missed batches are replayed from
+    // JetStream, then the status.
+    let mut replay = at_three.expect("the feed passed batch 3");
+    let mut feed = Feed::open(&second_base, &events_path(&id), Some(3)).await;
+    read_to_end(&mut feed, &mut replay).await;
+    assert_eq!(replay.seqs(), expected);
+    assert_eq!(replay.have, viewed.have);
+
+    // Resuming at the end: only the status.
+    let mut feed = Feed::open(&second_base, &events_path(&id), Some(viewed.have)).await;
+    assert_eq!(feed.next().await.unwrap().event, "status");
+    assert!(feed.next().await.is_none());
+    stack.stop().await;
+    second.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_viewers_share_one_upstream_consumer_and_see_the_same_run() {
+    let gateway = GatewayConfig {
+        tail_lines: 100_000,
+        ..GatewayConfig::for_tests()
+    };
+    let stack = Stack::start_with(WorkerConfig::for_tests(), gateway).await;
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 2000, "duration_ms": 3000}),
+    )
+    .await;
+    let mut feeds = Vec::new();
+    for _ in 0..200 {
+        feeds.push(Feed::open(&stack.base, &events_path(&id), None).await);
+    }
+    // One ordered consumer for all of them, beside the aggregator's durable one.
+    let stream = stack.nats.jetstream().await;
+    let mut runs = stream.get_stream(names::RUNS_STREAM).await.unwrap();
+    assert_eq!(runs.info().await.unwrap().state.consumer_count, 2);
+    let readers = feeds.into_iter().map(|mut feed| {
+        tokio::spawn(async move {
+            let mut viewed = Viewed::default();
+            read_to_end(&mut feed, &mut viewed).await;
+            viewed
+        })
+    });
+    let viewed: Vec<Viewed> = futures::future::join_all(readers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let expected: Vec<u64> = (0..6001).collect();
+    for v in &viewed {
+        assert_eq!(v.seqs(), expected);
+        assert_eq!(v.lines, viewed[0].lines);
+        assert_eq!(v.status, viewed[0].status);
+        assert_eq!(v.resyncs, 0);
+    }
+    assert_eq!(viewed[0].status.as_ref().unwrap().status, "completed");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_viewer_is_resynced_and_holds_up_neither_viewers_nor_the_pipeline() {
+    let gateway = GatewayConfig {
+        tail_lines: 200_000,
+        hub_buffer: 8,
+        ..GatewayConfig::for_tests()
+    };
+    let stack = Stack::start_with(WorkerConfig::for_tests(), gateway).await;
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 40000, "duration_ms": 2000, "line_bytes": 200}),
+    )
+    .await;
+    // A viewer with a tiny receive window that reads nothing until the end.
+    let stalled = {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let addr = stack.base.trim_start_matches("http://").parse().unwrap();
+        let mut stream = socket.connect(addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    events_path(&id)
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        stream
+    };
+    let mut reader = Feed::open(&stack.base, &events_path(&id), None).await;
+    let mut viewed = Viewed::default();
+    read_to_end(&mut reader, &mut viewed).await;
+    let expected: Vec<u64> = (0..80_001).collect();
+    assert_eq!(viewed.seqs(), expected);
+    // The pipeline finished too while the stalled viewer was still stalled.
+    let run = stack.wait_status(&id, "completed").await;
+    assert_eq!(run["lines"], 80_001);
+
+    // Now the stalled viewer reads: it was told to resync, and ends complete.
+    let mut stalled_text = Vec::new();
+    use tokio::io::AsyncReadExt;
+    let mut stalled = stalled;
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        stalled.read_to_end(&mut stalled_text),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8(stalled_text).unwrap();
+    let body = text.split_once("\r\n\r\n").unwrap().1;
+    let body = dechunk(body);
+    let mut decoder = athanor_schemas::events::SseDecoder::new();
+    let mut late = Viewed::default();
+    for event in decoder.push(body.as_bytes()) {
+        late.apply(&event);
+    }
+    assert!(late.resyncs >= 1, "the stalled viewer was not resynced");
+    assert_eq!(late.seqs(), expected);
+    assert_eq!(late.status, viewed.status);
+    stack.stop().await;
+}
+
+/// The body of an HTTP/1.1 chunked response.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifecycle_feed_announces_created_running_and_finished() {
+    let stack = Stack::start().await;
+    let mut feed = Feed::open(&stack.base, "/api/events", None).await;
+    let id = start_run(&stack, "sweep", json!({"iterations": 2, "delay_ms": 0})).await;
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("completed") {
+        let event = feed.next().await.unwrap();
+        assert_eq!(event.event, "run");
+        let change: Value = serde_json::from_str(&event.data).unwrap();
+        if change["run_id"] == id.as_str() {
+            seen.push(change["status"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(seen, ["pending", "running", "completed"]);
+    // By the time "completed" is announced, the database says so.
+    let (_, run) = stack.get(&format!("/api/runs/{id}")).await;
+    assert_eq!(run["status"], "completed");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_refuse_bad_input_and_cancel_works_before_start() {
+    let stack = Stack::start_with(
+        WorkerConfig {
+            max_concurrent_runs: 1,
+            ..WorkerConfig::for_tests()
+        },
+        GatewayConfig::for_tests(),
+    )
+    .await;
+    let (status, body) = stack.get("/api/runs/nope/events").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "run \"nope\" not found");
+
+    // The only slot is taken, so the second run waits in the queue: cancel it there.
+    let busy = start_run(&stack, "sleepy", json!({"duration_ms": 60000})).await;
+    stack.wait_status(&busy, "running").await;
+    let queued = start_run(&stack, "sweep", json!({"iterations": 2})).await;
+    let response = reqwest::Client::new()
+        .get(format!("{}{}", stack.base, events_path(&queued)))
+        .header("Last-Event-ID", "abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"],
+        "Last-Event-ID \"abc\" is not a batch watermark (a whole number from this feed's `id:` fields)"
+    );
+    let mut feed = Feed::open(&stack.base, &events_path(&queued), None).await;
+    let snapshot = feed.next().await.unwrap();
+    assert_eq!(snapshot.event, "snapshot");
+    assert_eq!(
+        serde_json::from_str::<Snapshot>(&snapshot.data)
+            .unwrap()
+            .run
+            .status,
+        "pending"
+    );
+    let (status, _) = stack.post(&format!("/api/runs/{queued}/cancel"), "").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, _) = stack.post(&format!("/api/runs/{busy}/cancel"), "").await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let mut viewed = Viewed::default();
+    viewed.apply(&snapshot);
+    read_to_end(&mut feed, &mut viewed).await;
+    let status = viewed.status.unwrap();
+    assert_eq!(
+        (
+            status.status.as_str(),
+            status.error.as_deref(),
+            status.lines
+        ),
+        ("cancelled", Some("cancelled before it started"), 0)
+    );
+    let run = stack.wait_status(&queued, "cancelled").await;
+    assert_eq!(run["lines"], 0);
+    wait_for("both runs to end", Duration::from_secs(30), || async {
+        let (_, run) = stack.get(&format!("/api/runs/{busy}")).await;
+        (run["status"] == "cancelled").then_some(())
+    })
+    .await
+    .unwrap();
+    stack.stop().await;
+}
