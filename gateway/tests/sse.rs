@@ -426,3 +426,22 @@ async fn feeds_refuse_bad_input_and_cancel_works_before_start() {
     .unwrap();
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feeds_end_cleanly_when_the_gateway_stops() {
+    let stack = Stack::start().await;
+    let id = start_run(&stack, "sleepy", json!({"duration_ms": 60000})).await;
+    stack.wait_status(&id, "running").await;
+    let mut run_feed = Feed::open(&stack.base, &events_path(&id), None).await;
+    assert_eq!(run_feed.next().await.unwrap().event, "snapshot");
+    let mut lifecycle = Feed::open(&stack.base, "/api/events", None).await;
+    // Graceful shutdown waits for open connections: it returns only if the feeds end.
+    tokio::time::timeout(Duration::from_secs(30), stack.stop())
+        .await
+        .expect("the gateway stopped with feeds open");
+    // The worker cancelled the run on its way out; whatever the feed saw, it ended.
+    while let Some(event) = run_feed.next().await {
+        assert_ne!(event.event, "snapshot");
+    }
+    assert!(lifecycle.next().await.is_none());
+}
