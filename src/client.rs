@@ -43,7 +43,10 @@ impl Client {
     pub fn new(url: &str) -> Self {
         Client {
             base: url.trim_end_matches('/').to_string(),
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .expect("an HTTP client"),
         }
     }
 
@@ -230,18 +233,23 @@ impl Client {
             if let Some(have) = view.have {
                 request = request.header("Last-Event-ID", have.to_string());
             }
+            if failures > 0 {
+                // Never hammer a gateway that keeps dropping the stream.
+                let backoff = Duration::from_millis(250 * u64::from(failures.min(8)));
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(130),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+            }
             let response = tokio::select! {
                 _ = stop.cancelled() => return Ok(130),
                 r = request.send() => r,
             };
+            failures += 1;
             let mut response = match response {
-                Ok(r) if r.status().is_success() => {
-                    failures = 0;
-                    r
-                }
+                Ok(r) if r.status().is_success() => r,
                 Ok(r) if r.status().is_client_error() => return Err(refusal(r).await),
                 other => {
-                    failures += 1;
                     if failures > 30 {
                         let reason = match other {
                             Ok(r) => format!("it answers {}", r.status()),
@@ -252,23 +260,26 @@ impl Client {
                             self.base
                         )));
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok(130),
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+                    continue;
                 }
             };
             let mut decoder = SseDecoder::new();
             loop {
+                // Keep-alives come every 15 s: silence for longer means a dead link.
                 let chunk = tokio::select! {
                     _ = stop.cancelled() => return Ok(130),
-                    c = response.chunk() => c,
+                    c = tokio::time::timeout(Duration::from_secs(45), response.chunk()) => c,
                 };
-                let Ok(Some(chunk)) = chunk else {
-                    break; // dropped: reconnect from the watermark
+                let Ok(Ok(Some(chunk))) = chunk else {
+                    break; // dropped or silent: reconnect from the watermark
                 };
                 for event in decoder.push(&chunk) {
-                    if let Some(status) = view.apply(self, run_id, event).await? {
+                    failures = 0;
+                    let applied = tokio::select! {
+                        _ = stop.cancelled() => return Ok(130),
+                        a = view.apply(self, run_id, event) => a?,
+                    };
+                    if let Some(status) = applied {
                         view.clear_bar();
                         if print_results {
                             view.print_results();
@@ -401,24 +412,34 @@ impl Follower {
         run_id: &str,
         until: u64,
     ) -> Result<(), Failure> {
+        // The database may lag the live feed by a moment, and the gateway may be
+        // restarting: retry for a while before giving up on those lines.
+        let mut attempts = 0;
         while self.printed < until {
             let page = client
                 .get(&format!(
                     "/api/runs/{run_id}/logs?after={}&before={until}&limit=5000",
                     self.printed as i64 - 1
                 ))
-                .await?;
-            let lines: Vec<LogLine> = serde_json::from_value(page["lines"].clone())
-                .map_err(|e| Failure::api(format!("unexpected answer: {e}")))?;
+                .await;
+            let lines: Vec<LogLine> = page
+                .ok()
+                .and_then(|p| serde_json::from_value(p["lines"].clone()).ok())
+                .unwrap_or_default();
             if lines.is_empty() {
-                // Not stored yet (or lost): say so rather than wait forever.
-                eprintln!(
-                    "({} earlier lines are not available yet)",
-                    until - self.printed
-                );
-                self.printed = until;
-                break;
+                attempts += 1;
+                if attempts == 40 {
+                    eprintln!(
+                        "({} earlier lines could not be read; `athanor logs {run_id}` prints them once stored)",
+                        until - self.printed
+                    );
+                    self.printed = until;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
             }
+            attempts = 0;
             self.print_lines(&lines);
         }
         Ok(())

@@ -107,21 +107,38 @@ impl Hubs {
     /// The hub of `run_id`, opened (once, however many viewers ask at the same time)
     /// when there is none.
     pub async fn get(self: &Arc<Self>, run_id: &str) -> ApiResult<Arc<Hub>> {
-        for _ in 0..2 {
+        for attempt in 0..2 {
             let hub = self
                 .cache
                 .try_get_with(run_id.to_string(), self.clone().open(run_id.to_string()))
                 .await
                 .map_err(|e| ApiError::shared(&e))?;
-            if !hub.stopped_early() {
+            if !hub.stopped_early() && (attempt == 1 || !hub.is_lost()) {
                 return Ok(hub);
             }
-            // It stopped following (idle, NATS error) but is still cached: replace it.
-            self.cache.invalidate(run_id).await;
+            // It stopped following (idle, stuck) but is still cached, or it said `lost`
+            // (a late final batch may still settle the run): open it afresh.
+            self.forget(&hub).await;
         }
         Err(ApiError::Unavailable(format!(
             "the live feed of run {run_id} could not be opened; retry"
         )))
+    }
+
+    /// Removes `hub` from the cache if it is still the cached hub of its run (a newer
+    /// one is left alone).
+    async fn forget(&self, hub: &Arc<Hub>) {
+        self.cache
+            .entry_by_ref(&hub.run_id)
+            .and_compute_with(|cached| {
+                let same = cached.is_some_and(|c| Arc::ptr_eq(c.value(), hub));
+                std::future::ready(if same {
+                    moka::ops::compute::Op::Remove
+                } else {
+                    moka::ops::compute::Op::Nop
+                })
+            })
+            .await;
     }
 
     /// A lifecycle change for `run_id` was announced: its hub (if any) checks the
@@ -186,6 +203,7 @@ impl Hubs {
         let mut view = run_view(run);
         view.lines = lines as i64;
         view.batches = covered as i64;
+        view.results = results.len() as i64;
         let mut state = HubState {
             run: view,
             results,
@@ -317,9 +335,25 @@ impl Hub {
         (joined, state.snapshot_frame())
     }
 
+    /// The run's batch count, once it has ended.
+    pub fn ended_with(&self) -> Option<u64> {
+        let state = self.state.lock();
+        state.terminal.as_ref().map(|_| state.next)
+    }
+
     /// Whether it stopped following without reaching the run's end.
-    fn stopped_early(&self) -> bool {
+    pub fn stopped_early(&self) -> bool {
         self.stop.is_cancelled() && self.state.lock().terminal.is_none()
+    }
+
+    fn is_lost(&self) -> bool {
+        let state = self.state.lock();
+        state.terminal.is_some() && state.run.status == "lost"
+    }
+
+    /// Whether batches after a missing one are waiting.
+    fn waiting_for_gap(&self) -> bool {
+        !self.state.lock().early.is_empty()
     }
 
     fn apply(&self, batch: Batch) {
@@ -396,7 +430,6 @@ impl HubState {
         self.run.batches = self.next as i64;
         self.lines += batch.logs.len() as u64;
         self.run.lines = self.lines as i64;
-        self.run.results += batch.results.len() as i64;
         for line in batch.logs {
             if self.tail.len() == self.tail_cap {
                 self.tail.pop_front();
@@ -414,6 +447,7 @@ impl HubState {
                 self.results.insert(record.key.clone(), record);
             }
         }
+        self.run.results = self.results.len() as i64;
         if let Some(p) = batch.progress {
             if self.run.progress.as_ref().is_none_or(|old| old.ts <= p.ts) {
                 self.run.progress = Some(p);
@@ -478,47 +512,51 @@ impl HubState {
 /// Follows the run's subject until the run ends, the hub idles, or shutdown.
 async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
     let config = &hubs.config;
-    let mut messages = None;
+    let mut messages: Option<consumer::pull::Ordered> = None;
+    // When to (re)open the consumer while there is none (NATS unreachable).
+    let mut reopen = Box::pin(tokio::time::sleep(Duration::ZERO));
     let mut position = start;
     let mut idle_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.status_poll);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut last_message = Instant::now();
     while !hub.is_terminal() {
-        if messages.is_none() {
-            match hubs.consumer(&hub.run_id, position).await {
-                Ok(m) => messages = Some(m),
-                Err(error) => {
-                    warn!(run_id = %hub.run_id, %error, "cannot follow the run; retrying");
-                    tokio::select! {
-                        _ = hub.stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        tokio::select! {
+            _ = hub.stop.cancelled() => break,
+            _ = &mut reopen, if messages.is_none() => {
+                match hubs.consumer(&hub.run_id, position).await {
+                    Ok(m) => messages = Some(m),
+                    Err(error) => {
+                        warn!(run_id = %hub.run_id, %error, "cannot follow the run; retrying");
+                        reopen.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
                     }
                 }
             }
-        }
-        let stream = messages.as_mut().expect("set above");
-        tokio::select! {
-            _ = hub.stop.cancelled() => break,
-            message = stream.next() => match message {
-                Some(Ok(message)) => {
-                    last_message = Instant::now();
-                    if let Ok(info) = message.info() {
-                        position = Some(info.stream_sequence + 1);
+            message = async { messages.as_mut().expect("guarded").next().await }, if messages.is_some() => {
+                match message {
+                    Some(Ok(message)) => {
+                        last_message = Instant::now();
+                        if let Ok(info) = message.info() {
+                            position = Some(info.stream_sequence + 1);
+                        }
+                        match athanor_schemas::decode(&message.payload, config.decode_limit) {
+                            Ok(batch) if batch.run_id == hub.run_id => hub.apply(batch),
+                            Ok(_) => {}
+                            // The aggregator dead-letters it; a viewer cannot use it either.
+                            Err(error) => debug!(run_id = %hub.run_id, %error, "undecodable batch skipped"),
+                        }
                     }
-                    match athanor_schemas::decode(&message.payload, athanor_schemas::DEFAULT_DECODE_LIMIT) {
-                        Ok(batch) if batch.run_id == hub.run_id => hub.apply(batch),
-                        Ok(_) => {}
-                        // The aggregator dead-letters it; a viewer cannot use it either.
-                        Err(error) => debug!(run_id = %hub.run_id, %error, "undecodable batch skipped"),
+                    Some(Err(error)) => {
+                        warn!(run_id = %hub.run_id, %error, "following the run failed; resuming");
+                        messages = None;
+                        reopen.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
+                    None => {
+                        messages = None;
+                        reopen.as_mut().reset(tokio::time::Instant::now());
                     }
                 }
-                Some(Err(error)) => {
-                    warn!(run_id = %hub.run_id, %error, "following the run failed; resuming");
-                    messages = None;
-                }
-                None => messages = None,
-            },
+            }
             _ = hub.poke.notified() => check_database(&hubs, &hub).await,
             _ = tick.tick() => {
                 if hub.tx.receiver_count() == 0 {
@@ -532,7 +570,8 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                     // Keeps the cache entry of a watched hub alive.
                     let _ = hubs.cache.get(&hub.run_id).await;
                 }
-                if last_message.elapsed() >= config.status_poll {
+                // Quiet, or stuck behind a batch the stream does not hold.
+                if last_message.elapsed() >= config.status_poll || hub.waiting_for_gap() {
                     check_database(&hubs, &hub).await;
                 }
             }
@@ -540,12 +579,9 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
     }
     hub.stop.cancel();
     if !hub.is_terminal() {
-        // Not cached any more once stopped, so the next viewer opens a fresh hub.
-        if let Some(cached) = hubs.cache.get(&hub.run_id).await {
-            if Arc::ptr_eq(&cached, &hub) {
-                hubs.cache.invalidate(&hub.run_id).await;
-            }
-        }
+        // Not cached any more once stopped: the next viewer (and this hub's viewers,
+        // which move on) open a fresh hub.
+        hubs.forget(&hub).await;
     }
 }
 
@@ -563,10 +599,18 @@ async fn check_database(hubs: &Hubs, hub: &Hub) {
             return;
         }
     };
+    let next = hub.state.lock().next;
+    let stored = run.last_batch_seq.map_or(0, |b| b as u64 + 1);
+    if stored > next && hub.waiting_for_gap() {
+        // The database holds a batch this hub could not read from the stream: start
+        // again from the database (viewers move to the new hub, resyncing if needed).
+        warn!(run_id = %hub.run_id, missing = next, stored, "hub stuck on a missing batch; reopening");
+        hub.stop.cancel();
+        return;
+    }
     if !is_terminal(&run.status) {
         return;
     }
-    let next = hub.state.lock().next;
     let complete = run.final_batches.is_none_or(|n| next >= n as u64);
     if run.status == "lost" || complete {
         hub.end(run.status, run.error, run.finished_at);

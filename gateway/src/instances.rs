@@ -9,7 +9,8 @@ use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
 use axum::Json;
-use sea_orm::{ActiveValue, ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+use sea_orm::sea_query::Expr;
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -138,14 +139,24 @@ pub(crate) async fn update(
             .to_string();
     }
     instance.updated_at = now_micros();
-    let change = instances::ActiveModel {
-        id: ActiveValue::Unchanged(instance.id.clone()),
-        name: ActiveValue::Set(instance.name.clone()),
-        config: ActiveValue::Set(instance.config.clone()),
-        updated_at: ActiveValue::Set(instance.updated_at),
-        ..Default::default()
-    };
-    instances::Entity::update(change).exec(&state.db).await?;
+    let changed = instances::Entity::update_many()
+        .col_expr(instances::Column::Name, Expr::value(instance.name.clone()))
+        .col_expr(
+            instances::Column::Config,
+            Expr::value(instance.config.clone()),
+        )
+        .col_expr(
+            instances::Column::UpdatedAt,
+            Expr::value(instance.updated_at),
+        )
+        .filter(instances::Column::Id.eq(id.as_str()))
+        .exec(&state.db)
+        .await?
+        .rows_affected;
+    if changed == 0 {
+        // Deleted meanwhile.
+        return Err(ApiError::NotFound(format!("instance {id:?} not found")));
+    }
     Ok(Json(instance_json(instance)))
 }
 

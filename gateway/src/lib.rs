@@ -50,6 +50,9 @@ pub struct GatewayConfig {
     /// does not carry (`lost`).
     #[serde(with = "humantime_serde")]
     pub status_poll: Duration,
+    /// Largest decompressed batch a hub reads; keep it equal to
+    /// `aggregator.decode_limit`.
+    pub decode_limit: usize,
 }
 
 impl Default for GatewayConfig {
@@ -62,6 +65,7 @@ impl Default for GatewayConfig {
             hub_idle: Duration::from_secs(30),
             hub_buffer: 1024,
             status_poll: Duration::from_secs(2),
+            decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,
         }
     }
 }

@@ -66,6 +66,13 @@ pub(crate) async fn run_events(
     };
     let hubs = state.hubs.clone();
     let hub = hubs.get(&id).await?;
+    if let (Some(have), Some(batches)) = (have, hub.ended_with()) {
+        if have > batches {
+            return Err(ApiError::BadRequest(format!(
+                "Last-Event-ID {have} is beyond the end of run {id}, which has {batches} batches"
+            )));
+        }
+    }
     let viewer = Viewer::new(hubs.clone(), hub, have);
     let stream = futures::stream::unfold(viewer, |mut viewer| async move {
         let frame = viewer.next().await?;
@@ -95,6 +102,16 @@ struct CatchUp {
     messages: Option<consumer::pull::Ordered>,
 }
 
+impl CatchUp {
+    /// A catch-up from `have` to a hub at `next`, when the hub is past the viewer.
+    fn needed(have: u64, next: u64) -> Option<CatchUp> {
+        (have < next).then_some(CatchUp {
+            target: next,
+            messages: None,
+        })
+    }
+}
+
 impl Viewer {
     fn new(hubs: Arc<Hubs>, hub: Arc<Hub>, have: Option<u64>) -> Self {
         let (joined, snapshot) = match have {
@@ -104,21 +121,32 @@ impl Viewer {
                 (joined, Some(snapshot))
             }
         };
-        let Joined { rx, next, terminal } = joined;
-        let have = have.unwrap_or(next);
-        let catch_up = (have < next).then_some(CatchUp {
-            target: next,
-            messages: None,
-        });
+        let have = have.unwrap_or(joined.next);
         Viewer {
             hubs,
             hub,
-            rx,
+            catch_up: CatchUp::needed(have, joined.next),
+            rx: joined.rx,
             have,
             queue: snapshot.into_iter().collect(),
-            catch_up,
-            terminal,
+            terminal: joined.terminal,
             done: false,
+        }
+    }
+
+    /// The hub stopped without an end for this viewer (idle, stuck, replaced): carry
+    /// on with the run's current hub.
+    async fn move_hub(&mut self) -> bool {
+        match self.hubs.get(&self.hub.run_id).await {
+            Ok(hub) if !Arc::ptr_eq(&hub, &self.hub) && !self.hubs.shutdown.is_cancelled() => {
+                let Joined { rx, next, terminal } = hub.join();
+                self.hub = hub;
+                self.rx = rx;
+                self.terminal = terminal;
+                self.catch_up = CatchUp::needed(self.have, next);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -177,8 +205,11 @@ impl Viewer {
                     }
                     Err(RecvError::Closed) => return None,
                 },
-                // Stopped without an end for this viewer (idle eviction, shutdown).
-                _ = self.hub.stop.cancelled() => return None,
+                _ = self.hub.stop.cancelled() => {
+                    if !self.move_hub().await {
+                        return None;
+                    }
+                }
                 _ = self.hubs.shutdown.cancelled() => return None,
             }
         }
@@ -214,7 +245,7 @@ impl Viewer {
             };
             let batch = match message {
                 Ok(Some(Ok(message))) => {
-                    athanor_schemas::decode(&message.payload, athanor_schemas::DEFAULT_DECODE_LIMIT)
+                    athanor_schemas::decode(&message.payload, self.hubs.config.decode_limit)
                 }
                 _ => {
                     self.resync("the missed batches are not in the stream any more");

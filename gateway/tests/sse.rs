@@ -210,6 +210,23 @@ async fn resuming_with_last_event_id_on_another_gateway_has_no_gap_and_no_duplic
     let mut feed = Feed::open(&second_base, &events_path(&id), Some(viewed.have)).await;
     assert_eq!(feed.next().await.unwrap().event, "status");
     assert!(feed.next().await.is_none());
+    // Past the end: refused.
+    let (status, body) = stack
+        .get(&format!(
+            "{}?last_event_id={}",
+            events_path(&id),
+            viewed.have + 5
+        ))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["error"],
+        format!(
+            "Last-Event-ID {} is beyond the end of run {id}, which has {} batches",
+            viewed.have + 5,
+            viewed.have
+        )
+    );
     stack.stop().await;
     second.wait().await;
 }
@@ -444,4 +461,113 @@ async fn feeds_end_cleanly_when_the_gateway_stops() {
         assert_ne!(event.event, "snapshot");
     }
     assert!(lifecycle.next().await.is_none());
+}
+
+/// A batch of the synthetic run `run_id` from a worker that is not registered: 50
+/// lines per batch; the last of `total` batches is final (failed).
+fn orphan_batch(run_id: &str, batch_seq: u64, total: u64) -> athanor_schemas::Batch {
+    use athanor_schemas::{Batch, Final, Level, RunInfo, RunState, Status};
+    let mut batch = Batch::new(run_id, batch_seq, "w-gone");
+    if batch_seq == 0 {
+        batch.run = Some(RunInfo {
+            experiment: "orphaned".into(),
+            config: json!({}),
+            instance_id: None,
+            started_at: athanor_schemas::now_micros(),
+        });
+    }
+    batch.logs = (0..50)
+        .map(|i| LogLine {
+            seq: batch_seq * 50 + i,
+            ts: athanor_schemas::now_micros(),
+            level: Level::Info,
+            message: format!("line {}", batch_seq * 50 + i),
+            metadata: None,
+        })
+        .collect();
+    if batch_seq + 1 == total {
+        batch.status = Some(Status {
+            state: RunState::Failed,
+            error: Some("late".into()),
+            at: athanor_schemas::now_micros(),
+        });
+        batch.final_ = Some(Final {
+            status: RunState::Failed,
+            batches: total,
+            lines: total * 50,
+            results: 0,
+        });
+    }
+    batch
+}
+
+async fn publish(stack: &Stack, batch: &athanor_schemas::Batch) {
+    let js = stack.nats.jetstream().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        names::headers::MSG_ID,
+        names::batch_msg_id(&batch.run_id, batch.batch_seq).as_str(),
+    );
+    let payload = athanor_schemas::encode(batch).payload;
+    js.publish_with_headers(names::run_subject(&batch.run_id), headers, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// A run whose worker vanished: its viewers get `lost` with what was stored; after a
+/// late final batch settles it, a new viewer sees the final status, not a cached
+/// `lost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_of_a_run_whose_worker_vanished_receive_lost() {
+    let stack = Stack::start().await;
+    let id = names::new_run_id();
+    for b in 0..2 {
+        publish(&stack, &orphan_batch(&id, b, 3)).await;
+    }
+    wait_for(
+        "the orphan run to be stored",
+        Duration::from_secs(30),
+        || async {
+            let (status, _) = stack.get(&format!("/api/runs/{id}")).await;
+            (status == StatusCode::OK).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let mut feed = Feed::open(&stack.base, &events_path(&id), None).await;
+    let mut viewed = Viewed::default();
+    read_to_end(&mut feed, &mut viewed).await;
+    let status = viewed.status.clone().unwrap();
+    assert_eq!(
+        (
+            status.status.as_str(),
+            status.error.as_deref(),
+            status.lines
+        ),
+        ("lost", Some("worker w-gone stopped heartbeating"), 100)
+    );
+    assert_eq!(viewed.seqs(), (0..100).collect::<Vec<_>>());
+    // Resuming at the end: `lost` again.
+    let mut feed = Feed::open(&stack.base, &events_path(&id), Some(viewed.have)).await;
+    assert_eq!(feed.next().await.unwrap().event, "status");
+
+    publish(&stack, &orphan_batch(&id, 2, 3)).await;
+    stack.wait_status(&id, "failed").await;
+    let mut feed = Feed::open(&stack.base, &events_path(&id), Some(viewed.have)).await;
+    viewed.status = None;
+    read_to_end(&mut feed, &mut viewed).await;
+    assert_eq!(viewed.seqs(), (0..150).collect::<Vec<_>>());
+    let status = viewed.status.unwrap();
+    assert_eq!(
+        (
+            status.status.as_str(),
+            status.error.as_deref(),
+            status.lines,
+            status.batches
+        ),
+        ("failed", Some("late"), 150, 3)
+    );
+    stack.stop().await;
 }

@@ -42,7 +42,8 @@ pub struct RunView {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub progress: Option<Progress>,
-    /// Lines, results and batches stored (the REST view) or seen (a feed's view).
+    /// Lines, results and batches stored (the REST view: `results` counts records) or
+    /// covered (a feed's view: `results` counts the keys held).
     pub lines: i64,
     pub results: i64,
     pub batches: i64,
