@@ -50,6 +50,7 @@ pub async fn run(
     println!("Athanor is up.");
     println!("  NATS:     {url}   (nats --server {url} stream info ATHANOR_RUNS)");
     println!("  database: {}", config.database.url());
+    println!("  web UI:   {http}/");
     println!("  API:      {http}/api/experiments");
     println!(
         "  start a run: curl -X POST {http}/api/runs -H 'content-type: application/json' -d '{{\"experiment\":\"sweep\",\"config\":{{\"iterations\":5}}}}'"

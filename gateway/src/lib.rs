@@ -10,6 +10,7 @@ mod error;
 mod hub;
 mod instances;
 mod sse;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -159,6 +160,8 @@ impl AppState {
 /// The HTTP routes.
 pub fn router(state: AppState, config: &GatewayConfig) -> Router {
     Router::new()
+        .route("/", get(ui::index))
+        .route("/ui/{name}", get(ui::file))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/api/openapi.json", get(api::openapi))

@@ -66,7 +66,7 @@ impl Stack {
             Duration::from_secs(20),
             || async {
                 let (_, body) = stack.get("/api/experiments").await;
-                (body["experiments"].as_array().is_some_and(|e| e.len() == 4)).then_some(())
+                (body["experiments"].as_array().is_some_and(|e| e.len() == 5)).then_some(())
             },
         )
         .await

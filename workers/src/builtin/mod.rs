@@ -1,6 +1,7 @@
 //! Built-in experiments: load generators and examples. Their config field names are
 //! part of the test contract of later components.
 
+mod echo;
 mod flaky;
 mod log_storm;
 mod sleepy;
@@ -9,6 +10,7 @@ mod sweep;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use echo::Echo;
 pub use flaky::Flaky;
 pub use log_storm::{sample_lines, LogStorm};
 pub use sleepy::Sleepy;
@@ -24,6 +26,7 @@ pub fn all() -> Vec<Arc<dyn Experiment>> {
         Arc::new(Sweep),
         Arc::new(Flaky),
         Arc::new(Sleepy),
+        Arc::new(Echo),
     ]
 }
 

@@ -1,0 +1,39 @@
+//! The web UI: a few static files compiled into the binary (no front-end build step),
+//! served with a Content-Security-Policy that allows only this origin's scripts and
+//! styles — a second wall behind the UI's rule of putting run output in as text.
+
+use axum::extract::Path;
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    response
+}
+
+pub(crate) async fn index() -> Response {
+    asset("text/html; charset=utf-8", include_str!("ui/index.html"))
+}
+
+pub(crate) async fn file(Path(name): Path<String>) -> Response {
+    match name.as_str() {
+        "app.js" => asset("text/javascript; charset=utf-8", include_str!("ui/app.js")),
+        "app.css" => asset("text/css; charset=utf-8", include_str!("ui/app.css")),
+        "favicon.svg" => asset("image/svg+xml", include_str!("ui/favicon.svg")),
+        _ => crate::error::ApiError::NotFound(format!("no UI file {name:?}")).into_response(),
+    }
+}

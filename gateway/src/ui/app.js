@@ -1,0 +1,700 @@
+// Athanor web UI: experiments (new-run forms from config schemas), instances, the runs
+// list (live from /api/events) and the live run page (SSE /api/runs/{id}/events).
+//
+// Everything a run prints is put into the page as text (textContent, never innerHTML).
+// The log view is virtualized: a fixed pool of row elements is reused whatever the
+// number of lines; rendering happens at most once per animation frame.
+
+'use strict';
+
+const ROW_HEIGHT = 18;          // px, matches .line in app.css
+const OVERSCAN = 12;            // rows rendered above and below the visible ones
+const MAX_LINES = 100_000;      // lines held in memory; older ones are paged in again
+const PAGE = 1000;              // lines per page fetched when scrolling up
+const LEVELS = ['trace', 'debug', 'info', 'warn', 'error'];
+const TERMINAL = new Set(['completed', 'failed', 'cancelled', 'lost']);
+
+// ---------------------------------------------------------------- helpers
+
+/** Builds an element; strings and numbers become text nodes, never markup. */
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k === 'class') el.className = v;
+    else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
+    else if (k === 'dataset') Object.assign(el.dataset, v);
+    else if (k in el && typeof v !== 'string') el[k] = v;
+    else el.setAttribute(k, v === true ? '' : String(v));
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+async function api(method, path, body) {
+  const init = { method, headers: {} };
+  if (body !== undefined) {
+    init.headers['content-type'] = 'application/json';
+    init.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (e) {
+    return { status: 0, body: { error: `cannot reach the gateway: ${e.message}` } };
+  }
+  let json = null;
+  try { json = await response.json(); } catch { json = null; }
+  return { status: response.status, body: json };
+}
+
+const pad = (n, w = 2) => String(n).padStart(w, '0');
+
+/** µs since the epoch → local `HH:MM:SS.mmm`. */
+function clock(micros) {
+  const d = new Date(micros / 1000);
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+function dateTime(micros) {
+  if (!micros) return '';
+  const d = new Date(micros / 1000);
+  return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
+}
+
+function duration(micros) {
+  if (micros === null || micros === undefined || micros < 0) return '';
+  let s = Math.floor(micros / 1e6);
+  const hrs = Math.floor(s / 3600); s -= hrs * 3600;
+  const min = Math.floor(s / 60); s -= min * 60;
+  return hrs ? `${hrs}h ${pad(min)}m ${pad(s)}s` : min ? `${min}m ${pad(s)}s` : `${s}s`;
+}
+
+function badge(status) {
+  return h('span', { class: `badge s-${status}`, dataset: { status } }, status);
+}
+
+const fmt = new Intl.NumberFormat('en-US');
+
+/**
+ * ANSI SGR colours → spans with classes. Other escape sequences are dropped. The text
+ * itself only ever becomes text nodes.
+ */
+function ansi(text) {
+  const frag = document.createDocumentFragment();
+  if (!text.includes('\u001b')) {
+    frag.append(text);
+    return frag;
+  }
+  const re = /\u001b\[([0-9;]*)([A-Za-z])/g;
+  let style = { fg: null, bg: null, bold: false, dim: false, italic: false, underline: false, rgb: null };
+  let last = 0;
+  const emit = (chunk) => {
+    if (!chunk) return;
+    const plain = !style.fg && !style.bg && !style.bold && !style.dim && !style.italic && !style.underline && !style.rgb;
+    if (plain) { frag.append(chunk); return; }
+    const span = document.createElement('span');
+    const cls = [];
+    if (style.fg) cls.push(`fg${style.fg}`);
+    if (style.bg) cls.push(`bg${style.bg}`);
+    if (style.bold) cls.push('a-bold');
+    if (style.dim) cls.push('a-dim');
+    if (style.italic) cls.push('a-italic');
+    if (style.underline) cls.push('a-underline');
+    span.className = cls.join(' ');
+    if (style.rgb) span.style.color = style.rgb;
+    span.textContent = chunk;
+    frag.append(span);
+  };
+  let m;
+  while ((m = re.exec(text)) !== null) {
+    emit(text.slice(last, m.index).replace(/\u001b/g, ''));
+    last = re.lastIndex;
+    if (m[2] !== 'm') continue;
+    const codes = m[1] === '' ? [0] : m[1].split(';').map(Number);
+    for (let i = 0; i < codes.length; i++) {
+      const c = codes[i];
+      if (c === 0) style = { fg: null, bg: null, bold: false, dim: false, italic: false, underline: false, rgb: null };
+      else if (c === 1) style.bold = true;
+      else if (c === 2) style.dim = true;
+      else if (c === 3) style.italic = true;
+      else if (c === 4) style.underline = true;
+      else if (c === 22) { style.bold = false; style.dim = false; }
+      else if (c === 23) style.italic = false;
+      else if (c === 24) style.underline = false;
+      else if ((c >= 30 && c <= 37) || (c >= 90 && c <= 97)) { style.fg = c; style.rgb = null; }
+      else if (c === 39) { style.fg = null; style.rgb = null; }
+      else if (c >= 40 && c <= 47) style.bg = c;
+      else if (c >= 100 && c <= 107) style.bg = c - 60;
+      else if (c === 49) style.bg = null;
+      else if (c === 38 && codes[i + 1] === 2 && i + 4 < codes.length) {
+        const [r, g, b] = codes.slice(i + 2, i + 5).map((x) => Math.max(0, Math.min(255, x | 0)));
+        style.rgb = `rgb(${r}, ${g}, ${b})`; style.fg = null; i += 4;
+      } else if (c === 38 && codes[i + 1] === 5) {
+        const n = codes[i + 2] | 0;
+        style.fg = n < 8 ? 30 + n : n < 16 ? 82 + n : null; style.rgb = null; i += 2;
+      } else if (c === 48 && codes[i + 1] === 5) { i += 2; }
+      else if (c === 48 && codes[i + 1] === 2) { i += 4; }
+    }
+  }
+  emit(text.slice(last).replace(/\u001b/g, ''));
+  return frag;
+}
+
+// ---------------------------------------------------------------- router
+
+let cleanup = null;
+
+function route() {
+  if (cleanup) { cleanup(); cleanup = null; }
+  const app = document.getElementById('app');
+  app.replaceChildren();
+  const hash = location.hash || '#/runs';
+  const [, page, id] = hash.match(/^#\/([^/?]*)\/?([^?]*)/) || [];
+  for (const a of document.querySelectorAll('[data-nav]')) {
+    a.classList.toggle('active', a.dataset.nav === (page === 'runs' && id ? '' : page));
+  }
+  if (page === 'experiments') cleanup = experimentsPage(app);
+  else if (page === 'runs' && id) cleanup = runPage(app, decodeURIComponent(id));
+  else cleanup = runsPage(app);
+}
+
+window.addEventListener('hashchange', route);
+window.addEventListener('DOMContentLoaded', route);
+
+// ---------------------------------------------------------------- experiments
+
+function fieldInput(name, schema) {
+  const common = { name, id: `f-${name}` };
+  if (Array.isArray(schema.enum)) {
+    return h('select', common, schema.enum.map((v) => h('option', { value: v, selected: v === schema.default }, v)));
+  }
+  if (schema.type === 'boolean') {
+    return h('input', { ...common, type: 'checkbox', checked: schema.default === true });
+  }
+  if (schema.type === 'integer' || schema.type === 'number') {
+    return h('input', {
+      ...common, type: 'number', step: schema.type === 'integer' ? '1' : 'any',
+      min: schema.minimum, max: schema.maximum, value: schema.default ?? '',
+    });
+  }
+  return h('input', { ...common, type: 'text', value: schema.default ?? '' });
+}
+
+/** The form's values as a config object (empty optional fields left out). */
+function formConfig(form, schema) {
+  const config = {};
+  for (const [name, field] of Object.entries(schema.properties || {})) {
+    const el = form.elements[name];
+    if (!el) continue;
+    if (field.type === 'boolean') { config[name] = el.checked; continue; }
+    const raw = el.value;
+    if (raw === '') continue;
+    if (field.type === 'integer' || field.type === 'number') {
+      const n = Number(raw);
+      config[name] = Number.isFinite(n) ? n : raw;
+    } else config[name] = raw;
+  }
+  return config;
+}
+
+function showErrors(form, result) {
+  for (const el of form.querySelectorAll('.field-error')) el.textContent = '';
+  for (const el of form.querySelectorAll('.invalid')) el.classList.remove('invalid');
+  const top = form.querySelector('.form-error');
+  top.textContent = '';
+  const body = result.body || {};
+  if (body.field && form.querySelector(`[data-error-for="${CSS.escape(body.field)}"]`)) {
+    form.querySelector(`[data-error-for="${CSS.escape(body.field)}"]`).textContent = body.reason || body.error;
+    form.elements[body.field]?.classList.add('invalid');
+  } else {
+    top.textContent = body.error || `the gateway answered ${result.status}`;
+  }
+}
+
+function experimentCard(exp, onInstancesChanged) {
+  const schema = exp.config_schema || {};
+  const required = new Set(schema.required || []);
+  const rows = Object.entries(schema.properties || {}).map(([name, field]) => {
+    const bounds = [field.minimum !== undefined ? `min ${field.minimum}` : null, field.maximum !== undefined ? `max ${field.maximum}` : null]
+      .filter(Boolean).join(', ');
+    return h('div', { class: 'form-row' },
+      h('label', { for: `f-${name}` }, name, required.has(name) ? ' *' : ''),
+      h('div', {},
+        fieldInput(name, field),
+        h('div', { class: 'hint' }, [field.description, bounds].filter(Boolean).join(' · ')),
+        h('div', { class: 'field-error', dataset: { errorFor: name } })));
+  });
+  const instanceName = h('input', { type: 'text', placeholder: 'instance name', name: '__instance_name' });
+  // novalidate: the API checks the config and its message is shown next to the field.
+  const form = h('form', { class: 'card', novalidate: true, dataset: { experiment: exp.name } },
+    h('div', { class: 'toolbar' },
+      h('strong', { class: 'mono' }, exp.name),
+      h('span', { class: 'muted' }, `${exp.workers} worker${exp.workers === 1 ? '' : 's'}`)),
+    h('div', { class: 'muted' }, exp.description),
+    rows,
+    h('div', { class: 'form-error' }),
+    h('div', { class: 'toolbar' },
+      h('button', { type: 'submit', class: 'primary' }, 'Start run'),
+      h('span', { class: 'spacer' }),
+      instanceName,
+      h('button', {
+        type: 'button',
+        onclick: async () => {
+          const result = await api('POST', '/api/instances', {
+            name: instanceName.value, experiment: exp.name, config: formConfig(form, schema),
+          });
+          if (result.status === 201) { instanceName.value = ''; showErrors(form, { body: {} }); onInstancesChanged(); }
+          else showErrors(form, result);
+        },
+      }, 'Save as instance')));
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const result = await api('POST', '/api/runs', { experiment: exp.name, config: formConfig(form, schema) });
+    if (result.status === 201) location.hash = `#/runs/${encodeURIComponent(result.body.id)}`;
+    else showErrors(form, result);
+  });
+  return form;
+}
+
+function experimentsPage(app) {
+  const list = h('div', { class: 'grid' }, h('p', { class: 'muted' }, 'Loading…'));
+  const instances = h('div', {});
+  app.append(h('div', { class: 'page' },
+    h('h1', {}, 'Experiments'), list,
+    h('h2', {}, 'Instances'), instances));
+  const loadInstances = async () => {
+    const result = await api('GET', '/api/instances');
+    const rows = (result.body?.instances || []).map((inst) => h('tr', {},
+      h('td', {}, inst.name),
+      h('td', { class: 'mono' }, inst.experiment),
+      h('td', { class: 'mono' }, JSON.stringify(inst.config)),
+      h('td', {},
+        h('button', {
+          class: 'primary',
+          onclick: async (e) => {
+            const r = await api('POST', `/api/instances/${encodeURIComponent(inst.id)}/runs`);
+            if (r.status === 201) location.hash = `#/runs/${encodeURIComponent(r.body.id)}`;
+            else e.target.after(h('span', { class: 'field-error' }, ` ${r.body?.error || r.status}`));
+          },
+        }, 'Run'), ' ',
+        h('button', {
+          class: 'danger',
+          onclick: async () => { await api('DELETE', `/api/instances/${encodeURIComponent(inst.id)}`); loadInstances(); },
+        }, 'Delete'))));
+    instances.replaceChildren(rows.length
+      ? h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, 'name'), h('th', {}, 'experiment'), h('th', {}, 'config'), h('th', {}))), h('tbody', {}, rows))
+      : h('p', { class: 'muted' }, 'No instances yet: fill in a form above and "Save as instance".'));
+  };
+  (async () => {
+    const result = await api('GET', '/api/experiments');
+    const exps = result.body?.experiments || [];
+    list.replaceChildren(...(exps.length
+      ? exps.map((e) => experimentCard(e, loadInstances))
+      : [h('p', { class: 'muted' }, result.status === 200 ? 'No live worker hosts an experiment.' : (result.body?.error || 'Unavailable'))]));
+  })();
+  loadInstances();
+  return () => {};
+}
+
+// ---------------------------------------------------------------- runs list
+
+function runsPage(app) {
+  const params = new URLSearchParams((location.hash.split('?')[1]) || '');
+  const status = h('select', { name: 'status' }, h('option', { value: '' }, 'any status'),
+    ['pending', 'running', 'completed', 'failed', 'cancelled', 'lost'].map((s) => h('option', { value: s, selected: params.get('status') === s }, s)));
+  const experiment = h('input', { type: 'text', name: 'experiment', placeholder: 'experiment', value: params.get('experiment') || '' });
+  const body = h('tbody', {});
+  const count = h('span', { class: 'muted' });
+  const conn = h('span', { class: 'conn' });
+  app.append(h('div', { class: 'page' },
+    h('div', { class: 'toolbar' }, h('h1', {}, 'Runs'), status, experiment, count, h('span', { class: 'spacer' }), conn),
+    h('table', {},
+      h('thead', {}, h('tr', {}, ['run', 'experiment', 'status', 'lines', 'created', 'duration', 'error'].map((t) => h('th', {}, t)))),
+      body)));
+  const rowsById = new Map();
+  let timer = null;
+  const load = async () => {
+    const q = new URLSearchParams({ limit: '100' });
+    if (status.value) q.set('status', status.value);
+    if (experiment.value.trim()) q.set('experiment', experiment.value.trim());
+    const result = await api('GET', `/api/runs?${q}`);
+    const runs = result.body?.runs || [];
+    rowsById.clear();
+    body.replaceChildren(...runs.map((run) => {
+      const row = h('tr', { dataset: { run: run.id } },
+        h('td', { class: 'mono' }, h('a', { href: `#/runs/${encodeURIComponent(run.id)}` }, run.id)),
+        h('td', { class: 'mono' }, run.experiment),
+        h('td', {}, badge(run.status)),
+        h('td', { class: 'mono' }, fmt.format(run.lines)),
+        h('td', {}, dateTime(run.created_at)),
+        h('td', {}, run.started_at ? duration((run.finished_at || Date.now() * 1000) - run.started_at) : ''),
+        h('td', { class: 'muted' }, (run.error || '').slice(0, 120)));
+      rowsById.set(run.id, row);
+      return row;
+    }));
+    count.textContent = result.status === 200 ? `${runs.length} of ${result.body.total}` : (result.body?.error || '');
+  };
+  const reload = () => { clearTimeout(timer); timer = setTimeout(load, 250); };
+  status.addEventListener('change', load);
+  experiment.addEventListener('input', reload);
+  const events = new EventSource('/api/events');
+  events.onopen = () => { conn.textContent = 'live'; conn.className = 'conn live'; };
+  events.onerror = () => { conn.textContent = 'reconnecting…'; conn.className = 'conn reconnecting'; };
+  events.addEventListener('run', (e) => {
+    const change = JSON.parse(e.data);
+    const row = rowsById.get(change.run_id);
+    if (row && (!status.value || status.value === change.status)) {
+      row.children[2].replaceChildren(badge(change.status));
+      if (TERMINAL.has(change.status)) reload();
+    } else reload();
+  });
+  events.addEventListener('resync', reload);
+  load();
+  return () => { events.close(); clearTimeout(timer); };
+}
+
+// ---------------------------------------------------------------- run page
+
+function runPage(app, runId) {
+  const state = {
+    run: null,
+    total: 0,                 // true number of lines of the run (as far as the feed has seen)
+    all: [],                  // contiguous lines (by seq) held in memory, unfiltered
+    allHasOlder: false,
+    view: [],                 // what the log shows: `all`, or the lines matching the filter
+    viewHasOlder: false,
+    filter: { levels: new Set(LEVELS), q: '' },
+    results: new Map(),       // key → {seq, key, value, ts}
+    auto: true,               // follow the newest line
+    loadingOlder: false,
+    selected: null,
+    ended: false,
+  };
+  const filtered = () => state.filter.q !== '' || state.filter.levels.size !== LEVELS.length;
+  const matches = (line) => state.filter.levels.has(line.level)
+    && (state.filter.q === '' || line.message.toLowerCase().includes(state.filter.q));
+
+  // --- header
+  const title = h('h1', { class: 'mono' }, runId);
+  const status = h('span', {});
+  const elapsed = h('span', { class: 'muted', dataset: { role: 'elapsed' } });
+  const barFill = h('div', {});
+  const progressText = h('span', { class: 'muted', dataset: { role: 'progress' } });
+  const conn = h('span', { class: 'conn', dataset: { role: 'conn' } });
+  const cancel = h('button', { class: 'danger', disabled: true, dataset: { role: 'cancel' } }, 'Cancel');
+  const cancelMsg = h('span', { class: 'field-error' });
+  const errorText = h('div', { class: 'field-error', dataset: { role: 'error' } });
+  // --- log toolbar
+  const totalText = h('span', { class: 'mono', dataset: { role: 'total' } });
+  const levelButtons = LEVELS.map((l) => h('button', { class: `toggle on l-${l}`, dataset: { level: l } }, l));
+  const search = h('input', { type: 'search', placeholder: 'search', dataset: { role: 'search' } });
+  const download = h('a', { href: `/api/runs/${encodeURIComponent(runId)}/logs.txt`, download: `${runId}.log` }, 'download');
+  const spacerY = h('div', { class: 'spacer-y' });
+  const rows = h('div', { class: 'rows' });
+  const viewport = h('div', { class: 'viewport', dataset: { role: 'viewport' } }, spacerY, rows);
+  const jump = h('button', { class: 'jump primary', hidden: true }, '↓ newest');
+  const detail = h('div', { class: 'detail', dataset: { role: 'detail' } });
+  // --- side
+  const info = h('dl', { class: 'kv' });
+  const rawToggle = h('button', { class: 'toggle' }, 'raw JSON');
+  const resultsBox = h('div', { class: 'results', dataset: { role: 'results' } });
+
+  app.append(h('div', { class: 'run' },
+    h('div', { class: 'run-head' },
+      h('a', { href: '#/runs' }, '← runs'), title, status, elapsed,
+      h('div', { class: 'progress' }, h('div', { class: 'bar' }, barFill), progressText),
+      conn, cancel, cancelMsg),
+    errorText,
+    h('div', { class: 'run-body' },
+      h('div', { class: 'logs', style: undefined },
+        h('div', { class: 'toolbar' }, totalText, levelButtons, search, h('span', { class: 'spacer' }), download),
+        h('div', { class: 'viewport-wrap', style: undefined }, viewport),
+        jump, detail),
+      h('div', { class: 'side' },
+        h('div', { class: 'card' }, info),
+        h('div', { class: 'toolbar' }, h('strong', {}, 'Results'), h('span', { class: 'spacer' }), rawToggle),
+        resultsBox))));
+  // The viewport wrapper takes the free height; the jump button sits over it.
+  const wrap = viewport.parentElement;
+  wrap.style.flex = '1'; wrap.style.minHeight = '0'; wrap.style.display = 'flex'; wrap.style.position = 'relative';
+  viewport.style.flex = '1';
+  wrap.append(jump);
+
+  // --- rendering (at most once per frame)
+  let frame = 0;
+  let dirtyResults = false;
+  const schedule = () => { if (!frame) frame = requestAnimationFrame(render); };
+  const pool = [];
+
+  function renderHeader() {
+    const run = state.run;
+    if (!run) return;
+    status.replaceChildren(badge(run.status));
+    const p = run.progress;
+    if (p && p.total > 0) {
+      barFill.style.width = `${Math.min(100, (100 * p.current) / p.total).toFixed(1)}%`;
+      progressText.textContent = `${fmt.format(p.current)}/${fmt.format(p.total)}${p.message ? ` · ${p.message}` : ''}`;
+    } else if (p) {
+      progressText.textContent = p.message || '';
+    }
+    cancel.disabled = TERMINAL.has(run.status);
+    errorText.textContent = run.error || '';
+    title.textContent = `${run.experiment || '…'} · ${run.id}`;
+    info.replaceChildren(
+      h('dt', {}, 'created'), h('dd', {}, dateTime(run.created_at)),
+      h('dt', {}, 'started'), h('dd', {}, dateTime(run.started_at)),
+      h('dt', {}, 'finished'), h('dd', {}, dateTime(run.finished_at)),
+      h('dt', {}, 'worker'), h('dd', {}, run.worker_id || ''),
+      h('dt', {}, 'config'), h('dd', { title: JSON.stringify(run.config) }, JSON.stringify(run.config)));
+  }
+
+  function tickElapsed() {
+    const run = state.run;
+    if (!run || !run.started_at) { elapsed.textContent = ''; return; }
+    const end = run.finished_at || Date.now() * 1000;
+    elapsed.textContent = duration(end - run.started_at);
+  }
+
+  function renderRows() {
+    const n = state.view.length;
+    spacerY.style.height = `${n * ROW_HEIGHT}px`;
+    if (state.auto) viewport.scrollTop = viewport.scrollHeight;
+    const top = viewport.scrollTop;
+    const visible = Math.ceil(viewport.clientHeight / ROW_HEIGHT) + 1;
+    const first = Math.max(0, Math.floor(top / ROW_HEIGHT) - OVERSCAN);
+    const last = Math.min(n, first + visible + 2 * OVERSCAN);
+    while (pool.length < last - first) {
+      const el = h('div', { class: 'line' }, h('span', { class: 'seq' }), h('span', { class: 'ts' }), h('span', { class: 'lvl' }), h('span', { class: 'msg' }));
+      pool.push(el);
+    }
+    rows.style.transform = `translateY(${first * ROW_HEIGHT}px)`;
+    const wanted = last - first;
+    while (rows.childElementCount > wanted) rows.lastElementChild.remove();
+    for (let i = 0; i < wanted; i++) {
+      const line = state.view[first + i];
+      const el = pool[i];
+      if (el.parentNode !== rows) rows.append(el);
+      if (el._line === line) continue;
+      el._line = line;
+      el.dataset.seq = line.seq;
+      el.children[0].textContent = line.seq;
+      el.children[1].textContent = clock(line.ts);
+      el.children[2].textContent = line.level.toUpperCase();
+      el.children[2].className = `lvl l-${line.level}`;
+      el.children[3].replaceChildren(ansi(line.message.replace(/\r?\n/g, ' ⏎ ')));
+    }
+    jump.hidden = state.auto;
+    totalText.textContent = filtered()
+      ? `${fmt.format(state.view.length)} matching · ${fmt.format(state.total)} lines`
+      : `${fmt.format(state.total)} lines`;
+  }
+
+  function render() {
+    frame = 0;
+    renderRows();
+    if (dirtyResults) { dirtyResults = false; renderResults(); }
+  }
+
+  // --- results: a tree with lazy expansion, or the raw JSON
+  const expanded = new Set();
+  let raw = false;
+  function valueNode(value, path) {
+    if (value !== null && typeof value === 'object') {
+      const entries = Array.isArray(value) ? value.map((v, i) => [i, v]) : Object.entries(value);
+      const open = expanded.has(path);
+      const li = h('li', {});
+      const twisty = h('span', { class: 'twisty' }, open ? '▾' : '▸');
+      const summary = Array.isArray(value) ? `[${entries.length}]` : `{${entries.length}}`;
+      return { twisty, summary, children: open ? h('ul', { class: 'tree' }, entries.map(([k, v]) => treeItem(String(k), v, `${path}/${k}`))) : null, li };
+    }
+    const cls = typeof value === 'string' ? 'v-string' : typeof value === 'number' ? 'v-number' : 'v-other';
+    return { leaf: h('span', { class: cls }, JSON.stringify(value)) };
+  }
+  function treeItem(key, value, path) {
+    const node = valueNode(value, path);
+    if (node.leaf) return h('li', {}, h('span', { class: 'leaf' }), h('span', { class: 'k' }, key), ': ', node.leaf);
+    const li = h('li', {}, node.twisty, h('span', { class: 'k' }, key), ': ', h('span', { class: 'muted' }, node.summary), node.children);
+    node.twisty.addEventListener('click', () => {
+      if (expanded.has(path)) expanded.delete(path); else expanded.add(path);
+      li.replaceWith(treeItem(key, value, path));
+    });
+    return li;
+  }
+  function renderResults() {
+    const sorted = [...state.results.values()].sort((a, b) => a.key.localeCompare(b.key, 'en', { numeric: true }));
+    if (raw) {
+      const obj = {};
+      for (const r of sorted) obj[r.key] = r.value;
+      resultsBox.replaceChildren(h('pre', { class: 'raw' }, JSON.stringify(obj, null, 2)));
+    } else if (sorted.length === 0) {
+      resultsBox.replaceChildren(h('span', { class: 'muted' }, 'No results yet.'));
+    } else {
+      resultsBox.replaceChildren(h('ul', { class: 'tree root' }, sorted.map((r) => treeItem(r.key, r.value, `/${r.key}`))));
+    }
+  }
+  rawToggle.addEventListener('click', () => { raw = !raw; rawToggle.classList.toggle('on', raw); renderResults(); });
+  const setResult = (r) => {
+    const old = state.results.get(r.key);
+    if (!old || old.seq < r.seq) { state.results.set(r.key, r); dirtyResults = true; }
+  };
+
+  // --- the log model
+  function trimFront() {
+    if (state.all.length > MAX_LINES) {
+      state.all.splice(0, state.all.length - MAX_LINES);
+      state.allHasOlder = true;
+    }
+    if (state.view !== state.all && state.view.length > MAX_LINES) {
+      const drop = state.view.length - MAX_LINES;
+      state.view.splice(0, drop);
+      state.viewHasOlder = true;
+      if (!state.auto) viewport.scrollTop -= drop * ROW_HEIGHT;
+    }
+  }
+  function applyFilter() {
+    if (filtered()) {
+      state.view = state.all.filter(matches);
+      state.viewHasOlder = state.allHasOlder;
+    } else {
+      state.view = state.all;
+      state.viewHasOlder = state.allHasOlder;
+    }
+    state.auto = true;
+    schedule();
+  }
+  async function loadOlder() {
+    if (state.loadingOlder || !state.viewHasOlder) return;
+    state.loadingOlder = true;
+    const firstSeq = Math.min(state.view.length ? state.view[0].seq : Infinity, state.all.length ? state.all[0].seq : Infinity);
+    const q = new URLSearchParams({ before: String(Number.isFinite(firstSeq) ? firstSeq : state.total), limit: String(PAGE) });
+    if (filtered()) {
+      if (state.filter.levels.size !== LEVELS.length) q.set('level', [...state.filter.levels].join(','));
+      if (state.filter.q) q.set('q', state.filter.q);
+    }
+    const viewBefore = state.view;
+    const result = await api('GET', `/api/runs/${encodeURIComponent(runId)}/logs?${q}`);
+    state.loadingOlder = false;
+    if (result.status !== 200 || state.view !== viewBefore) return;
+    const older = result.body.lines || [];
+    if (older.length === 0 && !result.body.more) { state.viewHasOlder = false; if (!filtered()) state.allHasOlder = false; return; }
+    if (filtered()) {
+      state.view = older.concat(state.view);
+      state.viewHasOlder = result.body.more;
+    } else {
+      state.all = older.concat(state.all);
+      state.view = state.all;
+      state.allHasOlder = state.viewHasOlder = older.length > 0 && older[0].seq > 0;
+    }
+    viewport.scrollTop += older.length * ROW_HEIGHT;
+    schedule();
+  }
+  viewport.addEventListener('scroll', () => {
+    const atBottom = viewport.scrollTop + viewport.clientHeight >= viewport.scrollHeight - ROW_HEIGHT * 2;
+    state.auto = atBottom;
+    if (viewport.scrollTop < ROW_HEIGHT * 30) loadOlder();
+    schedule();
+  }, { passive: true });
+  jump.addEventListener('click', () => { state.auto = true; schedule(); });
+  rows.addEventListener('click', (e) => {
+    const el = e.target.closest('.line');
+    if (!el || !el._line) return;
+    const line = el._line;
+    detail.textContent = `#${line.seq} ${clock(line.ts)} ${line.level.toUpperCase()}\n${line.message}`
+      + (line.metadata !== undefined && line.metadata !== null ? `\n${JSON.stringify(line.metadata, null, 2)}` : '');
+  });
+  for (const b of levelButtons) {
+    b.addEventListener('click', () => {
+      const l = b.dataset.level;
+      if (state.filter.levels.has(l)) state.filter.levels.delete(l); else state.filter.levels.add(l);
+      b.classList.toggle('on', state.filter.levels.has(l));
+      applyFilter();
+    });
+  }
+  let searchTimer = null;
+  search.addEventListener('input', () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(() => { state.filter.q = search.value.trim().toLowerCase(); applyFilter(); }, 250);
+  });
+  cancel.addEventListener('click', async () => {
+    cancelMsg.textContent = '';
+    const result = await api('POST', `/api/runs/${encodeURIComponent(runId)}/cancel`);
+    if (result.status === 202) cancelMsg.textContent = '';
+    else cancelMsg.textContent = result.body?.error || `the gateway answered ${result.status}`;
+    if (result.status === 202) { cancel.disabled = true; cancel.textContent = 'Cancelling…'; }
+  });
+
+  // --- the feed
+  const events = new EventSource(`/api/runs/${encodeURIComponent(runId)}/events`);
+  const setConn = (text, cls) => { conn.textContent = text; conn.className = `conn ${cls}`; };
+  events.onopen = () => { if (!state.ended) setConn('live', 'live'); };
+  events.onerror = () => {
+    if (state.ended) return;
+    if (events.readyState === EventSource.CLOSED) {
+      // Refused (e.g. an unknown run): say so once.
+      api('GET', `/api/runs/${encodeURIComponent(runId)}`).then((r) => {
+        if (r.status !== 200) errorText.textContent = r.body?.error || 'run not found';
+      });
+      setConn('disconnected', 'reconnecting');
+    } else setConn('reconnecting…', 'reconnecting');
+  };
+  events.addEventListener('snapshot', (e) => {
+    const snap = JSON.parse(e.data);
+    state.run = snap.run;
+    state.total = snap.lines;
+    state.all = snap.tail;
+    state.allHasOlder = snap.tail.length ? snap.tail[0].seq > 0 : snap.lines > 0;
+    state.results = new Map(Object.entries(snap.results));
+    dirtyResults = true;
+    applyFilter();
+    renderHeader();
+    tickElapsed();
+  });
+  events.addEventListener('batch', (e) => {
+    const batch = JSON.parse(e.data);
+    const run = state.run;
+    state.total += batch.logs.length;
+    for (const line of batch.logs) state.all.push(line);
+    if (state.view !== state.all) for (const line of batch.logs) if (matches(line)) state.view.push(line);
+    trimFront();
+    for (const r of batch.results) setResult(r);
+    if (run) {
+      if (batch.progress) run.progress = batch.progress;
+      if (batch.status) {
+        run.status = batch.status;
+        if (batch.error) run.error = batch.error;
+      } else if (run.status === 'pending') run.status = 'running';
+      if (!run.started_at && batch.status === 'running') run.started_at = Date.now() * 1000;
+      renderHeader();
+    }
+    schedule();
+  });
+  events.addEventListener('resync', () => setConn('resyncing…', 'reconnecting'));
+  events.addEventListener('status', (e) => {
+    const end = JSON.parse(e.data);
+    state.ended = true;
+    events.close();
+    if (state.run) {
+      state.run.status = end.status;
+      state.run.error = end.error;
+      state.run.finished_at = end.finished_at || state.run.finished_at || Date.now() * 1000;
+    }
+    state.total = end.lines;
+    setConn('ended', 'ended');
+    renderHeader();
+    tickElapsed();
+    schedule();
+  });
+  const ticker = setInterval(tickElapsed, 1000);
+  const onResize = () => schedule();
+  window.addEventListener('resize', onResize);
+  return () => {
+    events.close();
+    clearInterval(ticker);
+    window.removeEventListener('resize', onResize);
+    if (frame) cancelAnimationFrame(frame);
+  };
+}

@@ -1,0 +1,84 @@
+// What every browser test needs: a real `athanor up` (own nats-server, SQLite in a temp
+// dir, free port) and Debian's chromium through playwright-core.
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import { chromium } from 'playwright-core';
+
+const here = new URL('.', import.meta.url).pathname;
+const root = resolve(here, '../../..');
+export const ATHANOR = process.env.ATHANOR_BIN || join(root, 'target/debug/athanor');
+export const NATS_SERVER = process.env.ATHANOR__NATS__SERVER_BIN || join(root, '.tools/venv/bin/nats-server');
+export const SCREENSHOTS = join(root, 'docs/screenshots');
+
+/** Starts `athanor up`; resolves with { url, stop() } once its worker is registered. */
+export async function up() {
+  const dataDir = mkdtempSync(join(tmpdir(), 'athanor-ui-'));
+  const child = spawn(ATHANOR, ['up', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0'], {
+    env: { ...process.env, ATHANOR__NATS__SERVER_BIN: NATS_SERVER, RUST_LOG: 'warn' },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const lines = createInterface({ input: child.stdout });
+  const url = await new Promise((ok, fail) => {
+    const timer = setTimeout(() => fail(new Error('athanor up printed no API line in 60 s')), 60_000);
+    child.on('exit', (code) => fail(new Error(`athanor up exited with ${code}`)));
+    lines.on('line', (line) => {
+      const m = line.match(/^\s*API:\s+(http:\/\/\S+)\/api\/experiments/);
+      if (m) { clearTimeout(timer); ok(m[1]); }
+    });
+  });
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const body = await (await fetch(`${url}/api/experiments`)).json();
+    if (body.experiments?.length >= 5) break;
+    if (Date.now() > deadline) throw new Error('the worker never registered');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return {
+    url,
+    async stop() {
+      const exited = new Promise((ok) => child.on('exit', ok));
+      child.kill('SIGTERM');
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 30_000))]);
+      if (child.exitCode === null) child.kill('SIGKILL');
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+export async function browser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+}
+
+/** POST /api/runs; returns the run id. */
+export async function startRun(url, experiment, config) {
+  const response = await fetch(`${url}/api/runs`, {
+    method: 'POST', headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ experiment, config }),
+  });
+  const body = await response.json();
+  if (response.status !== 201) throw new Error(`run refused: ${JSON.stringify(body)}`);
+  return body.id;
+}
+
+export async function runStatus(url, id) {
+  return (await (await fetch(`${url}/api/runs/${id}`)).json());
+}
+
+/** Polls `check` until it returns a truthy value. */
+export async function waitFor(what, check, timeoutMs = 60_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}

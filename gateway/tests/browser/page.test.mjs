@@ -1,0 +1,138 @@
+// The UI's pages against a real `athanor up`: run output shown as text, the cancel
+// button, the new-run form showing the API's message, a reload mid-run, the live runs
+// list, and the screenshots of the run page in both themes.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { up, browser, startRun, runStatus, waitFor, SCREENSHOTS } from './harness.mjs';
+
+let athanor;
+let chromium;
+before(async () => { athanor = await up(); chromium = await browser(); });
+after(async () => { await chromium?.close(); await athanor?.stop(); });
+
+async function openPage(path, options = {}) {
+  const page = await chromium.newPage({ viewport: { width: 1280, height: 760 }, ...options });
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('dialog', async (d) => { problems.push(`dialog: ${d.message()}`); await d.dismiss(); });
+  await page.goto(`${athanor.url}/${path}`);
+  return { page, problems };
+}
+
+const status = (page) => page.locator('.run-head .badge').textContent();
+
+test('whatever a run prints is shown as text, never run', async () => {
+  const payload = '<img src=x onerror="window.__xss=1;alert(1)"><script>window.__xss=2;alert(2)</script>'
+    + '<b>bold?</b> \u001b[31mred\u001b[0m';
+  const id = await startRun(athanor.url, 'echo', { message: payload, count: 3 });
+  const { page, problems } = await openPage(`#/runs/${id}`);
+  await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
+  const lines = page.locator('.viewport .line .msg');
+  assert.equal(await lines.count(), 3);
+  // The ANSI colour is rendered; the markup is text.
+  assert.equal(await lines.first().textContent(), payload.replace('\u001b[31m', '').replace('\u001b[0m', ''));
+  assert.equal(await page.locator('.viewport .line .msg .fg31').first().textContent(), 'red');
+  // Metadata, in the detail pane.
+  await page.locator('.viewport .line').first().click();
+  assert.ok((await page.locator('[data-role=detail]').textContent()).includes(JSON.stringify(payload)));
+  // Results: the payload is a key and a value, in the tree and as raw JSON.
+  await page.locator('.results .twisty').first().click();
+  const results = await page.locator('[data-role=results]').textContent();
+  assert.ok(results.includes(payload.slice(0, 40)), results);
+  await page.getByRole('button', { name: 'raw JSON' }).click();
+  assert.ok((await page.locator('[data-role=results] pre').textContent()).includes(JSON.stringify(payload).slice(1, 40)));
+  // Nothing was injected or executed anywhere.
+  assert.equal(await page.evaluate(() => window.__xss), undefined);
+  assert.equal(await page.locator('main img, main script, main b').count(), 0);
+  // The runs list shows it too, still as text.
+  await page.goto(`${athanor.url}/#/runs`);
+  await page.locator(`tr[data-run="${id}"]`).waitFor();
+  assert.equal(await page.evaluate(() => window.__xss), undefined);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('the cancel button cancels a running run', async () => {
+  const id = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
+  const { page, problems } = await openPage(`#/runs/${id}`);
+  await waitFor('running', async () => (await status(page)) === 'running');
+  await page.locator('[data-role=cancel]').click();
+  await waitFor('cancelled on the page', async () => (await status(page)) === 'cancelled');
+  // The page runs ahead of the database; the database follows.
+  await waitFor('cancelled in the database', async () => (await runStatus(athanor.url, id)).status === 'cancelled');
+  assert.equal(await page.locator('[data-role=cancel]').isDisabled(), true);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('the new-run form shows the API message next to an out-of-bounds field, then starts a run', async () => {
+  const { page, problems } = await openPage('#/experiments');
+  const form = page.locator('form[data-experiment=sweep]');
+  await form.locator('input[name=iterations]').fill('0');
+  await form.getByRole('button', { name: 'Start run' }).click();
+  const error = form.locator('[data-error-for=iterations]');
+  await waitFor('the field error', async () => (await error.textContent()) !== '');
+  assert.equal(await error.textContent(), 'must be at least 1, got 0');
+  assert.ok(page.url().endsWith('#/experiments'));
+  await form.locator('input[name=iterations]').fill('2');
+  await form.locator('input[name=delay_ms]').fill('0');
+  await form.getByRole('button', { name: 'Start run' }).click();
+  await waitFor('the run page', async () => page.url().includes('#/runs/'));
+  await waitFor('completed', async () => (await status(page)) === 'completed');
+  assert.equal(await page.locator('[data-role=total]').textContent(), '2 lines');
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('a reload mid-run shows the same state', async () => {
+  const id = await startRun(athanor.url, 'sweep', { iterations: 3, delay_ms: 6000 });
+  const { page, problems } = await openPage(`#/runs/${id}`);
+  const state = async () => ({
+    status: await status(page),
+    total: await page.locator('[data-role=total]').textContent(),
+    progress: await page.locator('[data-role=progress]').textContent(),
+    lines: await page.locator('.viewport .line .msg').allTextContents(),
+    results: await page.locator('[data-role=results]').textContent(),
+  });
+  await waitFor('the first iteration', async () => (await page.locator('[data-role=total]').textContent()) === '1 lines');
+  const before = await state();
+  assert.equal(before.status, 'running');
+  assert.equal(before.progress, '1/3 · iteration 1 of 3');
+  await page.reload();
+  await waitFor('the page to load the run', async () => (await page.locator('[data-role=total]').textContent()) === '1 lines');
+  await waitFor('the results', async () => (await page.locator('[data-role=results]').textContent()).includes('iteration_0'));
+  assert.deepEqual(await state(), before);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('the runs list follows status changes live', async () => {
+  const { page, problems } = await openPage('#/runs');
+  await waitFor('the lifecycle feed', async () => (await page.locator('.page .conn').textContent()) === 'live');
+  const id = await startRun(athanor.url, 'sweep', { iterations: 3, delay_ms: 300 });
+  const badge = page.locator(`tr[data-run="${id}"] .badge`);
+  await waitFor('the new run in the list', async () => (await badge.count()) === 1);
+  await waitFor('completed in the list', async () => (await badge.textContent()) === 'completed');
+  await page.locator('select[name=status]').selectOption('completed');
+  await waitFor('the filter', async () => (await page.locator('tbody .badge').allTextContents()).every((s) => s === 'completed'));
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('screenshots of the run page in both themes', async () => {
+  mkdirSync(SCREENSHOTS, { recursive: true });
+  const id = await startRun(athanor.url, 'sweep', { iterations: 40, delay_ms: 150 });
+  for (const colorScheme of ['light', 'dark']) {
+    const { page, problems } = await openPage(`#/runs/${id}`, { colorScheme });
+    await waitFor('some output', async () => (await page.locator('.viewport .line').count()) >= 10);
+    await page.locator('.results .twisty').first().click();
+    const path = join(SCREENSHOTS, `run-${colorScheme}.png`);
+    await page.screenshot({ path });
+    console.log(`saved ${path}`);
+    assert.deepEqual(problems, []);
+    await page.close();
+  }
+});

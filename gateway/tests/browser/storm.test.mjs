@@ -1,0 +1,60 @@
+// The run page under a storm: log_storm at 10 000 lines/s for 20 s with the page open.
+// The main thread never blocks for more than 200 ms, the number of log rows in the DOM
+// stays bounded, the total at the end is every line emitted, and with auto-scroll on the
+// last line is on screen.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { up, browser, startRun, waitFor } from './harness.mjs';
+
+const LINES_PER_SECOND = 10_000;
+const DURATION_MS = 20_000;
+const EXPECTED = (LINES_PER_SECOND * DURATION_MS) / 1000 + 1; // + log_storm's opening line
+const MAX_ROWS = 150;
+
+test('the run page stays responsive at 10 000 lines per second', { timeout: 180_000 }, async () => {
+  const athanor = await up();
+  const chromium = await browser();
+  try {
+    const page = await chromium.newPage({ viewport: { width: 1280, height: 800 } });
+    await page.addInitScript(() => {
+      window.__longTasks = [];
+      new PerformanceObserver((list) => {
+        for (const entry of list.getEntries()) window.__longTasks.push(entry.duration);
+      }).observe({ type: 'longtask', buffered: true });
+    });
+    const errors = [];
+    page.on('pageerror', (e) => errors.push(e.message));
+    const id = await startRun(athanor.url, 'log_storm', {
+      lines_per_second: LINES_PER_SECOND, duration_ms: DURATION_MS, with_metadata: true,
+    });
+    await page.goto(`${athanor.url}/#/runs/${id}`);
+    let maxRows = 0;
+    let samples = 0;
+    await waitFor('the run to end on the page', async () => {
+      const rows = await page.locator('.viewport .line').count();
+      maxRows = Math.max(maxRows, rows);
+      samples += 1;
+      return (await page.locator('[data-role=conn]').textContent()) === 'ended';
+    }, 120_000);
+    const longTasks = await page.evaluate(() => window.__longTasks);
+    console.log(`long tasks: ${longTasks.length}, longest ${Math.max(0, ...longTasks).toFixed(0)} ms; `
+      + `max DOM rows ${maxRows} over ${samples} samples`);
+    assert.deepEqual(errors, []);
+    assert.ok(samples > 20, `sampled the DOM ${samples} times`);
+    assert.ok(longTasks.every((d) => d <= 200), `long tasks over 200 ms: ${longTasks.filter((d) => d > 200)}`);
+    assert.ok(maxRows > 0 && maxRows <= MAX_ROWS, `DOM rows peaked at ${maxRows}`);
+    assert.equal(await page.locator('[data-role=total]').textContent(), `${EXPECTED.toLocaleString('en-US')} lines`);
+    assert.equal(await page.locator('.badge').first().textContent(), 'completed');
+    // Auto-scroll is on: the newest line is the last row, inside the viewport.
+    const last = page.locator('.viewport .line').last();
+    assert.equal(await last.getAttribute('data-seq'), String(EXPECTED - 1));
+    const box = await last.boundingBox();
+    const viewport = await page.locator('[data-role=viewport]').boundingBox();
+    assert.ok(box.y >= viewport.y && box.y + box.height <= viewport.y + viewport.height + 1,
+      `last line at ${box.y}..${box.y + box.height}, viewport ${viewport.y}..${viewport.y + viewport.height}`);
+  } finally {
+    await chromium.close();
+    await athanor.stop();
+  }
+});

@@ -1,0 +1,59 @@
+use athanor_schemas::{ConfigSchema, Field, Level};
+use serde_json::json;
+
+use crate::{Experiment, RunContext, RunError};
+
+/// Prints exactly what it is given — as log lines, as metadata, as a result value and
+/// as a result key — so viewers can be checked to show run output as text.
+pub struct Echo;
+
+impl Experiment for Echo {
+    fn name(&self) -> &str {
+        "echo"
+    }
+
+    fn description(&self) -> &str {
+        "Logs `message` `count` times (with it as metadata too) and records it as a result."
+    }
+
+    fn config_schema(&self) -> ConfigSchema {
+        ConfigSchema::new([
+            Field::string("message")
+                .describe("What to print")
+                .default("hello"),
+            Field::int("count")
+                .describe("How many times")
+                .default(1)
+                .min(1.0)
+                .max(100_000.0),
+            Field::one_of("level", &["trace", "debug", "info", "warn", "error"])
+                .describe("Level of the lines")
+                .default("info"),
+        ])
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<(), RunError> {
+        let message = ctx.config_str("message").unwrap_or("hello").to_string();
+        let count = ctx.config_i64("count").unwrap_or(1).max(1) as u64;
+        let level = match ctx.config_str("level").unwrap_or("info") {
+            "trace" => Level::Trace,
+            "debug" => Level::Debug,
+            "warn" => Level::Warn,
+            "error" => Level::Error,
+            _ => Level::Info,
+        };
+        for i in 0..count {
+            ctx.log_with(
+                level,
+                message.clone(),
+                json!({ "message": message, "i": i }),
+            );
+        }
+        ctx.result(
+            "message",
+            json!({ "text": message, "nested": { "list": [message] } }),
+        );
+        ctx.result(message.chars().take(200).collect::<String>(), count);
+        Ok(())
+    }
+}
