@@ -55,6 +55,25 @@ test('whatever a run prints is shown as text, never run', async () => {
   await page.close();
 });
 
+test('level toggles and search filter the log', async () => {
+  const id = await startRun(athanor.url, 'sweep', { iterations: 12, delay_ms: 0 });
+  const { page, problems } = await openPage(`#/runs/${id}`);
+  await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
+  const messages = () => page.locator('.viewport .line .msg').allTextContents();
+  assert.equal((await messages()).length, 12);
+  await page.locator('[data-role=search]').fill('iteration 1');
+  await waitFor('the search', async () => (await messages()).length === 3);
+  assert.deepEqual((await messages()).map((m) => m.split(':')[0]), ['iteration 1', 'iteration 10', 'iteration 11']);
+  assert.equal(await page.locator('[data-role=total]').textContent(), '3 matching · 12 lines');
+  await page.locator('button[data-level=info]').click();
+  await waitFor('the level filter', async () => (await messages()).length === 0);
+  await page.locator('button[data-level=info]').click();
+  await page.locator('[data-role=search]').fill('');
+  await waitFor('everything again', async () => (await messages()).length === 12);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test('the cancel button cancels a running run', async () => {
   const id = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
   const { page, problems } = await openPage(`#/runs/${id}`);

@@ -53,6 +53,15 @@ test('the run page stays responsive at 10 000 lines per second', { timeout: 180_
     const viewport = await page.locator('[data-role=viewport]').boundingBox();
     assert.ok(box.y >= viewport.y && box.y + box.height <= viewport.y + viewport.height + 1,
       `last line at ${box.y}..${box.y + box.height}, viewport ${viewport.y}..${viewport.y + viewport.height}`);
+    // Scrolling to the top pauses auto-scroll and pages older lines in from the API.
+    const firstSeq = async () => Number(await page.locator('.viewport .line').first().getAttribute('data-seq'));
+    const newestFirst = await firstSeq();
+    await page.locator('[data-role=viewport]').evaluate((el) => { el.scrollTop = 0; });
+    await waitFor('older lines paged in', async () => (await firstSeq()) < newestFirst - 1000);
+    assert.equal(await page.getByRole('button', { name: '↓ newest' }).isVisible(), true);
+    await page.getByRole('button', { name: '↓ newest' }).click();
+    await waitFor('back at the newest line', async () =>
+      (await page.locator('.viewport .line').last().getAttribute('data-seq')) === String(EXPECTED - 1));
   } finally {
     await chromium.close();
     await athanor.stop();
