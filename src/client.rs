@@ -40,10 +40,18 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(url: &str) -> Self {
+    pub fn new(url: &str, token: Option<&str>) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = token
+            .filter(|t| !t.is_empty())
+            .and_then(|t| reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")).ok())
+        {
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         Client {
             base: url.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
+                .default_headers(headers)
                 .connect_timeout(Duration::from_secs(10))
                 .build()
                 .expect("an HTTP client"),

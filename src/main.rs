@@ -86,6 +86,9 @@ struct GatewayUrl {
     /// The gateway (default: http://<gateway.http_addr>, i.e. the local `athanor up`).
     #[arg(long, env = "ATHANOR_URL")]
     url: Option<String>,
+    /// The gateway's API token, when it requires one (`gateway.api_token`).
+    #[arg(long, env = "ATHANOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl GatewayUrl {
@@ -94,7 +97,7 @@ impl GatewayUrl {
             .url
             .clone()
             .unwrap_or_else(|| format!("http://{}", config.gateway.http_addr));
-        client::Client::new(&url)
+        client::Client::new(&url, self.token.as_deref())
     }
 }
 

@@ -185,14 +185,18 @@ impl Rig {
     }
 
     async fn wait_terminal(&self, run_id: &str) -> runs::Model {
-        wait_for("the run to end in the database", Duration::from_secs(120), || async {
-            runs::Entity::find_by_id(run_id.to_string())
-                .one(&self.db.db)
-                .await
-                .ok()
-                .flatten()
-                .filter(|r| !matches!(r.status.as_str(), "pending" | "running"))
-        })
+        wait_for(
+            "the run to end in the database",
+            Duration::from_secs(120),
+            || async {
+                runs::Entity::find_by_id(run_id.to_string())
+                    .one(&self.db.db)
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|r| !matches!(r.status.as_str(), "pending" | "running"))
+            },
+        )
         .await
         .unwrap()
     }
@@ -209,7 +213,9 @@ impl Rig {
             Some(out) => (
                 out.lines().len() as u64,
                 out.messages as u64,
-                out.final_batch().and_then(|b| b.final_.as_ref()).map(|f| f.lines),
+                out.final_batch()
+                    .and_then(|b| b.final_.as_ref())
+                    .map(|f| f.lines),
             ),
             None => {
                 let (lines, messages) = acked_without_final(&js, run_id).await;
@@ -326,7 +332,12 @@ impl Tally {
             self.scenario
         );
         if let Some(emitted) = self.emitted {
-            assert_eq!((self.acked, self.stored), (emitted, emitted), "{}", self.scenario);
+            assert_eq!(
+                (self.acked, self.stored),
+                (emitted, emitted),
+                "{}",
+                self.scenario
+            );
         } else {
             assert_eq!(self.stored, self.acked, "{}", self.scenario);
         }
@@ -399,7 +410,12 @@ async fn database_locked_by_another_process_for_20_seconds() {
     let _worker = rig.start("worker");
     let _aggregator = rig.start("aggregator");
     let (_gateway, base) = rig.gateway().await;
-    let path = rig.db.config.url().trim_start_matches("sqlite://").to_string();
+    let path = rig
+        .db
+        .config
+        .url()
+        .trim_start_matches("sqlite://")
+        .to_string();
     let id = rig
         .start_run(
             &base,
@@ -465,9 +481,13 @@ async fn aggregator_sigstopped_past_ack_wait_while_another_takes_over() {
     first.signal("-CONT");
     let run = rig.wait_terminal(&id).await;
     assert_eq!(run.status, "completed");
-    rig.tally("5. aggregator SIGSTOP 6 s (ack_wait 3 s), second takes over", &id, true)
-        .await
-        .assert_clean();
+    rig.tally(
+        "5. aggregator SIGSTOP 6 s (ack_wait 3 s), second takes over",
+        &id,
+        true,
+    )
+    .await
+    .assert_clean();
     rig.db.close().await;
 }
 
@@ -562,7 +582,10 @@ async fn worker_sigkilled_mid_run_becomes_lost_for_viewers_and_keeps_its_output(
         .unwrap();
     let status = viewed.status.clone().unwrap();
     assert_eq!(status.status, "lost");
-    println!("   the viewer received `lost` {:?} after the kill", killed.elapsed());
+    println!(
+        "   the viewer received `lost` {:?} after the kill",
+        killed.elapsed()
+    );
     assert!(
         killed.elapsed() < Duration::from_secs(30),
         "lost after {:?}",
@@ -570,7 +593,9 @@ async fn worker_sigkilled_mid_run_becomes_lost_for_viewers_and_keeps_its_output(
     );
     let run = rig.wait_terminal(&id).await;
     assert_eq!(run.status, "lost");
-    let tally = rig.tally("6. worker SIGKILL mid-run → lost", &id, false).await;
+    let tally = rig
+        .tally("6. worker SIGKILL mid-run → lost", &id, false)
+        .await;
     tally.assert_clean();
     assert_eq!(viewed.lines.len() as u64, tally.acked);
     assert_eq!(viewed.duplicates, 0);

@@ -281,7 +281,7 @@ pub(crate) async fn list_runs(
     ))
 }
 
-async fn find_run(state: &AppState, id: &str) -> ApiResult<runs::Model> {
+pub(crate) async fn find_run(state: &AppState, id: &str) -> ApiResult<runs::Model> {
     runs::Entity::find_by_id(id.to_string())
         .one(&state.db)
         .await?

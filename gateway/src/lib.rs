@@ -6,6 +6,7 @@
 //! (`hub.rs`, `sse.rs`), without waiting for the database.
 
 mod api;
+mod auth;
 mod error;
 mod hub;
 mod instances;
@@ -54,6 +55,15 @@ pub struct GatewayConfig {
     /// Largest decompressed batch a hub reads; keep it equal to
     /// `aggregator.decode_limit`.
     pub decode_limit: usize,
+    /// When set, writes under `/api` need `Authorization: Bearer <api_token>`.
+    pub api_token: Option<String>,
+    /// With `api_token`: reads and feeds need it too (feeds also take a feed token).
+    pub protect_reads: bool,
+    /// How long a feed token (`POST …/feed-token`) is accepted.
+    #[serde(with = "humantime_serde")]
+    pub feed_token_ttl: Duration,
+    /// Origins allowed to call the API from a browser (CORS); empty: same origin only.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -67,6 +77,10 @@ impl Default for GatewayConfig {
             hub_buffer: 1024,
             status_poll: Duration::from_secs(2),
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,
+            api_token: None,
+            protect_reads: false,
+            feed_token_ttl: Duration::from_secs(300),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -114,6 +128,7 @@ pub struct AppState {
     pub(crate) hubs: Arc<hub::Hubs>,
     /// Lifecycle changes relayed from NATS to `/api/events` viewers.
     pub(crate) lifecycle: tokio::sync::broadcast::Sender<Arc<hub::Frame>>,
+    pub(crate) auth: Arc<auth::Auth>,
 }
 
 impl AppState {
@@ -153,13 +168,19 @@ impl AppState {
             max_body_bytes: config.max_body_bytes,
             hubs,
             lifecycle,
+            auth: Arc::new(auth::Auth::new(
+                config.api_token.clone(),
+                config.protect_reads,
+                config.feed_token_ttl,
+            )),
         })
     }
 }
 
 /// The HTTP routes.
 pub fn router(state: AppState, config: &GatewayConfig) -> Router {
-    Router::new()
+    let state = Arc::new(state);
+    let router = Router::new()
         .route("/", get(ui::index))
         .route("/ui/{name}", get(ui::file))
         .route("/healthz", get(api::healthz))
@@ -178,6 +199,8 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
         )
         .route("/api/instances/{id}/runs", post(instances::start_run_of))
         .route("/api/events", get(sse::lifecycle_events))
+        .route("/api/events/feed-token", post(auth::lifecycle_feed_token))
+        .route("/api/runs/{id}/feed-token", post(auth::run_feed_token))
         .route("/api/runs", get(api::list_runs).post(api::create_run))
         .route("/api/runs/{id}", get(api::get_run))
         .route("/api/runs/{id}/events", get(sse::run_events))
@@ -187,7 +210,38 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
         .route("/api/runs/{id}/results", get(api::results))
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .with_state(Arc::new(state))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authorize,
+        ));
+    let router = match cors(&config.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for the configured origins (none: no CORS headers, same origin only).
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::HeaderName::from_static("last-event-id"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 /// A gateway bound to its address, serving until shutdown.

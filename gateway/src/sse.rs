@@ -34,6 +34,9 @@ const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct FeedQuery {
     /// The same as a `Last-Event-ID` header, for clients that cannot set headers.
     last_event_id: Option<String>,
+    /// A feed token (checked by `auth.rs`).
+    #[allow(dead_code)]
+    token: Option<String>,
 }
 
 fn event(frame: &Frame) -> Event {

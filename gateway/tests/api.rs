@@ -346,6 +346,8 @@ async fn the_openapi_document_describes_every_route() {
         "/api/runs/{id}/logs",
         "/api/runs/{id}/logs.txt",
         "/api/runs/{id}/results",
+        "/api/runs/{id}/feed-token",
+        "/api/events/feed-token",
     ];
     let mut sorted_paths = paths.clone();
     sorted_paths.sort();

@@ -34,8 +34,21 @@ function h(tag, attrs, ...children) {
   return el;
 }
 
+/** The API token the user gave (when the gateway requires one), kept in this browser. */
+const token = () => localStorage.getItem('athanor-token') || '';
+
+/** Shows the token field in the header (after a 401). */
+function askForToken(message) {
+  const slot = document.querySelector('[data-role=token]');
+  if (!slot || slot.childElementCount) return;
+  const input = h('input', { type: 'password', placeholder: 'API token', value: token() });
+  slot.append(h('span', { class: 'field-error' }, message, ' '), input, ' ',
+    h('button', { onclick: () => { localStorage.setItem('athanor-token', input.value.trim()); slot.replaceChildren(); route(); } }, 'Use token'));
+}
+
 async function api(method, path, body) {
   const init = { method, headers: {} };
+  if (token()) init.headers.authorization = `Bearer ${token()}`;
   if (body !== undefined) {
     init.headers['content-type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -48,7 +61,23 @@ async function api(method, path, body) {
   }
   let json = null;
   try { json = await response.json(); } catch { json = null; }
+  if (response.status === 401) askForToken(json?.error || 'this gateway needs an API token');
   return { status: response.status, body: json };
+}
+
+/**
+ * The URL of a feed: with a fresh feed token when a token is in use (EventSource cannot
+ * send headers), and resuming after `lastId` when given.
+ */
+async function feedUrl(path, tokenPath, lastId) {
+  const q = new URLSearchParams();
+  if (token()) {
+    const r = await api('POST', tokenPath);
+    if (r.body?.token) q.set('token', r.body.token);
+  }
+  if (lastId) q.set('last_event_id', lastId);
+  const qs = q.toString();
+  return qs ? `${path}?${qs}` : path;
 }
 
 const pad = (n, w = 2) => String(n).padStart(w, '0');
@@ -341,20 +370,32 @@ function runsPage(app) {
   const reload = () => { clearTimeout(timer); timer = setTimeout(load, 250); };
   status.addEventListener('change', load);
   experiment.addEventListener('input', reload);
-  const events = new EventSource('/api/events');
-  events.onopen = () => { conn.textContent = 'live'; conn.className = 'conn live'; };
-  events.onerror = () => { conn.textContent = 'reconnecting…'; conn.className = 'conn reconnecting'; };
-  events.addEventListener('run', (e) => {
+  let events = null;
+  let closed = false;
+  const connect = async () => {
+    const url = await feedUrl('/api/events', '/api/events/feed-token');
+    if (closed) return;
+    events = new EventSource(url);
+    events.onopen = () => { conn.textContent = 'live'; conn.className = 'conn live'; };
+    events.onerror = () => {
+      conn.textContent = 'reconnecting…'; conn.className = 'conn reconnecting';
+      // Refused (an expired feed token): open it again; a network error retries by itself.
+      if (events.readyState === EventSource.CLOSED) setTimeout(() => { if (!closed) { reload(); connect(); } }, 1000);
+    };
+    events.addEventListener('run', onRun);
+    events.addEventListener('resync', reload);
+  };
+  const onRun = (e) => {
     const change = JSON.parse(e.data);
     const row = rowsById.get(change.run_id);
     if (row && (!status.value || status.value === change.status)) {
       row.children[2].replaceChildren(badge(change.status));
       if (TERMINAL.has(change.status)) reload();
     } else reload();
-  });
-  events.addEventListener('resync', reload);
+  };
+  connect();
   load();
-  return () => { events.close(); clearTimeout(timer); };
+  return () => { closed = true; events?.close(); clearTimeout(timer); };
 }
 
 // ---------------------------------------------------------------- run page
@@ -627,21 +668,35 @@ function runPage(app, runId) {
     if (result.status === 202) { cancel.disabled = true; cancel.textContent = 'Cancelling…'; }
   });
 
-  // --- the feed
-  const events = new EventSource(`/api/runs/${encodeURIComponent(runId)}/events`);
+  // --- the feed (EventSource resumes by itself with Last-Event-ID; when the server
+  // refuses a reconnect — an expired feed token — it is opened again from `lastId`)
+  const feedPath = `/api/runs/${encodeURIComponent(runId)}/events`;
+  const tokenPath = `/api/runs/${encodeURIComponent(runId)}/feed-token`;
+  let events = null;
+  let lastId = null;
+  let closed = false;
   const setConn = (text, cls) => { conn.textContent = text; conn.className = `conn ${cls}`; };
-  events.onopen = () => { if (!state.ended) setConn('live', 'live'); };
-  events.onerror = () => {
-    if (state.ended) return;
-    if (events.readyState === EventSource.CLOSED) {
-      // Refused (e.g. an unknown run): say so once.
+  const track = (handler) => (e) => { if (e.lastEventId) lastId = e.lastEventId; handler(e); };
+  async function connect() {
+    const url = await feedUrl(feedPath, tokenPath, lastId);
+    if (closed) return;
+    events = new EventSource(url);
+    events.onopen = () => { if (!state.ended) setConn('live', 'live'); };
+    events.onerror = () => {
+      if (state.ended) return;
+      if (events.readyState !== EventSource.CLOSED) { setConn('reconnecting…', 'reconnecting'); return; }
+      setConn('reconnecting…', 'reconnecting');
       api('GET', `/api/runs/${encodeURIComponent(runId)}`).then((r) => {
-        if (r.status !== 200) errorText.textContent = r.body?.error || 'run not found';
+        if (r.status === 404) { errorText.textContent = r.body?.error || 'run not found'; setConn('no such run', 'ended'); }
+        else if (!closed) setTimeout(connect, 1000);
       });
-      setConn('disconnected', 'reconnecting');
-    } else setConn('reconnecting…', 'reconnecting');
-  };
-  events.addEventListener('snapshot', (e) => {
+    };
+    events.addEventListener('snapshot', track(onSnapshot));
+    events.addEventListener('batch', track(onBatch));
+    events.addEventListener('resync', () => setConn('resyncing…', 'reconnecting'));
+    events.addEventListener('status', track(onStatus));
+  }
+  function onSnapshot(e) {
     const snap = JSON.parse(e.data);
     state.run = snap.run;
     state.total = snap.lines;
@@ -652,8 +707,8 @@ function runPage(app, runId) {
     applyFilter();
     renderHeader();
     tickElapsed();
-  });
-  events.addEventListener('batch', (e) => {
+  }
+  function onBatch(e) {
     const batch = JSON.parse(e.data);
     const run = state.run;
     state.total += batch.logs.length;
@@ -671,9 +726,8 @@ function runPage(app, runId) {
       renderHeader();
     }
     schedule();
-  });
-  events.addEventListener('resync', () => setConn('resyncing…', 'reconnecting'));
-  events.addEventListener('status', (e) => {
+  }
+  function onStatus(e) {
     const end = JSON.parse(e.data);
     state.ended = true;
     events.close();
@@ -687,12 +741,14 @@ function runPage(app, runId) {
     renderHeader();
     tickElapsed();
     schedule();
-  });
+  }
+  connect();
   const ticker = setInterval(tickElapsed, 1000);
   const onResize = () => schedule();
   window.addEventListener('resize', onResize);
   return () => {
-    events.close();
+    closed = true;
+    events?.close();
     clearInterval(ticker);
     window.removeEventListener('resize', onResize);
     if (frame) cancelAnimationFrame(frame);

@@ -15,10 +15,10 @@ export const NATS_SERVER = process.env.ATHANOR__NATS__SERVER_BIN || join(root, '
 export const SCREENSHOTS = join(root, 'docs/screenshots');
 
 /** Starts `athanor up`; resolves with { url, stop() } once its worker is registered. */
-export async function up() {
+export async function up(extraEnv = {}) {
   const dataDir = mkdtempSync(join(tmpdir(), 'athanor-ui-'));
   const child = spawn(ATHANOR, ['up', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0'], {
-    env: { ...process.env, ATHANOR__NATS__SERVER_BIN: NATS_SERVER, RUST_LOG: 'warn' },
+    env: { ...process.env, ATHANOR__NATS__SERVER_BIN: NATS_SERVER, RUST_LOG: 'warn', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const lines = createInterface({ input: child.stdout });
@@ -31,8 +31,10 @@ export async function up() {
     });
   });
   const deadline = Date.now() + 30_000;
+  const headers = extraEnv.ATHANOR__GATEWAY__API_TOKEN
+    ? { authorization: `Bearer ${extraEnv.ATHANOR__GATEWAY__API_TOKEN}` } : {};
   for (;;) {
-    const body = await (await fetch(`${url}/api/experiments`)).json();
+    const body = await (await fetch(`${url}/api/experiments`, { headers })).json();
     if (body.experiments?.length >= 5) break;
     if (Date.now() > deadline) throw new Error('the worker never registered');
     await new Promise((r) => setTimeout(r, 200));

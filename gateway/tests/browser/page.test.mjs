@@ -155,3 +155,29 @@ test('screenshots of the run page in both themes', async () => {
     await page.close();
   }
 });
+
+test('with an API token required, the page asks for it and then works (feeds with feed tokens)', async () => {
+  const guarded = await up({ ATHANOR__GATEWAY__API_TOKEN: 's3cret', ATHANOR__GATEWAY__PROTECT_READS: 'true' });
+  try {
+    const response = await fetch(`${guarded.url}/api/runs`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: 'Bearer s3cret' },
+      body: JSON.stringify({ experiment: 'sweep', config: { iterations: 3, delay_ms: 100 } }),
+    });
+    const id = (await response.json()).id;
+    const page = await chromium.newPage({ viewport: { width: 1280, height: 760 } });
+    const problems = [];
+    page.on('pageerror', (e) => problems.push(e.message));
+    await page.goto(`${guarded.url}/#/runs/${id}`);
+    const field = page.locator('[data-role=token] input');
+    await field.waitFor();
+    await field.fill('s3cret');
+    await page.getByRole('button', { name: 'Use token' }).click();
+    await waitFor('completed', async () => (await page.locator('.run-head .badge').textContent()) === 'completed');
+    assert.equal(await page.locator('[data-role=total]').textContent(), '3 lines');
+    assert.deepEqual(problems, []);
+    await page.close();
+  } finally {
+    await guarded.stop();
+  }
+});

@@ -23,6 +23,8 @@ pub struct Stack {
     pub gateway: Gateway,
     pub http: reqwest::Client,
     pub base: String,
+    /// The gateway's API token, sent by `get` and `post` when set.
+    pub token: Option<String>,
 }
 
 impl Stack {
@@ -46,6 +48,7 @@ impl Stack {
         )
         .await
         .unwrap();
+        let token = gateway.api_token.clone();
         let gateway = Gateway::start(gateway, nats.config(), db.db.clone(), stop.clone())
             .await
             .unwrap();
@@ -58,6 +61,7 @@ impl Stack {
             aggregator,
             gateway,
             http: reqwest::Client::new(),
+            token,
             base,
         };
         // The worker registers on its first heartbeat.
@@ -78,6 +82,7 @@ impl Stack {
         let response = self
             .http
             .get(format!("{}{path}", self.base))
+            .bearer_auth(self.token.as_deref().unwrap_or_default())
             .send()
             .await
             .unwrap();

@@ -1,0 +1,220 @@
+//! API tokens. With `gateway.api_token` set, every write under `/api` (POST, PUT,
+//! DELETE) needs `Authorization: Bearer <token>`; with `gateway.protect_reads` too,
+//! every read and feed as well. A browser's EventSource cannot send headers, so a
+//! client holding the token asks for a short-lived feed token scoped to one run (or to
+//! the lifecycle feed) and puts it in the feed's URL (`?token=`). Feed tokens are
+//! HMAC-SHA256 signed with a key derived from the API token, so any gateway sharing the
+//! configuration accepts them. The UI's files, `/healthz` and `/readyz` stay open.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use athanor_schemas::now_micros;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ring::hmac;
+use serde_json::json;
+
+use crate::api::AppStateRef;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Scope of a feed token for `/api/events`.
+const LIFECYCLE_SCOPE: &str = "*";
+
+/// What the gateway checks requests against.
+pub(crate) struct Auth {
+    token: Option<String>,
+    protect_reads: bool,
+    feed_key: Option<hmac::Key>,
+    feed_ttl: Duration,
+}
+
+impl Auth {
+    pub fn new(token: Option<String>, protect_reads: bool, feed_ttl: Duration) -> Self {
+        let token = token.filter(|t| !t.is_empty());
+        let feed_key = token.as_ref().map(|t| {
+            let derived = hmac::sign(
+                &hmac::Key::new(hmac::HMAC_SHA256, b"athanor feed token"),
+                t.as_bytes(),
+            );
+            hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref())
+        });
+        Auth {
+            token,
+            protect_reads,
+            feed_key,
+            feed_ttl,
+        }
+    }
+
+    fn bearer_ok(&self, request: &Request) -> bool {
+        let Some(token) = &self.token else {
+            return true;
+        };
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant time: compare MACs of both rather than the strings.
+        let key = hmac::Key::new(hmac::HMAC_SHA256, b"athanor token compare");
+        let expected = hmac::sign(&key, token.as_bytes());
+        hmac::verify(&key, given.as_bytes(), expected.as_ref()).is_ok()
+    }
+
+    /// A token for the feed of `scope` (a run id, or `*` for the lifecycle feed).
+    fn feed_token(&self, scope: &str) -> Option<(String, i64)> {
+        let key = self.feed_key.as_ref()?;
+        let expires = now_micros() + self.feed_ttl.as_micros() as i64;
+        let body = format!("{scope}.{expires}");
+        let tag = hmac::sign(key, body.as_bytes());
+        Some((format!("{body}.{}", hex(tag.as_ref())), expires))
+    }
+
+    fn feed_token_ok(&self, token: &str, scope: &str) -> bool {
+        let Some(key) = &self.feed_key else {
+            return false;
+        };
+        let Some((body, tag)) = token.rsplit_once('.') else {
+            return false;
+        };
+        let Some((token_scope, expires)) = body.rsplit_once('.') else {
+            return false;
+        };
+        let Ok(expires) = expires.parse::<i64>() else {
+            return false;
+        };
+        let Some(tag) = unhex(tag) else {
+            return false;
+        };
+        token_scope == scope
+            && expires > now_micros()
+            && hmac::verify(key, body.as_bytes(), &tag).is_ok()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The feed a path is (`Some(scope)`), for feed tokens.
+fn feed_scope(path: &str) -> Option<&str> {
+    if path == "/api/events" {
+        return Some(LIFECYCLE_SCOPE);
+    }
+    path.strip_prefix("/api/runs/")?.strip_suffix("/events")
+}
+
+fn query_token(request: &Request) -> Option<String> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let value = pair.strip_prefix("token=")?;
+        Some(value.to_string())
+    })
+}
+
+/// The middleware: lets a request through or answers 401.
+pub(crate) async fn authorize(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let auth = &state.auth;
+    let path = request.uri().path();
+    if auth.token.is_none() || !path.starts_with("/api/") || path == "/api/openapi.json" {
+        return next.run(request).await;
+    }
+    let write = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if (!write && !auth.protect_reads) || auth.bearer_ok(&request) {
+        return next.run(request).await;
+    }
+    if !write {
+        if let (Some(scope), Some(token)) = (feed_scope(path), query_token(&request)) {
+            if auth.feed_token_ok(&token, scope) {
+                return next.run(request).await;
+            }
+            return unauthorized(
+                "the feed token is invalid, expired, or for another feed; ask for a new one",
+            );
+        }
+    }
+    unauthorized(if write {
+        "this gateway requires `Authorization: Bearer <api token>` for changes"
+    } else {
+        "this gateway requires `Authorization: Bearer <api token>` (feeds: `?token=` from POST …/feed-token)"
+    })
+}
+
+fn unauthorized(message: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({ "error": message })),
+    )
+        .into_response()
+}
+
+/// `POST /api/runs/{id}/feed-token`: a short-lived token for that run's feed URL.
+pub(crate) async fn run_feed_token(
+    State(state): AppStateRef,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    crate::api::find_run(&state, &id).await?;
+    issue(&state, &id)
+}
+
+/// `POST /api/events/feed-token`: a short-lived token for `/api/events`.
+pub(crate) async fn lifecycle_feed_token(
+    State(state): AppStateRef,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    issue(&state, LIFECYCLE_SCOPE)
+}
+
+fn issue(state: &AppState, scope: &str) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.auth.feed_token(scope) {
+        Some((token, expires_at)) => Ok(Json(json!({ "token": token, "expires_at": expires_at }))),
+        // No API token configured: feeds are open and need none.
+        None => Ok(Json(json!({ "token": null, "expires_at": null }))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feed_tokens_are_scoped_signed_and_expire() {
+        let auth = Auth::new(Some("s3cret".into()), true, Duration::from_secs(60));
+        let (token, _) = auth.feed_token("run-1").unwrap();
+        assert!(auth.feed_token_ok(&token, "run-1"));
+        assert!(!auth.feed_token_ok(&token, "run-2"));
+        assert!(!auth.feed_token_ok(&token.replace("run-1", "run-2"), "run-2"));
+        let other = Auth::new(Some("other".into()), true, Duration::from_secs(60));
+        assert!(!other.feed_token_ok(&token, "run-1"));
+        let expired = Auth::new(Some("s3cret".into()), true, Duration::ZERO);
+        let (token, _) = expired.feed_token("run-1").unwrap();
+        assert!(!auth.feed_token_ok(&token, "run-1"));
+        assert!(!auth.feed_token_ok("garbage", "run-1"));
+        assert!(!auth.feed_token_ok("a.b.zz", "a"));
+        assert_eq!(feed_scope("/api/runs/abc/events"), Some("abc"));
+        assert_eq!(feed_scope("/api/events"), Some("*"));
+        assert_eq!(feed_scope("/api/runs/abc/logs"), None);
+    }
+}

@@ -1,0 +1,196 @@
+//! API tokens, feed tokens, CORS, and what the API cannot be made to do.
+
+mod common;
+
+use athanor_gateway::GatewayConfig;
+use athanor_workers::WorkerConfig;
+use common::{Feed, Stack};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const TOKEN: &str = "t0ken-for-tests";
+
+async fn send(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_writes_need_it_and_reads_stay_open() {
+    let stack = Stack::start_with(
+        WorkerConfig::for_tests(),
+        GatewayConfig {
+            api_token: Some(TOKEN.into()),
+            ..GatewayConfig::for_tests()
+        },
+    )
+    .await;
+    let http = &stack.http;
+    let url = |p: &str| format!("{}{p}", stack.base);
+    let body = json!({"experiment": "sweep", "config": {"iterations": 1, "delay_ms": 0}});
+    let (status, answer) = send(http.post(url("/api/runs")).json(&body)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        answer["error"],
+        "this gateway requires `Authorization: Bearer <api token>` for changes"
+    );
+    let (status, _) = send(http.post(url("/api/runs")).bearer_auth("wrong").json(&body)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, created) = send(http.post(url("/api/runs")).bearer_auth(TOKEN).json(&body)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["id"].as_str().unwrap();
+    let (status, _) = send(http.post(url(&format!("/api/runs/{id}/cancel")))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(http.delete(url("/api/instances/x"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // Reads, feeds, the UI and the health checks need nothing.
+    let (status, _) = send(http.get(url("/api/runs"))).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut feed = Feed::open(&stack.base, &format!("/api/runs/{id}/events"), None).await;
+    assert_eq!(feed.next().await.unwrap().event, "snapshot");
+    for open in ["/", "/ui/app.js", "/healthz", "/api/openapi.json"] {
+        let response = http.get(url(open)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{open}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_reads_and_run_scoped_feed_tokens() {
+    let stack = Stack::start_with(
+        WorkerConfig::for_tests(),
+        GatewayConfig {
+            api_token: Some(TOKEN.into()),
+            protect_reads: true,
+            ..GatewayConfig::for_tests()
+        },
+    )
+    .await;
+    let http = &stack.http;
+    let url = |p: &str| format!("{}{p}", stack.base);
+    let (status, _) = send(http.get(url("/api/runs"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(http.get(url("/api/runs")).bearer_auth(TOKEN)).await;
+    assert_eq!(status, StatusCode::OK);
+    let body = json!({"experiment": "sweep", "config": {"iterations": 2, "delay_ms": 0}});
+    let (_, created) = send(http.post(url("/api/runs")).bearer_auth(TOKEN).json(&body)).await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let (_, other) = send(http.post(url("/api/runs")).bearer_auth(TOKEN).json(&body)).await;
+    let other = other["id"].as_str().unwrap().to_string();
+
+    let events = format!("/api/runs/{id}/events");
+    let (status, answer) = send(http.get(url(&events))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(answer["error"].as_str().unwrap().contains("feed-token"));
+    let (status, _) = send(http.post(url(&format!("/api/runs/{id}/feed-token")))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, issued) = send(
+        http.post(url(&format!("/api/runs/{id}/feed-token")))
+            .bearer_auth(TOKEN),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let token = issued["token"].as_str().unwrap().to_string();
+    // The token opens this run's feed (as a browser's EventSource would: in the URL)…
+    let mut feed = Feed::open(&stack.base, &format!("{events}?token={token}"), None).await;
+    assert_eq!(feed.next().await.unwrap().event, "snapshot");
+    // …and nothing else.
+    for path in [
+        format!("/api/runs/{other}/events?token={token}"),
+        format!("/api/events?token={token}"),
+        format!("/api/runs/{id}?token={token}"),
+        format!("{events}?token={}", token.replace('a', "b")),
+    ] {
+        let (status, _) = send(http.get(url(&path))).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+    }
+    let (_, lifecycle) = send(http.post(url("/api/events/feed-token")).bearer_auth(TOKEN)).await;
+    let lifecycle = lifecycle["token"].as_str().unwrap();
+    Feed::open(&stack.base, &format!("/api/events?token={lifecycle}"), None).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_answers_only_the_allowed_origins() {
+    let stack = Stack::start_with(
+        WorkerConfig::for_tests(),
+        GatewayConfig {
+            cors_origins: vec!["https://lab.example".into()],
+            ..GatewayConfig::for_tests()
+        },
+    )
+    .await;
+    let preflight = |origin: &'static str| {
+        stack
+            .http
+            .request(reqwest::Method::OPTIONS, format!("{}/api/runs", stack.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let allowed = preflight("https://lab.example").await.unwrap();
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://lab.example"
+    );
+    let refused = preflight("https://evil.example").await.unwrap();
+    assert!(refused
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+    let simple = stack
+        .http
+        .get(format!("{}/api/runs", stack.base))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(simple
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+    stack.stop().await;
+}
+
+/// Experiments are code the worker hosts; a request names one and gives it validated
+/// values. There is no field, endpoint or experiment that takes a command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_makes_a_worker_run_a_command_line() {
+    let stack = Stack::start().await;
+    for (body, status, error) in [
+        (
+            json!({"experiment": "sh", "config": {"c": "touch /tmp/athanor-pwned"}}),
+            StatusCode::NOT_FOUND,
+            "unknown experiment \"sh\" (live workers host: echo, flaky, log_storm, sleepy, sweep)",
+        ),
+        (
+            json!({"experiment": "echo", "config": {"command": "touch /tmp/athanor-pwned"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "config field `command` is not a field of this experiment (fields: count, level, message)",
+        ),
+        (
+            json!({"experiment": "echo", "command": ["touch", "/tmp/athanor-pwned"]}),
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+    ] {
+        let (got, answer) = send(
+            stack
+                .http
+                .post(format!("{}/api/runs", stack.base))
+                .json(&body),
+        )
+        .await;
+        assert_eq!(got, status, "{body}");
+        if !error.is_empty() {
+            assert_eq!(answer["error"], error);
+        }
+    }
+    assert!(!std::path::Path::new("/tmp/athanor-pwned").exists());
+    stack.stop().await;
+}
