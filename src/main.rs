@@ -40,7 +40,7 @@ enum Command {
     Aggregator,
     /// A gateway: the HTTP API.
     Gateway,
-    /// Applies the database migrations and exits.
+    /// Applies the database migrations, declares the NATS streams and buckets, and exits.
     Migrate,
     /// Starts a run of an experiment (prints its id; with --follow, its live log).
     Run {
@@ -192,6 +192,14 @@ fn main() -> anyhow::Result<()> {
                 let db = athanor_schemas::db::connect(&config.database).await?;
                 migrate(&db).await?;
                 println!("migrations applied to {}", config.database.url());
+                // The streams and buckets too: with least-privilege users the other
+                // components do not declare them (nats.declare_topology = false).
+                let nats = athanor_schemas::nats::NatsConfig {
+                    declare_topology: true,
+                    ..config.nats
+                };
+                athanor_schemas::nats::open(&nats, "athanor-migrate").await?;
+                println!("NATS streams and buckets declared on {}", nats.url());
                 Ok(())
             }
         }

@@ -39,6 +39,25 @@ pub struct NatsConfig {
     /// Timeout of JetStream API calls and publish acks.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Create or update the streams and buckets at start. Turn off for components that
+    /// run with least-privilege credentials; `athanor migrate` declares them.
+    pub declare_topology: bool,
+    /// User and password authentication.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// Token authentication.
+    pub token: Option<String>,
+    /// A file holding an NKey seed (`SU…`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (JWT and NKey seed, decentralized auth).
+    pub creds_file: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server with.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    pub tls_required: bool,
 }
 
 impl Default for NatsConfig {
@@ -51,6 +70,16 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             workers_ttl: Duration::from_secs(15),
             request_timeout: Duration::from_secs(5),
+            declare_topology: true,
+            user: None,
+            password: None,
+            token: None,
+            nkey_seed_file: None,
+            creds_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
         }
     }
 }
@@ -84,12 +113,53 @@ pub enum NatsError {
     Declare { what: String, message: String },
     #[error("{0}")]
     Server(String),
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+}
+
+/// The authentication and TLS options of `config`.
+async fn secured(config: &NatsConfig) -> Result<async_nats::ConnectOptions, NatsError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| NatsError::Credentials(format!("cannot read {}: {e}", path.display())))
+    };
+    let mut options = match (&config.creds_file, &config.nkey_seed_file) {
+        (Some(creds), _) => async_nats::ConnectOptions::with_credentials_file(creds)
+            .await
+            .map_err(|e| NatsError::Credentials(format!("cannot use {}: {e}", creds.display())))?,
+        (None, Some(seed)) => async_nats::ConnectOptions::with_nkey(read(seed)?),
+        (None, None) => async_nats::ConnectOptions::new(),
+    };
+    match (&config.user, &config.password, &config.token) {
+        (Some(user), password, _) => {
+            options = options.user_and_password(user.clone(), password.clone().unwrap_or_default())
+        }
+        (None, _, Some(token)) => options = options.token(token.clone()),
+        _ => {}
+    }
+    if let Some(ca) = &config.tls_ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            options = options.add_client_certificate(cert.clone(), key.clone())
+        }
+        (None, None) => {}
+        _ => {
+            return Err(NatsError::Credentials(
+                "nats.tls_cert_file and nats.tls_key_file go together".into(),
+            ))
+        }
+    }
+    Ok(options.require_tls(config.tls_required))
 }
 
 /// Connects with unlimited reconnects: a worker outlives NATS restarts.
 pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Client, NatsError> {
     let url = config.url();
-    async_nats::ConnectOptions::new()
+    secured(config)
+        .await?
         .name(name)
         .request_timeout(Some(config.request_timeout))
         .reconnect_delay_callback(|attempts| {
@@ -114,7 +184,9 @@ pub fn jetstream(client: async_nats::Client, config: &NatsConfig) -> jetstream::
 /// and bucket declared: how each component opens NATS at start.
 pub async fn open(config: &NatsConfig, name: &str) -> Result<jetstream::Context, NatsError> {
     let js = jetstream(connect(config, name).await?, config);
-    ensure_topology(&js, config).await?;
+    if config.declare_topology {
+        ensure_topology(&js, config).await?;
+    }
     Ok(js)
 }
 
@@ -206,6 +278,8 @@ pub struct EmbeddedServer {
     store_dir: PathBuf,
     port: u16,
     sync_always: bool,
+    /// Appended to the generated server configuration (e.g. an `authorization` block).
+    extra_config: String,
     child: Option<Child>,
 }
 
@@ -221,6 +295,17 @@ impl EmbeddedServer {
         store_dir: &Path,
         sync_always: bool,
     ) -> Result<Self, NatsError> {
+        Self::start_configured(server_bin, store_dir, sync_always, "")
+    }
+
+    /// As [`start_with`](Self::start_with), with `extra_config` appended to the server's
+    /// configuration file.
+    pub fn start_configured(
+        server_bin: &str,
+        store_dir: &Path,
+        sync_always: bool,
+        extra_config: &str,
+    ) -> Result<Self, NatsError> {
         let bin = find_server(server_bin)?;
         std::fs::create_dir_all(store_dir).map_err(|e| {
             NatsError::Server(format!("cannot create {}: {e}", store_dir.display()))
@@ -231,6 +316,7 @@ impl EmbeddedServer {
             store_dir: store_dir.to_path_buf(),
             port,
             sync_always,
+            extra_config: extra_config.to_string(),
             child: None,
         };
         server.spawn()?;
@@ -243,6 +329,11 @@ impl EmbeddedServer {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.store_dir.join("nats-server.log")
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -272,17 +363,18 @@ impl EmbeddedServer {
             ""
         };
         let text = format!(
-            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}\n}}\n",
+            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}\n}}\n{}\n",
             self.port,
             self.port,
-            store.display().to_string()
+            store.display().to_string(),
+            self.extra_config
         );
         std::fs::write(&conf, text)
             .map_err(|e| NatsError::Server(format!("cannot write {}: {e}", conf.display())))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.store_dir.join("nats-server.log"))
+            .open(self.log_path())
             .map_err(|e| NatsError::Server(format!("cannot open the server log: {e}")))?;
         let child = Command::new(&self.bin)
             .arg("-c")

@@ -30,6 +30,15 @@ impl TestNats {
         TestNats { server, _dir: dir }
     }
 
+    /// With `extra_config` appended to the server's configuration file.
+    pub fn start_configured(extra_config: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let server =
+            EmbeddedServer::start_configured(&server_bin(), dir.path(), false, extra_config)
+                .expect("start nats-server");
+        TestNats { server, _dir: dir }
+    }
+
     pub fn url(&self) -> String {
         self.server.url()
     }
