@@ -35,6 +35,23 @@ fn violations(nats: &TestNats) -> Vec<String> {
         .collect()
 }
 
+/// The run once the API says it is in `status`.
+async fn wait_status(http: &reqwest::Client, base: &str, id: &str, status: &str) -> Value {
+    wait_for(status, Duration::from_secs(30), || async {
+        let run: Value = http
+            .get(format!("{base}/api/runs/{id}"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (run["status"] == status).then_some(run)
+    })
+    .await
+    .unwrap()
+}
+
 /// Whether `config`'s user may publish to `subject` through JetStream (acked).
 async fn may_publish(config: &NatsConfig, subject: &str) -> bool {
     let client = athanor_schemas::nats::connect(config, "probe")
@@ -139,19 +156,8 @@ async fn every_component_works_under_its_least_privilege_user() {
         names_seen.extend(decoder.push(&chunk).into_iter().map(|e| e.event));
     }
     assert_eq!(names_seen.first().map(String::as_str), Some("snapshot"));
-    wait_for("the run stored", Duration::from_secs(30), || async {
-        let run: Value = http
-            .get(format!("{base}/api/runs/{id}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (run["status"] == "completed" && run["lines"] == 3).then_some(())
-    })
-    .await
-    .unwrap();
+    let run = wait_status(&http, &base, &id, "completed").await;
+    assert_eq!(run["lines"], 3);
     let mut decoder = SseDecoder::new();
     let mut changes = Vec::new();
     while !changes.iter().any(|c: &Value| c["status"] == "completed") {
@@ -179,38 +185,14 @@ async fn every_component_works_under_its_least_privilege_user() {
         .await
         .unwrap();
     let sleepy = sleepy["id"].as_str().unwrap().to_string();
-    wait_for("running", Duration::from_secs(30), || async {
-        let run: Value = http
-            .get(format!("{base}/api/runs/{sleepy}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (run["status"] == "running").then_some(())
-    })
-    .await
-    .unwrap();
+    wait_status(&http, &base, &sleepy, "running").await;
     let cancelled = http
         .post(format!("{base}/api/runs/{sleepy}/cancel"))
         .send()
         .await
         .unwrap();
     assert_eq!(cancelled.status(), 202);
-    wait_for("cancelled", Duration::from_secs(30), || async {
-        let run: Value = http
-            .get(format!("{base}/api/runs/{sleepy}"))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (run["status"] == "cancelled").then_some(())
-    })
-    .await
-    .unwrap();
+    wait_status(&http, &base, &sleepy, "cancelled").await;
     assert_eq!(
         violations(&nats),
         Vec::<String>::new(),
