@@ -357,11 +357,17 @@ async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
     std::io::Write::flush(&mut huge).unwrap();
     let mut future = synthetic_run("victim", 1).remove(0);
     future.v = "2.0".into();
+    // Valid zstd around JSON whose message holds bytes that are not UTF-8.
+    let mut json = serde_json::to_vec(&synthetic_run("victim", 1)[0]).unwrap();
+    let at = json.windows(4).position(|w| w == b"line").unwrap();
+    json[at..at + 2].copy_from_slice(&[0xff, 0xfe]);
+    let invalid_utf8 = zstd::bulk::compress(&json, 3).unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"definitely not zstd".to_vec()),
         ("truncated", good[..good.len() / 2].to_vec()),
         ("too_large", huge.get_ref().clone()),
         ("unknown_version", codec::encode(&future).payload),
+        ("malformed", invalid_utf8),
         (
             "wrong_subject",
             codec::encode(&synthetic_run("someone-else", 1)[0]).payload,
@@ -383,7 +389,7 @@ async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
     assert_eq!(run.lines, 250);
     let stats = aggregator.stats();
     wait_for("dead letters", DEADLINE, || async {
-        (AggregatorStats::get(&stats.dead_lettered) == 5).then_some(())
+        (AggregatorStats::get(&stats.dead_lettered) == 6).then_some(())
     })
     .await
     .unwrap();
@@ -419,7 +425,7 @@ async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
         reason.get("Athanor-Dlq-Reason").unwrap().as_str(),
         "batch too large: 1073741824 bytes decompressed (declared), limit 33554432"
     );
-    assert_eq!(dlq.info().await.unwrap().state.messages, 5);
+    assert_eq!(dlq.info().await.unwrap().state.messages, 6);
     // Nothing of the bad messages reached the database; the consumer has nothing pending.
     assert!(runs::Entity::find_by_id("victim".to_string())
         .one(&db.db)
@@ -439,7 +445,7 @@ async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
             let info = consumer.clone().info().await.unwrap().clone();
             (info.num_ack_pending == 0
                 && info.num_pending == 0
-                && info.ack_floor.stream_sequence == 10)
+                && info.ack_floor.stream_sequence == 11)
                 .then_some(())
         }
     })

@@ -571,3 +571,36 @@ async fn viewers_of_a_run_whose_worker_vanished_receive_lost() {
     );
     stack.stop().await;
 }
+
+/// Run output holding CR, LF, NUL and SSE syntax cannot inject SSE fields or events:
+/// the feed carries it intact inside its JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_cannot_inject_sse_fields() {
+    let stack = Stack::start().await;
+    let nasty = "a\r\n\r\nevent: status\r\ndata: {\"status\":\"completed\"}\n\nid: 999\n\0z\rq";
+    let id = start_run(&stack, "echo", json!({"message": nasty, "count": 2})).await;
+    let mut feed = Feed::open(&stack.base, &events_path(&id), None).await;
+    let mut events = Vec::new();
+    while let Some(event) = feed.next().await {
+        events.push(event);
+    }
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names.first(), Some(&"snapshot"));
+    assert_eq!(names.last(), Some(&"status"));
+    assert!(
+        names[1..names.len() - 1].iter().all(|n| *n == "batch"),
+        "{names:?}"
+    );
+    let mut viewed = Viewed::default();
+    for event in &events {
+        viewed.apply(event);
+    }
+    let lines: Vec<&LogLine> = viewed.lines.values().collect();
+    assert_eq!(lines.len(), 2);
+    for line in lines {
+        assert_eq!(line.message, nasty);
+        assert_eq!(line.metadata.as_ref().unwrap()["message"], nasty);
+    }
+    assert_eq!(viewed.status.unwrap().status, "completed");
+    stack.stop().await;
+}

@@ -165,7 +165,13 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis((50 * 2u64.pow(attempts.min(5) as u32)).min(1000))
         })
-        .connect(url)
+        // A comma-separated list: every server of a cluster, tried in turn.
+        .connect(
+            url.split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .collect::<Vec<_>>(),
+        )
         .await
         .map_err(|source| NatsError::Connect {
             url: url.into(),
