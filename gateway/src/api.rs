@@ -259,10 +259,30 @@ pub(crate) async fn list_runs(
     query: Result<Query<ListRuns>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = page_size(q.limit, 50, 500)?;
     let offset = q.offset.unwrap_or(0);
+    if offset > i64::MAX as u64 {
+        return Err(ApiError::BadRequest(format!(
+            "offset must be at most {}",
+            i64::MAX
+        )));
+    }
     let mut find = runs::Entity::find();
     if let Some(status) = &q.status {
+        const STATUSES: [&str; 6] = [
+            "pending",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+            "lost",
+        ];
+        if !STATUSES.contains(&status.as_str()) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown status {status:?} (use {})",
+                STATUSES.join(", ")
+            )));
+        }
         find = find.filter(runs::Column::Status.eq(status.as_str()));
     }
     if let Some(experiment) = &q.experiment {
@@ -279,6 +299,17 @@ pub(crate) async fn list_runs(
     Ok(Json(
         json!({ "runs": rows.into_iter().map(run_json).collect::<Vec<_>>(), "total": total, "limit": limit, "offset": offset }),
     ))
+}
+
+/// A `limit` parameter: `default` when absent, else 1..=`max`.
+fn page_size(limit: Option<u64>, default: u64, max: u64) -> ApiResult<u64> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {max}, got {n}"
+        ))),
+    }
 }
 
 pub(crate) async fn find_run(state: &AppState, id: &str) -> ApiResult<runs::Model> {
@@ -345,7 +376,7 @@ pub(crate) async fn logs(
 ) -> ApiResult<Json<Value>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let run = find_run(&state, &id).await?;
-    let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
+    let limit = page_size(q.limit, 1000, 10_000)?;
     let mut find = run_logs::Entity::find().filter(run_logs::Column::RunId.eq(id.as_str()));
     if let Some(after) = q.after {
         find = find.filter(run_logs::Column::Seq.gt(after));

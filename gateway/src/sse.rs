@@ -57,8 +57,8 @@ pub(crate) async fn run_events(
     let last = headers
         .get("last-event-id")
         .map(|v| v.to_str().unwrap_or("?").to_string())
-        .or(query.last_event_id)
-        .filter(|v| !v.is_empty());
+        .filter(|v| !v.is_empty())
+        .or(query.last_event_id.filter(|v| !v.is_empty()));
     let have = match last {
         None => None,
         Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
