@@ -225,18 +225,6 @@ async fn latency() {
 
 // ---------------------------------------------------------------- fan-out
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// One viewer on a raw connection: drains the stream; a sampled viewer also parses it
 /// and reports delays.
 async fn raw_viewer(
@@ -344,7 +332,7 @@ async fn fanout() {
     // Open the hub with one viewer, then measure the gateway without viewers.
     let warm = http.get(format!("{base}{path}")).send().await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let baseline = rss_kib(gateway.id());
+    let baseline = athanor_testkit::rss_kib(gateway.id());
     drop(warm);
     println!("\n## SSE fan-out: viewers of one run (100 lines/s) on one gateway process\n");
     println!("| viewers | delivery p50 ms | p99 ms | max ms | gateway RSS MiB | KiB per viewer |");
@@ -361,7 +349,7 @@ async fn fanout() {
         }
         // Let them settle, then sample a window with everyone connected.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let rss = rss_kib(gateway.id());
+        let rss = athanor_testkit::rss_kib(gateway.id());
         // Sampled viewers of this window: fresh ones, for 5 s.
         let window = Instant::now() + Duration::from_secs(5);
         let samplers: Vec<_> = (0..20)

@@ -681,19 +681,6 @@ async fn gateway_sigkilled_under_fifty_viewers_who_resume_on_another() {
     rig.db.close().await;
 }
 
-/// Resident memory of a process, in KiB (`VmRSS`).
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// 3. NATS unreachable for longer than the duplicate window (2 s here) under 50 000
 /// lines/s: the worker's memory stays under its bound (`log()` blocks), and after
 /// recovery nothing is lost (a batch stored twice past the window is absorbed).
@@ -719,12 +706,12 @@ async fn nats_unreachable_past_the_duplicate_window_with_the_worker_memory_bound
         .await;
     rig.wait_stored_beyond(&id, 20_000).await;
     let pid = worker.child.id();
-    let before = rss_kib(pid);
+    let before = athanor_testkit::rss_kib(pid);
     rig.nats.as_mut().unwrap().server.kill();
     let mut peak = before;
     let outage = Instant::now();
     while outage.elapsed() < Duration::from_secs(8) {
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(athanor_testkit::rss_kib(pid));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     rig.nats.as_mut().unwrap().server.restart().unwrap();
@@ -764,7 +751,7 @@ async fn a_frame_declaring_one_gib_leaves_the_aggregator_memory_alone() {
         .start_run(&base, "sweep", json!({"iterations": 3, "delay_ms": 0}))
         .await;
     rig.wait_terminal(&warm).await;
-    let before = rss_kib(aggregator.child.id());
+    let before = athanor_testkit::rss_kib(aggregator.child.id());
     let mut huge = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
     huge.set_pledged_src_size(Some(1 << 30)).unwrap();
     std::io::Write::write_all(&mut huge, &[b'a'; 4096]).unwrap();
@@ -791,7 +778,7 @@ async fn a_frame_declaring_one_gib_leaves_the_aggregator_memory_alone() {
     })
     .await
     .unwrap();
-    let after = rss_kib(aggregator.child.id());
+    let after = athanor_testkit::rss_kib(aggregator.child.id());
     println!(
         "   aggregator RSS {} MiB before, {} MiB after 20 frames declaring 1 GiB each",
         before / 1024,

@@ -338,3 +338,17 @@ pub async fn read_run(
     out.batches = seen.into_values().collect();
     Ok(out)
 }
+
+/// Resident memory of a process, in KiB (`VmRSS` from `/proc/<pid>/status`; 0 when
+/// unreadable).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
