@@ -66,6 +66,16 @@ impl Drop for Proc {
     }
 }
 
+/// `ATHANOR_SOAK=N` multiplies the runs' durations (and the aggregator kills) by N for
+/// longer soak variants; CI runs N = 1.
+fn soak() -> u64 {
+    std::env::var("ATHANOR_SOAK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or(1)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -383,10 +393,10 @@ async fn aggregator_sigkilled_repeatedly_under_50k_lines_per_second() {
         .start_run(
             &base,
             "log_storm",
-            json!({"lines_per_second": 50_000, "duration_ms": 6000, "threads": 2}),
+            json!({"lines_per_second": 50_000, "duration_ms": 6000 * soak(), "threads": 2}),
         )
         .await;
-    for _ in 0..3 {
+    for _ in 0..3 * soak() {
         let before = rig.stored(&id).await;
         rig.wait_stored_beyond(&id, before + 20_000).await;
         aggregator.restart();
@@ -410,7 +420,7 @@ async fn nats_server_sigkilled_and_restarted_under_load() {
         .start_run(
             &base,
             "log_storm",
-            json!({"lines_per_second": 20_000, "duration_ms": 8000}),
+            json!({"lines_per_second": 20_000, "duration_ms": 8000 * soak()}),
         )
         .await;
     rig.wait_stored_beyond(&id, 20_000).await;
@@ -448,7 +458,7 @@ async fn database_locked_by_another_process_for_20_seconds() {
         .start_run(
             &base,
             "log_storm",
-            json!({"lines_per_second": 10_000, "duration_ms": 15_000}),
+            json!({"lines_per_second": 10_000, "duration_ms": 15_000 * soak()}),
         )
         .await;
     rig.wait_stored_beyond(&id, 10_000).await;
@@ -500,7 +510,7 @@ async fn aggregator_sigstopped_past_ack_wait_while_another_takes_over() {
         .start_run(
             &base,
             "log_storm",
-            json!({"lines_per_second": 30_000, "duration_ms": 8000}),
+            json!({"lines_per_second": 30_000, "duration_ms": 8000 * soak()}),
         )
         .await;
     rig.wait_stored_beyond(&id, 20_000).await;
@@ -643,7 +653,7 @@ async fn gateway_sigkilled_under_fifty_viewers_who_resume_on_another() {
         .start_run(
             &first_base,
             "log_storm",
-            json!({"lines_per_second": 5000, "duration_ms": 10_000}),
+            json!({"lines_per_second": 5000, "duration_ms": 10_000 * soak()}),
         )
         .await;
     let viewers: Vec<_> = (0..50)
@@ -701,7 +711,7 @@ async fn nats_unreachable_past_the_duplicate_window_with_the_worker_memory_bound
         .start_run(
             &base,
             "log_storm",
-            json!({"lines_per_second": 50_000, "duration_ms": 12_000, "line_bytes": 200}),
+            json!({"lines_per_second": 50_000, "duration_ms": 12_000 * soak(), "line_bytes": 200}),
         )
         .await;
     rig.wait_stored_beyond(&id, 20_000).await;
@@ -785,6 +795,38 @@ async fn a_frame_declaring_one_gib_leaves_the_aggregator_memory_alone() {
         after / 1024
     );
     assert!(after < before + 64 * 1024, "RSS {before} KiB → {after} KiB");
+    // A 10 MiB line: cut at `worker.max_line_bytes` (64 KiB) with a visible marker,
+    // counted as the one line it is.
+    let long = rig
+        .start_run(
+            &base,
+            "echo",
+            json!({"message": "0123456789abcdef", "repeat": 655_360}),
+        )
+        .await;
+    let run = rig.wait_terminal(&long).await;
+    assert_eq!((run.status.as_str(), run.lines), ("completed", 1));
+    let line = run_logs::Entity::find()
+        .filter(run_logs::Column::RunId.eq(long.as_str()))
+        .one(&rig.db.db)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(line.message.starts_with("0123456789abcdef"));
+    assert!(
+        line.message
+            .ends_with(" …[truncated 10420224 of 10485760 bytes]"),
+        "{}",
+        &line.message[line.message.len() - 60..]
+    );
+    assert_eq!(
+        line.message.len(),
+        65_536 + " …[truncated 10420224 of 10485760 bytes]".len()
+    );
+    println!(
+        "   a 10 MiB line stored as {} bytes, ending \"…[truncated 10420224 of 10485760 bytes]\"",
+        line.message.len()
+    );
     // And the pipeline goes on.
     let id = rig
         .start_run(
@@ -926,7 +968,7 @@ async fn stream_leader_of_a_three_node_cluster_killed_under_load() {
         .start_run(
             &base,
             "log_storm",
-            json!({"lines_per_second": 20_000, "duration_ms": 10_000}),
+            json!({"lines_per_second": 20_000, "duration_ms": 10_000 * soak()}),
         )
         .await;
     rig.wait_stored_beyond(&id, 20_000).await;

@@ -13,7 +13,7 @@ impl Experiment for Echo {
     }
 
     fn description(&self) -> &str {
-        "Logs `message` `count` times (with it as metadata too) and records it as a result."
+        "Logs `message` (repeated `repeat` times) `count` times, with it as metadata too, and records it as a result."
     }
 
     fn config_schema(&self) -> ConfigSchema {
@@ -29,11 +29,17 @@ impl Experiment for Echo {
             Field::one_of("level", &["trace", "debug", "info", "warn", "error"])
                 .describe("Level of the lines")
                 .default("info"),
+            Field::int("repeat")
+                .describe("Each line is `message` repeated this many times (for very long lines)")
+                .default(1)
+                .min(1.0)
+                .max(16_777_216.0),
         ])
     }
 
     fn run(&self, ctx: &RunContext) -> Result<(), RunError> {
-        let message = ctx.config_str("message").unwrap_or("hello").to_string();
+        let repeat = ctx.config_i64("repeat").unwrap_or(1).max(1) as usize;
+        let message = ctx.config_str("message").unwrap_or("hello").repeat(repeat);
         let count = ctx.config_i64("count").unwrap_or(1).max(1) as u64;
         let level = match ctx.config_str("level").unwrap_or("info") {
             "trace" => Level::Trace,
