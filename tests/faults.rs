@@ -435,15 +435,13 @@ async fn nats_server_sigkilled_and_restarted_under_load() {
     rig.db.close().await;
 }
 
-/// 4. The database unavailable for 20 s under load (SQLite: another process holds the
-/// write lock; on PostgreSQL this scenario is the in-process outage test in
-/// aggregator/tests).
+/// 4. The database unavailable for 20 s under load. SQLite: another process holds the
+/// write lock. PostgreSQL: every connection cut and new ones refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_locked_by_another_process_for_20_seconds() {
+async fn database_unavailable_for_20_seconds_under_load() {
     let rig = Rig::new(false).await;
     if rig.db.is_postgres() {
-        rig.db.close().await;
-        return;
+        return postgres_unreachable_for_20_seconds(rig).await;
     }
     let _worker = rig.start("worker");
     let _aggregator = rig.start("aggregator");
@@ -492,6 +490,92 @@ async fn database_locked_by_another_process_for_20_seconds() {
     let run = rig.wait_terminal(&id).await;
     assert_eq!(run.status, "completed");
     rig.tally("4. SQLite locked by another process for 20 s", &id, true)
+        .await
+        .assert_clean();
+    rig.db.close().await;
+}
+
+/// A TCP forwarder to PostgreSQL that can be cut: while cut it refuses connections and
+/// has dropped every open one — to the aggregator, the database is gone.
+struct Cuttable {
+    port: u16,
+    target: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Cuttable {
+    async fn start(target: &str) -> Cuttable {
+        let mut proxy = Cuttable {
+            port: free_port(),
+            target: target.to_string(),
+            task: None,
+        };
+        proxy.connect().await;
+        proxy
+    }
+
+    async fn connect(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        let target = self.target.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut links = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                links.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Drops the listener and every forwarded connection (aborting the task drops the
+    /// JoinSet, which aborts the links).
+    fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// 4 on PostgreSQL: the database unreachable for 20 s (every connection cut and new
+/// ones refused, through a forwarder; the machine's shared server itself is not
+/// stopped).
+async fn postgres_unreachable_for_20_seconds(mut rig: Rig) {
+    let url = rig.db.config.url().to_string();
+    let (head, rest) = url.split_once('@').unwrap();
+    let (server, database) = rest.split_once('/').unwrap();
+    let mut proxy = Cuttable::start(server).await;
+    let through = format!("{head}@127.0.0.1:{}/{database}", proxy.port);
+    for (key, value) in rig.env.iter_mut() {
+        if key == "ATHANOR__DATABASE__URL" {
+            *value = through.clone();
+        }
+    }
+    let _worker = rig.start("worker");
+    let _aggregator = rig.start("aggregator");
+    let (_gateway, base) = rig.gateway().await;
+    let id = rig
+        .start_run(
+            &base,
+            "log_storm",
+            json!({"lines_per_second": 10_000, "duration_ms": 15_000 * soak()}),
+        )
+        .await;
+    rig.wait_stored_beyond(&id, 10_000).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rig.stored(&id).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Nothing reached the database meanwhile (the test reads it directly).
+    assert_eq!(rig.stored(&id).await, during);
+    proxy.connect().await;
+    let run = rig.wait_terminal(&id).await;
+    assert_eq!(run.status, "completed");
+    rig.tally("4. PostgreSQL unreachable for 20 s", &id, true)
         .await
         .assert_clean();
     rig.db.close().await;
