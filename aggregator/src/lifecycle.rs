@@ -1,11 +1,14 @@
 //! Runs whose worker disappeared: a `running` run with no final batch, whose worker
-//! is no longer in `athanor_workers` (its heartbeat TTL expired) and from which
+//! is no longer in `athanor_workers` (its heartbeat TTL expired) and has been seen
+//! missing there for a whole TTL more (so a NATS outage, which expires every
+//! registration at once, does not make live runs `lost`), and from which
 //! nothing was stored for a TTL, becomes `lost` with a reason. Its stored output is
 //! kept; if its final batch still arrives, the run takes the final status.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use athanor_schemas::db::stmt;
 use athanor_schemas::events::Lifecycle;
@@ -37,11 +40,16 @@ pub(crate) async fn announce(shared: &Shared, changes: &[Lifecycle]) {
 pub(crate) async fn watch_lost(shared: Arc<Shared>) {
     let mut interval = tokio::time::interval(shared.config.lost_check_interval);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // When this aggregator first saw each worker missing from `athanor_workers`. A
+    // worker counts as gone only once it has been seen missing for a whole TTL: after a
+    // NATS outage every registration has expired at once, and live workers re-register
+    // on their next heartbeat.
+    let mut absent: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = interval.tick() => {
-                if let Err(error) = mark_lost(&shared).await {
+                if let Err(error) = mark_lost(&shared, &mut absent).await {
                     warn!(%error, "checking for lost runs failed");
                 }
             }
@@ -49,7 +57,7 @@ pub(crate) async fn watch_lost(shared: Arc<Shared>) {
     }
 }
 
-async fn mark_lost(shared: &Shared) -> Result<(), String> {
+async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Result<(), String> {
     let bucket = shared
         .js
         .get_key_value(names::WORKERS_BUCKET)
@@ -62,6 +70,7 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
         .try_collect()
         .await
         .map_err(|e| e.to_string())?;
+    absent.retain(|worker, _| !live.contains(worker));
     let backend = shared.db.get_database_backend();
     let now = now_micros();
     let quiet_since = now - shared.nats.workers_ttl.as_micros() as i64;
@@ -78,9 +87,15 @@ async fn mark_lost(shared: &Shared) -> Result<(), String> {
     for row in candidates {
         let id: String = row.try_get("", "id").map_err(|e| e.to_string())?;
         let worker: Option<String> = row.try_get("", "worker_id").map_err(|e| e.to_string())?;
-        if worker.as_ref().is_some_and(|w| live.contains(w)) || lagging(shared, &id).await {
-            // Alive, or JetStream holds output of this run the database does not have
-            // yet: the aggregators are behind and the worker may well have finished.
+        let key = worker.clone().unwrap_or_default();
+        if live.contains(&key) {
+            continue;
+        }
+        let missing_for = absent.entry(key).or_insert_with(Instant::now).elapsed();
+        if missing_for < shared.nats.workers_ttl || lagging(shared, &id).await {
+            // Not seen missing for long enough, or JetStream holds output of this run
+            // the database does not have yet: the aggregators are behind and the worker
+            // may well have finished.
             continue;
         }
         let reason = format!(
