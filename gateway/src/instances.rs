@@ -188,10 +188,21 @@ pub(crate) async fn start_run_of(
         }
         Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
         Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => None,
-        Ok(bytes) => Some(
-            serde_json::from_slice::<RunOverrides>(&bytes)
-                .map_err(|e| ApiError::BadRequest(format!("malformed request body: {e}")))?,
-        ),
+        Ok(bytes) => {
+            let malformed =
+                |e: serde_json::Error| ApiError::BadRequest(format!("malformed request body: {e}"));
+            // An object, not a sequence serde would also accept for a struct.
+            match serde_json::from_slice::<Value>(&bytes).map_err(malformed)? {
+                object @ Value::Object(_) => {
+                    Some(serde_json::from_value::<RunOverrides>(object).map_err(malformed)?)
+                }
+                _ => {
+                    return Err(ApiError::BadRequest(
+                        "malformed request body: expected a JSON object".into(),
+                    ))
+                }
+            }
+        }
     };
     let instance = find(&state, &id).await?;
     let mut config = match serde_json::from_str::<Value>(&instance.config) {

@@ -54,19 +54,26 @@ pub(crate) async fn run_events(
     query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let last = headers
-        .get("last-event-id")
-        .map(|v| v.to_str().unwrap_or("?").to_string())
-        .filter(|v| !v.is_empty())
-        .or(query.last_event_id.filter(|v| !v.is_empty()));
-    let have = match last {
-        None => None,
-        Some(v) => Some(v.trim().parse::<u64>().map_err(|_| {
+    let watermark = |v: String| {
+        v.trim().parse::<u64>().map_err(|_| {
             ApiError::BadRequest(format!(
                 "Last-Event-ID {v:?} is not a batch watermark (a whole number from this feed's `id:` fields)"
             ))
-        })?),
+        })
     };
+    // Both are checked when both are given; the header wins.
+    let from_query = query
+        .last_event_id
+        .filter(|v| !v.is_empty())
+        .map(watermark)
+        .transpose()?;
+    let from_header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+        .filter(|v| !v.is_empty())
+        .map(watermark)
+        .transpose()?;
+    let have = from_header.or(from_query);
     let hubs = state.hubs.clone();
     let hub = hubs.get(&id).await?;
     if let (Some(have), Some(batches)) = (have, hub.ended_with()) {
