@@ -226,6 +226,13 @@ impl Rig {
         .unwrap()
     }
 
+    /// Waits for the run to end `completed`, counts it, and requires it clean.
+    async fn completes_clean(&self, scenario: &str, run_id: &str) {
+        let run = self.wait_terminal(run_id).await;
+        assert_eq!(run.status, "completed", "{scenario}");
+        self.tally(scenario, run_id, true).await.assert_clean();
+    }
+
     /// Counts the run in JetStream and in the database.
     async fn tally(&self, scenario: &str, run_id: &str, expect_final: bool) -> Tally {
         let js = self.jetstream().await;
@@ -401,11 +408,8 @@ async fn aggregator_sigkilled_repeatedly_under_50k_lines_per_second() {
         rig.wait_stored_beyond(&id, before + 20_000).await;
         aggregator.restart();
     }
-    let run = rig.wait_terminal(&id).await;
-    assert_eq!(run.status, "completed");
-    rig.tally("1. aggregator SIGKILL ×3 at 50k lines/s", &id, true)
-        .await
-        .assert_clean();
+    rig.completes_clean("1. aggregator SIGKILL ×3 at 50k lines/s", &id)
+        .await;
     rig.db.close().await;
 }
 
@@ -427,11 +431,8 @@ async fn nats_server_sigkilled_and_restarted_under_load() {
     rig.nats.as_mut().unwrap().server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     rig.nats.as_mut().unwrap().server.restart().unwrap();
-    let run = rig.wait_terminal(&id).await;
-    assert_eq!(run.status, "completed");
-    rig.tally("2. nats-server SIGKILL + restart", &id, true)
-        .await
-        .assert_clean();
+    rig.completes_clean("2. nats-server SIGKILL + restart", &id)
+        .await;
     rig.db.close().await;
 }
 
@@ -487,11 +488,8 @@ async fn database_unavailable_for_20_seconds_under_load() {
     // Nothing could be written meanwhile (a reader still reads, through WAL).
     assert_eq!(rig.stored(&id).await, during);
     assert!(lock.wait().unwrap().success());
-    let run = rig.wait_terminal(&id).await;
-    assert_eq!(run.status, "completed");
-    rig.tally("4. SQLite locked by another process for 20 s", &id, true)
-        .await
-        .assert_clean();
+    rig.completes_clean("4. SQLite locked by another process for 20 s", &id)
+        .await;
     rig.db.close().await;
 }
 
@@ -573,11 +571,8 @@ async fn postgres_unreachable_for_20_seconds(mut rig: Rig) {
     // Nothing reached the database meanwhile (the test reads it directly).
     assert_eq!(rig.stored(&id).await, during);
     proxy.connect().await;
-    let run = rig.wait_terminal(&id).await;
-    assert_eq!(run.status, "completed");
-    rig.tally("4. PostgreSQL unreachable for 20 s", &id, true)
-        .await
-        .assert_clean();
+    rig.completes_clean("4. PostgreSQL unreachable for 20 s", &id)
+        .await;
     rig.db.close().await;
 }
 
@@ -601,15 +596,11 @@ async fn aggregator_sigstopped_past_ack_wait_while_another_takes_over() {
     first.signal("-STOP");
     tokio::time::sleep(Duration::from_secs(6)).await;
     first.signal("-CONT");
-    let run = rig.wait_terminal(&id).await;
-    assert_eq!(run.status, "completed");
-    rig.tally(
+    rig.completes_clean(
         "5. aggregator SIGSTOP 6 s (ack_wait 3 s), second takes over",
         &id,
-        true,
     )
-    .await
-    .assert_clean();
+    .await;
     rig.db.close().await;
 }
 
@@ -1071,14 +1062,10 @@ async fn stream_leader_of_a_three_node_cluster_killed_under_load() {
     drop(js);
     cluster.node(&leader).kill9();
     println!("   killed {leader}, the leader of ATHANOR_RUNS");
-    let run = rig.wait_terminal(&id).await;
-    assert_eq!(run.status, "completed");
-    rig.tally(
+    rig.completes_clean(
         &format!("8. 3-node cluster, R3: stream leader ({leader}) SIGKILL"),
         &id,
-        true,
     )
-    .await
-    .assert_clean();
+    .await;
     rig.db.close().await;
 }
