@@ -4,6 +4,9 @@
 //!   line, at 1 000 and 10 000 lines/s per run, with 1 and 100 concurrent runs: a worker,
 //!   an aggregator and a gateway in this process around a real nats-server and SQLite,
 //!   one SSE viewer per run.
+//! * throughput — worker → JetStream → aggregator → SQLite, and → PostgreSQL, at rising
+//!   offered rates: lines/s logged and stored, and the consumer's lag (the age of the
+//!   oldest line published but not yet stored) while it runs.
 //! * fanout — 1 000, 5 000 and 10 000 viewers of one run on one `athanor gateway`
 //!   process: delivery delay (log() → viewer) p99 over a sample of the viewers, and the
 //!   gateway's resident memory per viewer.
@@ -12,6 +15,7 @@
 //!
 //! Prints a table per part; BENCHMARKS.md holds the last figures.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
@@ -43,6 +47,9 @@ fn main() {
     if want("latency") {
         rt.block_on(latency());
     }
+    if want("throughput") {
+        rt.block_on(throughput());
+    }
     if want("fanout") {
         rt.block_on(fanout());
     }
@@ -55,6 +62,15 @@ fn main() {
 struct Bench(athanor_schemas::nats::NatsConfig);
 
 impl Bench {
+    /// `server`'s settings with the production heartbeat TTL (the tests' 3 s is for
+    /// lost-run tests).
+    fn of(server: &TestNats) -> Bench {
+        Bench(athanor_schemas::nats::NatsConfig {
+            workers_ttl: Duration::from_secs(15),
+            ..server.config()
+        })
+    }
+
     fn config(&self) -> athanor_schemas::nats::NatsConfig {
         self.0.clone()
     }
@@ -132,56 +148,10 @@ async fn start_run(http: &reqwest::Client, base: &str, config: Value) -> String 
 
 async fn latency() {
     let nats_server = TestNats::start();
-    // Production heartbeat and TTL (the test config's 3 s TTL is for lost-run tests).
-    let nats = Bench(athanor_schemas::nats::NatsConfig {
-        workers_ttl: Duration::from_secs(15),
-        ..nats_server.config()
-    });
     let dir = tempfile::tempdir().unwrap();
     let (_, db) = database(&dir).await;
-    let stop = CancellationToken::new();
-    let worker = Worker::start(
-        WorkerConfig {
-            max_concurrent_runs: 128,
-            ..WorkerConfig::default()
-        },
-        nats.config(),
-        builtin::all(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let aggregator = Aggregator::start(
-        AggregatorConfig::default(),
-        nats.config(),
-        db.clone(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let gateway = Gateway::start(
-        GatewayConfig::for_tests(),
-        nats.config(),
-        db.clone(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let base = format!("http://{}", gateway.addr);
-    let http = reqwest::Client::new();
-    while http
-        .get(format!("{base}/api/experiments"))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["experiments"]
-        .as_array()
-        .is_none_or(|e| e.is_empty())
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
+    let (http, base) = (&stack.http, &stack.base);
     println!("\n## Latency: log() → SSE client (worker flush every 100 ms)\n");
     println!("| runs | lines/s per run | lines received | p50 ms | p99 ms | max ms |");
     println!("| --- | --- | --- | --- | --- | --- |");
@@ -190,8 +160,8 @@ async fn latency() {
         let mut viewers = Vec::new();
         for _ in 0..runs {
             let id = start_run(
-                &http,
-                &base,
+                http,
+                base,
                 json!({"lines_per_second": rate, "duration_ms": duration_ms, "line_bytes": 100}),
             )
             .await;
@@ -216,11 +186,222 @@ async fn latency() {
             ms(*all.last().unwrap_or(&0))
         );
     }
-    stop.cancel();
-    worker.wait().await;
-    aggregator.wait().await;
-    gateway.wait().await;
-    drop(db);
+    stack.stop().await;
+}
+
+/// A worker, an aggregator and a gateway in this process, on `db`; or, given the
+/// address of a gateway of its own, only the worker and the aggregator.
+struct Stack {
+    worker: Worker,
+    aggregator: Aggregator,
+    gateway: Option<Gateway>,
+    db: sea_orm::DatabaseConnection,
+    stop: CancellationToken,
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Stack {
+    async fn start(nats: &Bench, db: sea_orm::DatabaseConnection, base: Option<String>) -> Stack {
+        let stop = CancellationToken::new();
+        let worker = Worker::start(
+            WorkerConfig {
+                max_concurrent_runs: 128,
+                ..WorkerConfig::default()
+            },
+            nats.config(),
+            builtin::all(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let aggregator = Aggregator::start(
+            AggregatorConfig::default(),
+            nats.config(),
+            db.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let (gateway, base) = match base {
+            Some(base) => (None, base),
+            None => {
+                let gateway = Gateway::start(
+                    GatewayConfig::for_tests(),
+                    nats.config(),
+                    db.clone(),
+                    stop.clone(),
+                )
+                .await
+                .unwrap();
+                let base = format!("http://{}", gateway.addr);
+                (Some(gateway), base)
+            }
+        };
+        let http = reqwest::Client::new();
+        // Until the gateway answers and knows the worker.
+        loop {
+            if let Ok(r) = http.get(format!("{base}/api/experiments")).send().await {
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                if body["experiments"]
+                    .as_array()
+                    .is_some_and(|e| !e.is_empty())
+                {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Stack {
+            worker,
+            aggregator,
+            gateway,
+            db,
+            stop,
+            http,
+            base,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.worker.wait().await;
+        self.aggregator.wait().await;
+        if let Some(gateway) = self.gateway {
+            gateway.wait().await;
+        }
+        drop(self.db);
+    }
+}
+
+// ---------------------------------------------------------------- throughput
+
+/// Offered load in lines/s, all runs together.
+const OFFERED: [u64; 4] = [100_000, 200_000, 250_000, 300_000];
+/// Runs sharing the offered load, and how long each logs.
+const THROUGHPUT_RUNS: u64 = 4;
+const THROUGHPUT_SECS: u64 = 10;
+
+async fn throughput() {
+    println!("\n## Sustained throughput: worker → JetStream → aggregator → database\n");
+    println!(
+        "{THROUGHPUT_RUNS} `log_storm` runs of {THROUGHPUT_SECS} s share the offered rate (~120-byte lines). \
+         Lag: age of the oldest line JetStream has acknowledged and the database does not hold yet, \
+         sampled every 20 ms.\n"
+    );
+    println!("| database | offered lines/s | logged lines/s | stored lines/s | lag p50 ms | lag p99 ms | lag max ms | stored after last publish ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = database(&dir).await;
+        throughput_rows("SQLite", db).await;
+    }
+    let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let admin = match athanor_schemas::db::connect(&DatabaseConfig {
+        url: Some(server.clone()),
+        max_connections: 1,
+        ..Default::default()
+    })
+    .await
+    {
+        Ok(admin) => admin,
+        Err(e) => return println!("| PostgreSQL | skipped: {e} | | | | | | |"),
+    };
+    use athanor_migrations::MigratorTrait;
+    use sea_orm::ConnectionTrait;
+    let name = format!("athanor_bench_pipeline_{}", std::process::id());
+    let (base, _) = server.rsplit_once('/').unwrap();
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let db = athanor_schemas::db::connect(&DatabaseConfig {
+        url: Some(format!("{base}/{name}")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    athanor_migrations::Migrator::up(&db, None).await.unwrap();
+    throughput_rows("PostgreSQL 15", db).await;
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
+
+/// One row per offered rate, each on a fresh nats-server and the same database.
+async fn throughput_rows(database: &str, db: sea_orm::DatabaseConnection) {
+    for offered in OFFERED {
+        let nats_server = TestNats::start();
+        let stack = Stack::start(&Bench::of(&nats_server), db.clone(), None).await;
+        let per_run = offered / THROUGHPUT_RUNS;
+        let t0 = Instant::now();
+        let mut ids = Vec::new();
+        for _ in 0..THROUGHPUT_RUNS {
+            let config =
+                json!({"lines_per_second": per_run, "duration_ms": THROUGHPUT_SECS * 1000});
+            ids.push(start_run(&stack.http, &stack.base, config).await);
+        }
+        // (seconds since t0, lines JetStream acknowledged, lines stored)
+        let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+        let mut last_poll = Instant::now();
+        loop {
+            let published = stack.worker.stats().lines.load(Ordering::Relaxed);
+            let stored = stack.aggregator.stats().lines.load(Ordering::Relaxed);
+            samples.push((t0.elapsed().as_secs_f64(), published, stored));
+            if last_poll.elapsed() > Duration::from_millis(500) {
+                last_poll = Instant::now();
+                if all_completed(&stack, &ids).await {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (_, published, stored) = *samples.last().unwrap();
+        let first_at = |pred: &dyn Fn(&(f64, u64, u64)) -> bool| {
+            samples.iter().find(|s| pred(s)).map_or(0.0, |s| s.0)
+        };
+        let published_at = first_at(&|s| s.1 >= published);
+        let stored_at = first_at(&|s| s.2 >= stored);
+        let mut lags: Vec<i64> = samples
+            .iter()
+            .map(|&(t, _, s)| {
+                // The oldest pending line was acknowledged when `published` first passed `s`.
+                let since = samples.iter().find(|p| p.1 > s).map_or(t, |p| p.0.min(t));
+                ((t - since) * 1e6) as i64
+            })
+            .collect();
+        lags.sort_unstable();
+        println!(
+            "| {database} | {offered} | {:.0} | {:.0} | {} | {} | {} | {:.0} |",
+            published as f64 / published_at,
+            stored as f64 / stored_at,
+            ms(percentile(&lags, 0.5)),
+            ms(percentile(&lags, 0.99)),
+            ms(*lags.last().unwrap_or(&0)),
+            (stored_at - published_at).max(0.0) * 1000.0
+        );
+        stack.stop().await;
+    }
+}
+
+async fn all_completed(stack: &Stack, ids: &[String]) -> bool {
+    for id in ids {
+        let run: Value = match stack
+            .http
+            .get(format!("{}/api/runs/{id}", stack.base))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => return false,
+        };
+        if run["status"] != "completed" {
+            return false;
+        }
+    }
+    true
 }
 
 // ---------------------------------------------------------------- fan-out
@@ -267,38 +448,48 @@ async fn raw_viewer(
     out
 }
 
+/// Delays seen by 20 fresh viewers over 5 s. They run on a thread and runtime of their
+/// own: on the load viewers' runtime they would wait behind thousands of tasks woken by
+/// the same frame, and measure this process's queue instead of the gateway (a real
+/// viewer is in a browser of its own).
+async fn sample_viewers(addr: std::net::SocketAddr, path: &str) -> Vec<i64> {
+    let path = path.to_string();
+    let sampler = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let window = Instant::now() + Duration::from_secs(5);
+            let samplers: Vec<_> = (0..20)
+                .map(|_| tokio::spawn(raw_viewer(addr, path.clone(), true, window)))
+                .collect();
+            let mut all = Vec::new();
+            for s in samplers {
+                all.extend(s.await.unwrap());
+            }
+            all
+        })
+    });
+    tokio::task::spawn_blocking(move || sampler.join().unwrap())
+        .await
+        .unwrap()
+}
+
 async fn fanout() {
     let nats_server = TestNats::start();
-    // Production heartbeat and TTL (the test config's 3 s TTL is for lost-run tests).
-    let nats = Bench(athanor_schemas::nats::NatsConfig {
-        workers_ttl: Duration::from_secs(15),
-        ..nats_server.config()
-    });
+    let nats = Bench::of(&nats_server);
     let dir = tempfile::tempdir().unwrap();
     let (db_config, db) = database(&dir).await;
-    let stop = CancellationToken::new();
-    let worker = Worker::start(
-        WorkerConfig::default(),
-        nats.config(),
-        builtin::all(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
-    let aggregator = Aggregator::start(
-        AggregatorConfig::default(),
-        nats.config(),
-        db.clone(),
-        stop.clone(),
-    )
-    .await
-    .unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let mut gateway = std::process::Command::new(env!("CARGO_BIN_EXE_athanor"))
+    // ATHANOR_BENCH_GATEWAY: another build of `athanor` to measure (a before/after).
+    let binary = std::env::var("ATHANOR_BENCH_GATEWAY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_athanor").to_string());
+    let mut gateway = std::process::Command::new(binary)
         .arg("gateway")
         .env("ATHANOR__NATS__URL", nats.url())
         .env("ATHANOR__DATABASE__URL", db_config.url())
@@ -306,24 +497,12 @@ async fn fanout() {
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    loop {
-        if let Ok(r) = http.get(format!("{base}/api/experiments")).send().await {
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            if body["experiments"]
-                .as_array()
-                .is_some_and(|e| !e.is_empty())
-            {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let stack = Stack::start(&nats, db, Some(format!("http://127.0.0.1:{port}"))).await;
+    let (http, base) = (&stack.http, &stack.base);
     // One long, slow run: 100 lines/s (10 batches of 10 lines a second).
     let id = start_run(
-        &http,
-        &base,
+        http,
+        base,
         json!({"lines_per_second": 100, "duration_ms": 600_000, "line_bytes": 100}),
     )
     .await;
@@ -338,7 +517,15 @@ async fn fanout() {
     println!("| viewers | delivery p50 ms | p99 ms | max ms | gateway RSS MiB | KiB per viewer |");
     println!("| --- | --- | --- | --- | --- | --- |");
     let mut held: Vec<tokio::task::JoinHandle<Vec<i64>>> = Vec::new();
-    for target in [1_000usize, 5_000, 10_000] {
+    // ATHANOR_BENCH_VIEWERS=1000,5000: other steps (for a profiler run, say).
+    let steps: Vec<usize> = std::env::var("ATHANOR_BENCH_VIEWERS")
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().expect("a number of viewers"))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![1_000, 5_000, 10_000]);
+    for target in steps {
         let until = Instant::now() + Duration::from_secs(3600);
         while held.len() < target {
             let sample = held.len().is_multiple_of(50);
@@ -350,15 +537,7 @@ async fn fanout() {
         // Let them settle, then sample a window with everyone connected.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let rss = athanor_testkit::rss_kib(gateway.id());
-        // Sampled viewers of this window: fresh ones, for 5 s.
-        let window = Instant::now() + Duration::from_secs(5);
-        let samplers: Vec<_> = (0..20)
-            .map(|_| tokio::spawn(raw_viewer(addr, path.clone(), true, window)))
-            .collect();
-        let mut all = Vec::new();
-        for s in samplers {
-            all.extend(s.await.unwrap());
-        }
+        let mut all = sample_viewers(addr, &path).await;
         all.sort_unstable();
         let viewers = target + 20;
         println!(
@@ -375,10 +554,7 @@ async fn fanout() {
     }
     let _ = gateway.kill();
     let _ = gateway.wait();
-    stop.cancel();
-    worker.wait().await;
-    aggregator.wait().await;
-    drop(db);
+    stack.stop().await;
 }
 
 // ---------------------------------------------------------------- start-up

@@ -22,6 +22,7 @@ use athanor_schemas::db::stmt;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::{self, BatchEvent, RunView, Snapshot, StatusEvent};
 use athanor_schemas::{names, Batch, Level, LogLine, Progress, ResultRecord};
+use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use sea_orm::{
@@ -37,21 +38,32 @@ use tracing::{debug, warn};
 use crate::error::{ApiError, ApiResult};
 use crate::GatewayConfig;
 
-/// One SSE event, serialised once and shared by every viewer that sends it.
+/// One SSE event, encoded once and shared by every viewer that sends it: a viewer's
+/// connection writes `wire` as it is (a reference count, not a copy).
 #[derive(Debug)]
 pub(crate) struct Frame {
     pub event: &'static str,
     /// The batch watermark after this event (none on `resync`).
     pub id: Option<u64>,
-    pub data: String,
+    /// The event as sent: `event:`, `id:`, one `data:` line and the blank line.
+    pub wire: Bytes,
 }
 
 impl Frame {
-    fn new(event: &'static str, id: Option<u64>, data: &impl serde::Serialize) -> Arc<Frame> {
+    pub fn new(event: &'static str, id: Option<u64>, data: &impl serde::Serialize) -> Arc<Frame> {
+        let mut wire = format!("event: {event}\n");
+        if let Some(id) = id {
+            wire.push_str(&format!("id: {id}\n"));
+        }
+        wire.push_str("data: ");
+        let mut wire = wire.into_bytes();
+        // JSON escapes newlines inside strings, so the data is always one line.
+        serde_json::to_writer(&mut wire, data).expect("an event serialises");
+        wire.extend_from_slice(b"\n\n");
         Arc::new(Frame {
             event,
             id,
-            data: serde_json::to_string(data).expect("an event serialises"),
+            wire: wire.into(),
         })
     }
 
@@ -214,6 +226,7 @@ impl Hubs {
             early: BTreeMap::new(),
             final_batches,
             terminal: None,
+            snapshot: None,
         };
         if is_terminal(&state.run.status) {
             state.terminal = Some(state.status_frame());
@@ -326,7 +339,7 @@ impl Hub {
 
     /// Joins with a snapshot of the state the following frames apply to.
     pub fn join_with_snapshot(&self) -> (Joined, Arc<Frame>) {
-        let state = self.state.lock();
+        let mut state = self.state.lock();
         let joined = Joined {
             rx: self.tx.subscribe(),
             next: state.next,
@@ -369,6 +382,7 @@ impl Hub {
         if state.terminal.is_some() {
             return;
         }
+        state.snapshot = None;
         state.run.status = status;
         state.run.error = error;
         state.run.finished_at = at;
@@ -395,6 +409,9 @@ struct HubState {
     final_batches: Option<u64>,
     /// The `status` frame, once the run has ended.
     terminal: Option<Arc<Frame>>,
+    /// The `snapshot` frame of the state as it is, once a viewer asked for it: viewers
+    /// joining between two batches share it instead of each serialising the tail.
+    snapshot: Option<Arc<Frame>>,
 }
 
 /// Early batches held at most; past it the oldest gap is given up on (its viewers
@@ -426,6 +443,7 @@ impl HubState {
     }
 
     fn take(&mut self, batch: Batch) {
+        self.snapshot = None;
         self.next = batch.batch_seq + 1;
         self.run.batches = self.next as i64;
         self.lines += batch.logs.len() as u64;
@@ -494,8 +512,11 @@ impl HubState {
         )
     }
 
-    fn snapshot_frame(&self) -> Arc<Frame> {
-        Frame::new(
+    fn snapshot_frame(&mut self) -> Arc<Frame> {
+        if let Some(frame) = &self.snapshot {
+            return frame.clone();
+        }
+        let frame = Frame::new(
             events::SNAPSHOT,
             Some(self.next),
             &Snapshot {
@@ -505,7 +526,9 @@ impl HubState {
                 lines: self.lines,
                 batches: self.next,
             },
-        )
+        );
+        self.snapshot = Some(frame.clone());
+        frame
     }
 }
 

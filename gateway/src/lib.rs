@@ -23,6 +23,7 @@ use athanor_schemas::names;
 use athanor_schemas::nats::{NatsConfig, NatsError};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
@@ -270,6 +271,10 @@ impl Gateway {
         })?;
         let app = router(state, &config);
         let task = tokio::spawn(async move {
+            // Events are small writes that must go out at once, not wait for an ack.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             if let Err(error) = axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.cancelled_owned())
                 .await

@@ -9,18 +9,24 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
 use athanor_schemas::events;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::api::AppStateRef;
 use crate::error::{ApiError, ApiResult};
@@ -39,11 +45,81 @@ pub(crate) struct FeedQuery {
     token: Option<String>,
 }
 
-fn event(frame: &Frame) -> Event {
-    let event = Event::default().event(frame.event).data(&frame.data);
-    match frame.id {
-        Some(id) => event.id(id.to_string()),
-        None => event,
+/// Frames sent in one write at most, when a viewer finds several waiting.
+const MAX_FRAMES_PER_WRITE: usize = 64;
+
+/// An SSE response of `frames`. Each frame's bytes were encoded once by the hub; frames
+/// already waiting when a viewer's connection is ready go out in one write, so a slow
+/// or busy moment costs a viewer one syscall, not one per frame.
+fn sse_response(
+    frames: impl Stream<Item = Arc<Frame>> + Send + 'static,
+    keep_alive: Duration,
+) -> Response {
+    let writes = frames
+        .ready_chunks(MAX_FRAMES_PER_WRITE)
+        .map(|chunk| match chunk.as_slice() {
+            [one] => one.wire.clone(),
+            many => {
+                let mut out = BytesMut::with_capacity(many.iter().map(|f| f.wire.len()).sum());
+                for frame in many {
+                    out.extend_from_slice(&frame.wire);
+                }
+                out.freeze()
+            }
+        });
+    let body = Body::from_stream(KeepAlive::new(writes, keep_alive).map(Ok::<_, Infallible>));
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Sends an SSE comment after `interval` without a write, so that proxies and clients
+/// see a live connection. A write only notes the time: the timer is re-armed once per
+/// interval, not on every frame (ten thousand viewers at ten frames a second).
+struct KeepAlive<S> {
+    writes: Pin<Box<S>>,
+    interval: Duration,
+    last_write: tokio::time::Instant,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> KeepAlive<S> {
+    fn new(writes: S, interval: Duration) -> Self {
+        KeepAlive {
+            writes: Box::pin(writes),
+            interval,
+            last_write: tokio::time::Instant::now(),
+            timer: Box::pin(tokio::time::sleep(interval)),
+        }
+    }
+}
+
+impl<S: Stream<Item = Bytes>> Stream for KeepAlive<S> {
+    type Item = Bytes;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if let Poll::Ready(write) = self.writes.as_mut().poll_next(cx) {
+            self.last_write = tokio::time::Instant::now();
+            return Poll::Ready(write);
+        }
+        loop {
+            futures::ready!(self.timer.as_mut().poll(cx));
+            let due = self.last_write + self.interval;
+            if due > tokio::time::Instant::now() {
+                // Written to since the timer was set: wait for the rest of the interval.
+                self.timer.as_mut().reset(due);
+                continue;
+            }
+            self.last_write = tokio::time::Instant::now();
+            let next = self.last_write + self.interval;
+            self.timer.as_mut().reset(next);
+            return Poll::Ready(Some(Bytes::from_static(b":\n\n")));
+        }
     }
 }
 
@@ -52,7 +128,7 @@ pub(crate) async fn run_events(
     Path(id): Path<String>,
     headers: HeaderMap,
     query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+) -> ApiResult<Response> {
     let Query(query) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let watermark = |v: String| {
         v.trim().parse::<u64>().map_err(|_| {
@@ -84,11 +160,11 @@ pub(crate) async fn run_events(
         }
     }
     let viewer = Viewer::new(hubs.clone(), hub, have);
-    let stream = futures::stream::unfold(viewer, |mut viewer| async move {
+    let frames = futures::stream::unfold(viewer, |mut viewer| async move {
         let frame = viewer.next().await?;
-        Some((Ok(event(&frame)), viewer))
+        Some((frame, viewer))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(hubs.config.keep_alive)))
+    Ok(sse_response(frames, hubs.config.keep_alive))
 }
 
 /// One viewer of a run's feed.
@@ -96,6 +172,9 @@ struct Viewer {
     hubs: Arc<Hubs>,
     hub: Arc<Hub>,
     rx: broadcast::Receiver<Arc<Frame>>,
+    /// The hub's stop (also the gateway's: a hub's token is a child of it), waited on
+    /// across frames rather than registered afresh for each one.
+    stopped: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Batches this viewer holds: `0..have`.
     have: u64,
     /// Frames to send before anything else.
@@ -134,6 +213,7 @@ impl Viewer {
         let have = have.unwrap_or(joined.next);
         Viewer {
             hubs,
+            stopped: Box::pin(hub.stop.clone().cancelled_owned()),
             hub,
             catch_up: CatchUp::needed(have, joined.next),
             rx: joined.rx,
@@ -150,6 +230,7 @@ impl Viewer {
         match self.hubs.get(&self.hub.run_id).await {
             Ok(hub) if !Arc::ptr_eq(&hub, &self.hub) && !self.hubs.shutdown.is_cancelled() => {
                 let Joined { rx, next, terminal } = hub.join();
+                self.stopped = Box::pin(hub.stop.clone().cancelled_owned());
                 self.hub = hub;
                 self.rx = rx;
                 self.terminal = terminal;
@@ -184,7 +265,8 @@ impl Viewer {
                 return None;
             }
             if self.catch_up.is_some() {
-                if let Some(frame) = self.catch_up_next().await {
+                // Boxed: the rare paths would otherwise size every viewer's future.
+                if let Some(frame) = Box::pin(self.catch_up_next()).await {
                     return Some(frame);
                 }
                 continue;
@@ -215,12 +297,11 @@ impl Viewer {
                     }
                     Err(RecvError::Closed) => return None,
                 },
-                _ = self.hub.stop.cancelled() => {
-                    if !self.move_hub().await {
+                _ = &mut self.stopped => {
+                    if self.hubs.shutdown.is_cancelled() || !Box::pin(self.move_hub()).await {
                         return None;
                     }
                 }
-                _ = self.hubs.shutdown.cancelled() => return None,
             }
         }
     }
@@ -278,9 +359,7 @@ impl Viewer {
 
 /// Run lifecycle changes of every run (`run` events), relayed from
 /// `athanor.lifecycle.*`. A client that lags gets `resync` and should reload its list.
-pub(crate) async fn lifecycle_events(
-    State(state): AppStateRef,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub(crate) async fn lifecycle_events(State(state): AppStateRef) -> Response {
     let rx = state.lifecycle.subscribe();
     let shutdown = state.hubs.shutdown.clone();
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -291,10 +370,10 @@ pub(crate) async fn lifecycle_events(
             }
             Err(RecvError::Closed) => return None,
         };
-        Some((Ok(event(&frame)), rx))
+        Some((frame, rx))
     })
     .take_until(shutdown.cancelled_owned());
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(state.hubs.config.keep_alive))
+    sse_response(stream, state.hubs.config.keep_alive)
 }
 
 /// Relays `athanor.lifecycle.*` into `tx` until shutdown, and pokes the hub of a run
@@ -321,10 +400,6 @@ pub(crate) async fn relay_lifecycle(
         ) {
             hubs.poke(&change.run_id).await;
         }
-        let _ = tx.send(Arc::new(Frame {
-            event: events::RUN,
-            id: None,
-            data: serde_json::to_string(&change).expect("serialises"),
-        }));
+        let _ = tx.send(Frame::new(events::RUN, None, &change));
     }
 }

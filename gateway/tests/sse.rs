@@ -604,3 +604,65 @@ async fn output_cannot_inject_sse_fields() {
     assert_eq!(viewed.status.unwrap().status, "completed");
     stack.stop().await;
 }
+
+/// The raw body of a feed, read until the server ends it, cut into its blocks (what
+/// lies between blank lines): events, and `:` for a keep-alive comment.
+async fn raw_blocks(base: &str, id: &str) -> Vec<String> {
+    let mut response = reqwest::get(format!("{base}{}", events_path(id)))
+        .await
+        .unwrap();
+    let mut body = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), response.chunk())
+        .await
+        .expect("the feed writes within 60 s")
+        .unwrap()
+    {
+        body.extend_from_slice(&chunk);
+    }
+    let body = String::from_utf8(body).unwrap();
+    assert!(body.ends_with("\n\n"), "the feed ends on a whole event");
+    body.trim_end_matches('\n')
+        .split("\n\n")
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_feed_gets_keep_alive_comments_and_a_busy_one_none() {
+    let gateway = GatewayConfig {
+        keep_alive: Duration::from_millis(250),
+        ..GatewayConfig::for_tests()
+    };
+    let stack = Stack::start_with(WorkerConfig::for_tests(), gateway).await;
+    // A line a second, and a batch every 100 ms.
+    let quiet = json!({"lines_per_second": 1, "duration_ms": 4000});
+    let busy = json!({"lines_per_second": 50, "duration_ms": 4000});
+    let quiet = start_run(&stack, "log_storm", quiet).await;
+    let busy = start_run(&stack, "log_storm", busy).await;
+    let (quiet, busy) = tokio::join!(
+        raw_blocks(&stack.base, &quiet),
+        raw_blocks(&stack.base, &busy)
+    );
+    for blocks in [&quiet, &busy] {
+        assert!(
+            blocks[0].starts_with("event: snapshot\n"),
+            "{:?}",
+            blocks[0]
+        );
+        assert!(blocks.last().unwrap().starts_with("event: status\n"));
+        let events = blocks.iter().filter(|b| *b != ":");
+        assert!(
+            events.clone().all(|b| b.starts_with("event: ")),
+            "{blocks:?}"
+        );
+    }
+    let comments = |blocks: &[String]| blocks.iter().filter(|b| *b == ":").count();
+    // About a second between writes: three comments in each gap, 12 in all; at least 4
+    // however loaded the machine.
+    assert!(comments(&quiet) >= 4, "{quiet:?}");
+    // A write every 100 ms: a comment only if the machine stalled a quarter second.
+    assert!(comments(&busy) <= 2, "{busy:?}");
+    let batches = busy.iter().filter(|b| b.starts_with("event: batch\n"));
+    assert!(batches.count() >= 20, "{busy:?}");
+    stack.stop().await;
+}

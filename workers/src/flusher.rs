@@ -307,7 +307,7 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
             Err(single) => {
                 // One line (or result) too large even alone: cut it down to size. Every
                 // field is then at most max_payload / 8, so this recursion ends here.
-                if let Some(shrunk) = shrink(single, (max_payload / 8).max(256)) {
+                if let Some(shrunk) = shrink(*single, (max_payload / 8).max(256)) {
                     encode_fitting(shrunk, max_payload, next, out);
                 } else {
                     unreachable!("a batch that shrink() left unchanged fits");
@@ -326,7 +326,7 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
 }
 
 /// Splits a batch in two halves of its logs (or of its results when it has one line).
-fn split(mut batch: Batch) -> Result<(Batch, Batch), Batch> {
+fn split(mut batch: Batch) -> Result<(Batch, Batch), Box<Batch>> {
     let mut right = Batch::new(batch.run_id.clone(), 0, batch.worker_id.clone());
     right.final_ = batch.final_.take();
     if right.final_.is_some() {
@@ -345,7 +345,7 @@ fn split(mut batch: Batch) -> Result<(Batch, Batch), Batch> {
         if batch.final_.is_some() && right.status.is_some() {
             batch.status = right.status.take();
         }
-        return Err(batch);
+        return Err(Box::new(batch));
     }
     Ok((batch, right))
 }

@@ -308,8 +308,8 @@ async fn endings_ok_error_panic_and_the_worker_survives() {
     let progress = out
         .batches
         .iter()
-        .filter_map(|b| b.progress.clone())
-        .last()
+        .rev()
+        .find_map(|b| b.progress.clone())
         .unwrap();
     assert_eq!((progress.current, progress.total), (3, 3));
     worker.stop().await;
