@@ -291,10 +291,25 @@ async fn throughput() {
     );
     println!("| database | offered lines/s | logged lines/s | stored lines/s | lag p50 ms | lag p99 ms | lag max ms | stored after last publish ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    {
-        let dir = tempfile::tempdir().unwrap();
-        let (_, db) = database(&dir).await;
-        throughput_rows("SQLite", db).await;
+    // ATHANOR_BENCH_OFFERED=250000 and ATHANOR_BENCH_DATABASES=sqlite: one row (to profile).
+    let offered: Vec<u64> = std::env::var("ATHANOR_BENCH_OFFERED")
+        .map(|v| {
+            v.split(',')
+                .map(|n| n.trim().parse().expect("lines/s"))
+                .collect()
+        })
+        .unwrap_or_else(|_| OFFERED.to_vec());
+    let databases = std::env::var("ATHANOR_BENCH_DATABASES").unwrap_or_default();
+    let wanted = |name: &str| databases.is_empty() || databases.contains(name);
+    if wanted("sqlite") {
+        for &rate in &offered {
+            let dir = tempfile::tempdir().unwrap();
+            let (_, db) = database(&dir).await;
+            throughput_row("SQLite", rate, db).await;
+        }
+    }
+    if !wanted("postgres") {
+        return;
     }
     let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
@@ -310,80 +325,79 @@ async fn throughput() {
     };
     use athanor_migrations::MigratorTrait;
     use sea_orm::ConnectionTrait;
-    let name = format!("athanor_bench_pipeline_{}", std::process::id());
     let (base, _) = server.rsplit_once('/').unwrap();
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+    for &rate in &offered {
+        let name = format!("athanor_bench_pipeline_{}_{rate}", std::process::id());
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let db = athanor_schemas::db::connect(&DatabaseConfig {
+            url: Some(format!("{base}/{name}")),
+            ..Default::default()
+        })
         .await
         .unwrap();
-    let db = athanor_schemas::db::connect(&DatabaseConfig {
-        url: Some(format!("{base}/{name}")),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    athanor_migrations::Migrator::up(&db, None).await.unwrap();
-    throughput_rows("PostgreSQL 15", db).await;
-    admin
-        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
+        athanor_migrations::Migrator::up(&db, None).await.unwrap();
+        throughput_row("PostgreSQL 15", rate, db).await;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+    }
 }
 
-/// One row per offered rate, each on a fresh nats-server and the same database.
-async fn throughput_rows(database: &str, db: sea_orm::DatabaseConnection) {
-    for offered in OFFERED {
-        let nats_server = TestNats::start();
-        let stack = Stack::start(&Bench::of(&nats_server), db.clone(), None).await;
-        let per_run = offered / THROUGHPUT_RUNS;
-        let t0 = Instant::now();
-        let mut ids = Vec::new();
-        for _ in 0..THROUGHPUT_RUNS {
-            let config =
-                json!({"lines_per_second": per_run, "duration_ms": THROUGHPUT_SECS * 1000});
-            ids.push(start_run(&stack.http, &stack.base, config).await);
-        }
-        // (seconds since t0, lines JetStream acknowledged, lines stored)
-        let mut samples: Vec<(f64, u64, u64)> = Vec::new();
-        let mut last_poll = Instant::now();
-        loop {
-            let published = stack.worker.stats().lines.load(Ordering::Relaxed);
-            let stored = stack.aggregator.stats().lines.load(Ordering::Relaxed);
-            samples.push((t0.elapsed().as_secs_f64(), published, stored));
-            if last_poll.elapsed() > Duration::from_millis(500) {
-                last_poll = Instant::now();
-                if all_completed(&stack, &ids).await {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let (_, published, stored) = *samples.last().unwrap();
-        let first_at = |pred: &dyn Fn(&(f64, u64, u64)) -> bool| {
-            samples.iter().find(|s| pred(s)).map_or(0.0, |s| s.0)
-        };
-        let published_at = first_at(&|s| s.1 >= published);
-        let stored_at = first_at(&|s| s.2 >= stored);
-        let mut lags: Vec<i64> = samples
-            .iter()
-            .map(|&(t, _, s)| {
-                // The oldest pending line was acknowledged when `published` first passed `s`.
-                let since = samples.iter().find(|p| p.1 > s).map_or(t, |p| p.0.min(t));
-                ((t - since) * 1e6) as i64
-            })
-            .collect();
-        lags.sort_unstable();
-        println!(
-            "| {database} | {offered} | {:.0} | {:.0} | {} | {} | {} | {:.0} |",
-            published as f64 / published_at,
-            stored as f64 / stored_at,
-            ms(percentile(&lags, 0.5)),
-            ms(percentile(&lags, 0.99)),
-            ms(*lags.last().unwrap_or(&0)),
-            (stored_at - published_at).max(0.0) * 1000.0
-        );
-        stack.stop().await;
+/// One offered rate on a fresh nats-server and an empty database.
+async fn throughput_row(database: &str, offered: u64, db: sea_orm::DatabaseConnection) {
+    let nats_server = TestNats::start();
+    let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
+    let per_run = offered / THROUGHPUT_RUNS;
+    let t0 = Instant::now();
+    let mut ids = Vec::new();
+    for _ in 0..THROUGHPUT_RUNS {
+        let config = json!({"lines_per_second": per_run, "duration_ms": THROUGHPUT_SECS * 1000});
+        ids.push(start_run(&stack.http, &stack.base, config).await);
     }
+    // (seconds since t0, lines JetStream acknowledged, lines stored)
+    let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+    let mut last_poll = Instant::now();
+    loop {
+        let published = stack.worker.stats().lines.load(Ordering::Relaxed);
+        let stored = stack.aggregator.stats().lines.load(Ordering::Relaxed);
+        samples.push((t0.elapsed().as_secs_f64(), published, stored));
+        if last_poll.elapsed() > Duration::from_millis(500) {
+            last_poll = Instant::now();
+            if all_completed(&stack, &ids).await {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, published, stored) = *samples.last().unwrap();
+    let first_at = |pred: &dyn Fn(&(f64, u64, u64)) -> bool| {
+        samples.iter().find(|s| pred(s)).map_or(0.0, |s| s.0)
+    };
+    let published_at = first_at(&|s| s.1 >= published);
+    let stored_at = first_at(&|s| s.2 >= stored);
+    let mut lags: Vec<i64> = samples
+        .iter()
+        .map(|&(t, _, s)| {
+            // The oldest pending line was acknowledged when `published` first passed `s`.
+            let since = samples.iter().find(|p| p.1 > s).map_or(t, |p| p.0.min(t));
+            ((t - since) * 1e6) as i64
+        })
+        .collect();
+    lags.sort_unstable();
+    println!(
+        "| {database} | {offered} | {:.0} | {:.0} | {} | {} | {} | {:.0} |",
+        published as f64 / published_at,
+        stored as f64 / stored_at,
+        ms(percentile(&lags, 0.5)),
+        ms(percentile(&lags, 0.99)),
+        ms(*lags.last().unwrap_or(&0)),
+        (stored_at - published_at).max(0.0) * 1000.0
+    );
+    stack.stop().await;
 }
 
 async fn all_completed(stack: &Stack, ids: &[String]) -> bool {
