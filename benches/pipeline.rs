@@ -370,6 +370,12 @@ async fn throughput_row(database: &str, offered: u64, db: sea_orm::DatabaseConne
             if all_completed(&stack, &ids).await {
                 break;
             }
+            // Far behind: the row is over capacity, not worth waiting out.
+            assert!(
+                t0.elapsed() < Duration::from_secs(THROUGHPUT_SECS * 10),
+                "{database} at {offered} lines/s: runs not stored after {:?}",
+                t0.elapsed()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -400,6 +406,7 @@ async fn throughput_row(database: &str, offered: u64, db: sea_orm::DatabaseConne
     stack.stop().await;
 }
 
+/// Whether every run has ended; panics if one ended other than `completed`.
 async fn all_completed(stack: &Stack, ids: &[String]) -> bool {
     for id in ids {
         let run: Value = match stack
@@ -411,8 +418,10 @@ async fn all_completed(stack: &Stack, ids: &[String]) -> bool {
             Ok(r) => r.json().await.unwrap_or(Value::Null),
             Err(_) => return false,
         };
-        if run["status"] != "completed" {
-            return false;
+        match run["status"].as_str() {
+            Some("completed") => {}
+            Some("failed" | "cancelled" | "lost") => panic!("run {id} did not complete: {run}"),
+            _ => return false,
         }
     }
     true

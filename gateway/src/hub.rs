@@ -38,14 +38,15 @@ use tracing::{debug, warn};
 use crate::error::{ApiError, ApiResult};
 use crate::GatewayConfig;
 
-/// One SSE event, encoded once and shared by every viewer that sends it: a viewer's
-/// connection writes `wire` as it is (a reference count, not a copy).
+/// One SSE event, encoded once and shared by every viewer that sends it (see
+/// `sse::Writes` for how it is written).
 #[derive(Debug)]
 pub(crate) struct Frame {
     pub event: &'static str,
-    /// The batch watermark after this event (none on `resync`).
+    /// The batch watermark after this event (none on `resync` and `run`).
     pub id: Option<u64>,
-    /// The event as sent: `event:`, `id:`, one `data:` line and the blank line.
+    /// The event as sent: `event:`, `id:` when there is one, one `data:` line and the
+    /// blank line.
     pub wire: Bytes,
 }
 

@@ -45,29 +45,15 @@ pub(crate) struct FeedQuery {
     token: Option<String>,
 }
 
-/// Frames sent in one write at most, when a viewer finds several waiting.
-const MAX_FRAMES_PER_WRITE: usize = 64;
+/// Most bytes joined into one write when a viewer finds several frames waiting.
+const MAX_WRITE: usize = 64 << 10;
 
-/// An SSE response of `frames`. Each frame's bytes were encoded once by the hub; frames
-/// already waiting when a viewer's connection is ready go out in one write, so a slow
-/// or busy moment costs a viewer one syscall, not one per frame.
+/// An SSE response of `frames` (see [`Writes`]).
 fn sse_response(
     frames: impl Stream<Item = Arc<Frame>> + Send + 'static,
     keep_alive: Duration,
 ) -> Response {
-    let writes = frames
-        .ready_chunks(MAX_FRAMES_PER_WRITE)
-        .map(|chunk| match chunk.as_slice() {
-            [one] => one.wire.clone(),
-            many => {
-                let mut out = BytesMut::with_capacity(many.iter().map(|f| f.wire.len()).sum());
-                for frame in many {
-                    out.extend_from_slice(&frame.wire);
-                }
-                out.freeze()
-            }
-        });
-    let body = Body::from_stream(KeepAlive::new(writes, keep_alive).map(Ok::<_, Infallible>));
+    let body = Body::from_stream(Writes::new(frames, keep_alive).map(Ok::<_, Infallible>));
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -78,20 +64,31 @@ fn sse_response(
         .into_response()
 }
 
-/// Sends an SSE comment after `interval` without a write, so that proxies and clients
-/// see a live connection. A write only notes the time: the timer is re-armed once per
-/// interval, not on every frame (ten thousand viewers at ten frames a second).
-struct KeepAlive<S> {
-    writes: Pin<Box<S>>,
+/// The writes of one SSE response. A frame that is alone is written as the hub encoded
+/// it (a reference count, not a copy). Frames already waiting when the connection is
+/// ready — a viewer that fell behind — are copied into one write of at most
+/// [`MAX_WRITE`] bytes: one chunk and one poll for all of them.
+///
+/// After `interval` without a write it sends a comment (`:`), so that proxies and
+/// clients see a live connection (a zero interval sends none). A write only notes the
+/// time: the timer is re-armed once per interval, not on every frame (ten thousand
+/// viewers at ten frames a second).
+struct Writes<S> {
+    frames: Pin<Box<S>>,
+    /// A frame that did not fit in the previous write.
+    held: Option<Arc<Frame>>,
+    ended: bool,
     interval: Duration,
     last_write: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl<S> KeepAlive<S> {
-    fn new(writes: S, interval: Duration) -> Self {
-        KeepAlive {
-            writes: Box::pin(writes),
+impl<S> Writes<S> {
+    fn new(frames: S, interval: Duration) -> Self {
+        Writes {
+            frames: Box::pin(frames),
+            held: None,
+            ended: false,
             interval,
             last_write: tokio::time::Instant::now(),
             timer: Box::pin(tokio::time::sleep(interval)),
@@ -99,13 +96,50 @@ impl<S> KeepAlive<S> {
     }
 }
 
-impl<S: Stream<Item = Bytes>> Stream for KeepAlive<S> {
+impl<S: Stream<Item = Arc<Frame>>> Writes<S> {
+    /// The next frame if one is ready; `Ready(None)` once the frames have ended.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Arc<Frame>>> {
+        if let Some(frame) = self.held.take() {
+            return Poll::Ready(Some(frame));
+        }
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let next = self.frames.as_mut().poll_next(cx);
+        self.ended = matches!(next, Poll::Ready(None));
+        next
+    }
+
+    /// `first` and the frames waiting behind it, up to `MAX_WRITE` bytes.
+    fn join_waiting(&mut self, cx: &mut Context<'_>, first: Arc<Frame>) -> Bytes {
+        let mut joined: Option<BytesMut> = None;
+        while let Poll::Ready(Some(frame)) = self.poll_frame(cx) {
+            let size = joined.as_ref().map_or(first.wire.len(), |j| j.len());
+            if size + frame.wire.len() > MAX_WRITE {
+                self.held = Some(frame);
+                break;
+            }
+            joined
+                .get_or_insert_with(|| BytesMut::from(&first.wire[..]))
+                .extend_from_slice(&frame.wire);
+        }
+        joined.map_or_else(|| first.wire.clone(), BytesMut::freeze)
+    }
+}
+
+impl<S: Stream<Item = Arc<Frame>>> Stream for Writes<S> {
     type Item = Bytes;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        if let Poll::Ready(write) = self.writes.as_mut().poll_next(cx) {
-            self.last_write = tokio::time::Instant::now();
-            return Poll::Ready(write);
+        match self.poll_frame(cx) {
+            Poll::Ready(Some(first)) => {
+                let write = self.join_waiting(cx, first);
+                self.last_write = tokio::time::Instant::now();
+                return Poll::Ready(Some(write));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending if self.interval.is_zero() => return Poll::Pending,
+            Poll::Pending => {}
         }
         loop {
             futures::ready!(self.timer.as_mut().poll(cx));
@@ -401,5 +435,72 @@ pub(crate) async fn relay_lifecycle(
             hubs.poke(&change.run_id).await;
         }
         let _ = tx.send(Frame::new(events::RUN, None, &change));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u64, bytes: usize) -> Arc<Frame> {
+        Frame::new(events::BATCH, Some(n), &"x".repeat(bytes))
+    }
+
+    fn concat(frames: &[Arc<Frame>]) -> Vec<u8> {
+        frames.iter().flat_map(|f| f.wire.to_vec()).collect()
+    }
+
+    async fn writes(frames: Vec<Arc<Frame>>) -> Vec<Bytes> {
+        let stream = futures::stream::iter(frames);
+        Writes::new(stream, Duration::from_secs(15)).collect().await
+    }
+
+    #[tokio::test]
+    async fn frames_waiting_together_go_out_in_one_write_in_order() {
+        let frames: Vec<_> = (1..=3).map(|n| frame(n, 10)).collect();
+        let out = writes(frames.clone()).await;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].to_vec(), concat(&frames));
+        assert!(out[0].starts_with(b"event: batch\nid: 1\ndata: \"xxxxxxxxxx\"\n\n"));
+    }
+
+    #[tokio::test]
+    async fn a_frame_alone_is_written_as_encoded_without_a_copy() {
+        let one = frame(7, 100);
+        let out = writes(vec![one.clone()]).await;
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].as_ptr(), one.wire.as_ptr());
+    }
+
+    #[tokio::test]
+    async fn a_joined_write_holds_at_most_max_write_bytes_and_loses_nothing() {
+        // 40 KiB frames: two do not fit in one write.
+        let big: Vec<_> = (1..=3).map(|n| frame(n, 40 << 10)).collect();
+        let out = writes(big.clone()).await;
+        assert_eq!(out.len(), 3);
+        assert_eq!(out.concat(), concat(&big));
+        // 1 000 frames of one size: as many in each write as fit, in order.
+        let small: Vec<_> = (0..1000).map(|_| frame(1, 1000)).collect();
+        let per_write = MAX_WRITE / small[0].wire.len();
+        let out = writes(small.clone()).await;
+        assert_eq!(out.len(), 1000usize.div_ceil(per_write));
+        assert!(out[..out.len() - 1]
+            .iter()
+            .all(|w| w.len() == per_write * small[0].wire.len()));
+        assert_eq!(out.concat(), concat(&small));
+    }
+
+    #[tokio::test]
+    async fn a_silent_feed_gets_a_comment_per_interval_and_none_when_zero() {
+        let silent = futures::stream::pending::<Arc<Frame>>();
+        let mut feed = Writes::new(silent, Duration::from_millis(50));
+        for _ in 0..2 {
+            let comment = tokio::time::timeout(Duration::from_secs(10), feed.next()).await;
+            assert_eq!(comment.unwrap().unwrap(), Bytes::from_static(b":\n\n"));
+        }
+        let silent = futures::stream::pending::<Arc<Frame>>();
+        let mut feed = Writes::new(silent, Duration::ZERO);
+        let nothing = tokio::time::timeout(Duration::from_millis(300), feed.next()).await;
+        assert!(nothing.is_err(), "no keep-alive with a zero interval");
     }
 }
