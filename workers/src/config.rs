@@ -14,7 +14,8 @@ pub struct WorkerConfig {
     /// Runs executing at once; further requests wait in `ATHANOR_REQUESTS`.
     pub max_concurrent_runs: usize,
     /// Output logged but not yet acknowledged by JetStream, across all runs, above
-    /// which `log()` blocks (policy [`WhenFull::Block`](crate::buffer::WhenFull)).
+    /// which `log()` blocks (policy [`WhenFull::Block`](crate::buffer::WhenFull)). Runs
+    /// take it 64 KiB at a time, so up to one unused chunk per live run counts too.
     pub max_pending_bytes: usize,
     /// A log message longer than this is cut, with a visible marker.
     pub max_line_bytes: usize,
