@@ -201,6 +201,14 @@ impl Rig {
             .unwrap_or(0)
     }
 
+    /// Starts a `log_storm` run with `config` and waits until more than `lines` of it
+    /// are stored: the fault then hits a pipeline under load. Returns the run's id.
+    async fn storm(&self, base: &str, config: Value, lines: u64) -> String {
+        let id = self.start_run(base, "log_storm", config).await;
+        self.wait_stored_beyond(&id, lines).await;
+        id
+    }
+
     async fn wait_stored_beyond(&self, run_id: &str, lines: u64) {
         wait_for("more lines stored", Duration::from_secs(90), || async {
             (self.stored(run_id).await > lines).then_some(())
@@ -421,13 +429,12 @@ async fn nats_server_sigkilled_and_restarted_under_load() {
     let _aggregator = rig.start("aggregator");
     let (_gateway, base) = rig.gateway().await;
     let id = rig
-        .start_run(
+        .storm(
             &base,
-            "log_storm",
             json!({"lines_per_second": 20_000, "duration_ms": 8000 * soak()}),
+            20_000,
         )
         .await;
-    rig.wait_stored_beyond(&id, 20_000).await;
     rig.nats.as_mut().unwrap().server.kill();
     tokio::time::sleep(Duration::from_secs(2)).await;
     rig.nats.as_mut().unwrap().server.restart().unwrap();
@@ -454,13 +461,12 @@ async fn database_unavailable_for_20_seconds_under_load() {
         .trim_start_matches("sqlite://")
         .to_string();
     let id = rig
-        .start_run(
+        .storm(
             &base,
-            "log_storm",
             json!({"lines_per_second": 10_000, "duration_ms": 15_000 * soak()}),
+            10_000,
         )
         .await;
-    rig.wait_stored_beyond(&id, 10_000).await;
     let mut lock = Command::new("python3")
         .args([
             "-c",
@@ -557,13 +563,12 @@ async fn postgres_unreachable_for_20_seconds(mut rig: Rig) {
     let _aggregator = rig.start("aggregator");
     let (_gateway, base) = rig.gateway().await;
     let id = rig
-        .start_run(
+        .storm(
             &base,
-            "log_storm",
             json!({"lines_per_second": 10_000, "duration_ms": 15_000 * soak()}),
+            10_000,
         )
         .await;
-    rig.wait_stored_beyond(&id, 10_000).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = rig.stored(&id).await;
@@ -586,13 +591,12 @@ async fn aggregator_sigstopped_past_ack_wait_while_another_takes_over() {
     let _second = rig.start("aggregator");
     let (_gateway, base) = rig.gateway().await;
     let id = rig
-        .start_run(
+        .storm(
             &base,
-            "log_storm",
             json!({"lines_per_second": 30_000, "duration_ms": 8000 * soak()}),
+            20_000,
         )
         .await;
-    rig.wait_stored_beyond(&id, 20_000).await;
     first.signal("-STOP");
     tokio::time::sleep(Duration::from_secs(6)).await;
     first.signal("-CONT");
@@ -783,13 +787,12 @@ async fn nats_unreachable_past_the_duplicate_window_with_the_worker_memory_bound
     let _aggregator = rig.start("aggregator");
     let (_gateway, base) = rig.gateway().await;
     let id = rig
-        .start_run(
+        .storm(
             &base,
-            "log_storm",
             json!({"lines_per_second": 50_000, "duration_ms": 12_000 * soak(), "line_bytes": 200}),
+            20_000,
         )
         .await;
-    rig.wait_stored_beyond(&id, 20_000).await;
     let pid = worker.child.id();
     let before = athanor_testkit::rss_kib(pid);
     rig.nats.as_mut().unwrap().server.kill();
@@ -1040,13 +1043,12 @@ async fn stream_leader_of_a_three_node_cluster_killed_under_load() {
     let _aggregator = rig.start("aggregator");
     let (_gateway, base) = rig.gateway().await;
     let id = rig
-        .start_run(
+        .storm(
             &base,
-            "log_storm",
             json!({"lines_per_second": 20_000, "duration_ms": 10_000 * soak()}),
+            20_000,
         )
         .await;
-    rig.wait_stored_beyond(&id, 20_000).await;
     let js = rig.jetstream().await;
     let leader = js
         .get_stream(athanor_schemas::names::RUNS_STREAM)

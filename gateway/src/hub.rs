@@ -14,6 +14,7 @@
 //! viewers for `gateway.hub_idle` stops following and is evicted.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ impl Frame {
     pub fn new(event: &'static str, id: Option<u64>, data: &impl serde::Serialize) -> Arc<Frame> {
         let mut wire = format!("event: {event}\n");
         if let Some(id) = id {
-            wire.push_str(&format!("id: {id}\n"));
+            let _ = writeln!(wire, "id: {id}");
         }
         wire.push_str("data: ");
         let mut wire = wire.into_bytes();
