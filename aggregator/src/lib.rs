@@ -6,8 +6,10 @@
 //! seen again is absorbed by the `run_batches` key, so the database holds every batch
 //! exactly once whatever JetStream redelivers. Undecodable messages go to
 //! `ATHANOR_DLQ` with the reason. It also marks runs whose worker stopped
-//! heartbeating as `lost`.
+//! heartbeating as `lost`, and on SQLite checkpoints the write-ahead log off the
+//! writer's path.
 
+mod checkpoint;
 mod consumer;
 mod dlq;
 mod lifecycle;
@@ -154,6 +156,7 @@ impl Aggregator {
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(consumer::consume(shared.clone()));
         tasks.spawn(lifecycle::watch_lost(shared.clone()));
+        tasks.spawn(checkpoint::run(shared.db.clone(), shared.shutdown.clone()));
         tasks.close();
         Ok(Aggregator { shared, tasks })
     }

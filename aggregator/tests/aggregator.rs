@@ -692,3 +692,45 @@ async fn one_batch_per_transaction_in_reverse_gives_the_same_rows() {
     assert_eq!(snapshot(&db.db, "tx-reversed").await, expected);
     db.close().await;
 }
+
+/// SQLite: the write-ahead log is copied into the database file by the aggregator's
+/// own checkpointer, not by the writer (whose automatic checkpoint waits for 16 384
+/// pages, far more than this run writes): the file grows while the aggregator runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_is_checkpointed_off_the_writer() {
+    let db = TestDb::new().await;
+    if db.is_postgres() {
+        return db.close().await;
+    }
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let path = db.config.url().trim_start_matches("sqlite://").to_string();
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    let aggregator = Running::start(&nats, &db).await;
+    let run = "run-checkpointed";
+    for batch in synthetic_run(run, 200) {
+        publish_raw(
+            &js,
+            &names::run_subject(run),
+            codec::encode(&batch).payload,
+            &format!("{run}.{}", batch.batch_seq),
+        )
+        .await;
+    }
+    wait_terminal(&db.db, run).await;
+    assert_eq!(logs_of(&db.db, run).await.len(), 200 * 50);
+    let wal = std::fs::metadata(format!("{path}-wal")).unwrap().len();
+    assert!(
+        wal < 16_384 * 4096,
+        "the WAL ({wal} bytes) stays under the writer's threshold"
+    );
+    // 10 000 lines of ~30 bytes: at least 300 KB more in the database file itself.
+    athanor_testkit::wait_for("the database file to hold the lines", DEADLINE, || async {
+        (size() > before + 300_000).then_some(())
+    })
+    .await
+    .unwrap();
+    aggregator.stop().await;
+    db.close().await;
+}

@@ -76,7 +76,12 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
                 SqliteSync::Full => sqlx::sqlite::SqliteSynchronous::Full,
             })
             .busy_timeout(config.busy_timeout)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // A committing connection copies the log back into the database file once
+            // it passes this many pages (default 1 000, 4 MiB). The aggregator's
+            // checkpointer does that on a connection of its own as it goes; this is the
+            // backstop, high enough to stay off the writer's path at full speed.
+            .pragma("wal_autocheckpoint", "16384");
         if let Some(dir) = options
             .get_filename()
             .parent()
