@@ -74,7 +74,7 @@ fn opt_text(backend: DatabaseBackend, s: Option<String>) -> Value {
 }
 
 /// Rows per multi-row INSERT, under the bind-parameter limits (SQLite 32 766,
-/// PostgreSQL 65 535) for the widest row (6 columns).
+/// PostgreSQL 65 535) for the widest row (5 columns and one shared value).
 fn rows_per_insert(backend: DatabaseBackend) -> usize {
     match backend {
         DatabaseBackend::Postgres => 10_000,
@@ -105,7 +105,8 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     let txn = db.begin().await?;
     let mut written = Written::default();
     let mut deltas: BTreeMap<String, RunDelta> = BTreeMap::new();
-    let mut logs: Vec<Value> = Vec::new();
+    // Per run (in order): its new lines, five values each.
+    let mut logs: Vec<(String, Vec<Value>)> = Vec::new();
     // Newest record per (run, key) in this transaction: one statement may not touch a
     // row twice.
     let mut results: BTreeMap<(String, String), athanor_schemas::ResultRecord> = BTreeMap::new();
@@ -168,13 +169,17 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         if let Some(f) = batch.final_ {
             delta.final_ = Some((f, batch.status));
         }
+        if logs.last().is_none_or(|(run, _)| *run != run_id) {
+            logs.push((run_id.clone(), Vec::new()));
+        }
+        let values = &mut logs.last_mut().expect("pushed above").1;
+        values.reserve(batch.logs.len() * 5);
         for line in batch.logs {
-            logs.push(run_id.clone().into());
-            logs.push((line.seq as i64).into());
-            logs.push(line.ts.into());
-            logs.push(line.level.as_str().into());
-            logs.push(text(backend, line.message));
-            logs.push(line.metadata.map(|m| m.to_string()).into());
+            values.push((line.seq as i64).into());
+            values.push(line.ts.into());
+            values.push(line.level.as_str().into());
+            values.push(text(backend, line.message));
+            values.push(line.metadata.map(|m| m.to_string()).into());
         }
         for record in batch.results {
             let key = (run_id.clone(), record.key.clone());
@@ -183,15 +188,21 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
             }
         }
     }
-    insert_rows(
-        &txn,
-        backend,
-        "INSERT INTO run_logs (run_id, seq, ts, level, message, metadata) VALUES ",
-        6,
-        logs,
-        " ON CONFLICT (run_id, seq) DO NOTHING",
-    )
-    .await?;
+    // The run id is bound once per statement, not once per line. (`WHERE true` tells
+    // SQLite's parser that `ON CONFLICT` is the upsert clause, not a join constraint.)
+    for (run_id, values) in logs {
+        insert_rows(
+            &txn,
+            backend,
+            "INSERT INTO run_logs (run_id, seq, ts, level, message, metadata) \
+             SELECT ?, column1, column2, column3, column4, column5 FROM (VALUES ",
+            vec![run_id.into()],
+            5,
+            values,
+            ") AS line WHERE true ON CONFLICT (run_id, seq) DO NOTHING",
+        )
+        .await?;
+    }
     let mut values = Vec::with_capacity(results.len() * 5);
     for ((run_id, key), record) in results {
         values.extend([
@@ -206,6 +217,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         &txn,
         backend,
         "INSERT INTO run_results (run_id, key, value, seq, ts) VALUES ",
+        Vec::new(),
         5,
         values,
         " ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq, ts = excluded.ts \
@@ -224,11 +236,13 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
 }
 
 /// Executes `head (?, …), (?, …) … tail` over `values` (`width` per row), in chunks
-/// under the backend's bind-parameter limit.
+/// under the backend's bind-parameter limit; `shared` are bound first in every chunk,
+/// for the placeholders in `head`.
 async fn insert_rows(
     txn: &impl ConnectionTrait,
     backend: DatabaseBackend,
     head: &str,
+    shared: Vec<Value>,
     width: usize,
     values: Vec<Value>,
     tail: &str,
@@ -241,9 +255,11 @@ async fn insert_rows(
     let mut full_sql: Option<String> = None;
     let mut values = values.into_iter().peekable();
     while values.peek().is_some() {
-        let chunk: Vec<Value> = values.by_ref().take(per_statement).collect();
-        let rows = chunk.len() / width;
-        let sql = if chunk.len() == per_statement {
+        let mut chunk: Vec<Value> = Vec::with_capacity(shared.len() + per_statement);
+        chunk.extend(shared.iter().cloned());
+        chunk.extend(values.by_ref().take(per_statement));
+        let rows = (chunk.len() - shared.len()) / width;
+        let sql = if rows * width == per_statement {
             full_sql
                 .get_or_insert_with(|| statement_sql(head, &row, rows, tail))
                 .clone()
