@@ -7,7 +7,7 @@
 //! Here a second connection (its own thread in sqlx) runs
 //! `PRAGMA wal_checkpoint(PASSIVE)` every tick instead; a passive checkpoint never
 //! blocks the writer, and the writer starts the log over once everything in it has
-//! been copied. The writer's automatic checkpoint stays on as a backstop, at 16 384
+//! been copied. The writer's automatic checkpoint stays on as a backstop, at 4 096
 //! pages (`db::connect`), for a database written without an aggregator running.
 
 use std::time::Duration;

@@ -59,7 +59,7 @@ pub enum DbError {
 }
 
 /// Opens a pool. SQLite: WAL journal, the configured `synchronous`, a busy timeout,
-/// foreign keys on, the file created when missing.
+/// foreign keys on, the file created when missing, with 16 KiB pages.
 pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbError> {
     let url = config.url();
     let open = |message: String| DbError::Open {
@@ -70,6 +70,11 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
             .map_err(|e| open(e.to_string()))?
             .create_if_missing(true)
+            // For a new file (an existing one keeps its page size). Lines are appended
+            // at the end of `run_logs`' B-tree, and every commit writes the pages it
+            // touched to the log, one write per page: with 16 KiB pages instead of the
+            // default 4 KiB, a quarter of the writes and page splits for the same lines.
+            .page_size(16384)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .synchronous(match config.sqlite_synchronous {
                 SqliteSync::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
@@ -78,10 +83,10 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
             .busy_timeout(config.busy_timeout)
             .foreign_keys(true)
             // A committing connection copies the log back into the database file once
-            // it passes this many pages (default 1 000, 4 MiB). The aggregator's
-            // checkpointer does that on a connection of its own as it goes; this is the
-            // backstop, high enough to stay off the writer's path at full speed.
-            .pragma("wal_autocheckpoint", "16384");
+            // it passes this many pages (default 1 000). The aggregator's checkpointer
+            // does that on a connection of its own as it goes; this is the backstop
+            // (64 MiB of 16 KiB pages), high enough to stay off the writer's path.
+            .pragma("wal_autocheckpoint", "4096");
         if let Some(dir) = options
             .get_filename()
             .parent()
