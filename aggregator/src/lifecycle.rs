@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use athanor_schemas::db::stmt;
+use athanor_schemas::db::{stmt, write_turn};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{names, now_micros};
 use futures::TryStreamExt;
@@ -102,6 +102,7 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
             "worker {} stopped heartbeating",
             worker.as_deref().unwrap_or("(unknown)")
         );
+        let turn = write_turn(&shared.db).await;
         let changed = shared
             .db
             .execute(stmt(
@@ -118,6 +119,7 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
             .await
             .map_err(|e| e.to_string())?
             .rows_affected();
+        drop(turn);
         if changed > 0 {
             shared.stats.lost.fetch_add(1, Ordering::Relaxed);
             info!(run_id = %id, %reason, "run lost");

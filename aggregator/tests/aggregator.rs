@@ -748,3 +748,56 @@ async fn sqlite_is_checkpointed_off_the_writer() {
     aggregator.stop().await;
     db.close().await;
 }
+
+/// While the aggregator commits transactions back to back, another writer of the same
+/// process (the gateway starting a run, say) still gets its turn: with SQLite's lock
+/// alone it would poll for a free moment and, with the tests' 500 ms busy timeout,
+/// fail with "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_writers_get_a_turn_between_back_to_back_transactions() {
+    use athanor_aggregator::store::{store, Incoming};
+    use athanor_schemas::db::{stmt, write_turn};
+    let db = TestDb::new().await;
+    let stop = CancellationToken::new();
+    let hammer = {
+        let (db, stop) = (db.db.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut transactions = 0u64;
+            while !stop.is_cancelled() {
+                let run = format!("hammer-{transactions}");
+                let incoming = synthetic_run(&run, 40)
+                    .into_iter()
+                    .map(|batch| Incoming {
+                        batch,
+                        stream_seq: 1,
+                    })
+                    .collect();
+                store(&db, incoming).await.unwrap();
+                transactions += 1;
+            }
+            transactions
+        })
+    };
+    let backend = db.db.get_database_backend();
+    for i in 0..20 {
+        let _turn = write_turn(&db.db).await;
+        db.db
+            .execute(stmt(
+                backend,
+                "INSERT INTO instances (id, name, experiment, config, created_at, updated_at) \
+                 VALUES (?, ?, 'echo', '{}', 0, 0)",
+                vec![format!("i-{i}").into(), format!("instance {i}").into()],
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("write {i} while the aggregator writes: {e}"));
+    }
+    stop.cancel();
+    let transactions = hammer.await.unwrap();
+    assert!(transactions > 0);
+    let instances: Vec<_> = athanor_schemas::entities::instances::Entity::find()
+        .all(&db.db)
+        .await
+        .unwrap();
+    assert_eq!(instances.len(), 20);
+    db.close().await;
+}

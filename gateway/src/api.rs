@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use athanor_schemas::db::write_turn;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
@@ -174,6 +175,7 @@ pub(crate) async fn start_run(
     let config = validated_config(state, experiment, config).await?;
     let run_id = names::new_run_id();
     let now = now_micros();
+    let turn = write_turn(&state.db).await;
     runs::Entity::insert(runs::ActiveModel {
         id: ActiveValue::Set(run_id.clone()),
         experiment: ActiveValue::Set(experiment.to_string()),
@@ -189,6 +191,7 @@ pub(crate) async fn start_run(
     })
     .exec_without_returning(&state.db)
     .await?;
+    drop(turn);
     let run_request = RunRequest {
         run_id: run_id.clone(),
         experiment: experiment.to_string(),
@@ -216,6 +219,7 @@ pub(crate) async fn start_run(
             finished_at: ActiveValue::Set(Some(now_micros())),
             ..Default::default()
         };
+        let _turn = write_turn(&state.db).await;
         let _ = runs::Entity::update(failed).exec(&state.db).await;
         return Err(ApiError::Nats(error));
     }

@@ -2,6 +2,7 @@
 //! again. Their config is validated against the experiment's schema when saved and
 //! again when a run starts (the schema may have changed since).
 
+use athanor_schemas::db::write_turn;
 use athanor_schemas::entities::instances;
 use athanor_schemas::{names, now_micros};
 use axum::body::Bytes;
@@ -91,6 +92,7 @@ pub(crate) async fn create(
         created_at: now,
         updated_at: now,
     };
+    let _turn = write_turn(&state.db).await;
     instances::Entity::insert(instances::ActiveModel::from(instance.clone()))
         .exec_without_returning(&state.db)
         .await?;
@@ -139,6 +141,7 @@ pub(crate) async fn update(
             .to_string();
     }
     instance.updated_at = now_micros();
+    let _turn = write_turn(&state.db).await;
     let changed = instances::Entity::update_many()
         .col_expr(instances::Column::Name, Expr::value(instance.name.clone()))
         .col_expr(
@@ -165,6 +168,7 @@ pub(crate) async fn delete(
     axum::extract::State(state): AppStateRef,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    let _turn = write_turn(&state.db).await;
     let deleted = instances::Entity::delete_by_id(id.clone())
         .exec(&state.db)
         .await?

@@ -119,6 +119,39 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
     }
 }
 
+/// SQLite has one writer at a time, and a connection that finds the database locked
+/// polls for it (SQLite's busy handler sleeps 1 ms, 2 ms, 5 ms, … up to 100 ms between
+/// tries). Against an aggregator committing transactions back to back under full load,
+/// the lock is free only for the moment between two of them, and a poller can miss
+/// every such moment until its busy timeout runs out ("database is locked"). So the
+/// writers of one process take turns here first: a first-come-first-served queue per
+/// database file. The gateway's small writes then wait for at most the transaction
+/// being written. (Separate processes writing one SQLite file still meet only at
+/// SQLite's lock: deploy those on PostgreSQL.) PostgreSQL locks rows, not the whole
+/// database: no turn is taken.
+pub async fn write_turn(db: &DatabaseConnection) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, LazyLock, Mutex};
+    type Turns = Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>;
+    static TURNS: LazyLock<Turns> = LazyLock::new(Default::default);
+    let DatabaseConnection::SqlxSqlitePoolConnection(_) = db else {
+        return None;
+    };
+    let file = db
+        .get_sqlite_connection_pool()
+        .connect_options()
+        .get_filename()
+        .to_path_buf();
+    let turn = TURNS
+        .lock()
+        .expect("no panic while holding the map")
+        .entry(file)
+        .or_default()
+        .clone();
+    Some(turn.lock_owned().await)
+}
+
 /// A statement written with `?` placeholders, numbered `$1, $2, …` for PostgreSQL.
 /// (The SQL Athanor writes by hand is otherwise the same on both backends.)
 pub fn stmt(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {
