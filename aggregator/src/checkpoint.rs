@@ -17,7 +17,7 @@ use sea_orm::sqlx::Connection;
 use sea_orm::DatabaseConnection;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{info, warn};
 
 const INTERVAL: Duration = Duration::from_millis(25);
 
@@ -28,6 +28,8 @@ pub(crate) async fn run(db: DatabaseConnection, shutdown: CancellationToken) {
     };
     let options = db.get_sqlite_connection_pool().connect_options();
     let mut connection: Option<SqliteConnection> = None;
+    // Said once per spell of failures, not every tick.
+    let mut failing = false;
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
@@ -39,7 +41,9 @@ pub(crate) async fn run(db: DatabaseConnection, shutdown: CancellationToken) {
             match SqliteConnection::connect_with(&options).await {
                 Ok(c) => connection = Some(c),
                 Err(error) => {
-                    debug!(%error, "checkpointer: cannot open the database");
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(%error, "checkpointer: cannot open the database; the writer checkpoints past the backstop meanwhile");
+                    }
                     continue;
                 }
             }
@@ -49,8 +53,12 @@ pub(crate) async fn run(db: DatabaseConnection, shutdown: CancellationToken) {
             .execute(&mut *c)
             .await
         {
-            debug!(%error, "checkpoint failed; reconnecting");
+            if !std::mem::replace(&mut failing, true) {
+                warn!(%error, "checkpoint failed; reconnecting (the writer checkpoints past the backstop meanwhile)");
+            }
             connection = None;
+        } else if std::mem::replace(&mut failing, false) {
+            info!("checkpointer: checkpointing again");
         }
     }
     if let Some(c) = connection {
