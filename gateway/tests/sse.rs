@@ -277,12 +277,23 @@ async fn two_hundred_viewers_share_one_upstream_consumer_and_see_the_same_run() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_viewer_is_resynced_and_holds_up_neither_viewers_nor_the_pipeline() {
+    // The stalled viewer must fall behind whatever the machine's speed. It absorbs at
+    // most the kernel's socket buffers (bytes: tcp_wmem's maximum, 4 MiB by default,
+    // a fifth of this run's ~20 MB) plus `hub_buffer` events. With 20 ms flushes the
+    // run is cut into ~100 events; a loaded machine that skips flush ticks makes fewer,
+    // bigger ones, and with 8 in the ring that once left too few events past the
+    // buffers (seen failing on a clean clone). With 2 in the ring, even five times
+    // fewer events than planned overflow it.
     let gateway = GatewayConfig {
         tail_lines: 200_000,
-        hub_buffer: 8,
+        hub_buffer: 2,
         ..GatewayConfig::for_tests()
     };
-    let stack = Stack::start_with(WorkerConfig::for_tests(), gateway).await;
+    let worker = WorkerConfig {
+        flush_interval: Duration::from_millis(20),
+        ..WorkerConfig::for_tests()
+    };
+    let stack = Stack::start_with(worker, gateway).await;
     let id = start_run(
         &stack,
         "log_storm",
