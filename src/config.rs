@@ -9,6 +9,7 @@ use athanor_aggregator::AggregatorConfig;
 use athanor_gateway::GatewayConfig;
 use athanor_schemas::db::DatabaseConfig;
 use athanor_schemas::nats::NatsConfig;
+use athanor_workers::command::CommandSpec;
 use athanor_workers::WorkerConfig;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +22,8 @@ pub struct AppConfig {
     pub aggregator: AggregatorConfig,
     pub gateway: GatewayConfig,
     pub log: LogConfig,
+    /// Command experiments (`[[experiments]]`) the worker hosts beside the built-ins.
+    pub experiments: Vec<CommandSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,10 +89,20 @@ pub fn load_from(
         || format!("{DEFAULT_FILE} / ATHANOR__* variables"),
         |p| p.display().to_string(),
     );
-    builder
+    let mut config = builder
         .build()
         .and_then(|c| c.try_deserialize::<AppConfig>())
-        .with_context(|| format!("invalid configuration ({where_})"))
+        .with_context(|| format!("invalid configuration ({where_})"))?;
+    // Relative paths in `[[experiments]]` are the configuration file's.
+    let file = file.unwrap_or(Path::new(DEFAULT_FILE));
+    let base = std::path::absolute(file)
+        .ok()
+        .and_then(|f| f.parent().map(Path::to_path_buf))
+        .with_context(|| format!("cannot resolve the folder of {}", file.display()))?;
+    for spec in &mut config.experiments {
+        spec.base_dir = Some(base.clone());
+    }
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -127,6 +140,75 @@ mod tests {
             config.worker.max_pending_bytes,
             WorkerConfig::default().max_pending_bytes
         );
+    }
+
+    #[test]
+    fn command_experiments_are_declared_in_the_documented_form() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("examples")).unwrap();
+        let file = dir.path().join("athanor.toml");
+        std::fs::write(
+            &file,
+            r#"
+[worker]
+experiments = ["train", "echo"]
+
+[[experiments]]
+name = "train"
+description = "Trains the toy model"
+command = ["python3", "train.py"]
+cwd = "examples"
+timeout = "2h"
+env = { HF_HUB_OFFLINE = "1" }
+config = [
+  { name = "epochs", type = "int", default = 3, min = 1, max = 1000, description = "Passes over the data" },
+  { name = "lr", type = "float", default = 0.001 },
+  { name = "note", type = "string", default = "" },
+  { name = "optimizer", type = "one_of", values = ["adam", "sgd"], default = "adam" },
+  { name = "shuffle", type = "bool", default = true },
+]
+"#,
+        )
+        .unwrap();
+        let config = load_from(Some(&file), env(&[])).unwrap();
+        let train = &config.experiments[0];
+        assert_eq!(train.base_dir.as_deref(), Some(dir.path()));
+        assert_eq!(train.timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(train.stderr_level, athanor_schemas::Level::Warn);
+        let experiments =
+            athanor_workers::experiments(&config.worker, &config.experiments).unwrap();
+        let names: Vec<&str> = experiments.iter().map(|e| e.name()).collect();
+        assert_eq!(names, ["train", "echo"]);
+        let schema = experiments[0].config_schema();
+        let defaults = schema.validate(&serde_json::Value::Null).unwrap();
+        assert_eq!(
+            serde_json::Value::Object(defaults),
+            serde_json::json!({"epochs": 3, "lr": 0.001, "note": "", "optimizer": "adam", "shuffle": true})
+        );
+        assert_eq!(
+            schema
+                .validate(&serde_json::json!({"epochs": 0}))
+                .unwrap_err()
+                .to_string(),
+            "config field `epochs` must be at least 1, got 0"
+        );
+
+        std::fs::write(&file, "[[experiments]]\nname = \"x\"\ncommand = [\"true\"]\nconfig = [{ name = \"a\", type = \"complex\" }]\n").unwrap();
+        let config = load_from(Some(&file), env(&[])).unwrap();
+        let Err(err) = athanor_workers::experiments(&config.worker, &config.experiments) else {
+            panic!("a bad declaration was taken")
+        };
+        assert_eq!(
+            err.to_string(),
+            "invalid experiment declaration: experiments[0] (\"x\"): `config[0]` (a) has an unknown type \"complex\": use int, float, bool, string or one_of"
+        );
+        std::fs::write(
+            &file,
+            "[[experiments]]\nname = \"x\"\ncommand = [\"true\"]\nshell = true\n",
+        )
+        .unwrap();
+        let text = format!("{:#}", load_from(Some(&file), env(&[])).unwrap_err());
+        assert!(text.contains("unknown field `shell`"), "{text}");
     }
 
     #[test]

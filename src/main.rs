@@ -179,7 +179,10 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             Command::Worker => {
-                Ok(athanor_workers::run(config.worker, config.nats, shutdown).await?)
+                Ok(
+                    athanor_workers::run(config.worker, &config.experiments, config.nats, shutdown)
+                        .await?,
+                )
             }
             Command::Aggregator => Ok(athanor_aggregator::run(
                 config.aggregator,

@@ -13,6 +13,8 @@ pub async fn run(
     data_dir: PathBuf,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A bad `[[experiments]]` entry stops `up` before anything starts.
+    athanor_workers::experiments(&config.worker, &config.experiments)?;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
     // Held until the worker and aggregator are done; dropping it stops the server.
@@ -55,7 +57,8 @@ pub async fn run(
     println!(
         "  start a run: curl -X POST {http}/api/runs -H 'content-type: application/json' -d '{{\"experiment\":\"sweep\",\"config\":{{\"iterations\":5}}}}'"
     );
-    let worker = athanor_workers::run(config.worker, config.nats, shutdown).await;
+    let worker =
+        athanor_workers::run(config.worker, &config.experiments, config.nats, shutdown).await;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     rest_stop.cancel();
     aggregator.wait().await;

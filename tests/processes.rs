@@ -110,3 +110,86 @@ async fn aggregator_killed_with_sigkill_mid_stream_loses_and_duplicates_nothing(
     worker.wait().await;
     db.close().await;
 }
+
+/// Whether a process is alive (a zombie waiting to be reaped counts as gone).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        !matches!(state, Some("Z") | Some("X") | None)
+    })
+}
+
+/// `kill -9` of a worker process running a command experiment whose shell has a
+/// child of its own: neither the shell nor its child outlives the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_sigkill_leaves_no_child_process_running() {
+    athanor_testkit::init_tracing();
+    let nats = TestNats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let config = dir.path().join("athanor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[experiments]]\nname = \"tree\"\ncommand = [\"bash\", \"-c\", \"sleep 1000 & echo $$ $! > {}; wait\"]\n",
+            pids.display()
+        ),
+    )
+    .unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_athanor"))
+        .arg("--config")
+        .arg(&config)
+        .arg("worker")
+        .env("ATHANOR__NATS__URL", nats.url())
+        .env("ATHANOR__NATS__WORKERS_TTL", "3s")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start athanor worker");
+    let js = nats.jetstream().await;
+    let request = RunRequest {
+        run_id: names::new_run_id(),
+        experiment: "tree".into(),
+        config: json!({}),
+        instance_id: None,
+        requested_at: now_micros(),
+    };
+    // The worker declares the request stream when it starts: publish once it exists.
+    wait_for("the request stream", Duration::from_secs(30), || async {
+        js.get_stream(names::REQUESTS_STREAM).await.ok().map(|_| ())
+    })
+    .await
+    .unwrap();
+    js.publish(
+        names::request_subject("tree"),
+        serde_json::to_vec(&request).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let (shell, sleeper): (u32, u32) =
+        wait_for("the pid file", Duration::from_secs(30), || async {
+            let text = std::fs::read_to_string(&pids).ok()?;
+            let mut it = text.split_whitespace().map(|p| p.parse().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .await
+        .unwrap();
+    assert!(alive(shell) && alive(sleeper));
+    worker.kill().unwrap(); // SIGKILL
+    worker.wait().unwrap();
+    wait_for(
+        "the shell and its child to end",
+        Duration::from_secs(10),
+        || async { (!alive(shell) && !alive(sleeper)).then_some(()) },
+    )
+    .await
+    .unwrap();
+}

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 /// Fixed cost charged per line on top of its text: the `LogLine` itself and its
 /// share of the vector.
-const LINE_OVERHEAD: usize = 64;
+pub(crate) const LINE_OVERHEAD: usize = 64;
 
 /// What `log()` does when the unpublished output of the worker is over its bound.
 /// Run output is never dropped, so there is one policy: the caller waits.
@@ -310,7 +310,11 @@ impl RunBuffer {
                 p.bytes += cost;
                 return Some(p);
             }
+            // The credit held is given back first: a cost over the whole bound only
+            // passes once nothing is reserved, this run's own credit included.
+            let held = std::mem::take(&mut p.credit);
             drop(p);
+            self.budget.release(held);
             let chunk = cost.max(self.credit_chunk);
             self.budget.reserve(chunk);
             p = self.pending.lock();

@@ -30,7 +30,13 @@ pub(crate) struct RunShared {
     /// Why the run was cancelled (the first reason wins), reported as its error.
     pub(crate) cancel_reason: Mutex<Option<String>>,
     pub(crate) declared: Mutex<Option<Declared>>,
+    /// Set by an experiment that can be stopped from outside (a command's process
+    /// group): the supervisor calls it when the run ignores cancellation past the grace.
+    pub(crate) stopper: Mutex<Option<Stopper>>,
 }
+
+/// See [`RunContext::on_stop`].
+pub(crate) type Stopper = Box<dyn Fn() + Send + Sync>;
 
 /// Handle an experiment uses to emit output. Cheap to clone; every method is
 /// synchronous, does no I/O and may be called from any thread.
@@ -123,6 +129,18 @@ impl RunContext {
     /// True once the run has been asked to stop. Long loops should check it and return.
     pub fn cancelled(&self) -> bool {
         self.shared.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Registers how to stop this run from outside: when it ignores cancellation for
+    /// `worker.cancel_grace`, the worker calls `stop` and then waits a little longer
+    /// for `run` to return with its output, instead of abandoning the thread at once.
+    pub fn on_stop(&self, stop: impl Fn() + Send + Sync + 'static) {
+        *self.shared.stopper.lock() = Some(Box::new(stop));
+    }
+
+    /// Removes what [`on_stop`](Self::on_stop) registered.
+    pub fn clear_on_stop(&self) {
+        self.shared.stopper.lock().take();
     }
 
     /// Declares the run completed; it ends when `run` returns. The first declaration wins.

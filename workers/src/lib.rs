@@ -11,6 +11,7 @@
 
 pub mod buffer;
 pub mod builtin;
+pub mod command;
 pub mod config;
 pub mod context;
 pub mod experiment;
@@ -24,6 +25,8 @@ pub use context::RunContext;
 pub use experiment::{Experiment, RunError};
 pub use runner::{RunHandle, Worker};
 
+use std::sync::Arc;
+
 use athanor_schemas::nats::{NatsConfig, NatsError};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +36,8 @@ pub enum Error {
     Nats(#[from] NatsError),
     #[error("jetstream: {0}")]
     JetStream(String),
+    #[error("invalid experiment declaration: {0}")]
+    Declaration(#[from] command::DeclarationError),
     #[error("unknown experiment {name:?} (this worker hosts: {hosted})")]
     UnknownExperiment { name: String, hosted: String },
     #[error("invalid run id {0:?}: use 1-128 characters of A-Z a-z 0-9 - _")]
@@ -47,16 +52,50 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Runs a worker hosting the built-in experiments (or those named in
-/// `worker.experiments`) until `shutdown` is cancelled, then stops taking requests,
-/// cancels and finally flushes its running runs, and deregisters.
+/// Runs a worker hosting the built-in experiments and the command experiments
+/// declared in `commands` (or those of them named in `worker.experiments`) until
+/// `shutdown` is cancelled, then stops taking requests, cancels and finally flushes
+/// its running runs, and deregisters.
 pub async fn run(
     config: WorkerConfig,
+    commands: &[command::CommandSpec],
     nats: NatsConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let experiments = builtin::select(&config.experiments)?;
+    let experiments = experiments(&config, commands)?;
     let worker = Worker::start(config, nats, experiments, shutdown).await?;
     worker.wait().await;
     Ok(())
+}
+
+/// The experiments a worker hosts: the built-ins and the declared commands (every
+/// declaration checked), narrowed to `worker.experiments` when that is set.
+pub fn experiments(
+    config: &WorkerConfig,
+    commands: &[command::CommandSpec],
+) -> Result<Vec<Arc<dyn Experiment>>> {
+    let mut all = builtin::all();
+    let taken: Vec<&str> = all.iter().map(|e| e.name()).collect();
+    let declared = command::declare(commands, &taken, config)?;
+    all.extend(declared);
+    select(all, &config.experiments)
+}
+
+/// The experiments of `all` named in `names`, or all of them when `names` is empty.
+fn select(all: Vec<Arc<dyn Experiment>>, names: &[String]) -> Result<Vec<Arc<dyn Experiment>>> {
+    if names.is_empty() {
+        return Ok(all);
+    }
+    names
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|e| e.name() == name)
+                .cloned()
+                .ok_or_else(|| Error::UnknownExperiment {
+                    name: name.clone(),
+                    hosted: all.iter().map(|e| e.name()).collect::<Vec<_>>().join(", "),
+                })
+        })
+        .collect()
 }

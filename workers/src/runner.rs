@@ -13,7 +13,7 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, kv, AckKind};
 use athanor_schemas::nats::{open, NatsConfig};
 use athanor_schemas::requests::{ExperimentInfo, RunRequest, WorkerInfo};
-use athanor_schemas::{names, now_micros, RunInfo, RunState};
+use athanor_schemas::{names, now_micros, Level, RunInfo, RunState};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use serde_json::Value;
@@ -280,6 +280,7 @@ impl WorkerShared {
             cancel_notify: tokio::sync::Notify::new(),
             cancel_reason: Mutex::new(None),
             declared: Mutex::new(None),
+            stopper: Mutex::new(None),
         });
         // Registered before the cancel check: a cancel arriving from now on is seen
         // either by the watcher (run registered) or by the check below.
@@ -388,6 +389,10 @@ async fn finish_unstarted(
     let _ = done.send(Some(state));
 }
 
+/// How long a run stopped from outside (see [`RunContext::on_stop`]) has to return
+/// before its thread is abandoned.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// How the experiment's thread ended, as far as the supervisor knows.
 enum Ended {
     Returned(Result<(), String>),
@@ -439,6 +444,17 @@ async fn supervise(
                     grace = Some(Box::pin(tokio::time::sleep(worker.config.cancel_grace)));
                 }
                 _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                    let stopper = run.stopper.lock().take();
+                    if let Some(stop) = stopper {
+                        // The experiment can be stopped from outside (a command's
+                        // processes): do it, and give it a moment to return with its
+                        // output.
+                        stop();
+                        warn!(run_id = %run.run_id, grace = ?worker.config.cancel_grace, "run ignored cancellation; its processes were killed");
+                        run.buffer.log(Level::Warn, format!("athanor: the run ignored cancellation for {:?}; its processes were killed", worker.config.cancel_grace), None);
+                        grace = Some(Box::pin(tokio::time::sleep(STOP_WAIT)));
+                        continue;
+                    }
                     run.buffer.close();
                     warn!(run_id = %run.run_id, grace = ?worker.config.cancel_grace, "run ignored cancellation; stopped");
                     break Ended::Stopped;

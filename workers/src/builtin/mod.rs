@@ -17,7 +17,7 @@ pub use sleepy::Sleepy;
 pub use sweep::Sweep;
 
 use crate::context::RunContext;
-use crate::{Error, Experiment, Result};
+use crate::Experiment;
 
 /// Every built-in experiment.
 pub fn all() -> Vec<Arc<dyn Experiment>> {
@@ -28,26 +28,6 @@ pub fn all() -> Vec<Arc<dyn Experiment>> {
         Arc::new(Sleepy),
         Arc::new(Echo),
     ]
-}
-
-/// The built-ins named in `names`, or all of them when `names` is empty.
-pub fn select(names: &[String]) -> Result<Vec<Arc<dyn Experiment>>> {
-    let all = all();
-    if names.is_empty() {
-        return Ok(all);
-    }
-    names
-        .iter()
-        .map(|name| {
-            all.iter()
-                .find(|e| e.name() == name)
-                .cloned()
-                .ok_or_else(|| Error::UnknownExperiment {
-                    name: name.clone(),
-                    hosted: all.iter().map(|e| e.name()).collect::<Vec<_>>().join(", "),
-                })
-        })
-        .collect()
 }
 
 /// Sleeps for `total` in short steps; returns false when the run was cancelled.

@@ -1,0 +1,636 @@
+//! Command experiments with real child processes (bash, python3, tqdm) against a real
+//! nats-server: what the children write lands in `ATHANOR_RUNS` exactly.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use athanor_schemas::requests::RunRequest;
+use athanor_schemas::{names, now_micros, Level, RunState};
+use athanor_testkit::{read_run, RunOutput, TestNats};
+use athanor_workers::command::{declare, CommandSpec};
+use athanor_workers::{Experiment, Worker, WorkerConfig};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A worker hosting the command experiments declared by `specs` (JSON, as the
+/// configuration file would have them), with relative paths taken from `dir`.
+struct TestWorker {
+    worker: Worker,
+    shutdown: CancellationToken,
+}
+
+impl TestWorker {
+    async fn start(nats: &TestNats, config: WorkerConfig, dir: &Path, specs: Value) -> Self {
+        athanor_testkit::init_tracing();
+        let mut specs: Vec<CommandSpec> = serde_json::from_value(specs).unwrap();
+        for spec in &mut specs {
+            spec.base_dir = Some(dir.to_path_buf());
+        }
+        let experiments: Vec<Arc<dyn Experiment>> =
+            declare(&specs, &[], &config).expect("valid declarations");
+        let shutdown = CancellationToken::new();
+        let worker = Worker::start(config, nats.config(), experiments, shutdown.clone())
+            .await
+            .expect("worker starts");
+        TestWorker { worker, shutdown }
+    }
+
+    async fn run(&self, nats: &TestNats, experiment: &str, config: Value) -> (RunState, RunOutput) {
+        let mut handle = self.start_run(experiment, config).await;
+        let state = handle.finished().await;
+        let out = read_run(&nats.jetstream().await, &handle.run_id, READ_TIMEOUT)
+            .await
+            .expect("read run");
+        (state, out)
+    }
+
+    async fn start_run(&self, experiment: &str, config: Value) -> athanor_workers::RunHandle {
+        self.worker
+            .start_run(RunRequest {
+                run_id: names::new_run_id(),
+                experiment: experiment.into(),
+                config,
+                instance_id: None,
+                requested_at: now_micros(),
+            })
+            .await
+            .expect("run starts")
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.worker.wait().await;
+    }
+}
+
+/// A nats-server, a temp folder (relative paths' base) and a worker hosting `specs`.
+async fn start(config: WorkerConfig, specs: Value) -> (TestNats, tempfile::TempDir, TestWorker) {
+    let nats = TestNats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = TestWorker::start(&nats, config, dir.path(), specs).await;
+    (nats, dir, worker)
+}
+
+/// The messages of the lines at `level`, in order.
+fn at_level(out: &RunOutput, level: Level) -> Vec<String> {
+    out.lines()
+        .into_iter()
+        .filter(|l| l.level == level)
+        .map(|l| l.message.clone())
+        .collect()
+}
+
+fn bash(name: &str, script: &str) -> Value {
+    json!({"name": name, "command": ["bash", "-c", script]})
+}
+
+fn messages(out: &RunOutput) -> Vec<String> {
+    out.lines().into_iter().map(|l| l.message.clone()).collect()
+}
+
+/// Every result record, in order.
+fn results(out: &RunOutput) -> Vec<(String, Value)> {
+    out.batches
+        .iter()
+        .flat_map(|b| &b.results)
+        .map(|r| (r.key.clone(), r.value.clone()))
+        .collect()
+}
+
+fn status(out: &RunOutput) -> (RunState, Option<String>) {
+    let status = out
+        .batches
+        .last()
+        .unwrap()
+        .status
+        .clone()
+        .expect("terminal status");
+    (status.state, status.error)
+}
+
+/// Every line once, seqs 0..n, batch_seqs gapless.
+fn assert_gapless(out: &RunOutput) {
+    let lines = out.lines();
+    assert!(
+        lines.iter().map(|l| l.seq).eq(0..lines.len() as u64),
+        "seqs are not 0..n"
+    );
+    let final_ = out.final_batch().unwrap().final_.clone().unwrap();
+    assert_eq!(final_.lines, lines.len() as u64);
+    assert!(out
+        .batches
+        .iter()
+        .map(|b| b.batch_seq)
+        .eq(0..final_.batches));
+}
+
+fn test_python() -> PathBuf {
+    // The test tools' Python (scripts/setup-test-tools), which has tqdm.
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/test-python/bin/python3");
+    assert!(
+        venv.exists(),
+        "{} is missing: run scripts/setup-test-tools",
+        venv.display()
+    );
+    venv
+}
+
+fn helper_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../clients/python")
+        .canonicalize()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_lines_from_a_child_land_once_in_order_in_few_batches() {
+    let nats = TestNats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = TestWorker::start(
+        &nats,
+        WorkerConfig::for_tests(),
+        dir.path(),
+        json!([bash(
+            "million",
+            "seq -f 'line %07g of a million, as fast as seq writes' 0 999999"
+        )]),
+    )
+    .await;
+    let started = Instant::now();
+    let (state, out) = worker.run(&nats, "million", json!({})).await;
+    let elapsed = started.elapsed();
+    assert_eq!(state, RunState::Completed);
+    assert_gapless(&out);
+    let lines = out.lines();
+    assert_eq!(lines.len(), 1_000_000);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(
+            line.message,
+            format!("line {i:07} of a million, as fast as seq writes")
+        );
+        assert_eq!(line.level, Level::Info);
+    }
+    // One batch per tick (more only when a tick's output is over max_payload).
+    let raw: usize = lines.iter().map(|l| l.message.len() + 60).sum();
+    let bound = (elapsed.as_millis() / 100) as usize + raw / (1 << 20) + 3;
+    assert!(
+        out.batches.len() <= bound,
+        "{} batches in {elapsed:?} > bound {bound}",
+        out.batches.len()
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_lost_at_the_end_of_a_child_however_it_ends() {
+    // A small budget: the worker blocks on it, and stops reading, many times per run.
+    let config = WorkerConfig {
+        max_pending_bytes: 64 << 10,
+        ..WorkerConfig::for_tests()
+    };
+    let (nats, _dir, worker) = start(
+        config,
+        json!([
+            bash("no_newline", "echo first; printf 'last without newline'"),
+            bash("killed", "for i in $(seq 1 2000); do echo \"out $i\"; echo \"err $i\" >&2; done; printf 'partial'; kill -9 $$"),
+            bash("burst", "seq -f 'burst %g' 1 50000; echo done >&2"),
+        ]),
+    )
+    .await;
+    let (state, out) = worker.run(&nats, "no_newline", json!({})).await;
+    assert_eq!(state, RunState::Completed);
+    assert_eq!(messages(&out), ["first", "last without newline"]);
+
+    let (state, out) = worker.run(&nats, "killed", json!({})).await;
+    assert_eq!(state, RunState::Failed);
+    assert_gapless(&out);
+    let stdout = at_level(&out, Level::Info);
+    let stderr = at_level(&out, Level::Warn);
+    let expected_out: Vec<String> = (1..=2000)
+        .map(|i| format!("out {i}"))
+        .chain(["partial".to_string()])
+        .collect();
+    let expected_err: Vec<String> = (1..=2000).map(|i| format!("err {i}")).collect();
+    assert_eq!(stdout, expected_out);
+    assert_eq!(stderr, expected_err);
+    let (_, error) = status(&out);
+    let error = error.unwrap();
+    let tail: Vec<String> = (1991..=2000).map(|i| format!("err {i}")).collect();
+    assert_eq!(
+        error,
+        format!(
+            "killed by signal 9 (SIGKILL); last lines of stderr:\n{}",
+            tail.join("\n")
+        )
+    );
+
+    let blocked_before = worker.worker.budget().blocked_calls();
+    let (state, out) = worker.run(&nats, "burst", json!({})).await;
+    assert_eq!(state, RunState::Completed);
+    assert_gapless(&out);
+    let lines = messages(&out);
+    assert_eq!(lines.len(), 50_001);
+    // Lines of one stream keep their order; the streams interleave as they are read.
+    let burst: Vec<&str> = lines
+        .iter()
+        .filter(|l| *l != "done")
+        .map(String::as_str)
+        .collect();
+    let expected: Vec<String> = (1..=50_000).map(|i| format!("burst {i}")).collect();
+    assert!(burst
+        .iter()
+        .copied()
+        .eq(expected.iter().map(String::as_str)));
+    assert!(
+        worker.worker.budget().blocked_calls() > blocked_before,
+        "the capture never waited on the memory bound"
+    );
+    assert!(
+        worker.worker.budget().peak() <= (64 << 10) + (1 << 20),
+        "the bound held"
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tqdm_bar_is_collapsed_to_its_states_per_tick_and_its_final_state() {
+    let python = test_python();
+    // 10 000 updates, one per millisecond: a bar redrawn 1 000 times a second for 10 s.
+    let script = "import time\nfrom tqdm import tqdm\nfor i in tqdm(range(10000), mininterval=0, miniters=1, ascii=True, ncols=80):\n    time.sleep(0.001)\nprint('trained')\n";
+    let (nats, _dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([{"name": "bar", "command": [python, "-c", script]}]),
+    )
+    .await;
+    let started = Instant::now();
+    let (state, out) = worker.run(&nats, "bar", json!({})).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(state, RunState::Completed);
+    assert_gapless(&out);
+    let bars = at_level(&out, Level::Warn);
+    eprintln!("{} bar lines over {secs:.1} s", bars.len());
+    // At most one state per 100 ms tick, plus the final one.
+    assert!(
+        bars.len() as f64 <= secs * 10.0 + 2.0,
+        "{} lines in {secs:.1} s",
+        bars.len()
+    );
+    assert!(bars.len() >= 20, "the bar was seen moving: {bars:?}");
+    assert!(
+        bars.last().unwrap().starts_with("100%|"),
+        "final state: {:?}",
+        bars.last()
+    );
+    assert!(bars.last().unwrap().contains("10000/10000"));
+    let percents: Vec<u32> = bars
+        .iter()
+        .map(|b| b.trim_start().split('%').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "the bar only moves forward: {percents:?}"
+    );
+    assert!(bars.iter().all(|b| !b.contains('\r')));
+    assert_eq!(at_level(&out, Level::Info), ["trained"]);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn colours_are_kept_other_escapes_removed_and_bad_utf8_replaced() {
+    let (nats, _dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([
+            bash("ansi", r"printf '\033[1;32mgreen\033[0m \033]0;window title\007\033[2Jcleared\033[3;1Hmoved\n'; printf 'bad \377\376 bytes \303\n'; printf 'tab\there\a\n'"),
+            {"name": "tty", "pty": true, "command": ["bash", "-c", "if [ -t 1 ]; then echo \"tty $(tput cols)\"; else echo 'no tty'; fi; echo err >&2"]},
+        ]),
+    )
+    .await;
+    let (state, out) = worker.run(&nats, "ansi", json!({})).await;
+    assert_eq!(state, RunState::Completed);
+    assert_eq!(
+        messages(&out),
+        [
+            "\u{1b}[1;32mgreen\u{1b}[0m clearedmoved",
+            "bad \u{fffd}\u{fffd} bytes \u{fffd}",
+            "tab\there",
+        ]
+    );
+    let (state, out) = worker.run(&nats, "tty", json!({})).await;
+    assert_eq!(state, RunState::Completed);
+    assert_eq!(messages(&out), ["tty 160", "err"]);
+    assert!(out.lines().iter().all(|l| l.level == Level::Info));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_progress_and_logs_come_over_the_events_pipe_from_python_and_bash() {
+    let python_script = r#"
+import logging, athanor
+logging.basicConfig(level=logging.DEBUG, handlers=[athanor.LogHandler()], format="%(message)s")
+cfg = athanor.config()
+print("epochs", cfg["epochs"])
+athanor.progress(1, 2, "half")
+athanor.result("accuracy", 0.5)
+athanor.result("accuracy", 0.75)
+athanor.result("detail", {"per_class": [0.7, 0.8], "name": "ünï"})
+athanor.log("with metadata", level="error", step=3)
+logging.getLogger("trainer").warning("a warning through logging")
+logging.getLogger("trainer").debug("a debug line")
+athanor.progress(2, 2)
+"#;
+    let bash_script = r#"
+ev() { printf '%s\n' "$1" >&"$ATHANOR_EVENTS_FD"; }
+ev '{"type":"result","key":"from_bash","value":[1,2,3]}'
+ev '{"type":"progress","current":5,"total":10,"message":"bash"}'
+ev '{"type":"log","level":"warning","message":"careful"}'
+ev 'not json at all'
+ev '{"type":"exec","command":"rm -rf /"}'
+ev '{"type":"result","key":"x"}'
+ev '{"type":"log","level":"loud","message":"?"}'
+head -c 1100000 /dev/zero | tr '\0' 'a' >&"$ATHANOR_EVENTS_FD"; echo >&"$ATHANOR_EVENTS_FD"
+ev '{"type":"outcome","status":"failed","error":"bash says no"}'
+echo still running
+"#;
+    let (nats, _dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([
+            {"name": "py", "command": ["python3", "-c", python_script],
+             "env": {"PYTHONPATH": helper_dir()},
+             "config": [{"name": "epochs", "type": "int", "default": 4}]},
+            bash("sh", bash_script),
+        ]),
+    )
+    .await;
+    let (state, out) = worker.run(&nats, "py", json!({"epochs": 7})).await;
+    assert_eq!(state, RunState::Completed, "{:?}", status(&out));
+    let lines: Vec<(Level, String, Option<Value>)> = out
+        .lines()
+        .into_iter()
+        .map(|l| (l.level, l.message.clone(), l.metadata.clone()))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            (Level::Info, "epochs 7".to_string(), None),
+            (
+                Level::Error,
+                "with metadata".to_string(),
+                Some(json!({"step": 3}))
+            ),
+            (
+                Level::Warn,
+                "a warning through logging".to_string(),
+                Some(json!({"logger": "trainer"}))
+            ),
+            (
+                Level::Debug,
+                "a debug line".to_string(),
+                Some(json!({"logger": "trainer"}))
+            ),
+        ]
+    );
+    assert_eq!(
+        results(&out),
+        [
+            ("accuracy".to_string(), json!(0.5)),
+            ("accuracy".to_string(), json!(0.75)),
+            (
+                "detail".to_string(),
+                json!({"per_class": [0.7, 0.8], "name": "ünï"})
+            ),
+        ]
+    );
+    let progress = out
+        .batches
+        .iter()
+        .filter_map(|b| b.progress.clone())
+        .last()
+        .unwrap();
+    assert_eq!(
+        (progress.current, progress.total, progress.message),
+        (2, 2, None)
+    );
+
+    let (state, out) = worker.run(&nats, "sh", json!({})).await;
+    assert_eq!(
+        status(&out),
+        (RunState::Failed, Some("bash says no".into()))
+    );
+    assert_eq!(state, RunState::Failed);
+    // stdout and the events pipe are read as their data arrives: "still running"
+    // may come anywhere among the events' lines.
+    let mut lines = messages(&out);
+    let stdout = lines
+        .iter()
+        .position(|l| l == "still running")
+        .expect("stdout's line");
+    lines.remove(stdout);
+    assert_eq!(lines[0], "careful");
+    assert!(
+        lines[1].starts_with("athanor events line 4 is not a valid event: expected "),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[1].ends_with("(it starts: \"not json at all\")"),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].starts_with("athanor events line 5 is not a valid event: unknown variant `exec`"),
+        "{}",
+        lines[2]
+    );
+    assert!(
+        lines[3].starts_with("athanor events line 6 is not a valid event: missing field `value`"),
+        "{}",
+        lines[3]
+    );
+    assert!(
+        lines[4].starts_with("athanor events line 7 has an unknown log level \"loud\""),
+        "{}",
+        lines[4]
+    );
+    assert!(lines[5].starts_with("athanor events line 8 is 1100000 bytes, over the limit of 1048576; ignored (it starts: \"aaaa"), "{}", lines[5]);
+    assert_eq!(lines.len(), 6);
+    assert_eq!(results(&out), [("from_bash".to_string(), json!([1, 2, 3]))]);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_signal_and_timeout_fail_the_run_with_the_reason() {
+    let (nats, _dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([
+            bash("exit3", "for i in $(seq 1 12); do echo \"problem $i\" >&2; done; echo fine; exit 3"),
+            bash("segv", "echo before; kill -SEGV $$"),
+            {"name": "slow", "command": ["bash", "-c", "echo waiting; sleep 100"], "timeout": "1s"},
+        ]),
+    )
+    .await;
+    let (_, out) = worker.run(&nats, "exit3", json!({})).await;
+    let tail: Vec<String> = (3..=12).map(|i| format!("problem {i}")).collect();
+    assert_eq!(
+        status(&out),
+        (
+            RunState::Failed,
+            Some(format!(
+                "exited with status 3; last lines of stderr:\n{}",
+                tail.join("\n")
+            ))
+        )
+    );
+    assert_eq!(messages(&out).len(), 13);
+    let (_, out) = worker.run(&nats, "segv", json!({})).await;
+    assert_eq!(
+        status(&out),
+        (
+            RunState::Failed,
+            Some("killed by signal 11 (SIGSEGV)".into())
+        )
+    );
+    assert_eq!(messages(&out), ["before"]);
+    let started = Instant::now();
+    let (_, out) = worker.run(&nats, "slow", json!({})).await;
+    assert_eq!(
+        status(&out),
+        (RunState::Failed, Some("timed out after 1s".into()))
+    );
+    assert_eq!(messages(&out), ["waiting"]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    worker.stop().await;
+}
+
+/// Whether a process is still alive (a zombie waiting for its parent counts as dead).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap();
+            state != "Z" && state != "X"
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_whole_process_tree_and_keeps_its_output() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let control = js.get_key_value(names::CONTROL_BUCKET).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let config = WorkerConfig {
+        cancel_grace: Duration::from_secs(1),
+        ..WorkerConfig::for_tests()
+    };
+    let worker = TestWorker::start(
+        &nats,
+        config,
+        dir.path(),
+        json!([
+            // bash waits on a child; SIGTERM to the group ends both.
+            bash("tree", &format!("sleep 1000 & echo $! > {0}; echo started; wait", pids.display())),
+            // Ignores SIGTERM, and so does its child: SIGKILL after the grace.
+            bash("stubborn", &format!("trap '' TERM; (trap '' TERM; sleep 1000) & echo $! > {0}; echo started; while :; do sleep 0.1; done", pids.display())),
+        ]),
+    )
+    .await;
+    for (experiment, error) in [
+        ("tree", None),
+        (
+            "stubborn",
+            Some("athanor: the run ignored cancellation for 1s; its processes were killed"),
+        ),
+    ] {
+        let mut handle = worker.start_run(experiment, json!({})).await;
+        let grandchild: u32 =
+            athanor_testkit::wait_for("the pid file", Duration::from_secs(30), || async {
+                std::fs::read_to_string(&pids)
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+            })
+            .await
+            .unwrap();
+        assert!(alive(grandchild));
+        control
+            .put(names::cancel_key(&handle.run_id), "{}".into())
+            .await
+            .unwrap();
+        assert_eq!(handle.finished().await, RunState::Cancelled);
+        let out = read_run(&js, &handle.run_id, READ_TIMEOUT).await.unwrap();
+        assert_eq!(
+            status(&out),
+            (RunState::Cancelled, Some("cancelled on request".into()))
+        );
+        let lines = messages(&out);
+        assert_eq!(lines[0], "started");
+        if let Some(error) = error {
+            assert_eq!(lines[1], error);
+        }
+        athanor_testkit::wait_for("the grandchild's end", Duration::from_secs(10), || async {
+            (!alive(grandchild)).then_some(())
+        })
+        .await
+        .unwrap();
+        std::fs::remove_file(&pids).unwrap();
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_values_reach_the_child_as_data_never_as_command_text() {
+    let (nats, dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([{
+            "name": "inert",
+            "command": ["bash", "-c", "printf '%s\\n' \"$ATHANOR_CONFIG\"; cat \"$ATHANOR_CONFIG_FILE\"; echo; echo \"$ATHANOR_EXPERIMENT $ATHANOR_RUN_ID\"", "ignored-arg0"],
+            "config": [{"name": "note", "type": "string", "default": ""}],
+        }]),
+    )
+    .await;
+    let marker = dir.path().join("pwned");
+    for hostile in [
+        format!("$(touch {})", marker.display()),
+        format!("; touch {} ; rm -rf /", marker.display()),
+        format!("`touch {}`", marker.display()),
+        format!("a\nb'\"$(touch {})\"\n", marker.display()),
+    ] {
+        let mut handle = worker.start_run("inert", json!({"note": hostile})).await;
+        assert_eq!(handle.finished().await, RunState::Completed);
+        let out = read_run(&nats.jetstream().await, &handle.run_id, READ_TIMEOUT)
+            .await
+            .unwrap();
+        let text = messages(&out).join("\n");
+        let config = serde_json::to_string(&json!({"note": hostile})).unwrap();
+        assert_eq!(text, format!("{config}\n{config}\ninert {}", handle.run_id));
+        assert!(!marker.exists(), "a config value ran as a command");
+    }
+    worker.stop().await;
+}
+
+#[test]
+fn relative_paths_are_taken_from_the_configuration_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("examples")).unwrap();
+    let script = dir.path().join("examples/run.sh");
+    std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+    let mut specs: Vec<CommandSpec> = serde_json::from_value(json!([
+        {"name": "a", "command": ["./run.sh"], "cwd": "examples"},
+        {"name": "b", "command": ["examples/run.sh"]},
+    ]))
+    .unwrap();
+    for spec in &mut specs {
+        spec.base_dir = Some(dir.path().into());
+    }
+    let experiments = declare(&specs, &[], &WorkerConfig::for_tests()).unwrap();
+    assert_eq!(experiments.len(), 2);
+}
