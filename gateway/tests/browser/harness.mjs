@@ -13,11 +13,16 @@ const root = resolve(here, '../../..');
 export const ATHANOR = process.env.ATHANOR_BIN || join(root, 'target/debug/athanor');
 export const NATS_SERVER = process.env.ATHANOR__NATS__SERVER_BIN || join(root, '.tools/venv/bin/nats-server');
 export const SCREENSHOTS = join(root, 'docs/screenshots');
+export const EXAMPLES = join(root, 'examples');
 
-/** Starts `athanor up`; resolves with { url, stop() } once its worker is registered. */
-export async function up(extraEnv = {}) {
+/**
+ * Starts `athanor up` (with `--config configFile` when given); resolves with
+ * { url, stop() } once its worker is registered.
+ */
+export async function up(extraEnv = {}, configFile = null) {
   const dataDir = mkdtempSync(join(tmpdir(), 'athanor-ui-'));
-  const child = spawn(ATHANOR, ['up', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0'], {
+  const config = configFile ? ['--config', configFile] : [];
+  const child = spawn(ATHANOR, [...config, 'up', '--data-dir', dataDir, '--http-addr', '127.0.0.1:0'], {
     env: { ...process.env, ATHANOR__NATS__SERVER_BIN: NATS_SERVER, RUST_LOG: 'warn', ...extraEnv },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
