@@ -3,8 +3,9 @@
 //! Prints tables of what the worker costs and sends, each comparison side by side in
 //! one run: `log()` beside a `tracing` non-blocking appender and one channel send per
 //! line, and batched publishing beside one JetStream message per line (as fast as
-//! possible, and paced at fixed rates on a realistic corpus), against a real
-//! nats-server started for the run.
+//! possible, and paced at fixed rates on a realistic corpus), and a command
+//! experiment's captured stdout beside an in-process experiment logging the same lines,
+//! against a real nats-server started for the run.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use athanor_schemas::requests::RunRequest;
 use athanor_schemas::{names, now_micros, ConfigSchema, Field, Level, LogLine};
 use athanor_testkit::TestNats;
 use athanor_workers::buffer::{Budget, RunBuffer};
+use athanor_workers::command::CommandSpec;
 use athanor_workers::{builtin, Experiment, RunContext, RunError, Worker, WorkerConfig};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -417,17 +419,33 @@ async fn pipeline(nats: &TestNats, scale: usize) {
         name: "replay_corpus",
         lines: corpus.clone(),
     }));
-    let worker = Worker::start(
-        WorkerConfig::default(),
-        nats.config(),
-        experiments,
-        shutdown.clone(),
-    )
-    .await
+    // The same sample as a file, written by a child: `cat` (as fast as a program can
+    // write) and a Python loop (buffered writes, one per line).
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("sample.txt");
+    let mut text = String::new();
+    for line in sample.iter() {
+        text.push_str(&line.message);
+        text.push('\n');
+    }
+    std::fs::write(&file, text).unwrap();
+    let cycles = (2_000_000 / scale).div_ceil(sample.len());
+    let specs: Vec<CommandSpec> = serde_json::from_value(json!([
+        {"name": "cat_sample", "command": ["bash", "-c", format!("for i in $(seq {cycles}); do cat {}; done", file.display())]},
+        {"name": "python_sample", "command": ["python3", "-c", format!(
+            "import sys\nlines = open({:?}).read().splitlines(True)\nout = open(1, 'w', buffering=1 << 20)\nfor _ in range({cycles}):\n    for line in lines:\n        out.write(line)\nout.flush()\n",
+            file.display().to_string())]},
+    ]))
     .unwrap();
+    let config = WorkerConfig::default();
+    experiments.extend(athanor_workers::command::declare(&specs, &[], &config).unwrap());
+    let worker = Worker::start(config, nats.config(), experiments, shutdown.clone())
+        .await
+        .unwrap();
     let js = nats.jetstream().await;
 
     throughput(&worker, &sample, 2_000_000 / scale).await;
+    capture(&worker, &sample, 2_000_000 / scale).await;
     batches_per_run(&worker).await;
     batched_vs_per_line(&worker, &js, &sample, 200_000 / scale).await;
     describe_corpus(&corpus);
@@ -455,6 +473,47 @@ async fn throughput(worker: &Worker, sample: &[CorpusLine], n: usize) {
         d.json as f64 / d.wire as f64,
         text / d.wire as f64
     );
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// The same `n` sample lines from an in-process experiment and from child processes
+/// writing them to stdout, until the final ack: lines/s, and the CPU this process
+/// (the worker) used per 100 000 lines.
+async fn capture(worker: &Worker, sample: &[CorpusLine], n: usize) {
+    let lines = n.div_ceil(sample.len()) * sample.len();
+    println!("\n## Command capture (one run, {lines} lines of ~{LINE_BYTES} bytes written flat out, until the final ack)\n");
+    println!("| producer | lines/s | vs in-process | batches | worker CPU s | worker CPU per 100 000 lines/s (cores) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut reference = None;
+    for (label, experiment, config) in [
+        ("in-process Rust experiment, log() per line (its CPU included)", "replay", json!({ "lines": lines })),
+        ("child `cat` of the lines, stdout captured", "cat_sample", json!({})),
+        ("child python3 writing each line (1 MiB buffer), stdout captured", "python_sample", json!({})),
+    ] {
+        let cpu = cpu_seconds();
+        let (secs, d) = timed_run(worker, experiment, config).await;
+        let cpu = cpu_seconds() - cpu;
+        assert_eq!(d.lines as usize, lines, "{experiment}: every line published");
+        let rate = lines as f64 / secs;
+        let reference = *reference.get_or_insert(rate);
+        println!(
+            "| {label} | {rate:.0} | {:.0} % | {} | {cpu:.2} | {:.2} |",
+            100.0 * rate / reference,
+            d.batches,
+            cpu / (lines as f64 / 100_000.0),
+        );
+    }
 }
 
 /// Batches per second per run at fixed log rates (log_storm's own text).
