@@ -1,4 +1,4 @@
-//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|fanout|startup]`.
+//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|throughput|fanout|startup|command]`.
 //!
 //! * latency — from `log()` (the line's own timestamp) to an SSE client holding the
 //!   line, at 1 000 and 10 000 lines/s per run, with 1 and 100 concurrent runs: a worker,
@@ -12,6 +12,9 @@
 //!   gateway's resident memory per viewer.
 //! * startup — `athanor up` (fresh data dir, own nats-server) to its first answered
 //!   request.
+//! * command — a command experiment (a Python child printing lines that carry their
+//!   write time) beside an in-process experiment at the same rate: the delay from the
+//!   write (child) or `log()` (in-process) to an SSE client holding the line.
 //!
 //! Prints a table per part; BENCHMARKS.md holds the last figures.
 
@@ -55,6 +58,9 @@ fn main() {
     }
     if want("startup") {
         startup();
+    }
+    if want("command") {
+        rt.block_on(command());
     }
 }
 
@@ -107,7 +113,16 @@ fn ms(micros: i64) -> String {
 }
 
 /// Reads an SSE response, returning for every line received `now − line.ts` (µs).
-async fn delays(mut response: reqwest::Response, until: Instant) -> Vec<i64> {
+async fn delays(response: reqwest::Response, until: Instant) -> Vec<i64> {
+    delays_from(response, until, |line| line.ts).await
+}
+
+/// Reads an SSE response, returning for every line received `now − start(line)` (µs).
+async fn delays_from(
+    mut response: reqwest::Response,
+    until: Instant,
+    start: impl Fn(&athanor_schemas::LogLine) -> i64,
+) -> Vec<i64> {
     let mut decoder = SseDecoder::new();
     let mut out = Vec::new();
     while Instant::now() < until {
@@ -119,7 +134,7 @@ async fn delays(mut response: reqwest::Response, until: Instant) -> Vec<i64> {
         for event in decoder.push(&chunk) {
             if event.event == "batch" {
                 let batch: BatchEvent = serde_json::from_str(&event.data).unwrap();
-                out.extend(batch.logs.iter().map(|l| now - l.ts));
+                out.extend(batch.logs.iter().map(|l| now - start(l)));
             } else if event.event == "status" {
                 return out;
             }
@@ -129,9 +144,18 @@ async fn delays(mut response: reqwest::Response, until: Instant) -> Vec<i64> {
 }
 
 async fn start_run(http: &reqwest::Client, base: &str, config: Value) -> String {
+    start_experiment(http, base, "log_storm", config).await
+}
+
+async fn start_experiment(
+    http: &reqwest::Client,
+    base: &str,
+    experiment: &str,
+    config: Value,
+) -> String {
     let created: Value = http
         .post(format!("{base}/api/runs"))
-        .json(&json!({ "experiment": "log_storm", "config": config }))
+        .json(&json!({ "experiment": experiment, "config": config }))
         .send()
         .await
         .unwrap()
@@ -203,14 +227,26 @@ struct Stack {
 
 impl Stack {
     async fn start(nats: &Bench, db: sea_orm::DatabaseConnection, base: Option<String>) -> Stack {
+        Stack::start_with(nats, db, base, Vec::new()).await
+    }
+
+    /// The stack, its worker hosting `extra` beside the built-ins.
+    async fn start_with(
+        nats: &Bench,
+        db: sea_orm::DatabaseConnection,
+        base: Option<String>,
+        extra: Vec<std::sync::Arc<dyn athanor_workers::Experiment>>,
+    ) -> Stack {
         let stop = CancellationToken::new();
+        let mut experiments = builtin::all();
+        experiments.extend(extra);
         let worker = Worker::start(
             WorkerConfig {
                 max_concurrent_runs: 128,
                 ..WorkerConfig::default()
             },
             nats.config(),
-            builtin::all(),
+            experiments,
             stop.clone(),
         )
         .await
@@ -643,4 +679,79 @@ fn startup() {
             .status();
         let _ = child.wait();
     }
+}
+
+// ---------------------------------------------------------------- command
+
+/// Lines per second and seconds of the command latency comparison.
+const COMMAND_RATE: u64 = 1_000;
+const COMMAND_SECS: u64 = 10;
+
+/// A Python child printing `COMMAND_RATE` lines a second, each starting with its write
+/// time (µs since the epoch), beside `log_storm` at the same rate: write → SSE client.
+async fn command() {
+    use athanor_workers::command::{declare, CommandSpec};
+    let nats_server = TestNats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, db) = database(&dir).await;
+    let script = format!(
+        "import time\nstart = time.monotonic()\nfor i in range({n}):\n    due = start + i / {COMMAND_RATE}\n    wait = due - time.monotonic()\n    if wait > 0:\n        time.sleep(wait)\n    print(f'{{time.time_ns() // 1000}} line {{i}} ' + 'x' * 70)\n",
+        n = COMMAND_RATE * COMMAND_SECS
+    );
+    let specs: Vec<CommandSpec> =
+        serde_json::from_value(json!([{"name": "stamped", "command": ["python3", "-c", script]}]))
+            .unwrap();
+    let extra = declare(&specs, &[], &WorkerConfig::default()).unwrap();
+    let stack = Stack::start_with(&Bench::of(&nats_server), db, None, extra).await;
+    let (http, base) = (&stack.http, &stack.base);
+    println!(
+        "\n## Command experiment latency: the child's write → SSE client, beside log() → SSE client ({COMMAND_RATE} lines/s, {COMMAND_SECS} s, flush every 100 ms)\n"
+    );
+    println!("| producer | lines received | p50 ms | p99 ms | max ms |");
+    println!("| --- | --- | --- | --- | --- |");
+    let mut p50s = Vec::new();
+    for (label, experiment, config) in [
+        (
+            "in-process log_storm, from log()",
+            "log_storm",
+            json!({"lines_per_second": COMMAND_RATE, "duration_ms": COMMAND_SECS * 1000, "line_bytes": 100}),
+        ),
+        ("python3 child, from its print()", "stamped", json!({})),
+    ] {
+        let id = start_experiment(http, base, experiment, config).await;
+        let response = http
+            .get(format!("{base}/api/runs/{id}/events"))
+            .send()
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(COMMAND_SECS + 30);
+        let mut all = if experiment == "stamped" {
+            // The write time the child put at the start of the line (its other lines, if
+            // any, count from log()).
+            delays_from(response, until, |line| {
+                line.message
+                    .split(' ')
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(line.ts)
+            })
+            .await
+        } else {
+            delays(response, until).await
+        };
+        all.sort_unstable();
+        p50s.push(percentile(&all, 0.5));
+        println!(
+            "| {label} | {} | {} | {} | {} |",
+            all.len(),
+            ms(percentile(&all, 0.5)),
+            ms(percentile(&all, 0.99)),
+            ms(*all.last().unwrap_or(&0))
+        );
+    }
+    println!(
+        "\nExtra latency of the command path at p50: {} ms",
+        ms(p50s[1] - p50s[0])
+    );
+    stack.stop().await;
 }
