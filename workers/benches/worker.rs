@@ -497,14 +497,29 @@ async fn capture(worker: &Worker, sample: &[CorpusLine], n: usize) {
     println!("|---|---:|---:|---:|---:|---:|");
     let mut reference = None;
     for (label, experiment, config) in [
-        ("in-process Rust experiment, log() per line (its CPU included)", "replay", json!({ "lines": lines })),
-        ("child `cat` of the lines, stdout captured", "cat_sample", json!({})),
-        ("child python3 writing each line (1 MiB buffer), stdout captured", "python_sample", json!({})),
+        (
+            "in-process Rust experiment, log() per line (its CPU included)",
+            "replay",
+            json!({ "lines": lines }),
+        ),
+        (
+            "child `cat` of the lines, stdout captured",
+            "cat_sample",
+            json!({}),
+        ),
+        (
+            "child python3 writing each line (1 MiB buffer), stdout captured",
+            "python_sample",
+            json!({}),
+        ),
     ] {
         let cpu = cpu_seconds();
         let (secs, d) = timed_run(worker, experiment, config).await;
         let cpu = cpu_seconds() - cpu;
-        assert_eq!(d.lines as usize, lines, "{experiment}: every line published");
+        assert_eq!(
+            d.lines as usize, lines,
+            "{experiment}: every line published"
+        );
         let rate = lines as f64 / secs;
         let reference = *reference.get_or_insert(rate);
         println!(

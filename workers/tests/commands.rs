@@ -138,13 +138,6 @@ fn test_python() -> PathBuf {
     venv
 }
 
-fn helper_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../clients/python")
-        .canonicalize()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_lines_from_a_child_land_once_in_order_in_few_batches() {
     let nats = TestNats::start();
@@ -357,8 +350,8 @@ echo still running
     let (nats, _dir, worker) = start(
         WorkerConfig::for_tests(),
         json!([
-            {"name": "py", "command": ["python3", "-c", python_script],
-             "env": {"PYTHONPATH": helper_dir()},
+            // The helper as `pip install ./clients/python` installed it.
+            {"name": "py", "command": [test_python(), "-c", python_script],
              "config": [{"name": "epochs", "type": "int", "default": 4}]},
             bash("sh", bash_script),
         ]),
