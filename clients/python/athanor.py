@@ -78,13 +78,26 @@ def _channel():
     return _events
 
 
+def _finite(value):
+    """JSON has no NaN or infinities: they travel as the strings "NaN", "Infinity"
+    and "-Infinity"."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _send(event, fallback):
     with _lock:
         channel = _channel()
         if channel is None:
             print(fallback, file=sys.stderr, flush=True)
             return
-        channel.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+        line = json.dumps(_finite(event), ensure_ascii=False, default=str, allow_nan=False)
+        channel.write(line + "\n")
         channel.flush()
 
 
@@ -104,7 +117,8 @@ def log(message, level="info", **metadata):
 
 
 def result(key, value):
-    """Records a result; recording a key again replaces its value."""
+    """Records a result; recording a key again replaces its value. NaN and infinities
+    are recorded as the strings "NaN", "Infinity" and "-Infinity" (JSON has none)."""
     _send({"type": "result", "key": str(key), "value": value}, f"result {key} = {value!r}")
 
 

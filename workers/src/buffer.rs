@@ -110,6 +110,12 @@ impl Budget {
         }
     }
 
+    /// Takes `n` bytes even over the limit (a worker's own small notes).
+    fn force_take(&self, n: usize) {
+        let now = self.used.fetch_add(n, Ordering::SeqCst) + n;
+        self.note_peak(now);
+    }
+
     fn block_until_room(&self, n: usize) {
         self.blocked_calls.fetch_add(1, Ordering::Relaxed);
         self.waiters.fetch_add(1, Ordering::SeqCst);
@@ -272,6 +278,28 @@ impl RunBuffer {
             key,
             value,
             ts,
+        });
+    }
+
+    /// A line from the worker itself about the run (not the experiment's): appended at
+    /// once, charged to the budget without waiting for room, so the run's supervisor —
+    /// the one task that frees room for this run — can never wait on itself.
+    pub(crate) fn note(&self, level: Level, message: String) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let cost = LINE_OVERHEAD + message.len();
+        self.budget.force_take(cost);
+        let mut p = self.pending.lock();
+        let seq = p.next_seq;
+        p.next_seq += 1;
+        p.bytes += cost;
+        p.logs.push(LogLine {
+            seq,
+            ts: now_micros(),
+            level,
+            message,
+            metadata: None,
         });
     }
 

@@ -131,14 +131,15 @@ impl RunContext {
         self.shared.cancelled.load(Ordering::Relaxed)
     }
 
-    /// Registers how to stop this run from outside: when it ignores cancellation for
-    /// `worker.cancel_grace`, the worker calls `stop` and then waits a little longer
+    /// Registers how to stop this run from outside: when it has not returned 2 s
+    /// after `worker.cancel_grace`, the worker calls `stop` and waits up to 30 s more
     /// for `run` to return with its output, instead of abandoning the thread at once.
     pub fn on_stop(&self, stop: impl Fn() + Send + Sync + 'static) {
         *self.shared.stopper.lock() = Some(Box::new(stop));
     }
 
-    /// Removes what [`on_stop`](Self::on_stop) registered.
+    /// Removes what [`on_stop`](Self::on_stop) registered; a call of it in progress
+    /// finishes first.
     pub fn clear_on_stop(&self) {
         self.shared.stopper.lock().take();
     }

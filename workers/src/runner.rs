@@ -391,7 +391,10 @@ async fn finish_unstarted(
 
 /// How long a run stopped from outside (see [`RunContext::on_stop`]) has to return
 /// before its thread is abandoned.
-const STOP_WAIT: Duration = Duration::from_secs(5);
+const STOP_WAIT: Duration = Duration::from_secs(30);
+/// How much longer than `cancel_grace` the worker waits before stopping from outside
+/// a run that can be (it is expected to stop itself at the grace).
+const STOP_MARGIN: Duration = Duration::from_secs(2);
 
 /// How the experiment's thread ended, as far as the supervisor knows.
 enum Ended {
@@ -433,6 +436,7 @@ async fn supervise(
     let mut interval = tokio::time::interval(worker.config.flush_interval);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut grace: Option<Pin<Box<Sleep>>> = None;
+    let mut stopper_called = false;
     let ended = match spawned {
         Err(e) => Ended::Returned(Err(format!("could not start the experiment thread: {e}"))),
         Ok(_) => loop {
@@ -441,19 +445,28 @@ async fn supervise(
                     break Ended::Returned(returned.unwrap_or_else(|_| Err("the experiment thread vanished".into())));
                 }
                 _ = run.cancel_notify.notified(), if grace.is_none() => {
-                    grace = Some(Box::pin(tokio::time::sleep(worker.config.cancel_grace)));
+                    // A run that stops itself from outside (a command killing its
+                    // process group at the grace) is given a margin to do so first.
+                    let margin = if run.stopper.lock().is_some() { STOP_MARGIN } else { Duration::ZERO };
+                    grace = Some(Box::pin(tokio::time::sleep(worker.config.cancel_grace + margin)));
                 }
                 _ = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
-                    let stopper = run.stopper.lock().take();
-                    if let Some(stop) = stopper {
-                        // The experiment can be stopped from outside (a command's
-                        // processes): do it, and give it a moment to return with its
-                        // output.
-                        stop();
-                        warn!(run_id = %run.run_id, grace = ?worker.config.cancel_grace, "run ignored cancellation; its processes were killed");
-                        run.buffer.log(Level::Warn, format!("athanor: the run ignored cancellation for {:?}; its processes were killed", worker.config.cancel_grace), None);
-                        grace = Some(Box::pin(tokio::time::sleep(STOP_WAIT)));
-                        continue;
+                    if !stopper_called {
+                        // Called under the lock, so a run clearing its stopper (its
+                        // processes reaped) waits for a call in progress.
+                        let stopper = run.stopper.lock();
+                        if let Some(stop) = stopper.as_ref() {
+                            // The experiment can be stopped from outside (a command's
+                            // processes): do it, and give it time to return with its
+                            // output.
+                            stop();
+                            drop(stopper);
+                            stopper_called = true;
+                            warn!(run_id = %run.run_id, grace = ?worker.config.cancel_grace, "run ignored cancellation; its processes were killed");
+                            run.buffer.note(Level::Warn, format!("athanor: the run ignored cancellation for {:?}; its processes were killed", worker.config.cancel_grace));
+                            grace = Some(Box::pin(tokio::time::sleep(STOP_WAIT)));
+                            continue;
+                        }
                     }
                     run.buffer.close();
                     warn!(run_id = %run.run_id, grace = ?worker.config.cancel_grace, "run ignored cancellation; stopped");

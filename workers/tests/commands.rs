@@ -333,6 +333,7 @@ athanor.log("with metadata", level="error", step=3)
 logging.getLogger("trainer").warning("a warning through logging")
 logging.getLogger("trainer").debug("a debug line")
 athanor.progress(2, 2)
+athanor.result("diverged", {"loss": float("nan"), "grad": [float("inf"), -float("inf")]})
 "#;
     let bash_script = r#"
 ev() { printf '%s\n' "$1" >&"$ATHANOR_EVENTS_FD"; }
@@ -393,6 +394,10 @@ echo still running
             (
                 "detail".to_string(),
                 json!({"per_class": [0.7, 0.8], "name": "ünï"})
+            ),
+            (
+                "diverged".to_string(),
+                json!({"loss": "NaN", "grad": ["Infinity", "-Infinity"]})
             ),
         ]
     );
@@ -626,4 +631,46 @@ fn relative_paths_are_taken_from_the_configuration_folder() {
     }
     let experiments = declare(&specs, &[], &WorkerConfig::for_tests()).unwrap();
     assert_eq!(experiments.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_left_the_group_cannot_hold_the_run_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("escaped");
+    let (nats, _dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([
+            // A writer in a session of its own keeps the child's stdout open, writing
+            // forever, after the child exited.
+            bash("escape", &format!(
+                "setsid bash -c 'echo $$ > {0}; while :; do echo escaped; sleep 0.001; done' & until [ -s {0} ]; do sleep 0.01; done; echo main done",
+                pid_file.display()
+            )),
+            // One that holds stdout open without writing.
+            bash("quiet", &format!("setsid bash -c 'echo $$ > {0}; exec sleep 1000' & until [ -s {0} ]; do sleep 0.01; done; echo quiet done", pid_file.display())),
+        ]),
+    )
+    .await;
+    for (experiment, first) in [("escape", "main done"), ("quiet", "quiet done")] {
+        let started = Instant::now();
+        let (state, out) = worker.run(&nats, experiment, json!({})).await;
+        assert_eq!(state, RunState::Completed);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let lines = messages(&out);
+        assert!(lines.contains(&first.to_string()), "{lines:?}");
+        assert_eq!(
+            lines.last().unwrap(),
+            "athanor: the child exited, but a process that left its process group still holds its output open; the run ended without reading it",
+            "{experiment}: {lines:?}"
+        );
+        let escaped: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: a plain kill of the test's own stray process.
+        unsafe { libc::kill(escaped, libc::SIGKILL) };
+        std::fs::remove_file(&pid_file).unwrap();
+    }
+    worker.stop().await;
 }

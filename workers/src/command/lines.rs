@@ -48,6 +48,9 @@ pub(crate) struct Lines {
     reset_pending: bool,
     /// The line has been redrawn at least once (it is a progress line).
     redrawn: bool,
+    /// SGR sequences met while `reset_pending`: they open the next state (or close
+    /// the current one, if a `\n` comes first).
+    pending_sgr: Vec<u8>,
     /// The state last emitted by `tick`, to store the final state only if it differs.
     emitted: Option<Vec<u8>>,
     /// Whether anything changed since the last `tick` emission.
@@ -64,6 +67,7 @@ impl Lines {
             current: Vec::new(),
             dropped: 0,
             reset_pending: false,
+            pending_sgr: Vec::new(),
             redrawn: false,
             emitted: None,
             changed: false,
@@ -96,7 +100,8 @@ impl Lines {
     /// Called once per flush interval: the newest state of a line being redrawn, when
     /// it changed since the last call and is not blank.
     pub(crate) fn tick(&mut self) -> Option<String> {
-        if !self.redrawn || !self.changed {
+        // A line ending in `\r` is being redrawn too: its state stands until the next.
+        if !(self.redrawn || self.reset_pending) || !self.changed {
             return None;
         }
         let state = self.visible_state();
@@ -178,7 +183,12 @@ impl Lines {
                     Escape::String
                 }
             }
-            Escape::Charset => self.escape = Escape::None,
+            Escape::Charset => {
+                self.escape = Escape::None;
+                if b == b'\n' {
+                    self.end_line(out);
+                }
+            }
         }
     }
 
@@ -187,6 +197,7 @@ impl Lines {
         let sequence = std::mem::take(&mut self.sequence);
         let params = &sequence[2..sequence.len() - 1];
         match sequence[sequence.len() - 1] {
+            b'm' if self.reset_pending => self.pending_sgr.extend_from_slice(&sequence),
             b'm' => self.text(&sequence),
             // Erase in line: `ESC[K`/`ESC[0K` after a `\r`, `ESC[1K`, `ESC[2K`: the line
             // is drawn afresh.
@@ -208,8 +219,14 @@ impl Lines {
             }
             self.current.clear();
             self.dropped = 0;
+            let sgr = std::mem::take(&mut self.pending_sgr);
+            self.append(&sgr);
         }
         self.changed = true;
+        self.append(bytes);
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
         let room = self.max_bytes.saturating_sub(self.current.len());
         let take = bytes.len().min(room);
         self.current.extend_from_slice(&bytes[..take]);
@@ -218,6 +235,8 @@ impl Lines {
 
     fn end_line(&mut self, out: &mut Vec<String>) {
         self.reset_pending = false;
+        let sgr = std::mem::take(&mut self.pending_sgr);
+        self.append(&sgr);
         let state = self.visible_state();
         let already = self.emitted.as_ref() == Some(&state) && self.dropped == 0;
         // A progress line that erased itself before ending adds nothing.
@@ -230,6 +249,7 @@ impl Lines {
 
     fn clear_line(&mut self) {
         self.current.clear();
+        self.pending_sgr.clear();
         self.dropped = 0;
         self.redrawn = false;
         self.emitted = None;
@@ -244,8 +264,9 @@ impl Lines {
     /// The stored text of a state; a cut line, marker included, fits in `max_bytes`.
     fn render(&self, state: &[u8]) -> String {
         let mut line = String::from_utf8_lossy(state).into_owned();
-        if self.dropped > 0 {
-            let total = state.len() + self.dropped;
+        // Invalid bytes grow into U+FFFD (3 bytes each): the stored text is measured.
+        if self.dropped > 0 || line.len() > self.max_bytes {
+            let total = line.len() + self.dropped;
             let room = format!(" …[truncated {total} of {total} bytes]").len();
             let cut = line.floor_char_boundary(self.max_bytes.saturating_sub(room).min(line.len()));
             line.truncate(cut);
@@ -331,6 +352,28 @@ mod tests {
             ["Downloading 2 MB", "Installed"],
             "an erased bar adds no line"
         );
+    }
+
+    #[test]
+    fn edge_cases_found_in_review() {
+        // A line that ends in `\r` (print(..., end="\r")) is ticked from its first state.
+        let mut lines = Lines::new(100);
+        let mut out = Vec::new();
+        lines.push(b"epoch 1 loss 0.5\r", &mut out);
+        assert_eq!(lines.tick().as_deref(), Some("epoch 1 loss 0.5"));
+        // A colour reset after the `\r` closes the state instead of replacing it.
+        lines.push(b"\x1b[32m50%\r\x1b[0m\n", &mut out);
+        assert_eq!(out, ["\x1b[32m50%\x1b[0m"]);
+        // A colour before the next state opens it.
+        let mut out = Vec::new();
+        lines.push(b"a\r\x1b[31mred\n", &mut out);
+        assert_eq!(out, ["\x1b[31mred"]);
+        // `ESC (` cut short by a newline still ends the line.
+        assert_eq!(self::lines(100, &[b"one\x1b(\ntwo\n"]), ["one", "two"]);
+        // Invalid bytes that grow past the limit as U+FFFD are cut with the marker.
+        let out = self::lines(40, &[&[0xffu8; 30], b"\n"]);
+        assert!(out[0].len() <= 40, "{:?}", out[0]);
+        assert!(out[0].ends_with(" of 90 bytes]"), "{:?}", out[0]);
     }
 
     #[test]

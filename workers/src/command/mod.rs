@@ -40,8 +40,10 @@ use process::{Child, EventsPipe, Launch};
 const POLL_MAX: Duration = Duration::from_millis(50);
 /// After the child exited and its group was killed, how long the pipes may stay open
 /// with nothing to read (held by a process that left the group) before the run ends.
-/// Time spent waiting on the output budget does not count: what the child wrote
-/// before it exited is always read.
+/// Time spent waiting on the output budget does not count, and a pipe is read after
+/// the exit until end-of-file or for the bytes it held when the exit was seen — all
+/// the child left in it — so what the child wrote is always read, and a process
+/// outside the group that keeps writing cannot hold the run open.
 const DRAIN_LIMIT: Duration = Duration::from_secs(2);
 /// The most read from a pipe at once.
 const READ_BYTES: usize = 256 << 10;
@@ -113,8 +115,9 @@ impl Experiment for CommandExperiment {
         // budget, say), the worker kills the group itself.
         ctx.on_stop(child.killer());
         let captured = self.capture(&child, ctx);
-        let status = child.reap();
+        // Before the reap: from then on the group id may be another's.
         ctx.clear_on_stop();
+        let status = child.reap();
         drop(config_file);
         let status = status.map_err(|e| format!("could not collect the child's exit: {e}"))?;
         if captured.timed_out || status.success() {
@@ -220,16 +223,19 @@ impl CommandExperiment {
         let mut exited_at: Option<Instant> = None;
         let mut term_at: Option<Instant> = None;
         let mut killed = false;
+        // A process outside the child's group held its output open after it exited.
+        let mut escaped = false;
         // When output was last read: the drain after the exit ends when it is quiet.
         let mut idle_since = Instant::now();
+        // Bytes left to read from stdout, stderr and the events pipe once the exit
+        // was seen: what they held then.
+        let mut left = [usize::MAX; 3];
         loop {
             let open = streams.iter().any(|s| s.fd.is_some()) || events_fd.is_some();
             match exited_at {
                 Some(_) if !open => break,
                 Some(_) if idle_since.elapsed() > DRAIN_LIMIT => {
-                    ctx.warn(format!(
-                        "athanor: the child exited but a process outside its group still holds its output open; stopped reading after {DRAIN_LIMIT:?}"
-                    ));
+                    escaped = true;
                     break;
                 }
                 _ => {}
@@ -266,8 +272,12 @@ impl CommandExperiment {
                     .collect(),
                 Err(rustix::io::Errno::INTR) => Vec::new(),
                 Err(error) => {
+                    if exited_at.is_none() {
+                        // Nobody reads its pipes any more: it must not live on.
+                        child.signal_group(Signal::KILL);
+                    }
                     ctx.warn(format!(
-                        "athanor: cannot wait on the child's output: {error}"
+                        "athanor: cannot wait on the child's output: {error}; the child was stopped"
                     ));
                     break;
                 }
@@ -284,7 +294,17 @@ impl CommandExperiment {
                                 stream.fd = None;
                                 stream.lines.finish(&mut out);
                             }
-                            Ok(_) => stream.lines.push(&buf, &mut out),
+                            Ok(n) => {
+                                let child_bytes = n.min(left[w]);
+                                stream.lines.push(&buf[..child_bytes], &mut out);
+                                left[w] -= child_bytes;
+                                if child_bytes < n {
+                                    // Written after the child's exit, from outside its group.
+                                    stream.fd = None;
+                                    stream.lines.finish(&mut out);
+                                    escaped = true;
+                                }
+                            }
                         }
                         emit(ctx, stream, &mut out, &mut captured.stderr_tail);
                     }
@@ -295,7 +315,16 @@ impl CommandExperiment {
                                 events_fd = None;
                                 events.finish(ctx);
                             }
-                            Ok(_) => events.push(&buf, ctx),
+                            Ok(n) => {
+                                let child_bytes = n.min(left[2]);
+                                events.push(&buf[..child_bytes], ctx);
+                                left[2] -= child_bytes;
+                                if child_bytes < n {
+                                    events_fd = None;
+                                    events.finish(ctx);
+                                    escaped = true;
+                                }
+                            }
                         }
                     }
                     _ => {}
@@ -311,6 +340,14 @@ impl CommandExperiment {
                 child.signal_group(Signal::KILL);
                 exited_at = Some(Instant::now());
                 idle_since = Instant::now();
+                let fds = [
+                    Some(&child.stdout),
+                    child.stderr.as_ref(),
+                    Some(&child.events),
+                ];
+                for (left, fd) in left.iter_mut().zip(fds) {
+                    *left = fd.map_or(0, Child::unread);
+                }
             }
             if exited_at.is_none() {
                 if term_at.is_none() && ctx.cancelled() {
@@ -329,6 +366,15 @@ impl CommandExperiment {
                 if term_at.is_some_and(|at| !killed && at.elapsed() >= self.cancel_grace) {
                     child.signal_group(Signal::KILL);
                     killed = true;
+                    ctx.warn(format!(
+                        "athanor: the run ignored {} for {:?}; its processes were killed",
+                        if captured.timed_out {
+                            "the timeout's SIGTERM"
+                        } else {
+                            "cancellation"
+                        },
+                        self.cancel_grace
+                    ));
                 }
             }
             let now = Instant::now();
@@ -350,6 +396,12 @@ impl CommandExperiment {
         }
         if events_fd.is_some() {
             events.finish(ctx);
+        }
+        if escaped {
+            ctx.warn(
+                "athanor: the child exited, but a process that left its process group still \
+                 holds its output open; the run ended without reading it",
+            );
         }
         captured
     }

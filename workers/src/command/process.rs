@@ -56,6 +56,13 @@ pub(crate) struct EventsPipe {
 impl EventsPipe {
     pub(crate) fn new() -> io::Result<Self> {
         let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        // Never 0-2 (a worker started with a standard stream closed): the child's
+        // stdio is set up over those numbers before the pipe is kept open.
+        let write = if write.as_raw_fd() < 3 {
+            rustix::io::fcntl_dupfd_cloexec(&write, 3)?
+        } else {
+            write
+        };
         Ok(EventsPipe { read, write })
     }
 
@@ -189,11 +196,21 @@ impl Child {
     /// Reaps the child (after it exited) and lets the watchdog go.
     pub(crate) fn reap(mut self) -> io::Result<ExitStatus> {
         self.reaped = true;
-        let status = self.child.wait();
+        // The watchdog goes first: until the child is reaped its group id stays taken,
+        // so nothing can signal another process by that id.
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.release();
         }
-        status
+        self.child.wait()
+    }
+
+    /// How many bytes wait to be read from `fd` (a pipe or the terminal's master);
+    /// as many as a pipe holds when the kernel does not say.
+    pub(crate) fn unread(fd: &OwnedFd) -> usize {
+        match rustix::io::ioctl_fionread(fd) {
+            Ok(n) => n as usize,
+            Err(_) => rustix::pipe::fcntl_getpipe_size(fd).unwrap_or(1 << 20),
+        }
     }
 }
 
