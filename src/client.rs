@@ -204,10 +204,15 @@ impl Client {
                 .filter_map(Value::as_str)
                 .collect();
             for (name, field) in schema["properties"].as_object().into_iter().flatten() {
-                let mut line = format!(
-                    "    -c {name}=<{}>",
-                    field["type"].as_str().unwrap_or("value")
-                );
+                let kind = match field["enum"].as_array() {
+                    Some(choices) => choices
+                        .iter()
+                        .map(|c| c.as_str().map_or_else(|| c.to_string(), str::to_string))
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                    None => field["type"].as_str().unwrap_or("value").to_string(),
+                };
+                let mut line = format!("    -c {name}=<{kind}>");
                 if let Some(default) = field.get("default") {
                     line.push_str(&format!("  default {default}"));
                 }

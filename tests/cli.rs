@@ -68,6 +68,11 @@ fn the_cli_against_athanor_up() {
                 "{}",
                 text(&listed.stdout)
             );
+            assert!(
+                text(&listed.stdout).contains("-c mode=<ok|error|panic>  default \"error\""),
+                "{}",
+                text(&listed.stdout)
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the worker never registered");
