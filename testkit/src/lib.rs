@@ -339,16 +339,17 @@ pub async fn read_run(
     Ok(out)
 }
 
-/// Resident memory of a process, in KiB (`VmRSS` from `/proc/<pid>/status`; 0 when
-/// unreadable).
+/// Resident memory of a process, in KiB (`VmRSS` from `/proc/<pid>/status`).
+///
+/// Panics when it cannot be read: a memory bound checked against a measurement that
+/// did not happen must fail, not pass.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot measure the memory of process {pid}: {e}"));
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS line for process {pid} (a zombie?)"))
 }

@@ -511,7 +511,12 @@ mod tests {
             std::thread::spawn(move || buffer.log(Level::Info, "y".repeat(100), None))
         };
         // The writer must be parked in reserve(), not finished.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while budget.blocked_calls() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never blocked"
+            );
             std::thread::yield_now();
         }
         assert!(!writer.is_finished());
