@@ -60,7 +60,7 @@ test('level toggles and search filter the log', async () => {
   const { page, problems } = await openPage(`#/runs/${id}`);
   await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
   const messages = () => page.locator('.viewport .line .msg').allTextContents();
-  assert.equal((await messages()).length, 12);
+  await waitFor('the 12 lines drawn', async () => (await messages()).length === 12);
   await page.locator('[data-role=search]').fill('iteration 1');
   await waitFor('the search', async () => (await messages()).length === 3);
   assert.deepEqual((await messages()).map((m) => m.split(':')[0]), ['iteration 1', 'iteration 10', 'iteration 11']);
@@ -101,7 +101,8 @@ test('the new-run form shows the API message next to an out-of-bounds field, the
   await form.getByRole('button', { name: 'Start run' }).click();
   await waitFor('the run page', async () => page.url().includes('#/runs/'));
   await waitFor('completed', async () => (await status(page)) === 'completed');
-  assert.equal(await page.locator('[data-role=total]').textContent(), '2 lines');
+  // The total is drawn on the next frame after the status: wait for it.
+  await waitFor('the total of 2 lines', async () => (await page.locator('[data-role=total]').textContent()) === '2 lines');
   assert.deepEqual(problems, []);
   await page.close();
 });
@@ -174,7 +175,8 @@ test('with an API token required, the page asks for it and then works (feeds wit
     await field.fill('s3cret');
     await page.getByRole('button', { name: 'Use token' }).click();
     await waitFor('completed', async () => (await page.locator('.run-head .badge').textContent()) === 'completed');
-    assert.equal(await page.locator('[data-role=total]').textContent(), '3 lines');
+    // The total is drawn on the next frame after the status: wait for it.
+    await waitFor('the total of 3 lines', async () => (await page.locator('[data-role=total]').textContent()) === '3 lines');
     assert.deepEqual(problems, []);
     await page.close();
   } finally {
