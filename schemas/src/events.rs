@@ -226,7 +226,11 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].data.len(), data.len());
         assert!(events[0].data == data);
-        assert_eq!(decoder.examined, text.len(), "every byte searched exactly once");
+        assert_eq!(
+            decoder.examined,
+            text.len(),
+            "every byte searched exactly once"
+        );
     }
 
     #[test]
