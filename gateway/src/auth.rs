@@ -73,7 +73,7 @@ impl Auth {
         let expires = now_micros() + self.feed_ttl.as_micros() as i64;
         let body = format!("{scope}.{expires}");
         let tag = hmac::sign(key, body.as_bytes());
-        Some((format!("{body}.{}", hex(tag.as_ref())), expires))
+        Some((format!("{body}.{}", hex::encode(tag.as_ref())), expires))
     }
 
     fn feed_token_ok(&self, token: &str, scope: &str) -> bool {
@@ -89,27 +89,13 @@ impl Auth {
         let Ok(expires) = expires.parse::<i64>() else {
             return false;
         };
-        let Some(tag) = unhex(tag) else {
+        let Ok(tag) = hex::decode(tag) else {
             return false;
         };
         token_scope == scope
             && expires > now_micros()
             && hmac::verify(key, body.as_bytes(), &tag).is_ok()
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The feed a path is (`Some(scope)`), for feed tokens.
