@@ -187,8 +187,14 @@ async fn resuming_with_last_event_id_on_another_gateway_has_no_gap_and_no_duplic
     }
     drop(feed);
     let dropped_at = viewed.have;
-    // The run goes on meanwhile; resume on the other gateway (a fresh hub there).
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The run goes on meanwhile (three more batches stored); resume on the other
+    // gateway (a fresh hub there).
+    wait_for("the run to go on", Duration::from_secs(30), || async {
+        let (_, run) = stack.get(&format!("/api/runs/{id}")).await;
+        (run["batches"].as_u64().unwrap_or(0) >= dropped_at + 3).then_some(())
+    })
+    .await
+    .unwrap();
     let mut feed = Feed::open(&second_base, &events_path(&id), Some(dropped_at)).await;
     let first = feed.next().await.unwrap();
     assert_eq!(first.event, "batch", "a resumed feed has no snapshot");

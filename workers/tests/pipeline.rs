@@ -347,11 +347,15 @@ impl Experiment for Stubborn {
     fn run(&self, ctx: &RunContext) -> Result<(), RunError> {
         for i in 0..600 {
             ctx.info(format!("still going {i}"));
+            STUBBORN_LOGS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }
 }
+
+/// `log()` calls the stubborn experiment made (only one test runs it).
+static STUBBORN_LOGS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 async fn publish_request(js: &async_nats::jetstream::Context, req: &RunRequest) {
     let mut headers = async_nats::HeaderMap::new();
@@ -452,7 +456,16 @@ async fn cancel_before_start_during_run_and_past_grace() {
     assert!(n > 0 && n < 600);
     assert_gapless(&out, n);
     // The abandoned thread keeps calling log(): discarded, and nothing stays reserved.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_end = STUBBORN_LOGS.load(std::sync::atomic::Ordering::SeqCst);
+    wait_for(
+        "more log() calls after the end",
+        Duration::from_secs(30),
+        || async {
+            (STUBBORN_LOGS.load(std::sync::atomic::Ordering::SeqCst) > after_end + 3).then_some(())
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(worker.worker.budget().used(), 0);
     worker.stop().await;
 }
