@@ -112,6 +112,16 @@ fn ms(micros: i64) -> String {
     format!("{:.1}", micros as f64 / 1000.0)
 }
 
+/// `p50 | p99 | max` in ms of sorted delays (µs), as table columns.
+fn delay_columns(sorted: &[i64]) -> String {
+    format!(
+        "{} | {} | {}",
+        ms(percentile(sorted, 0.5)),
+        ms(percentile(sorted, 0.99)),
+        ms(*sorted.last().unwrap_or(&0))
+    )
+}
+
 /// Reads an SSE response, returning for every line received `now − line.ts` (µs).
 async fn delays(response: reqwest::Response, until: Instant) -> Vec<i64> {
     delays_from(response, until, |line| line.ts).await
@@ -203,11 +213,9 @@ async fn latency() {
         }
         all.sort_unstable();
         println!(
-            "| {runs} | {rate} | {} | {} | {} | {} |",
+            "| {runs} | {rate} | {} | {} |",
             all.len(),
-            ms(percentile(&all, 0.5)),
-            ms(percentile(&all, 0.99)),
-            ms(*all.last().unwrap_or(&0))
+            delay_columns(&all)
         );
     }
     stack.stop().await;
@@ -600,10 +608,8 @@ async fn fanout() {
         all.sort_unstable();
         let viewers = target + 20;
         println!(
-            "| {viewers} | {} | {} | {} | {:.0} | {:.1} |",
-            ms(percentile(&all, 0.5)),
-            ms(percentile(&all, 0.99)),
-            ms(*all.last().unwrap_or(&0)),
+            "| {viewers} | {} | {:.0} | {:.1} |",
+            delay_columns(&all),
             rss as f64 / 1024.0,
             rss.saturating_sub(baseline) as f64 / viewers as f64
         );
@@ -741,13 +747,7 @@ async fn command() {
         };
         all.sort_unstable();
         p50s.push(percentile(&all, 0.5));
-        println!(
-            "| {label} | {} | {} | {} | {} |",
-            all.len(),
-            ms(percentile(&all, 0.5)),
-            ms(percentile(&all, 0.99)),
-            ms(*all.last().unwrap_or(&0))
-        );
+        println!("| {label} | {} | {} |", all.len(), delay_columns(&all));
     }
     println!(
         "\nExtra latency of the command path at p50: {} ms",

@@ -163,6 +163,21 @@ struct Pending {
     credit: usize,
 }
 
+impl Pending {
+    /// Appends a line with the run's next `seq`.
+    fn push_line(&mut self, ts: i64, level: Level, message: String, metadata: Option<Value>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.logs.push(LogLine {
+            seq,
+            ts,
+            level,
+            message,
+            metadata,
+        });
+    }
+}
+
 /// What the flusher took from a buffer in one go.
 #[derive(Debug, Default)]
 pub struct Drained {
@@ -225,15 +240,7 @@ impl RunBuffer {
         let Some(mut p) = self.charge(cost) else {
             return;
         };
-        let seq = p.next_seq;
-        p.next_seq += 1;
-        p.logs.push(LogLine {
-            seq,
-            ts,
-            level,
-            message,
-            metadata,
-        });
+        p.push_line(ts, level, message, metadata);
     }
 
     /// Appends many lines under one lock; their `seq`s are consecutive.
@@ -250,15 +257,7 @@ impl RunBuffer {
         };
         p.logs.reserve(lines.len());
         for (level, message) in lines {
-            let seq = p.next_seq;
-            p.next_seq += 1;
-            p.logs.push(LogLine {
-                seq,
-                ts,
-                level,
-                message,
-                metadata: None,
-            });
+            p.push_line(ts, level, message, None);
         }
     }
 
@@ -291,16 +290,8 @@ impl RunBuffer {
         let cost = LINE_OVERHEAD + message.len();
         self.budget.force_take(cost);
         let mut p = self.pending.lock();
-        let seq = p.next_seq;
-        p.next_seq += 1;
         p.bytes += cost;
-        p.logs.push(LogLine {
-            seq,
-            ts: now_micros(),
-            level,
-            message,
-            metadata: None,
-        });
+        p.push_line(now_micros(), level, message, None);
     }
 
     /// Progress is a "latest wins" value: only the newest one is kept.

@@ -104,14 +104,12 @@ impl Lines {
         if !(self.redrawn || self.reset_pending) || !self.changed {
             return None;
         }
-        let state = self.visible_state();
-        if state.iter().all(u8::is_ascii_whitespace) {
+        if self.current.iter().all(u8::is_ascii_whitespace) {
             return None;
         }
         self.changed = false;
-        let line = self.render(&state);
-        self.emitted = Some(state);
-        Some(line)
+        self.emitted = Some(self.current.clone());
+        Some(self.render())
     }
 
     /// The end of the stream: a last line without a newline.
@@ -237,12 +235,11 @@ impl Lines {
         self.reset_pending = false;
         let sgr = std::mem::take(&mut self.pending_sgr);
         self.append(&sgr);
-        let state = self.visible_state();
-        let already = self.emitted.as_ref() == Some(&state) && self.dropped == 0;
+        let already = self.emitted.as_deref() == Some(&self.current[..]) && self.dropped == 0;
         // A progress line that erased itself before ending adds nothing.
-        let erased = self.redrawn && state.iter().all(u8::is_ascii_whitespace);
+        let erased = self.redrawn && self.current.iter().all(u8::is_ascii_whitespace);
         if !already && !erased {
-            out.push(self.render(&state));
+            out.push(self.render());
         }
         self.clear_line();
     }
@@ -256,14 +253,10 @@ impl Lines {
         self.changed = false;
     }
 
-    /// The current state; a `\r` pending at the end does not erase it.
-    fn visible_state(&self) -> Vec<u8> {
-        self.current.clone()
-    }
-
-    /// The stored text of a state; a cut line, marker included, fits in `max_bytes`.
-    fn render(&self, state: &[u8]) -> String {
-        let mut line = String::from_utf8_lossy(state).into_owned();
+    /// The stored text of the current state; a cut line, marker included, fits in
+    /// `max_bytes`.
+    fn render(&self) -> String {
+        let mut line = String::from_utf8_lossy(&self.current).into_owned();
         // Invalid bytes grow into U+FFFD (3 bytes each): the stored text is measured.
         if self.dropped > 0 || line.len() > self.max_bytes {
             let total = line.len() + self.dropped;

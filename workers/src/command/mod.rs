@@ -220,7 +220,8 @@ impl CommandExperiment {
         let mut out = Vec::new();
         let started = Instant::now();
         let mut next_tick = started + self.flush_interval;
-        let mut exited_at: Option<Instant> = None;
+        // The child has exited (seen once; it is reaped after the loop).
+        let mut exited = false;
         let mut term_at: Option<Instant> = None;
         let mut killed = false;
         // A process outside the child's group held its output open after it exited.
@@ -232,13 +233,12 @@ impl CommandExperiment {
         let mut left = [usize::MAX; 3];
         loop {
             let open = streams.iter().any(|s| s.fd.is_some()) || events_fd.is_some();
-            match exited_at {
-                Some(_) if !open => break,
-                Some(_) if idle_since.elapsed() > DRAIN_LIMIT => {
-                    escaped = true;
-                    break;
-                }
-                _ => {}
+            if exited && !open {
+                break;
+            }
+            if exited && idle_since.elapsed() > DRAIN_LIMIT {
+                escaped = true;
+                break;
             }
             // Wait for output, the child's exit, or the next tick.
             let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(4);
@@ -253,7 +253,7 @@ impl CommandExperiment {
                 fds.push(PollFd::new(fd, PollFlags::IN));
                 which.push(2);
             }
-            if let (Some(pidfd), None) = (&child.pidfd, exited_at) {
+            if let (Some(pidfd), false) = (&child.pidfd, exited) {
                 fds.push(PollFd::new(pidfd, PollFlags::IN));
                 which.push(3);
             }
@@ -272,7 +272,7 @@ impl CommandExperiment {
                     .collect(),
                 Err(rustix::io::Errno::INTR) => Vec::new(),
                 Err(error) => {
-                    if exited_at.is_none() {
+                    if !exited {
                         // Nobody reads its pipes any more: it must not live on.
                         child.signal_group(Signal::KILL);
                     }
@@ -289,42 +289,21 @@ impl CommandExperiment {
                     0 | 1 => {
                         let stream = &mut streams[w];
                         let fd = stream.fd.expect("polled only while open");
-                        match process::read_some(fd.as_fd(), &mut buf) {
-                            Ok(0) | Err(_) => {
-                                stream.fd = None;
-                                stream.lines.finish(&mut out);
-                            }
-                            Ok(n) => {
-                                let child_bytes = n.min(left[w]);
-                                stream.lines.push(&buf[..child_bytes], &mut out);
-                                left[w] -= child_bytes;
-                                if child_bytes < n {
-                                    // Written after the child's exit, from outside its group.
-                                    stream.fd = None;
-                                    stream.lines.finish(&mut out);
-                                    escaped = true;
-                                }
-                            }
+                        let (read, open) = read_child(fd, &mut buf, &mut left[w], &mut escaped);
+                        stream.lines.push(read, &mut out);
+                        if !open {
+                            stream.fd = None;
+                            stream.lines.finish(&mut out);
                         }
                         emit(ctx, stream, &mut out, &mut captured.stderr_tail);
                     }
                     2 => {
                         let fd = events_fd.expect("polled only while open");
-                        match process::read_some(fd.as_fd(), &mut buf) {
-                            Ok(0) | Err(_) => {
-                                events_fd = None;
-                                events.finish(ctx);
-                            }
-                            Ok(n) => {
-                                let child_bytes = n.min(left[2]);
-                                events.push(&buf[..child_bytes], ctx);
-                                left[2] -= child_bytes;
-                                if child_bytes < n {
-                                    events_fd = None;
-                                    events.finish(ctx);
-                                    escaped = true;
-                                }
-                            }
+                        let (read, open) = read_child(fd, &mut buf, &mut left[2], &mut escaped);
+                        events.push(read, ctx);
+                        if !open {
+                            events_fd = None;
+                            events.finish(ctx);
                         }
                     }
                     _ => {}
@@ -334,11 +313,11 @@ impl CommandExperiment {
                 // After the reads: they may have waited on the budget for a while.
                 idle_since = Instant::now();
             }
-            if exited_at.is_none() && child.has_exited() {
+            if !exited && child.has_exited() {
                 // The run is over: whatever the child left running in its group goes
                 // too (the group id stays reserved until the child is reaped).
                 child.signal_group(Signal::KILL);
-                exited_at = Some(Instant::now());
+                exited = true;
                 idle_since = Instant::now();
                 let fds = [
                     Some(&child.stdout),
@@ -349,7 +328,7 @@ impl CommandExperiment {
                     *left = fd.map_or(0, Child::unread);
                 }
             }
-            if exited_at.is_none() {
+            if !exited {
                 if term_at.is_none() && ctx.cancelled() {
                     child.signal_group(Signal::TERM);
                     term_at = Some(Instant::now());
@@ -404,6 +383,29 @@ impl CommandExperiment {
             );
         }
         captured
+    }
+}
+
+/// Reads what `fd` holds: the bytes the child wrote, and whether the pipe stays open.
+/// After the exit (`left` counts down what the pipe held then), bytes past `left`
+/// come from a process outside the group: they are not taken, the pipe is given up
+/// and `escaped` set.
+fn read_child<'b>(
+    fd: &OwnedFd,
+    buf: &'b mut Vec<u8>,
+    left: &mut usize,
+    escaped: &mut bool,
+) -> (&'b [u8], bool) {
+    match process::read_some(fd.as_fd(), buf) {
+        Ok(0) | Err(_) => (&[], false),
+        Ok(n) => {
+            let child_bytes = n.min(*left);
+            *left -= child_bytes;
+            if child_bytes < n {
+                *escaped = true;
+            }
+            (&buf[..child_bytes], child_bytes == n)
+        }
     }
 }
 
