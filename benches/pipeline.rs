@@ -22,8 +22,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
+use athanor_connections::db::DatabaseConfig;
 use athanor_gateway::{Gateway, GatewayConfig};
-use athanor_schemas::db::DatabaseConfig;
 use athanor_schemas::events::{BatchEvent, SseDecoder};
 use athanor_schemas::now_micros;
 use athanor_testkit::TestNats;
@@ -65,19 +65,19 @@ fn main() {
 }
 
 /// The NATS settings every component of a benchmark gets.
-struct Bench(athanor_schemas::nats::NatsConfig);
+struct Bench(athanor_connections::nats::NatsConfig);
 
 impl Bench {
     /// `server`'s settings with the production heartbeat TTL (the tests' 3 s is for
     /// lost-run tests).
     fn of(server: &TestNats) -> Bench {
-        Bench(athanor_schemas::nats::NatsConfig {
+        Bench(athanor_connections::nats::NatsConfig {
             workers_ttl: Duration::from_secs(15),
             ..server.config()
         })
     }
 
-    fn config(&self) -> athanor_schemas::nats::NatsConfig {
+    fn config(&self) -> athanor_connections::nats::NatsConfig {
         self.0.clone()
     }
 
@@ -96,7 +96,7 @@ async fn database(dir: &tempfile::TempDir) -> (DatabaseConfig, sea_orm::Database
         )),
         ..Default::default()
     };
-    let db = athanor_schemas::db::connect(&config).await.unwrap();
+    let db = athanor_connections::db::connect(&config).await.unwrap();
     athanor_migrations::Migrator::up(&db, None).await.unwrap();
     (config, db)
 }
@@ -357,7 +357,7 @@ async fn throughput() {
     }
     let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let admin = match athanor_schemas::db::connect(&DatabaseConfig {
+    let admin = match athanor_connections::db::connect(&DatabaseConfig {
         url: Some(server.clone()),
         max_connections: 1,
         ..Default::default()
@@ -376,7 +376,7 @@ async fn throughput() {
             .execute_unprepared(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
-        let db = athanor_schemas::db::connect(&DatabaseConfig {
+        let db = athanor_connections::db::connect(&DatabaseConfig {
             url: Some(format!("{base}/{name}")),
             ..Default::default()
         })

@@ -6,9 +6,9 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use athanor_aggregator::AggregatorConfig;
+use athanor_connections::db::DatabaseConfig;
+use athanor_connections::nats::NatsConfig;
 use athanor_gateway::GatewayConfig;
-use athanor_schemas::db::DatabaseConfig;
-use athanor_schemas::nats::NatsConfig;
 use athanor_workers::command::CommandSpec;
 use athanor_workers::WorkerConfig;
 use serde::{Deserialize, Serialize};

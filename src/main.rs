@@ -192,16 +192,16 @@ fn main() -> anyhow::Result<()> {
             )
             .await?),
             Command::Migrate => {
-                let db = athanor_schemas::db::connect(&config.database).await?;
+                let db = athanor_connections::db::connect(&config.database).await?;
                 migrate(&db).await?;
                 println!("migrations applied to {}", config.database.url());
                 // The streams and buckets too: with least-privilege users the other
                 // components do not declare them (nats.declare_topology = false).
-                let nats = athanor_schemas::nats::NatsConfig {
+                let nats = athanor_connections::nats::NatsConfig {
                     declare_topology: true,
                     ..config.nats
                 };
-                athanor_schemas::nats::open(&nats, "athanor-migrate").await?;
+                athanor_connections::nats::open(&nats, "athanor-migrate").await?;
                 println!("NATS streams and buckets declared on {}", nats.url());
                 Ok(())
             }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use athanor_schemas::nats::EmbeddedServer;
+use athanor_connections::embedded::EmbeddedServer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AppConfig;
@@ -21,7 +21,10 @@ pub async fn run(
     let embedded = match &config.nats.url {
         Some(_) => None,
         None => {
-            let server = EmbeddedServer::start(&config.nats.server_bin, &data_dir.join("nats"))?;
+            let (bin, store) = (config.nats.server_bin.clone(), data_dir.join("nats"));
+            // Waits (blocking) until the server listens.
+            let server =
+                tokio::task::spawn_blocking(move || EmbeddedServer::start(&bin, &store)).await??;
             config.nats.url = Some(server.url());
             Some(server)
         }
@@ -32,7 +35,7 @@ pub async fn run(
             data_dir.join("athanor.db").display()
         ));
     }
-    let db = athanor_schemas::db::connect(&config.database).await?;
+    let db = athanor_connections::db::connect(&config.database).await?;
     crate::migrate(&db).await?;
     let url = config.nats.url().to_string();
     // Stopping order: the worker first (its final batches reach JetStream), then the

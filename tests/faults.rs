@@ -91,7 +91,7 @@ struct Rig {
     /// The single test server (none for a cluster).
     nats: Option<TestNats>,
     /// How the test itself talks to NATS.
-    nats_config: athanor_schemas::nats::NatsConfig,
+    nats_config: athanor_connections::nats::NatsConfig,
     db: TestDb,
     env: Vec<(String, String)>,
     http: reqwest::Client,
@@ -104,7 +104,10 @@ impl Rig {
         Rig::around(Some(nats), config).await
     }
 
-    async fn around(nats: Option<TestNats>, nats_config: athanor_schemas::nats::NatsConfig) -> Rig {
+    async fn around(
+        nats: Option<TestNats>,
+        nats_config: athanor_connections::nats::NatsConfig,
+    ) -> Rig {
         athanor_testkit::init_tracing();
         let db = TestDb::new().await;
         let env = [
@@ -133,10 +136,20 @@ impl Rig {
         }
     }
 
+    /// JetStream with the topology declared; retried, because right after a node of a
+    /// cluster is killed the new leader may not answer for a while.
     async fn jetstream(&self) -> async_nats::jetstream::Context {
-        athanor_schemas::nats::open(&self.nats_config, "athanor-faults")
-            .await
-            .expect("NATS")
+        wait_for("JetStream", Duration::from_secs(90), || async {
+            match athanor_connections::nats::open(&self.nats_config, "athanor-faults").await {
+                Ok(js) => Some(js),
+                Err(error) => {
+                    eprintln!("JetStream not ready: {error}; retrying");
+                    None
+                }
+            }
+        })
+        .await
+        .expect("NATS")
     }
 
     fn start(&self, role: &'static str) -> Proc {
@@ -1032,16 +1045,16 @@ impl Drop for Node {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_leader_of_a_three_node_cluster_killed_under_load() {
     let mut cluster = Cluster::start();
-    let config = athanor_schemas::nats::NatsConfig {
+    let config = athanor_connections::nats::NatsConfig {
         replicas: 3,
-        ..athanor_schemas::nats::NatsConfig::for_tests(&cluster.url())
+        ..athanor_connections::nats::NatsConfig::for_tests(&cluster.url())
     };
     // The cluster elects its JetStream meta leader, then the topology can be declared.
     wait_for(
         "the cluster's JetStream",
         Duration::from_secs(60),
         || async {
-            match athanor_schemas::nats::open(&config, "athanor-faults").await {
+            match athanor_connections::nats::open(&config, "athanor-faults").await {
                 Ok(js) => Some(js),
                 Err(error) => {
                     eprintln!("cluster not ready: {error}");

@@ -9,8 +9,8 @@
 use std::time::{Duration, Instant};
 
 use athanor_aggregator::{Aggregator, AggregatorConfig, AggregatorStats};
+use athanor_connections::db::{connect, DatabaseConfig};
 use athanor_migrations::MigratorTrait;
-use athanor_schemas::db::{connect, DatabaseConfig};
 use athanor_schemas::{codec, names, Batch, LogLine};
 use athanor_testkit::TestNats;
 use sea_orm::ConnectionTrait;

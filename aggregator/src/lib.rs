@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use athanor_schemas::db::DatabaseConfig;
-use athanor_schemas::nats::{NatsConfig, NatsError};
+use athanor_connections::db::DatabaseConfig;
+use athanor_connections::nats::{NatsConfig, NatsError};
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -86,7 +86,7 @@ pub enum Error {
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error(transparent)]
-    Db(#[from] athanor_schemas::db::DbError),
+    Db(#[from] athanor_connections::db::DbError),
     #[error("jetstream: {0}")]
     JetStream(String),
 }
@@ -144,7 +144,7 @@ impl Aggregator {
         db: DatabaseConnection,
         shutdown: CancellationToken,
     ) -> Result<Self> {
-        let js = athanor_schemas::nats::open(&nats, "athanor-aggregator").await?;
+        let js = athanor_connections::nats::open(&nats, "athanor-aggregator").await?;
         let shared = Arc::new(Shared {
             config,
             nats,
@@ -178,7 +178,7 @@ pub async fn run(
     nats: NatsConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let db = athanor_schemas::db::connect(&database).await?;
+    let db = athanor_connections::db::connect(&database).await?;
     Aggregator::start(config, nats, db, shutdown)
         .await?
         .wait()

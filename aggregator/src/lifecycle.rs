@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use athanor_schemas::db::{stmt, write_turn};
+use athanor_connections::db::{stmt, write_turn};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{names, now_micros};
 use futures::TryStreamExt;

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use athanor_schemas::db::stmt;
+use athanor_connections::db::stmt;
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{now_micros, Batch, RunState};
 use sea_orm::{
@@ -101,7 +101,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     incoming.sort_by(|a, b| {
         (&a.batch.run_id, a.batch.batch_seq).cmp(&(&b.batch.run_id, b.batch.batch_seq))
     });
-    let _turn = athanor_schemas::db::write_turn(db).await;
+    let _turn = athanor_connections::db::write_turn(db).await;
     let now = now_micros();
     let txn = db.begin().await?;
     let mut written = Written::default();

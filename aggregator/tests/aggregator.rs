@@ -756,7 +756,7 @@ async fn sqlite_is_checkpointed_off_the_writer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_writers_get_a_turn_between_back_to_back_transactions() {
     use athanor_aggregator::store::{store, Incoming};
-    use athanor_schemas::db::{stmt, write_turn};
+    use athanor_connections::db::{stmt, write_turn};
     use std::sync::atomic::{AtomicU64, Ordering};
     let db = TestDb::new().await;
     let stop = CancellationToken::new();

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use athanor_schemas::db::write_turn;
+use athanor_connections::db::write_turn;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
@@ -33,7 +33,7 @@ pub(crate) async fn healthz() -> Json<Value> {
 
 /// Ready when the database answers and NATS is connected.
 pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
-    let db = athanor_schemas::db::ping(&state.db).await;
+    let db = athanor_connections::db::ping(&state.db).await;
     let nats = state.js.client().connection_state() == async_nats::connection::State::Connected;
     let status = if db && nats {
         StatusCode::OK

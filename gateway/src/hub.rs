@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
-use athanor_schemas::db::stmt;
+use athanor_connections::db::stmt;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::{self, BatchEvent, RunView, Snapshot, StatusEvent};
 use athanor_schemas::{names, Batch, Level, LogLine, Progress, ResultRecord};

@@ -2,7 +2,7 @@
 //! again. Their config is validated against the experiment's schema when saved and
 //! again when a run starts (the schema may have changed since).
 
-use athanor_schemas::db::write_turn;
+use athanor_connections::db::write_turn;
 use athanor_schemas::entities::instances;
 use athanor_schemas::{names, now_micros};
 use axum::body::Bytes;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use athanor_schemas::db::DatabaseConfig;
+use athanor_connections::db::DatabaseConfig;
+use athanor_connections::nats::{NatsConfig, NatsError};
 use athanor_schemas::names;
-use athanor_schemas::nats::{NatsConfig, NatsError};
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
@@ -104,7 +104,7 @@ pub enum Error {
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error(transparent)]
-    Db(#[from] athanor_schemas::db::DbError),
+    Db(#[from] athanor_connections::db::DbError),
     #[error("jetstream: {0}")]
     JetStream(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -139,7 +139,7 @@ impl AppState {
         config: &GatewayConfig,
         shutdown: CancellationToken,
     ) -> Result<Self> {
-        let js = athanor_schemas::nats::open(nats, "athanor-gateway").await?;
+        let js = athanor_connections::nats::open(nats, "athanor-gateway").await?;
         let subscriber = js
             .client()
             .subscribe(names::LIFECYCLE_SUBJECTS)
@@ -300,7 +300,7 @@ pub async fn run(
     nats: NatsConfig,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let db = athanor_schemas::db::connect(&database).await?;
+    let db = athanor_connections::db::connect(&database).await?;
     Gateway::start(config, nats, db, shutdown)
         .await?
         .wait()

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
+use athanor_connections::nats::NatsConfig;
 use athanor_gateway::{Gateway, GatewayConfig};
 use athanor_schemas::events::SseDecoder;
 use athanor_schemas::names;
-use athanor_schemas::nats::NatsConfig;
 use athanor_testkit::{wait_for, TestDb, TestNats};
 use athanor_workers::{builtin, Worker, WorkerConfig};
 use serde_json::{json, Value};
@@ -54,10 +54,10 @@ async fn wait_status(http: &reqwest::Client, base: &str, id: &str, status: &str)
 
 /// Whether `config`'s user may publish to `subject` through JetStream (acked).
 async fn may_publish(config: &NatsConfig, subject: &str) -> bool {
-    let client = athanor_schemas::nats::connect(config, "probe")
+    let client = athanor_connections::nats::connect(config, "probe")
         .await
         .unwrap();
-    let js = athanor_schemas::nats::jetstream(client, config);
+    let js = athanor_connections::nats::jetstream(client, config);
     match js.publish(subject.to_string(), "{}".into()).await {
         Ok(ack) => ack.await.is_ok(),
         Err(_) => false,
@@ -73,11 +73,15 @@ async fn every_component_works_under_its_least_privilege_user() {
         declare_topology: true,
         ..as_user(&nats, "athanor-admin", "change-me-admin")
     };
-    athanor_schemas::nats::open(&admin, "admin").await.unwrap();
-    // Without credentials: refused.
-    assert!(athanor_schemas::nats::connect(&nats.config(), "anonymous")
+    athanor_connections::nats::open(&admin, "admin")
         .await
-        .is_err());
+        .unwrap();
+    // Without credentials: refused.
+    assert!(
+        athanor_connections::nats::connect(&nats.config(), "anonymous")
+            .await
+            .is_err()
+    );
 
     let db = TestDb::new().await;
     let stop = CancellationToken::new();
@@ -204,8 +208,8 @@ async fn every_component_works_under_its_least_privilege_user() {
     assert!(!may_publish(&gateway_nats, &names::run_subject("forged")).await);
     assert!(!may_publish(&aggregator_nats, &names::run_subject("forged")).await);
     assert!(!may_publish(&worker_nats, "$KV.athanor_control.cancel.x").await);
-    let gateway_js = athanor_schemas::nats::jetstream(
-        athanor_schemas::nats::connect(&gateway_nats, "probe")
+    let gateway_js = athanor_connections::nats::jetstream(
+        athanor_connections::nats::connect(&gateway_nats, "probe")
             .await
             .unwrap(),
         &gateway_nats,
@@ -297,7 +301,7 @@ async fn tls_with_a_private_ca_and_a_user() {
         tls_required: true,
         ..as_user(&nats, "athanor-admin", "change-me-admin")
     };
-    let js = athanor_schemas::nats::open(&admin, "admin over TLS")
+    let js = athanor_connections::nats::open(&admin, "admin over TLS")
         .await
         .unwrap();
     let ack = js
@@ -312,7 +316,7 @@ async fn tls_with_a_private_ca_and_a_user() {
         tls_ca_file: None,
         ..admin.clone()
     };
-    assert!(athanor_schemas::nats::connect(&untrusted, "no CA")
+    assert!(athanor_connections::nats::connect(&untrusted, "no CA")
         .await
         .is_err());
     // Half a client certificate is a configuration error, said before connecting.
@@ -320,7 +324,7 @@ async fn tls_with_a_private_ca_and_a_user() {
         tls_cert_file: Some(dir.path().join("server.pem")),
         ..admin
     };
-    let error = athanor_schemas::nats::connect(&half, "half")
+    let error = athanor_connections::nats::connect(&half, "half")
         .await
         .unwrap_err();
     assert_eq!(

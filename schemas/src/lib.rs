@@ -3,19 +3,16 @@
 //! Workers encode [`batch::Batch`]es with [`codec`] and publish them on the subjects
 //! named in [`names`]; the aggregator and the gateway decode them with the same
 //! bounded decoder. Run requests, worker registrations and experiment config schemas
-//! live here too, and so does [`nats`]: how every component connects to NATS and
-//! declares the streams and buckets it relies on.
+//! live here too, and the database entities (feature `db`). How the
+//! components connect to NATS and the database is in `athanor-connections`.
 
 pub mod batch;
 pub mod codec;
 pub mod config_schema;
 #[cfg(feature = "db")]
-pub mod db;
-#[cfg(feature = "db")]
 pub mod entities;
 pub mod events;
 pub mod names;
-pub mod nats;
 pub mod requests;
 
 pub use batch::{Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo, RunState, Status};

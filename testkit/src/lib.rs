@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::{self, consumer};
-use athanor_schemas::nats::{EmbeddedServer, NatsConfig};
+use athanor_connections::embedded::EmbeddedServer;
+use athanor_connections::nats::NatsConfig;
 use athanor_schemas::{names, Batch};
 use futures::StreamExt;
 
@@ -49,7 +50,7 @@ impl TestNats {
 
     /// A client and JetStream context, with the streams and buckets declared.
     pub async fn jetstream(&self) -> jetstream::Context {
-        athanor_schemas::nats::open(&self.config(), "athanor-test")
+        athanor_connections::nats::open(&self.config(), "athanor-test")
             .await
             .expect("connect to the test nats-server")
     }
@@ -59,7 +60,7 @@ impl TestNats {
 /// `ATHANOR_TEST_DATABASE_URL` points at a PostgreSQL server, a fresh database there
 /// (dropped by [`TestDb::close`]).
 pub struct TestDb {
-    pub config: athanor_schemas::db::DatabaseConfig,
+    pub config: athanor_connections::db::DatabaseConfig,
     pub db: sea_orm::DatabaseConnection,
     /// PostgreSQL: the server URL and the database created for this test.
     pg: Option<(String, String)>,
@@ -71,7 +72,7 @@ impl TestDb {
         use athanor_migrations::MigratorTrait;
         use sea_orm::ConnectionTrait;
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = athanor_schemas::db::DatabaseConfig {
+        let mut config = athanor_connections::db::DatabaseConfig {
             busy_timeout: Duration::from_millis(500),
             ..Default::default()
         };
@@ -85,13 +86,14 @@ impl TestDb {
                     N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                     athanor_schemas::now_micros() % 1_000_000
                 );
-                let admin = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
-                    url: Some(server.clone()),
-                    max_connections: 1,
-                    ..Default::default()
-                })
-                .await
-                .expect("connect to ATHANOR_TEST_DATABASE_URL");
+                let admin =
+                    athanor_connections::db::connect(&athanor_connections::db::DatabaseConfig {
+                        url: Some(server.clone()),
+                        max_connections: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("connect to ATHANOR_TEST_DATABASE_URL");
                 admin
                     .execute_unprepared(&format!("CREATE DATABASE {name}"))
                     .await
@@ -107,7 +109,7 @@ impl TestDb {
                 ))
             }
         }
-        let db = athanor_schemas::db::connect(&config)
+        let db = athanor_connections::db::connect(&config)
             .await
             .expect("open the test database");
         athanor_migrations::Migrator::up(&db, None)
@@ -132,13 +134,14 @@ impl TestDb {
         use sea_orm::{ConnectionTrait, TransactionTrait};
         match &self.pg {
             Some((server, name)) => {
-                let admin = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
-                    url: Some(server.clone()),
-                    max_connections: 1,
-                    ..Default::default()
-                })
-                .await
-                .expect("admin connection");
+                let admin =
+                    athanor_connections::db::connect(&athanor_connections::db::DatabaseConfig {
+                        url: Some(server.clone()),
+                        max_connections: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("admin connection");
                 admin
                     .execute_unprepared(&format!(
                         "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false"
@@ -155,12 +158,13 @@ impl TestDb {
                 }
             }
             None => {
-                let conn = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
-                    max_connections: 1,
-                    ..self.config.clone()
-                })
-                .await
-                .unwrap();
+                let conn =
+                    athanor_connections::db::connect(&athanor_connections::db::DatabaseConfig {
+                        max_connections: 1,
+                        ..self.config.clone()
+                    })
+                    .await
+                    .unwrap();
                 let txn = conn.begin().await.unwrap();
                 txn.execute_unprepared("INSERT INTO instances (id, name, experiment, config, created_at, updated_at) VALUES ('lock', 'l', 'e', '{}', 0, 0)")
                     .await
@@ -175,12 +179,13 @@ impl TestDb {
         use sea_orm::ConnectionTrait;
         let _ = self.db.close().await;
         if let Some((server, name)) = self.pg {
-            if let Ok(admin) = athanor_schemas::db::connect(&athanor_schemas::db::DatabaseConfig {
-                url: Some(server),
-                max_connections: 1,
-                ..Default::default()
-            })
-            .await
+            if let Ok(admin) =
+                athanor_connections::db::connect(&athanor_connections::db::DatabaseConfig {
+                    url: Some(server),
+                    max_connections: 1,
+                    ..Default::default()
+                })
+                .await
             {
                 let _ = admin
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))

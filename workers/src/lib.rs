@@ -27,7 +27,7 @@ pub use runner::{RunHandle, Worker};
 
 use std::sync::Arc;
 
-use athanor_schemas::nats::{NatsConfig, NatsError};
+use athanor_connections::nats::{NatsConfig, NatsError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, kv, AckKind};
-use athanor_schemas::nats::{open, NatsConfig};
+use athanor_connections::nats::{open, NatsConfig};
 use athanor_schemas::requests::{ExperimentInfo, RunRequest, WorkerInfo};
 use athanor_schemas::{names, now_micros, Level, RunInfo, RunState};
 use futures::StreamExt;

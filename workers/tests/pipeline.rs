@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use athanor_schemas::nats::ensure_topology;
+use athanor_connections::nats::ensure_topology;
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
 use athanor_schemas::{names, now_micros, ConfigSchema, Field, Level, RunState};
 use athanor_testkit::{read_run, wait_for, RunOutput, TestNats};

@@ -1,19 +1,12 @@
-//! How every component talks to NATS: the `[nats]` config section, connecting,
-//! declaring the streams and buckets of the design, and running an embedded
-//! `nats-server` (for `athanor up` and for tests).
+//! How every component talks to NATS: the `[nats]` config section, connecting, and
+//! declaring the streams and buckets of the design.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
+use athanor_schemas::names;
 use serde::{Deserialize, Serialize};
-
-use crate::names;
-
-/// The oldest nats-server this project runs against.
-pub const MIN_SERVER_VERSION: (u32, u32) = (2, 11);
 
 /// The `[nats]` section of the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,25 +102,37 @@ pub enum NatsError {
         url: String,
         source: async_nats::ConnectError,
     },
-    #[error("cannot declare {what}: {message}")]
-    Declare { what: String, message: String },
-    #[error("{0}")]
-    Server(String),
-    #[error("NATS credentials: {0}")]
-    Credentials(String),
+    #[error("cannot declare {what}: {source}")]
+    Declare {
+        what: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("NATS credentials: cannot use {path}: {source}")]
+    CredentialsFile {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("NATS credentials: nats.tls_cert_file and nats.tls_key_file go together")]
+    HalfAClientCertificate,
 }
 
 /// The authentication and TLS options of `config`.
 async fn secured(config: &NatsConfig) -> Result<async_nats::ConnectOptions, NatsError> {
+    let unusable = |path: &Path, source: Box<dyn std::error::Error + Send + Sync>| {
+        NatsError::CredentialsFile {
+            path: path.to_path_buf(),
+            source,
+        }
+    };
     let read = |path: &Path| {
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
-            .map_err(|e| NatsError::Credentials(format!("cannot read {}: {e}", path.display())))
+            .map_err(|e| unusable(path, e.into()))
     };
     let mut options = match (&config.creds_file, &config.nkey_seed_file) {
         (Some(creds), _) => async_nats::ConnectOptions::with_credentials_file(creds)
             .await
-            .map_err(|e| NatsError::Credentials(format!("cannot use {}: {e}", creds.display())))?,
+            .map_err(|e| unusable(creds, e.into()))?,
         (None, Some(seed)) => async_nats::ConnectOptions::with_nkey(read(seed)?),
         (None, None) => async_nats::ConnectOptions::new(),
     };
@@ -146,11 +151,7 @@ async fn secured(config: &NatsConfig) -> Result<async_nats::ConnectOptions, Nats
             options = options.add_client_certificate(cert.clone(), key.clone())
         }
         (None, None) => {}
-        _ => {
-            return Err(NatsError::Credentials(
-                "nats.tls_cert_file and nats.tls_key_file go together".into(),
-            ))
-        }
+        _ => return Err(NatsError::HalfAClientCertificate),
     }
     Ok(options.require_tls(config.tls_required))
 }
@@ -244,7 +245,7 @@ pub async fn ensure_topology(
             .await
             .map_err(|e| NatsError::Declare {
                 what,
-                message: e.to_string(),
+                source: e.into(),
             })?;
     }
     let buckets = [
@@ -271,197 +272,8 @@ pub async fn ensure_topology(
             .await
             .map_err(|e| NatsError::Declare {
                 what,
-                message: e.to_string(),
+                source: e.into(),
             })?;
     }
     Ok(())
-}
-
-/// A `nats-server` child process with JetStream, on a loopback port, with its store
-/// in a directory of ours. Killed (SIGKILL) when dropped.
-pub struct EmbeddedServer {
-    bin: PathBuf,
-    store_dir: PathBuf,
-    port: u16,
-    sync_always: bool,
-    /// Appended to the generated server configuration (e.g. an `authorization` block).
-    extra_config: String,
-    child: Option<Child>,
-}
-
-impl EmbeddedServer {
-    /// Starts a server on a free port and waits until it accepts connections.
-    pub fn start(server_bin: &str, store_dir: &Path) -> Result<Self, NatsError> {
-        Self::start_with(server_bin, store_dir, false)
-    }
-
-    /// As [`start`](Self::start); with `sync_always`, JetStream fsyncs every write.
-    pub fn start_with(
-        server_bin: &str,
-        store_dir: &Path,
-        sync_always: bool,
-    ) -> Result<Self, NatsError> {
-        Self::start_configured(server_bin, store_dir, sync_always, "")
-    }
-
-    /// As [`start_with`](Self::start_with), with `extra_config` appended to the server's
-    /// configuration file.
-    pub fn start_configured(
-        server_bin: &str,
-        store_dir: &Path,
-        sync_always: bool,
-        extra_config: &str,
-    ) -> Result<Self, NatsError> {
-        let bin = find_server(server_bin)?;
-        std::fs::create_dir_all(store_dir).map_err(|e| {
-            NatsError::Server(format!("cannot create {}: {e}", store_dir.display()))
-        })?;
-        let port = free_port()?;
-        let mut server = EmbeddedServer {
-            bin,
-            store_dir: store_dir.to_path_buf(),
-            port,
-            sync_always,
-            extra_config: extra_config.to_string(),
-            child: None,
-        };
-        server.spawn()?;
-        Ok(server)
-    }
-
-    pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The server's log file.
-    pub fn log_path(&self) -> PathBuf {
-        self.store_dir.join("nats-server.log")
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Kills the server with SIGKILL, as a crash would.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the server again on the same port with the same store.
-    pub fn restart(&mut self) -> Result<(), NatsError> {
-        self.kill();
-        self.spawn()
-    }
-
-    fn spawn(&mut self) -> Result<(), NatsError> {
-        let conf = self.store_dir.join("nats-server.conf");
-        let store = self.store_dir.join("jetstream");
-        let sync = if self.sync_always {
-            "\n  sync_interval: always"
-        } else {
-            ""
-        };
-        let text = format!(
-            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}\n}}\n{}\n",
-            self.port,
-            self.port,
-            store.display().to_string(),
-            self.extra_config
-        );
-        std::fs::write(&conf, text)
-            .map_err(|e| NatsError::Server(format!("cannot write {}: {e}", conf.display())))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| NatsError::Server(format!("cannot open the server log: {e}")))?;
-        let child = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| NatsError::Server(format!("cannot start {}: {e}", self.bin.display())))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                return Err(NatsError::Server(format!(
-                    "nats-server exited with {status}; see {}",
-                    self.store_dir.join("nats-server.log").display()
-                )));
-            }
-            if Instant::now() > deadline {
-                return Err(NatsError::Server(format!(
-                    "nats-server did not listen on port {} within 20 s",
-                    self.port
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for EmbeddedServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_port() -> Result<u16, NatsError> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| NatsError::Server(format!("no free port: {e}")))?;
-    Ok(listener
-        .local_addr()
-        .map_err(|e| NatsError::Server(e.to_string()))?
-        .port())
-}
-
-/// Finds a `nats-server` of at least [`MIN_SERVER_VERSION`]: `name` itself when it is a
-/// path, else the first such binary on `PATH`.
-pub fn find_server(name: &str) -> Result<PathBuf, NatsError> {
-    let candidates: Vec<PathBuf> = if name.contains('/') {
-        vec![PathBuf::from(name)]
-    } else {
-        std::env::var_os("PATH")
-            .map(|p| {
-                std::env::split_paths(&p)
-                    .map(|dir| dir.join(name))
-                    .filter(|p| p.is_file())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut seen = Vec::new();
-    for path in candidates {
-        match server_version(&path) {
-            Some(v) if v >= MIN_SERVER_VERSION => return Ok(path),
-            Some((major, minor)) => seen.push(format!("{} is {major}.{minor}", path.display())),
-            None => seen.push(format!("{} does not run", path.display())),
-        }
-    }
-    Err(NatsError::Server(format!(
-        "no nats-server >= {}.{} found for {name:?} ({}); run `scripts/setup` (installs it under .tools/) or set nats.server_bin",
-        MIN_SERVER_VERSION.0,
-        MIN_SERVER_VERSION.1,
-        if seen.is_empty() { "none on PATH".to_string() } else { seen.join("; ") }
-    )))
-}
-
-fn server_version(path: &Path) -> Option<(u32, u32)> {
-    let out = Command::new(path).arg("--version").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "nats-server: v2.12.8"
-    let v = text.trim().rsplit('v').next()?;
-    let mut parts = v.split('.');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }

@@ -54,21 +54,31 @@ impl DatabaseConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot open the database {url}: {message}")]
-    Open { url: String, message: String },
+    #[error("cannot open the database {url}: {source}")]
+    Open {
+        url: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot create the database's folder {dir}: {source}")]
+    CreateDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database {url}: the URL must start with sqlite:// or postgres://")]
+    UnknownScheme { url: String },
 }
 
 /// Opens a pool. SQLite: WAL journal, the configured `synchronous`, a busy timeout,
 /// foreign keys on, the file created when missing, with 16 KiB pages.
 pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbError> {
     let url = config.url();
-    let open = |message: String| DbError::Open {
+    let open = |source: Box<dyn std::error::Error + Send + Sync>| DbError::Open {
         url: url.to_string(),
-        message,
+        source,
     };
     if url.starts_with("sqlite:") {
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)
-            .map_err(|e| open(e.to_string()))?
+            .map_err(|e| open(e.into()))?
             .create_if_missing(true)
             // For a new file (an existing one keeps its page size). Lines are appended
             // at the end of `run_logs`' B-tree, and every commit writes the pages it
@@ -92,30 +102,30 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
         {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| open(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
         }
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
-            .map_err(|e| open(e.to_string()))?;
+            .map_err(|e| open(e.into()))?;
         Ok(SqlxSqliteConnector::from_sqlx_sqlite_pool(pool))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         let options =
-            sqlx::postgres::PgConnectOptions::from_str(url).map_err(|e| open(e.to_string()))?;
+            sqlx::postgres::PgConnectOptions::from_str(url).map_err(|e| open(e.into()))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await
-            .map_err(|e| open(e.to_string()))?;
+            .map_err(|e| open(e.into()))?;
         Ok(SqlxPostgresConnector::from_sqlx_postgres_pool(pool))
     } else {
-        Err(open(
-            "the URL must start with sqlite:// or postgres://".into(),
-        ))
+        Err(DbError::UnknownScheme { url: url.into() })
     }
 }
 

@@ -1,0 +1,217 @@
+//! Supervising an embedded `nats-server` child process, for `athanor up` and tests.
+//!
+//! Starting and restarting block the calling thread until the server listens (at most
+//! 20 s): async code calls them through `tokio::task::spawn_blocking`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The oldest nats-server this project runs against.
+pub const MIN_SERVER_VERSION: (u32, u32) = (2, 11);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("nats-server exited with {status}; see {log}")]
+    Exited {
+        status: std::process::ExitStatus,
+        log: PathBuf,
+    },
+    #[error("nats-server did not listen on port {port} within 20 s")]
+    NotListening { port: u16 },
+    #[error("no nats-server >= {}.{} found for {name:?} ({seen}); run `scripts/setup` (installs it under .tools/) or set nats.server_bin", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
+    NotFound { name: String, seen: String },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// A `nats-server` child process with JetStream, on a loopback port, with its store
+/// in a directory of ours. Killed (SIGKILL) when dropped.
+pub struct EmbeddedServer {
+    bin: PathBuf,
+    store_dir: PathBuf,
+    port: u16,
+    sync_always: bool,
+    /// Appended to the generated server configuration (e.g. an `authorization` block).
+    extra_config: String,
+    child: Option<Child>,
+}
+
+impl EmbeddedServer {
+    /// Starts a server on a free port and waits until it accepts connections.
+    pub fn start(server_bin: &str, store_dir: &Path) -> Result<Self, ServerError> {
+        Self::start_with(server_bin, store_dir, false)
+    }
+
+    /// As [`start`](Self::start); with `sync_always`, JetStream fsyncs every write.
+    pub fn start_with(
+        server_bin: &str,
+        store_dir: &Path,
+        sync_always: bool,
+    ) -> Result<Self, ServerError> {
+        Self::start_configured(server_bin, store_dir, sync_always, "")
+    }
+
+    /// As [`start_with`](Self::start_with), with `extra_config` appended to the server's
+    /// configuration file.
+    pub fn start_configured(
+        server_bin: &str,
+        store_dir: &Path,
+        sync_always: bool,
+        extra_config: &str,
+    ) -> Result<Self, ServerError> {
+        let bin = find_server(server_bin)?;
+        std::fs::create_dir_all(store_dir)
+            .map_err(io(format!("cannot create {}", store_dir.display())))?;
+        let port = free_port()?;
+        let mut server = EmbeddedServer {
+            bin,
+            store_dir: store_dir.to_path_buf(),
+            port,
+            sync_always,
+            extra_config: extra_config.to_string(),
+            child: None,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.store_dir.join("nats-server.log")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store.
+    pub fn restart(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        self.spawn()
+    }
+
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        let conf = self.store_dir.join("nats-server.conf");
+        let store = self.store_dir.join("jetstream");
+        let sync = if self.sync_always {
+            "\n  sync_interval: always"
+        } else {
+            ""
+        };
+        let text = format!(
+            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}\n}}\n{}\n",
+            self.port,
+            self.port,
+            store.display().to_string(),
+            self.extra_config
+        );
+        std::fs::write(&conf, text).map_err(io(format!("cannot write {}", conf.display())))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(io("cannot open the server log"))?;
+        let child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(io(format!("cannot start {}", self.bin.display())))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                return Err(ServerError::Exited {
+                    status,
+                    log: self.log_path(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(ServerError::NotListening { port: self.port });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16, ServerError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("no free port"))?;
+    Ok(listener.local_addr().map_err(io("no free port"))?.port())
+}
+
+/// Finds a `nats-server` of at least [`MIN_SERVER_VERSION`]: `name` itself when it is a
+/// path, else the first such binary on `PATH`.
+pub fn find_server(name: &str) -> Result<PathBuf, ServerError> {
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|dir| dir.join(name))
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut seen = Vec::new();
+    for path in candidates {
+        match server_version(&path) {
+            Some(v) if v >= MIN_SERVER_VERSION => return Ok(path),
+            Some((major, minor)) => seen.push(format!("{} is {major}.{minor}", path.display())),
+            None => seen.push(format!("{} does not run", path.display())),
+        }
+    }
+    Err(ServerError::NotFound {
+        name: name.into(),
+        seen: if seen.is_empty() {
+            "none on PATH".to_string()
+        } else {
+            seen.join("; ")
+        },
+    })
+}
+
+fn server_version(path: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(path).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "nats-server: v2.12.8"
+    let v = text.trim().rsplit('v').next()?;
+    let mut parts = v.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
