@@ -22,9 +22,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
+use athanor_client::{EventStream, FeedData};
 use athanor_connections::db::DatabaseConfig;
 use athanor_gateway::{Gateway, GatewayConfig};
-use athanor_schemas::events::{BatchEvent, SseDecoder};
 use athanor_schemas::now_micros;
 use athanor_testkit::TestNats;
 use athanor_workers::{builtin, Worker, WorkerConfig};
@@ -122,32 +122,37 @@ fn delay_columns(sorted: &[i64]) -> String {
     )
 }
 
-/// Reads an SSE response, returning for every line received `now − line.ts` (µs).
-async fn delays(response: reqwest::Response, until: Instant) -> Vec<i64> {
-    delays_from(response, until, |line| line.ts).await
+/// A run's feed from its start, through `athanor-client`.
+async fn feed(base: &str, id: &str) -> EventStream {
+    athanor_client::Client::new(base, None)
+        .unwrap()
+        .events(id, None)
+        .await
+        .unwrap()
 }
 
-/// Reads an SSE response, returning for every line received `now − start(line)` (µs).
+/// Reads a feed, returning for every line received `now − line.ts` (µs).
+async fn delays(feed: EventStream, until: Instant) -> Vec<i64> {
+    delays_from(feed, until, |line| line.ts).await
+}
+
+/// Reads a feed, returning for every line received `now − start(line)` (µs).
 async fn delays_from(
-    mut response: reqwest::Response,
+    mut feed: EventStream,
     until: Instant,
     start: impl Fn(&athanor_schemas::LogLine) -> i64,
 ) -> Vec<i64> {
-    let mut decoder = SseDecoder::new();
     let mut out = Vec::new();
     while Instant::now() < until {
-        let chunk = match tokio::time::timeout(Duration::from_secs(5), response.chunk()).await {
-            Ok(Ok(Some(chunk))) => chunk,
+        let event = match tokio::time::timeout(Duration::from_secs(5), feed.next()).await {
+            Ok(Ok(Some(event))) => event,
             _ => break,
         };
         let now = now_micros();
-        for event in decoder.push(&chunk) {
-            if event.event == "batch" {
-                let batch: BatchEvent = serde_json::from_str(&event.data).unwrap();
-                out.extend(batch.logs.iter().map(|l| now - start(l)));
-            } else if event.event == "status" {
-                return out;
-            }
+        match event.data {
+            FeedData::Batch(batch) => out.extend(batch.logs.iter().map(|l| now - start(l))),
+            FeedData::Status(_) => return out,
+            _ => {}
         }
     }
     out
@@ -199,13 +204,9 @@ async fn latency() {
                 json!({"lines_per_second": rate, "duration_ms": duration_ms, "line_bytes": 100}),
             )
             .await;
-            let response = http
-                .get(format!("{base}/api/runs/{id}/events"))
-                .send()
-                .await
-                .unwrap();
+            let feed = feed(base, &id).await;
             let until = Instant::now() + Duration::from_millis(duration_ms + 30_000);
-            viewers.push(tokio::spawn(delays(response, until)));
+            viewers.push(tokio::spawn(delays(feed, until)));
         }
         let mut all = Vec::new();
         for viewer in viewers {
@@ -473,14 +474,21 @@ async fn all_completed(stack: &Stack, ids: &[String]) -> bool {
 
 // ---------------------------------------------------------------- fan-out
 
-/// One viewer on a raw connection: drains the stream; a sampled viewer also parses it
-/// and reports delays.
+/// One viewer: a sampled one reads the feed through `athanor-client` and reports
+/// delays; the others only drain a raw connection (thousands of them, as cheap for this
+/// process as can be, so the gateway is what is measured).
 async fn raw_viewer(
     addr: std::net::SocketAddr,
     path: String,
     sample: bool,
     until: Instant,
 ) -> Vec<i64> {
+    if sample {
+        let id = path
+            .trim_start_matches("/api/runs/")
+            .trim_end_matches("/events");
+        return delays(feed(&format!("http://{addr}"), id).await, until).await;
+    }
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
         return Vec::new();
     };
@@ -490,29 +498,13 @@ async fn raw_viewer(
         return Vec::new();
     }
     let mut buf = vec![0u8; 64 * 1024];
-    let mut decoder = SseDecoder::new();
-    let mut out = Vec::new();
     while Instant::now() < until {
-        let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
+        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
             _ => break,
-        };
-        if !sample {
-            continue;
-        }
-        let now = now_micros();
-        // Chunked transfer framing is left in: the chunk-size lines are not SSE fields
-        // (no colon) and are ignored by the decoder, except where one splits an event
-        // line — rare with 10-line batches, and such an event is simply not counted.
-        for event in decoder.push(&buf[..n]) {
-            if event.event == "batch" {
-                if let Ok(batch) = serde_json::from_str::<BatchEvent>(&event.data) {
-                    out.extend(batch.logs.iter().map(|l| now - l.ts));
-                }
-            }
         }
     }
-    out
+    Vec::new()
 }
 
 /// Delays seen by 20 fresh viewers over 5 s. They run on a thread and runtime of their
@@ -725,16 +717,12 @@ async fn command() {
         ("python3 child, from its print()", "stamped", json!({})),
     ] {
         let id = start_experiment(http, base, experiment, config).await;
-        let response = http
-            .get(format!("{base}/api/runs/{id}/events"))
-            .send()
-            .await
-            .unwrap();
+        let feed = feed(base, &id).await;
         let until = Instant::now() + Duration::from_secs(COMMAND_SECS + 30);
         let mut all = if experiment == "stamped" {
             // The write time the child put at the start of the line (its other lines, if
             // any, count from log()).
-            delays_from(response, until, |line| {
+            delays_from(feed, until, |line| {
                 line.message
                     .split(' ')
                     .next()
@@ -743,7 +731,7 @@ async fn command() {
             })
             .await
         } else {
-            delays(response, until).await
+            delays(feed, until).await
         };
         all.sort_unstable();
         p50s.push(percentile(&all, 0.5));

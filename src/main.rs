@@ -92,12 +92,15 @@ struct GatewayUrl {
 }
 
 impl GatewayUrl {
-    fn client(&self, config: &config::AppConfig) -> client::Client {
+    fn client(
+        &self,
+        config: &config::AppConfig,
+    ) -> Result<athanor_client::Client, client::Failure> {
         let url = self
             .url
             .clone()
             .unwrap_or_else(|| format!("http://{}", config.gateway.http_addr));
-        client::Client::new(&url, self.token.as_deref())
+        client::connect(&url, self.token.as_deref())
     }
 }
 
@@ -118,20 +121,22 @@ fn main() -> anyhow::Result<()> {
                 follow,
                 gateway,
             } => Some(
-                gateway
-                    .client(&config)
-                    .run(experiment, fields, *follow, shutdown.clone())
-                    .await,
+                async {
+                    let api = gateway.client(&config)?;
+                    client::run(&api, experiment, fields, *follow, shutdown.clone()).await
+                }
+                .await,
             ),
             Command::Logs {
                 run_id,
                 follow,
                 gateway,
             } => Some(
-                gateway
-                    .client(&config)
-                    .logs(run_id, *follow, shutdown.clone())
-                    .await,
+                async {
+                    let api = gateway.client(&config)?;
+                    client::logs(&api, run_id, *follow, shutdown.clone()).await
+                }
+                .await,
             ),
             Command::Runs {
                 status,
@@ -139,12 +144,15 @@ fn main() -> anyhow::Result<()> {
                 limit,
                 gateway,
             } => Some(
-                gateway
-                    .client(&config)
-                    .runs(status.as_deref(), experiment.as_deref(), *limit)
-                    .await,
+                async {
+                    let api = gateway.client(&config)?;
+                    client::runs(&api, status.as_deref(), experiment.as_deref(), *limit).await
+                }
+                .await,
             ),
-            Command::Experiments { gateway } => Some(gateway.client(&config).experiments().await),
+            Command::Experiments { gateway } => {
+                Some(async { client::experiments(&gateway.client(&config)?).await }.await)
+            }
             _ => None,
         };
         if let Some(outcome) = outcome {

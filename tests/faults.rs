@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use athanor_schemas::entities::{run_batches, run_logs, runs};
-use athanor_schemas::events::{BatchEvent, Snapshot, SseDecoder, StatusEvent};
+use athanor_schemas::events::StatusEvent;
 use athanor_testkit::{read_run, wait_for, TestDb, TestNats};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde_json::{json, Value};
@@ -640,7 +640,6 @@ async fn aggregator_sigstopped_past_ack_wait_while_another_takes_over() {
 #[derive(Default, Debug)]
 struct Viewed {
     lines: BTreeMap<u64, String>,
-    have: u64,
     duplicates: u64,
     status: Option<StatusEvent>,
     reconnects: u32,
@@ -649,57 +648,29 @@ struct Viewed {
 /// Follows a run's feed on `bases[0]`, moving to the next base (with `Last-Event-ID`)
 /// whenever the connection breaks, until the status.
 async fn follow(bases: Vec<String>, run_id: String) -> Viewed {
-    let http = reqwest::Client::new();
-    let mut viewed = Viewed::default();
-    let mut which = 0;
-    let mut started = false;
+    let client = athanor_client::Client::new(&bases[0], None).unwrap();
+    let mut feed = client
+        .follow_across(&run_id, &bases[1..])
+        .silence(Duration::from_secs(10));
+    let mut fold = athanor_client::RunFold::new();
+    let mut lines = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while viewed.status.is_none() {
-        assert!(Instant::now() < deadline, "viewer timed out: {viewed:?}");
-        let base = &bases[which.min(bases.len() - 1)];
-        let mut request = http.get(format!("{base}/api/runs/{run_id}/events"));
-        if started {
-            request = request.header("Last-Event-ID", viewed.have.to_string());
-        }
-        let Ok(mut response) = request.send().await else {
-            which += 1;
-            viewed.reconnects += 1;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let mut decoder = SseDecoder::new();
-        while let Ok(Ok(Some(chunk))) =
-            tokio::time::timeout(Duration::from_secs(10), response.chunk()).await
-        {
-            for event in decoder.push(&chunk) {
-                started = true;
-                match event.event.as_str() {
-                    "snapshot" => {
-                        let s: Snapshot = serde_json::from_str(&event.data).unwrap();
-                        viewed.lines = s.tail.into_iter().map(|l| (l.seq, l.message)).collect();
-                        viewed.have = s.batches;
-                    }
-                    "batch" => {
-                        let b: BatchEvent = serde_json::from_str(&event.data).unwrap();
-                        assert_eq!(b.batch_seq, viewed.have, "batches in order");
-                        viewed.have += 1;
-                        for l in b.logs {
-                            if viewed.lines.insert(l.seq, l.message).is_some() {
-                                viewed.duplicates += 1;
-                            }
-                        }
-                    }
-                    "status" => viewed.status = Some(serde_json::from_str(&event.data).unwrap()),
-                    _ => {}
-                }
-            }
-        }
-        if viewed.status.is_none() {
-            which += 1;
-            viewed.reconnects += 1;
-        }
+    while !fold.ended() {
+        let event = tokio::time::timeout_at(deadline.into(), feed.next())
+            .await
+            .unwrap_or_else(|_| panic!("viewer timed out with {} lines", lines.len()))
+            .expect("the feed")
+            .expect("an event before the end");
+        let update = fold.apply(&event).expect("a feed that keeps its rules");
+        assert_eq!(update.missing, None, "lines the feed skipped");
+        lines.extend(update.lines.iter().map(|l| (l.seq, l.message.clone())));
     }
-    viewed
+    Viewed {
+        lines,
+        duplicates: fold.repeated_lines,
+        status: fold.status,
+        reconnects: feed.reconnects(),
+    }
 }
 
 /// 6. A worker killed with SIGKILL mid-run: the run becomes `lost` within 30 s, its

@@ -183,10 +183,11 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
             values.push(line.metadata.map(|m| m.to_string()).into());
         }
         for record in batch.results {
-            let key = (run_id.clone(), record.key.clone());
-            if results.get(&key).is_none_or(|old| old.seq < record.seq) {
-                results.insert(key, record);
-            }
+            athanor_schemas::merge_result(
+                &mut results,
+                (run_id.clone(), record.key.clone()),
+                record,
+            );
         }
     }
     // The run id is bound once per statement, not once per line. (`WHERE true` tells

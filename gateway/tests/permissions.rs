@@ -6,9 +6,9 @@
 use std::time::Duration;
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
+use athanor_client::sse::SseDecoder;
 use athanor_connections::nats::NatsConfig;
 use athanor_gateway::{Gateway, GatewayConfig};
-use athanor_schemas::events::SseDecoder;
 use athanor_schemas::names;
 use athanor_testkit::{wait_for, TestDb, TestNats};
 use athanor_workers::{builtin, Worker, WorkerConfig};

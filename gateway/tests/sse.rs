@@ -7,8 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use athanor_client::sse::SseEvent;
+use athanor_client::{FeedData, FeedEvent, RunFold};
 use athanor_gateway::{Gateway, GatewayConfig};
-use athanor_schemas::events::{BatchEvent, Snapshot, SseEvent, StatusEvent};
+use athanor_schemas::events::{Snapshot, StatusEvent};
 use athanor_schemas::{names, LogLine};
 use athanor_testkit::wait_for;
 use athanor_workers::WorkerConfig;
@@ -17,53 +19,47 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 /// What a viewer holds after reading a feed: its lines by seq (a line received twice
-/// is a failure), the watermark, and the terminal status.
-#[derive(Debug, Default, Clone, PartialEq)]
+/// is a failure), the watermark, and the terminal status. The feed's rules (ids, order,
+/// nothing after the status) are checked by `athanor-client`'s fold.
+#[derive(Debug, Default, Clone)]
 struct Viewed {
+    fold: RunFold,
     lines: BTreeMap<u64, LogLine>,
     have: u64,
     status: Option<StatusEvent>,
-    resyncs: usize,
+    resyncs: u32,
     events: usize,
 }
 
 impl Viewed {
-    /// Applies one event, checking the feed's rules as it goes.
     fn apply(&mut self, event: &SseEvent) {
-        assert!(
-            self.status.is_none(),
-            "an event after the status: {event:?}"
-        );
         self.events += 1;
-        let id = event.id.as_deref().map(|i| i.parse::<u64>().unwrap());
-        match event.event.as_str() {
-            "snapshot" => {
-                let snapshot: Snapshot = serde_json::from_str(&event.data).unwrap();
-                assert_eq!(id, Some(snapshot.batches));
-                // A snapshot replaces what the viewer held.
-                self.lines = snapshot.tail.into_iter().map(|l| (l.seq, l)).collect();
-                self.have = snapshot.batches;
+        let event = FeedEvent::from_sse(event.clone()).unwrap();
+        let update = self
+            .fold
+            .apply(&event)
+            .expect("a feed that keeps its rules");
+        match &event.data {
+            // A snapshot replaces what the viewer held.
+            FeedData::Snapshot(snapshot) => {
+                self.lines = snapshot.tail.iter().map(|l| (l.seq, l.clone())).collect();
             }
-            "batch" => {
-                let batch: BatchEvent = serde_json::from_str(&event.data).unwrap();
-                assert_eq!(
-                    batch.batch_seq, self.have,
-                    "batches arrive in order, each once"
-                );
-                assert_eq!(id, Some(batch.batch_seq + 1));
-                for line in batch.logs {
+            FeedData::Batch(_) => {
+                for line in update.lines {
                     let seq = line.seq;
-                    assert!(self.lines.insert(seq, line).is_none(), "line {seq} twice");
+                    assert!(
+                        self.lines.insert(seq, line.clone()).is_none(),
+                        "line {seq} twice"
+                    );
                 }
-                self.have += 1;
             }
-            "resync" => self.resyncs += 1,
-            "status" => {
-                assert_eq!(id, Some(self.have));
-                self.status = Some(serde_json::from_str(&event.data).unwrap());
-            }
-            other => panic!("unexpected event {other:?}"),
+            FeedData::Resync | FeedData::Status(_) => {}
+            FeedData::Other(other) => panic!("unexpected event {other:?}"),
         }
+        assert_eq!(self.fold.repeated_lines, 0, "a batch repeated lines");
+        self.have = self.fold.have;
+        self.status = self.fold.status.clone();
+        self.resyncs = self.fold.resyncs;
     }
 
     fn seqs(&self) -> Vec<u64> {
@@ -348,7 +344,7 @@ async fn a_stalled_viewer_is_resynced_and_holds_up_neither_viewers_nor_the_pipel
     let text = String::from_utf8(stalled_text).unwrap();
     let body = text.split_once("\r\n\r\n").unwrap().1;
     let body = dechunk(body);
-    let mut decoder = athanor_schemas::events::SseDecoder::new();
+    let mut decoder = athanor_client::sse::SseDecoder::new();
     let mut late = Viewed::default();
     for event in decoder.push(body.as_bytes()) {
         late.apply(&event);
@@ -573,7 +569,9 @@ async fn viewers_of_a_run_whose_worker_vanished_receive_lost() {
     publish(&stack, &orphan_batch(&id, 2, 3)).await;
     stack.wait_status(&id, "failed").await;
     let mut feed = Feed::open(&stack.base, &events_path(&id), Some(viewed.have)).await;
+    // A `lost` run that turns out to have ended after all: the viewer reads on.
     viewed.status = None;
+    viewed.fold.status = None;
     read_to_end(&mut feed, &mut viewed).await;
     assert_eq!(viewed.seqs(), (0..150).collect::<Vec<_>>());
     let status = viewed.status.unwrap();

@@ -3,6 +3,9 @@
 //! A batch is JSON compressed with zstd (see [`crate::codec`]). Order is carried by
 //! `seq` (per line / per result) and `batch_seq` (per batch), never by arrival order.
 
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -125,6 +128,29 @@ pub struct ResultRecord {
     pub ts: i64,
 }
 
+/// The newest record of each result key (a key may also name the run: the aggregator
+/// merges several runs' batches at once): `record` replaces the one held for `key`
+/// only when its `seq` is greater, so records may arrive in any order and more than
+/// once. Returns whether it did. Every Rust holder of results merges through this; the
+/// store's upsert (`WHERE excluded.seq > run_results.seq`) and the web UI say the same.
+pub fn merge_result<K: Ord>(
+    results: &mut BTreeMap<K, ResultRecord>,
+    key: K,
+    record: ResultRecord,
+) -> bool {
+    match results.entry(key) {
+        Entry::Occupied(mut held) if held.get().seq < record.seq => {
+            held.insert(record);
+            true
+        }
+        Entry::Occupied(_) => false,
+        Entry::Vacant(slot) => {
+            slot.insert(record);
+            true
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
     pub current: u64,
@@ -180,4 +206,30 @@ pub struct Final {
     pub lines: u64,
     /// Number of result records of the run.
     pub results: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64, value: i64) -> ResultRecord {
+        ResultRecord {
+            seq,
+            key: "loss".into(),
+            value: value.into(),
+            ts: 0,
+        }
+    }
+
+    #[test]
+    fn the_newest_seq_of_a_result_key_wins_in_any_order_and_repeated() {
+        let mut results: BTreeMap<String, ResultRecord> = BTreeMap::new();
+        assert!(merge_result(&mut results, "loss".into(), record(5, 50)));
+        assert!(!merge_result(&mut results, "loss".into(), record(3, 30)));
+        assert!(!merge_result(&mut results, "loss".into(), record(5, 99)));
+        assert_eq!(results["loss"].value, 50);
+        assert!(merge_result(&mut results, "loss".into(), record(8, 80)));
+        assert_eq!(results["loss"], record(8, 80));
+        assert_eq!(results.len(), 1);
+    }
 }

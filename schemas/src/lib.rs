@@ -6,6 +6,7 @@
 //! live here too, and the database entities (feature `db`). How the
 //! components connect to NATS and the database is in `athanor-connections`.
 
+pub mod api;
 pub mod batch;
 pub mod codec;
 pub mod config_schema;
@@ -15,7 +16,9 @@ pub mod events;
 pub mod names;
 pub mod requests;
 
-pub use batch::{Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo, RunState, Status};
+pub use batch::{
+    merge_result, Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo, RunState, Status,
+};
 pub use codec::{decode, encode, DecodeError, DEFAULT_DECODE_LIMIT};
 pub use config_schema::{ConfigError, ConfigSchema, Field, FieldKind};
 

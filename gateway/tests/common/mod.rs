@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
+use athanor_client::sse::SseEvent;
 use athanor_gateway::{Gateway, GatewayConfig};
-use athanor_schemas::events::{SseDecoder, SseEvent};
 use athanor_testkit::{wait_for, TestDb, TestNats};
 use athanor_workers::{builtin, Worker, WorkerConfig};
 use reqwest::StatusCode;
@@ -127,46 +127,32 @@ impl Stack {
 
 /// An SSE connection, read event by event.
 pub struct Feed {
-    response: reqwest::Response,
-    decoder: SseDecoder,
-    pending: std::collections::VecDeque<SseEvent>,
+    stream: athanor_client::EventStream,
 }
 
 impl Feed {
     /// Opens `path` (e.g. `/api/runs/<id>/events`) on `base`, resuming from
     /// `last_event_id` when given.
     pub async fn open(base: &str, path: &str, last_event_id: Option<u64>) -> Feed {
-        let mut request = reqwest::Client::new().get(format!("{base}{path}"));
-        if let Some(id) = last_event_id {
-            request = request.header("Last-Event-ID", id.to_string());
-        }
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK, "opening {path}");
+        let stream = athanor_client::Client::new(base, None)
+            .unwrap()
+            .stream(path, last_event_id)
+            .await
+            .unwrap_or_else(|e| panic!("opening {path}: {e}"));
         assert_eq!(
-            response.headers()["content-type"],
+            stream.headers()["content-type"],
             "text/event-stream",
             "opening {path}"
         );
-        Feed {
-            response,
-            decoder: SseDecoder::new(),
-            pending: Default::default(),
-        }
+        Feed { stream }
     }
 
     /// The next event, or `None` when the server ended the stream. Panics after 60 s of
     /// silence (keep-alives do not count as events but keep it from hanging forever).
     pub async fn next(&mut self) -> Option<SseEvent> {
-        loop {
-            if let Some(event) = self.pending.pop_front() {
-                return Some(event);
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(60), self.response.chunk())
-                .await
-                .expect("an event within 60 s")
-                .expect("the stream reads");
-            let chunk = chunk?;
-            self.pending.extend(self.decoder.push(&chunk));
-        }
+        tokio::time::timeout(Duration::from_secs(60), self.stream.next_raw())
+            .await
+            .expect("an event within 60 s")
+            .expect("the stream reads")
     }
 }

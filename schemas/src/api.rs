@@ -1,0 +1,173 @@
+//! The bodies of the gateway's HTTP API (`/api/…`), as its clients read and send them.
+//! A run is an [`events::RunView`](crate::events::RunView) everywhere it appears.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::batch::{LogLine, ResultRecord};
+use crate::events::RunView;
+
+/// An experiment some live worker hosts (`GET /api/experiments`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Experiment {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of its config.
+    pub config_schema: Value,
+    /// Live workers hosting it.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentList {
+    pub experiments: Vec<Experiment>,
+}
+
+/// `POST /api/runs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRun {
+    pub experiment: String,
+    #[serde(default)]
+    pub config: Value,
+}
+
+/// The answer to a started run (`201 Created`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunCreated {
+    pub id: String,
+    pub status: String,
+    pub experiment: String,
+    pub instance_id: Option<String>,
+    /// The config as validated, with defaults filled in.
+    pub config: Value,
+}
+
+/// The filters of `GET /api/runs`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// A page of runs, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunList {
+    pub runs: Vec<RunView>,
+    /// Runs matching the filters, on all pages.
+    pub total: u64,
+    pub limit: u64,
+    pub offset: u64,
+}
+
+/// `POST /api/runs/{id}/cancel` (`202 Accepted`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequested {
+    pub id: String,
+    pub status: String,
+    /// Always `requested`: the worker ends the run.
+    pub cancel: String,
+}
+
+/// The query of `GET /api/runs/{id}/logs`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// Lines with `seq` greater than this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
+    /// Lines with `seq` less than this (only `before`: the newest such lines, for
+    /// scrolling up, newest first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Comma-separated levels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// Case-insensitive text search in the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub q: Option<String>,
+}
+
+/// A page of a run's stored log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogPage {
+    pub run_id: String,
+    pub lines: Vec<LogLine>,
+    /// More lines match beyond this page.
+    pub more: bool,
+    /// Lines stored for the run.
+    pub total: i64,
+    pub status: String,
+}
+
+/// `GET /api/runs/{id}/results`: the newest record of each key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultList {
+    pub run_id: String,
+    pub results: Vec<ResultRecord>,
+}
+
+/// A saved experiment configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    pub name: String,
+    pub experiment: String,
+    pub config: Value,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceList {
+    pub instances: Vec<Instance>,
+}
+
+/// `POST /api/instances`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewInstance {
+    pub name: String,
+    pub experiment: String,
+    #[serde(default)]
+    pub config: Value,
+}
+
+/// `PUT /api/instances/{id}`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Value>,
+}
+
+/// `POST /api/instances/{id}/runs`: fields replacing the instance's config for this
+/// run only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunOverrides {
+    #[serde(default)]
+    pub config: Map<String, Value>,
+}
+
+/// Every refused request's body (4xx/5xx).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// A config that does not fit its schema (`422`): the field and what is wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
