@@ -5,10 +5,11 @@
 //! the gateway refused the request or could not be reached.
 
 use std::io::{IsTerminal, Write};
+use std::ops::Range;
 use std::time::Duration;
 
 use athanor_client::{Client, ClientError, RunFold};
-use athanor_schemas::api::{LogQuery, RunFilter};
+use athanor_schemas::api::RunFilter;
 use athanor_schemas::{format_time, LogLine, Progress};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -265,29 +266,21 @@ impl Screen {
     }
 
     /// Lines `missing` from the database (history before a snapshot's tail).
-    async fn print_stored(&mut self, api: &Client, run_id: &str, missing: std::ops::Range<u64>) {
+    async fn print_stored(&mut self, api: &Client, run_id: &str, mut missing: Range<u64>) {
         // The database may lag the live feed by a moment, and the gateway may be
         // restarting: retry for a while before giving up on those lines.
-        let mut next = missing.start;
         let mut attempts = 0;
-        while next < missing.end {
-            let query = LogQuery {
-                after: Some(next as i64 - 1),
-                before: Some(missing.end as i64),
-                limit: Some(5000),
-                ..LogQuery::default()
-            };
+        while !missing.is_empty() {
             let lines = api
-                .logs(run_id, &query)
+                .log_range(run_id, missing.clone())
                 .await
-                .map(|page| page.lines)
                 .unwrap_or_default();
             let Some(last) = lines.last() else {
                 attempts += 1;
                 if attempts == 40 {
                     eprintln!(
                         "({} earlier lines could not be read; `athanor logs {run_id}` prints them once stored)",
-                        missing.end - next
+                        missing.end - missing.start
                     );
                     return;
                 }
@@ -295,7 +288,7 @@ impl Screen {
                 continue;
             };
             attempts = 0;
-            next = last.seq + 1;
+            missing.start = last.seq + 1;
             self.print_lines(&lines);
         }
     }

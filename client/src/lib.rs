@@ -7,6 +7,7 @@ mod feed;
 mod fold;
 pub mod sse;
 
+use std::ops::Range;
 use std::time::Duration;
 
 use athanor_schemas::api::{
@@ -15,6 +16,7 @@ use athanor_schemas::api::{
     RunOverrides,
 };
 use athanor_schemas::events::RunView;
+use athanor_schemas::LogLine;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -132,6 +134,28 @@ impl Client {
         let path = format!("/api/runs/{}/logs", segment(id));
         self.json(self.request(Method::GET, &path).query(query))
             .await
+    }
+
+    /// Lines `range` of the run's stored log, in order, paging as needed: all of them,
+    /// or fewer when the database has not stored the rest yet.
+    pub async fn log_range(&self, id: &str, range: Range<u64>) -> ClientResult<Vec<LogLine>> {
+        let mut lines: Vec<LogLine> = Vec::new();
+        let mut next = range.start;
+        while next < range.end {
+            let query = LogQuery {
+                after: Some(next as i64 - 1),
+                before: Some(range.end as i64),
+                limit: Some(10_000),
+                ..LogQuery::default()
+            };
+            let page = self.logs(id, &query).await?;
+            let Some(last) = page.lines.last() else {
+                break;
+            };
+            next = last.seq + 1;
+            lines.extend(page.lines);
+        }
+        Ok(lines)
     }
 
     /// The whole stored log as text, to read chunk by chunk (`Response::chunk`).
