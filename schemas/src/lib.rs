@@ -31,27 +31,16 @@ pub fn now_micros() -> i64 {
         .unwrap_or(0)
 }
 
-/// µs since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
+/// µs since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (RFC 3339, UTC). Times outside
+/// what RFC 3339 can write (before 1970 or after 9999, which only a broken clock or a
+/// hostile batch sends) are clamped to its ends rather than refused: a `ts` is shown,
+/// never trusted.
 pub fn format_time(micros: i64) -> String {
-    let secs = micros.div_euclid(1_000_000);
-    let millis = micros.rem_euclid(1_000_000) / 1000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    /// 9999-12-31T23:59:59.999999Z.
+    const LAST: i64 = 253_402_300_799_999_999;
+    let micros = micros.clamp(0, LAST) as u64;
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_micros(micros);
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 #[cfg(test)]
@@ -67,5 +56,7 @@ mod tests {
             super::format_time(951_825_600_000_000),
             "2000-02-29T12:00:00.000Z"
         );
+        assert_eq!(super::format_time(i64::MIN), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::format_time(i64::MAX), "9999-12-31T23:59:59.999Z");
     }
 }
