@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer;
-use athanor_schemas::events;
+use athanor_schemas::{events, RunState};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap};
@@ -428,10 +428,11 @@ pub(crate) async fn relay_lifecycle(
         let Ok(change) = serde_json::from_slice::<events::Lifecycle>(&message.payload) else {
             continue;
         };
-        if matches!(
-            change.status.as_str(),
-            "lost" | "completed" | "failed" | "cancelled"
-        ) {
+        if change
+            .status
+            .parse::<RunState>()
+            .is_ok_and(RunState::is_terminal)
+        {
             hubs.poke(&change.run_id).await;
         }
         let _ = tx.send(Frame::new(events::RUN, None, &change));

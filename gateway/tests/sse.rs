@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use athanor_gateway::{Gateway, GatewayConfig};
 use athanor_schemas::events::{BatchEvent, Snapshot, SseEvent, StatusEvent};
-use athanor_schemas::{names, LogLine};
+use athanor_schemas::{names, LogLine, RunState};
 use athanor_testkit::wait_for;
 use athanor_workers::WorkerConfig;
 use common::{Feed, Stack};
@@ -432,7 +432,7 @@ async fn feeds_refuse_bad_input_and_cancel_works_before_start() {
             .unwrap()
             .run
             .status,
-        "pending"
+        RunState::Pending
     );
     let (status, _) = stack.post(&format!("/api/runs/{queued}/cancel"), "").await;
     assert_eq!(status, StatusCode::ACCEPTED);

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::batch::{Batch, LogLine, Progress, ResultRecord};
+use crate::batch::{Batch, LogLine, Progress, ResultRecord, RunState};
 
 pub const SNAPSHOT: &str = "snapshot";
 pub const BATCH: &str = "batch";
@@ -35,7 +35,7 @@ pub struct RunView {
     pub experiment: String,
     pub instance_id: Option<String>,
     pub config: Value,
-    pub status: String,
+    pub status: RunState,
     pub error: Option<String>,
     pub worker_id: Option<String>,
     pub created_at: i64,

@@ -15,7 +15,10 @@ pub mod events;
 pub mod names;
 pub mod requests;
 
-pub use batch::{Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo, RunState, Status};
+pub use batch::{
+    Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo, RunState, Status,
+    UnknownRunState,
+};
 pub use codec::{decode, encode, DecodeError, DEFAULT_DECODE_LIMIT};
 pub use config_schema::{ConfigError, ConfigSchema, Field, FieldKind};
 

@@ -31,7 +31,9 @@ use async_nats::jetstream::{self, consumer};
 use athanor_connections::db::stmt;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::RunView;
-use athanor_schemas::{names, Batch, Level, LogLine, Progress, ResultRecord};
+use athanor_schemas::{
+    names, Batch, Level, LogLine, Progress, ResultRecord, RunState, UnknownRunState,
+};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use sea_orm::{
@@ -175,7 +177,7 @@ impl Hubs {
             .collect();
         let start = run.last_stream_seq.map(|s| s as u64 + 1);
         let final_batches = run.final_batches.map(|n| n as u64);
-        let mut view = run_view(run);
+        let mut view = run_view(run)?;
         view.lines = lines as i64;
         view.batches = covered as i64;
         view.results = results.len() as i64;
@@ -437,9 +439,16 @@ async fn check_database(hubs: &Hubs, hub: &Hub) {
             return;
         }
     };
+    let status = match run_state(&run) {
+        Ok(status) => status,
+        Err(error) => {
+            debug!(run_id = %hub.run_id, %error, "status check failed");
+            return;
+        }
+    };
     let stored = Stored {
         stored: run.last_batch_seq.map_or(0, |b| b as u64 + 1),
-        status: run.status,
+        status,
         error: run.error,
         finished_at: run.finished_at,
         final_batches: run.final_batches.map(|n| n as u64),
@@ -461,19 +470,29 @@ async fn check_database(hubs: &Hubs, hub: &Hub) {
     }
 }
 
-pub(crate) fn run_view(run: runs::Model) -> RunView {
+/// The run's status as the database holds it (the same text as [`RunState`]'s JSON);
+/// a text that is no state is an error naming the run, not a status passed on.
+pub(crate) fn run_state(run: &runs::Model) -> ApiResult<RunState> {
+    run.status.parse().map_err(|e: UnknownRunState| {
+        ApiError::Unavailable(format!("the database holds an {e} for run {}", run.id))
+    })
+}
+
+/// The run as a viewer sees it, from its row.
+pub(crate) fn run_view(run: runs::Model) -> ApiResult<RunView> {
+    let status = run_state(&run)?;
     let progress = run.progress_at.map(|ts| Progress {
         current: run.progress_current.unwrap_or(0) as u64,
         total: run.progress_total.unwrap_or(0) as u64,
         message: run.progress_message.clone(),
         ts,
     });
-    RunView {
+    Ok(RunView {
         config: serde_json::from_str(&run.config).unwrap_or(Value::Null),
         id: run.id,
         experiment: run.experiment,
         instance_id: run.instance_id,
-        status: run.status,
+        status,
         error: run.error,
         worker_id: run.worker_id,
         created_at: run.created_at,
@@ -483,7 +502,7 @@ pub(crate) fn run_view(run: runs::Model) -> RunView {
         lines: run.lines,
         results: run.results,
         batches: run.batches,
-    }
+    })
 }
 
 pub(crate) fn log_line(line: run_logs::Model) -> LogLine {

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use athanor_schemas::events::{self, RunView, Snapshot, StatusEvent};
-use athanor_schemas::{Batch, LogLine, ResultRecord};
+use athanor_schemas::{Batch, LogLine, ResultRecord, RunState};
 
 use super::frame::Frame;
 
@@ -67,7 +67,7 @@ pub(crate) struct Skipped {
 pub(crate) struct Stored {
     /// Batches stored without a gap: `0..stored`.
     pub stored: u64,
-    pub status: String,
+    pub status: RunState,
     pub error: Option<String>,
     pub finished_at: Option<i64>,
     pub final_batches: Option<u64>,
@@ -120,7 +120,7 @@ impl Sequencer {
             terminal: None,
             snapshot: None,
         };
-        if is_terminal(&sequencer.run.status) {
+        if sequencer.run.status.is_terminal() {
             sequencer.terminal = Some(sequencer.status_frame());
         }
         sequencer
@@ -138,7 +138,7 @@ impl Sequencer {
 
     /// Whether the run ended as `lost`.
     pub fn is_lost(&self) -> bool {
-        self.terminal.is_some() && self.run.status == "lost"
+        self.terminal.is_some() && self.run.status == RunState::Lost
     }
 
     /// Whether batches after a missing one are waiting.
@@ -182,11 +182,11 @@ impl Sequencer {
                 stored: db.stored,
             };
         }
-        if !is_terminal(&db.status) {
+        if !db.status.is_terminal() {
             return Checked::Nothing;
         }
         let complete = db.final_batches.is_none_or(|n| self.next >= n);
-        if db.status == "lost" || complete {
+        if db.status == RunState::Lost || complete {
             if let Some(frame) = self.end(db.status, db.error, db.finished_at) {
                 return Checked::Ended(frame);
             }
@@ -197,7 +197,7 @@ impl Sequencer {
     /// Ends the run with `status` unless it has ended already; returns its `status` frame.
     pub fn end(
         &mut self,
-        status: String,
+        status: RunState,
         error: Option<String>,
         at: Option<i64>,
     ) -> Option<Arc<Frame>> {
@@ -247,17 +247,17 @@ impl Sequencer {
         }
         self.run.worker_id = Some(batch.worker_id);
         if let Some(status) = batch.status {
-            self.run.status = status.state.as_str().to_string();
+            self.run.status = status.state;
             if status.state.is_terminal() {
                 self.run.error = status.error;
                 self.run.finished_at = Some(status.at);
             }
-        } else if self.run.status == "pending" {
-            self.run.status = "running".into();
+        } else if self.run.status == RunState::Pending {
+            self.run.status = RunState::Running;
         }
         if let Some(f) = batch.final_ {
             self.final_batches = Some(f.batches);
-            self.run.status = f.status.as_str().to_string();
+            self.run.status = f.status;
         }
     }
 
@@ -272,7 +272,7 @@ impl Sequencer {
             events::STATUS,
             Some(self.next),
             &StatusEvent {
-                status: self.run.status.clone(),
+                status: self.run.status.as_str().to_string(),
                 error: self.run.error.clone(),
                 lines: self.lines,
                 batches: self.next,
@@ -302,26 +302,22 @@ impl Sequencer {
     }
 }
 
-fn is_terminal(status: &str) -> bool {
-    matches!(status, "completed" | "failed" | "cancelled" | "lost")
-}
-
 #[cfg(test)]
 mod tests {
-    use athanor_schemas::{Final, Level, RunInfo, RunState, Status};
+    use athanor_schemas::{Final, Level, RunInfo, Status};
     use serde_json::{json, Value};
 
     use super::*;
 
     const RUN: &str = "r1";
 
-    fn view(status: &str) -> RunView {
+    fn view(status: RunState) -> RunView {
         RunView {
             id: RUN.into(),
             experiment: "sweep".into(),
             instance_id: None,
             config: json!({}),
-            status: status.into(),
+            status,
             error: None,
             worker_id: None,
             created_at: 1,
@@ -337,7 +333,7 @@ mod tests {
     /// A run nothing of which is stored yet.
     fn fresh() -> Sequencer {
         Sequencer::new(Bootstrap {
-            run: view("pending"),
+            run: view(RunState::Pending),
             results: BTreeMap::new(),
             tail: Vec::new(),
             tail_cap: 3,
@@ -427,10 +423,10 @@ mod tests {
         applied.frames.iter().map(|f| decoded(f)).collect()
     }
 
-    fn stored(stored: u64, status: &str, final_batches: Option<u64>) -> Stored {
+    fn stored(stored: u64, status: RunState, final_batches: Option<u64>) -> Stored {
         Stored {
             stored,
-            status: status.into(),
+            status,
             error: None,
             finished_at: Some(800),
             final_batches,
@@ -508,7 +504,7 @@ mod tests {
     #[test]
     fn batches_the_database_covered_are_not_sent_again() {
         let mut seq = Sequencer::new(Bootstrap {
-            run: view("running"),
+            run: view(RunState::Running),
             results: BTreeMap::new(),
             tail: vec![],
             tail_cap: 3,
@@ -556,17 +552,17 @@ mod tests {
         seq.apply(batch(0));
         // Not waiting on a gap: the stream will bring batch 1.
         assert!(matches!(
-            seq.check(stored(3, "running", None)),
+            seq.check(stored(3, RunState::Running, None)),
             Checked::Nothing
         ));
         seq.apply(batch(2));
         // Waiting on batch 1, which the database holds no more of than the hub.
         assert!(matches!(
-            seq.check(stored(1, "running", None)),
+            seq.check(stored(1, RunState::Running, None)),
             Checked::Nothing
         ));
         assert!(matches!(
-            seq.check(stored(2, "running", None)),
+            seq.check(stored(2, RunState::Running, None)),
             Checked::Reopen {
                 missing: 1,
                 stored: 2
@@ -574,7 +570,7 @@ mod tests {
         ));
         // Even when the database says the run ended: the hub is reopened, not ended.
         assert!(matches!(
-            seq.check(stored(3, "completed", Some(3))),
+            seq.check(stored(3, RunState::Completed, Some(3))),
             Checked::Reopen {
                 missing: 1,
                 stored: 3
@@ -673,10 +669,10 @@ mod tests {
         // Nothing after the end, from the stream or the database.
         assert!(seq.apply(batch(3)).frames.is_empty());
         assert!(matches!(
-            seq.check(stored(3, "completed", Some(3))),
+            seq.check(stored(3, RunState::Completed, Some(3))),
             Checked::Nothing
         ));
-        assert!(seq.end("lost".into(), None, None).is_none());
+        assert!(seq.end(RunState::Lost, None, None).is_none());
         assert!(!seq.is_lost());
     }
 
@@ -686,17 +682,17 @@ mod tests {
         seq.apply(batch(0));
         // Stored ahead of the stream: batch 1 is still to come.
         assert!(matches!(
-            seq.check(stored(2, "failed", Some(2))),
+            seq.check(stored(2, RunState::Failed, Some(2))),
             Checked::Nothing
         ));
         seq.apply(batch(1));
-        let Checked::Ended(frame) = seq.check(stored(2, "failed", Some(2))) else {
+        let Checked::Ended(frame) = seq.check(stored(2, RunState::Failed, Some(2))) else {
             panic!("ended");
         };
         assert_eq!(decoded(&frame), status_frame("failed", 2, Some(800)));
         // A terminal status with no final batch count (ended without one): at once.
         let mut seq = fresh();
-        let Checked::Ended(frame) = seq.check(stored(0, "cancelled", None)) else {
+        let Checked::Ended(frame) = seq.check(stored(0, RunState::Cancelled, None)) else {
             panic!("ended");
         };
         assert_eq!(decoded(&frame), status_frame("cancelled", 0, Some(800)));
@@ -706,13 +702,13 @@ mod tests {
     fn a_lost_run_ends_at_once_whatever_is_still_missing() {
         let mut seq = fresh();
         seq.apply(batch(0));
-        let Checked::Ended(frame) = seq.check(stored(1, "lost", Some(10))) else {
+        let Checked::Ended(frame) = seq.check(stored(1, RunState::Lost, Some(10))) else {
             panic!("ended");
         };
         assert_eq!(decoded(&frame), status_frame("lost", 1, Some(800)));
         assert!(seq.is_lost());
         assert!(matches!(
-            seq.check(stored(1, "lost", None)),
+            seq.check(stored(1, RunState::Lost, None)),
             Checked::Nothing
         ));
         assert!(seq.apply(batch(1)).frames.is_empty());
@@ -721,7 +717,7 @@ mod tests {
 
     #[test]
     fn a_run_ended_in_the_database_starts_ended() {
-        let mut run = view("failed");
+        let mut run = view(RunState::Failed);
         run.error = Some("boom".into());
         run.finished_at = Some(700);
         let mut seq = Sequencer::new(Bootstrap {
