@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use athanor_client::{Client, ClientError, RunFold};
 use athanor_schemas::api::RunFilter;
-use athanor_schemas::{format_time, LogLine, Progress};
+use athanor_schemas::{format_time, LogLine, Progress, RunState};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -228,18 +228,18 @@ async fn follow_run(
                 if error.is_empty() { "" } else { ": " },
                 status.lines
             );
-            return Ok(exit_code(&status.status));
+            return Ok(exit_code(status.status));
         }
     }
 }
 
 /// 0 completed, 1 failed, 3 cancelled, 4 lost.
-pub fn exit_code(status: &str) -> i32 {
+pub fn exit_code(status: RunState) -> i32 {
     match status {
-        "completed" => 0,
-        "cancelled" => 3,
-        "lost" => 4,
-        _ => 1,
+        RunState::Completed => 0,
+        RunState::Cancelled => 3,
+        RunState::Lost => 4,
+        RunState::Failed | RunState::Pending | RunState::Running => 1,
     }
 }
 

@@ -718,7 +718,7 @@ async fn worker_sigkilled_mid_run_becomes_lost_for_viewers_and_keeps_its_output(
         .expect("the viewer got an end")
         .unwrap();
     let status = viewed.status.clone().unwrap();
-    assert_eq!(status.status, "lost");
+    assert_eq!(status.status, athanor_schemas::RunState::Lost);
     println!(
         "   the viewer received `lost` {:?} after the kill",
         killed.elapsed()
@@ -780,7 +780,10 @@ async fn gateway_sigkilled_under_fifty_viewers_who_resume_on_another() {
         assert_eq!(viewed.duplicates, 0);
         assert!(viewed.reconnects >= 1, "{viewed:?}");
         assert_eq!(viewed.lines.keys().copied().collect::<Vec<_>>(), expected);
-        assert_eq!(viewed.status.as_ref().unwrap().status, "completed");
+        assert_eq!(
+            viewed.status.as_ref().unwrap().status,
+            athanor_schemas::RunState::Completed
+        );
         assert_eq!(viewed.lines, received[0].lines);
     }
     println!(

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use athanor_connections::db::{stmt, write_turn};
 use athanor_schemas::events::Lifecycle;
-use athanor_schemas::{names, now_micros};
+use athanor_schemas::{names, now_micros, RunState};
 use futures::TryStreamExt;
 use sea_orm::{ConnectionTrait, DbErr};
 use tokio::time::MissedTickBehavior;
@@ -125,7 +125,7 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
             info!(run_id = %id, %reason, "run lost");
             let change = Lifecycle {
                 run_id: id,
-                status: "lost".into(),
+                status: RunState::Lost,
                 experiment: None,
                 error: Some(reason),
                 at: now,

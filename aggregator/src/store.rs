@@ -148,7 +148,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         if let Some(run) = &batch.run {
             written.changes.push(Lifecycle {
                 run_id: run_id.clone(),
-                status: RunState::Running.as_str().into(),
+                status: RunState::Running,
                 experiment: Some(run.experiment.clone()),
                 error: None,
                 at: run.started_at,
@@ -383,11 +383,16 @@ async fn advance(
     let complete = matches!((new_last, final_batches), (Some(l), Some(n)) if l + 1 == n);
     let open = matches!(status.as_str(), "pending" | "running" | "lost");
     if complete && open {
-        let state = final_status.unwrap_or_else(|| RunState::Completed.as_str().into());
+        let state = match final_status {
+            Some(text) => text
+                .parse::<RunState>()
+                .map_err(|e| DbErr::Custom(e.to_string()))?,
+            None => RunState::Completed,
+        };
         txn.execute(stmt(
             backend,
             "UPDATE runs SET status = ?, error = final_error, finished_at = COALESCE(final_at, ?) WHERE id = ?",
-            vec![state.clone().into(), now.into(), run_id.into()],
+            vec![state.as_str().into(), now.into(), run_id.into()],
         ))
         .await?;
         return Ok(Some(Lifecycle {

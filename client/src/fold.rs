@@ -150,7 +150,7 @@ impl RunFold {
 #[cfg(test)]
 mod tests {
     use athanor_schemas::events::{BatchEvent, Snapshot};
-    use athanor_schemas::Level;
+    use athanor_schemas::{Level, RunState};
     use serde_json::json;
 
     use super::*;
@@ -269,7 +269,7 @@ mod tests {
         let status = |id| FeedEvent {
             id: Some(id),
             data: FeedData::Status(StatusEvent {
-                status: "completed".into(),
+                status: RunState::Completed,
                 error: None,
                 lines: 4,
                 batches: 2,
@@ -282,7 +282,7 @@ mod tests {
         ));
         fold.apply(&status(2)).unwrap();
         assert!(fold.ended());
-        assert_eq!(fold.run.as_ref().unwrap().status, "completed");
+        assert_eq!(fold.run.as_ref().unwrap().status, RunState::Completed);
         assert!(matches!(
             fold.apply(&batch(2, 4..5, &[])),
             Err(ClientError::Protocol(_))

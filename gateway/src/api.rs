@@ -7,7 +7,7 @@ use athanor_connections::db::write_turn;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
-use athanor_schemas::{names, now_micros, ConfigSchema};
+use athanor_schemas::{names, now_micros, ConfigSchema, RunState};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
+use crate::hub::run_state;
 use crate::AppState;
 
 pub(crate) type AppStateRef = State<Arc<AppState>>;
@@ -181,7 +182,7 @@ pub(crate) async fn start_run(
         experiment: ActiveValue::Set(experiment.to_string()),
         instance_id: ActiveValue::Set(instance_id.clone()),
         config: ActiveValue::Set(config.to_string()),
-        status: ActiveValue::Set("pending".into()),
+        status: ActiveValue::Set(RunState::Pending.as_str().into()),
         created_at: ActiveValue::Set(now),
         updated_at: ActiveValue::Set(now),
         lines: ActiveValue::Set(0),
@@ -214,7 +215,7 @@ pub(crate) async fn start_run(
         let error = format!("the run request could not be queued: {e}");
         let failed = runs::ActiveModel {
             id: ActiveValue::Unchanged(run_id.clone()),
-            status: ActiveValue::Set("failed".into()),
+            status: ActiveValue::Set(RunState::Failed.as_str().into()),
             error: ActiveValue::Set(Some(error.clone())),
             finished_at: ActiveValue::Set(Some(now_micros())),
             ..Default::default()
@@ -225,7 +226,7 @@ pub(crate) async fn start_run(
     }
     let created = Lifecycle {
         run_id: run_id.clone(),
-        status: "pending".into(),
+        status: RunState::Pending,
         experiment: Some(experiment.to_string()),
         error: None,
         at: now,
@@ -240,13 +241,13 @@ pub(crate) async fn start_run(
     Ok((
         StatusCode::CREATED,
         Json(
-            json!({ "id": run_id, "status": "pending", "experiment": experiment, "instance_id": instance_id, "config": config }),
+            json!({ "id": run_id, "status": RunState::Pending, "experiment": experiment, "instance_id": instance_id, "config": config }),
         ),
     ))
 }
 
-fn run_json(run: runs::Model) -> Value {
-    serde_json::to_value(crate::hub::run_view(run)).expect("a run serialises")
+fn run_json(run: runs::Model) -> ApiResult<Value> {
+    Ok(serde_json::to_value(crate::hub::run_view(run)?).expect("a run serialises"))
 }
 
 #[derive(Deserialize)]
@@ -273,21 +274,14 @@ pub(crate) async fn list_runs(
     }
     let mut find = runs::Entity::find();
     if let Some(status) = &q.status {
-        const STATUSES: [&str; 6] = [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "cancelled",
-            "lost",
-        ];
-        if !STATUSES.contains(&status.as_str()) {
-            return Err(ApiError::BadRequest(format!(
+        let state: RunState = status.parse().map_err(|_| {
+            let states: Vec<&str> = RunState::ALL.iter().map(|s| s.as_str()).collect();
+            ApiError::BadRequest(format!(
                 "unknown status {status:?} (use {})",
-                STATUSES.join(", ")
-            )));
-        }
-        find = find.filter(runs::Column::Status.eq(status.as_str()));
+                states.join(", ")
+            ))
+        })?;
+        find = find.filter(runs::Column::Status.eq(state.as_str()));
     }
     if let Some(experiment) = &q.experiment {
         find = find.filter(runs::Column::Experiment.eq(experiment.as_str()));
@@ -301,7 +295,7 @@ pub(crate) async fn list_runs(
         .all(&state.db)
         .await?;
     Ok(Json(
-        json!({ "runs": rows.into_iter().map(run_json).collect::<Vec<_>>(), "total": total, "limit": limit, "offset": offset }),
+        json!({ "runs": rows.into_iter().map(run_json).collect::<ApiResult<Vec<_>>>()?, "total": total, "limit": limit, "offset": offset }),
     ))
 }
 
@@ -327,7 +321,7 @@ pub(crate) async fn get_run(
     State(state): AppStateRef,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(run_json(find_run(&state, &id).await?)))
+    Ok(Json(run_json(find_run(&state, &id).await?)?))
 }
 
 /// Asks the run to stop. Idempotent while the run is pending or running; a finished
@@ -336,11 +330,10 @@ pub(crate) async fn cancel_run(
     State(state): AppStateRef,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let run = find_run(&state, &id).await?;
-    if !matches!(run.status.as_str(), "pending" | "running") {
+    let status = run_state(&find_run(&state, &id).await?)?;
+    if status.is_terminal() {
         return Err(ApiError::Conflict(format!(
-            "run {id} already finished ({}); there is nothing to cancel",
-            run.status
+            "run {id} already finished ({status}); there is nothing to cancel"
         )));
     }
     let value = serde_json::to_vec(&json!({ "requested_at": now_micros() })).expect("serialises");
@@ -351,7 +344,7 @@ pub(crate) async fn cancel_run(
         .map_err(|e| ApiError::Nats(e.to_string()))?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "status": run.status, "cancel": "requested" })),
+        Json(json!({ "id": id, "status": status, "cancel": "requested" })),
     ))
 }
 
@@ -431,7 +424,7 @@ pub(crate) async fn logs(
         "lines": lines.into_iter().map(log_json).collect::<Vec<_>>(),
         "more": more,
         "total": run.lines,
-        "status": run.status,
+        "status": run_state(&run)?,
     })))
 }
 

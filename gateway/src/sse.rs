@@ -428,10 +428,7 @@ pub(crate) async fn relay_lifecycle(
         let Ok(change) = serde_json::from_slice::<events::Lifecycle>(&message.payload) else {
             continue;
         };
-        if matches!(
-            change.status.as_str(),
-            "lost" | "completed" | "failed" | "cancelled"
-        ) {
+        if change.status.is_terminal() {
             hubs.poke(&change.run_id).await;
         }
         let _ = tx.send(Frame::new(events::RUN, None, &change));

@@ -11,7 +11,7 @@ use athanor_client::sse::SseEvent;
 use athanor_client::{FeedData, FeedEvent, RunFold};
 use athanor_gateway::{Gateway, GatewayConfig};
 use athanor_schemas::events::{Snapshot, StatusEvent};
-use athanor_schemas::{names, LogLine};
+use athanor_schemas::{names, LogLine, RunState};
 use athanor_testkit::wait_for;
 use athanor_workers::WorkerConfig;
 use common::{Feed, Stack};
@@ -198,7 +198,7 @@ async fn resuming_with_last_event_id_on_another_gateway_has_no_gap_and_no_duplic
     read_to_end(&mut feed, &mut viewed).await;
     assert_eq!(viewed.seqs(), expected);
     assert_eq!(viewed.resyncs, 0);
-    assert_eq!(viewed.status.as_ref().unwrap().status, "completed");
+    assert_eq!(viewed.status.as_ref().unwrap().status, RunState::Completed);
 
     // After the end, from an early watermark: the missed batches are replayed from
     // JetStream, then the status.
@@ -273,7 +273,10 @@ async fn two_hundred_viewers_share_one_upstream_consumer_and_see_the_same_run() 
         assert_eq!(v.status, viewed[0].status);
         assert_eq!(v.resyncs, 0);
     }
-    assert_eq!(viewed[0].status.as_ref().unwrap().status, "completed");
+    assert_eq!(
+        viewed[0].status.as_ref().unwrap().status,
+        RunState::Completed
+    );
     stack.stop().await;
 }
 
@@ -428,7 +431,7 @@ async fn feeds_refuse_bad_input_and_cancel_works_before_start() {
             .unwrap()
             .run
             .status,
-        "pending"
+        RunState::Pending
     );
     let (status, _) = stack.post(&format!("/api/runs/{queued}/cancel"), "").await;
     assert_eq!(status, StatusCode::ACCEPTED);
@@ -616,7 +619,7 @@ async fn output_cannot_inject_sse_fields() {
         assert_eq!(line.message, nasty);
         assert_eq!(line.metadata.as_ref().unwrap()["message"], nasty);
     }
-    assert_eq!(viewed.status.unwrap().status, "completed");
+    assert_eq!(viewed.status.unwrap().status, RunState::Completed);
     stack.stop().await;
 }
 

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::batch::RunState;
 use crate::batch::{LogLine, ResultRecord};
 use crate::events::RunView;
 
@@ -36,7 +37,7 @@ pub struct CreateRun {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunCreated {
     pub id: String,
-    pub status: String,
+    pub status: RunState,
     pub experiment: String,
     pub instance_id: Option<String>,
     /// The config as validated, with defaults filled in.
@@ -71,7 +72,7 @@ pub struct RunList {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CancelRequested {
     pub id: String,
-    pub status: String,
+    pub status: RunState,
     /// Always `requested`: the worker ends the run.
     pub cancel: String,
 }
@@ -106,7 +107,7 @@ pub struct LogPage {
     pub more: bool,
     /// Lines stored for the run.
     pub total: i64,
-    pub status: String,
+    pub status: RunState,
 }
 
 /// `GET /api/runs/{id}/results`: the newest record of each key.

@@ -172,6 +172,16 @@ pub enum RunState {
 }
 
 impl RunState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [RunState; 6] = [
+        RunState::Pending,
+        RunState::Running,
+        RunState::Completed,
+        RunState::Failed,
+        RunState::Cancelled,
+        RunState::Lost,
+    ];
+
     pub fn is_terminal(self) -> bool {
         !matches!(self, RunState::Pending | RunState::Running)
     }
@@ -185,6 +195,29 @@ impl RunState {
             RunState::Cancelled => "cancelled",
             RunState::Lost => "lost",
         }
+    }
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status text that is none of the [`RunState`]s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown run status {0:?} (one of pending, running, completed, failed, cancelled, lost)")]
+pub struct UnknownRunState(pub String);
+
+/// The state its text names (the same text as its JSON and database form).
+impl std::str::FromStr for RunState {
+    type Err = UnknownRunState;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        RunState::ALL
+            .into_iter()
+            .find(|state| state.as_str() == text)
+            .ok_or_else(|| UnknownRunState(text.to_string()))
     }
 }
 
@@ -231,5 +264,44 @@ mod tests {
         assert!(merge_result(&mut results, "loss".into(), record(8, 80)));
         assert_eq!(results["loss"], record(8, 80));
         assert_eq!(results.len(), 1);
+    }
+
+    #[test]
+    fn every_run_state_has_one_text_in_json_and_back() {
+        let texts = [
+            "pending",
+            "running",
+            "completed",
+            "failed",
+            "cancelled",
+            "lost",
+        ];
+        for (state, text) in RunState::ALL.into_iter().zip(texts) {
+            assert_eq!(state.as_str(), text);
+            assert_eq!(state.to_string(), text);
+            assert_eq!(serde_json::to_value(state).unwrap(), text);
+            assert_eq!(text.parse::<RunState>(), Ok(state));
+            assert_eq!(
+                serde_json::from_value::<RunState>(text.into()).unwrap(),
+                state
+            );
+        }
+        let terminal: Vec<_> = RunState::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
+        assert_eq!(
+            terminal,
+            [
+                RunState::Completed,
+                RunState::Failed,
+                RunState::Cancelled,
+                RunState::Lost
+            ]
+        );
+        assert_eq!(
+            "Running".parse::<RunState>().unwrap_err().to_string(),
+            "unknown run status \"Running\" (one of pending, running, completed, failed, cancelled, lost)"
+        );
     }
 }

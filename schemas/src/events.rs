@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::batch::{Batch, LogLine, Progress, ResultRecord};
+use crate::batch::{Batch, LogLine, Progress, ResultRecord, RunState};
 
 pub const SNAPSHOT: &str = "snapshot";
 pub const BATCH: &str = "batch";
@@ -34,7 +34,7 @@ pub struct RunView {
     pub experiment: String,
     pub instance_id: Option<String>,
     pub config: Value,
-    pub status: String,
+    pub status: RunState,
     pub error: Option<String>,
     pub worker_id: Option<String>,
     pub created_at: i64,
@@ -74,7 +74,7 @@ pub struct BatchEvent {
     pub progress: Option<Progress>,
     /// `running` on a run's first batch; the terminal state on its last.
     #[serde(default)]
-    pub status: Option<String>,
+    pub status: Option<RunState>,
     #[serde(default)]
     pub error: Option<String>,
 }
@@ -86,7 +86,7 @@ impl BatchEvent {
             logs: batch.logs.clone(),
             results: batch.results.clone(),
             progress: batch.progress.clone(),
-            status: batch.status.as_ref().map(|s| s.state.as_str().to_string()),
+            status: batch.status.as_ref().map(|s| s.state),
             error: batch.status.as_ref().and_then(|s| s.error.clone()),
         }
     }
@@ -95,7 +95,7 @@ impl BatchEvent {
 /// The last event of a feed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusEvent {
-    pub status: String,
+    pub status: RunState,
     pub error: Option<String>,
     /// Lines and batches of the whole run.
     pub lines: u64,
@@ -109,7 +109,7 @@ pub struct StatusEvent {
 pub struct Lifecycle {
     pub run_id: String,
     /// `pending` (created), `running`, or a terminal state.
-    pub status: String,
+    pub status: RunState,
     #[serde(default)]
     pub experiment: Option<String>,
     #[serde(default)]

@@ -18,6 +18,7 @@ pub mod requests;
 
 pub use batch::{
     merge_result, Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo, RunState, Status,
+    UnknownRunState,
 };
 pub use codec::{decode, encode, DecodeError, DEFAULT_DECODE_LIMIT};
 pub use config_schema::{ConfigError, ConfigSchema, Field, FieldKind};

@@ -12,18 +12,28 @@
 //!
 //! Hubs live in a moka cache. A hub touches its entry while it has viewers; one with no
 //! viewers for `gateway.hub_idle` stops following and is evicted.
+//!
+//! Where each job lives:
+//! * `ordering.rs` — the ordering logic: watermark, early batches, duplicates, gaps, the
+//!   run's end; a pure state machine ([`Sequencer`]) with no I/O;
+//! * `frame.rs` — the SSE frames, encoded once and shared by every viewer;
+//! * here — the cache of hubs, the bootstrap from the database, the JetStream follow
+//!   loop, the database checks, and broadcasting what the sequencer returns.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::fmt::Write as _;
+mod frame;
+mod ordering;
+
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use athanor_connections::db::stmt;
 use athanor_schemas::entities::{run_logs, run_results, runs};
-use athanor_schemas::events::{self, BatchEvent, RunView, Snapshot, StatusEvent};
-use athanor_schemas::{names, Batch, Level, LogLine, Progress, ResultRecord};
-use bytes::Bytes;
+use athanor_schemas::events::RunView;
+use athanor_schemas::{
+    names, Batch, Level, LogLine, Progress, ResultRecord, RunState, UnknownRunState,
+};
 use futures::StreamExt;
 use parking_lot::Mutex;
 use sea_orm::{
@@ -36,57 +46,10 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+pub(crate) use self::frame::Frame;
+use self::ordering::{Bootstrap, Checked, Sequencer, Skipped, Stored};
 use crate::error::{ApiError, ApiResult};
 use crate::GatewayConfig;
-
-/// One SSE event, encoded once and shared by every viewer that sends it (see
-/// `sse::Writes` for how it is written).
-#[derive(Debug)]
-pub(crate) struct Frame {
-    pub event: &'static str,
-    /// The batch watermark after this event (none on `resync` and `run`).
-    pub id: Option<u64>,
-    /// The event as sent: `event:`, `id:` when there is one, one `data:` line and the
-    /// blank line.
-    pub wire: Bytes,
-}
-
-impl Frame {
-    pub fn new(event: &'static str, id: Option<u64>, data: &impl serde::Serialize) -> Arc<Frame> {
-        let mut wire = format!("event: {event}\n");
-        if let Some(id) = id {
-            let _ = writeln!(wire, "id: {id}");
-        }
-        wire.push_str("data: ");
-        let mut wire = wire.into_bytes();
-        // JSON escapes newlines inside strings, so the data is always one line.
-        serde_json::to_writer(&mut wire, data).expect("an event serialises");
-        wire.extend_from_slice(b"\n\n");
-        Arc::new(Frame {
-            event,
-            id,
-            wire: wire.into(),
-        })
-    }
-
-    /// The frame of one batch: the same bytes whether it comes from a hub or from a
-    /// viewer's catch-up.
-    pub fn batch(batch: &Batch) -> Arc<Frame> {
-        Frame::new(
-            events::BATCH,
-            Some(batch.batch_seq + 1),
-            &BatchEvent::of(batch),
-        )
-    }
-
-    pub fn resync(reason: &str) -> Arc<Frame> {
-        Frame::new(
-            events::RESYNC,
-            None,
-            &serde_json::json!({ "reason": reason }),
-        )
-    }
-}
 
 /// What every hub shares.
 pub(crate) struct Hubs {
@@ -214,34 +177,28 @@ impl Hubs {
             .collect();
         let start = run.last_stream_seq.map(|s| s as u64 + 1);
         let final_batches = run.final_batches.map(|n| n as u64);
-        let mut view = run_view(run);
+        let mut view = run_view(run)?;
         view.lines = lines as i64;
         view.batches = covered as i64;
         view.results = results.len() as i64;
-        let mut state = HubState {
+        let sequencer = Sequencer::new(Bootstrap {
             run: view,
             results,
-            tail: tail.into(),
+            tail,
             tail_cap: self.config.tail_lines,
             lines,
-            next: covered,
-            early: BTreeMap::new(),
+            covered,
             final_batches,
-            terminal: None,
-            snapshot: None,
-        };
-        if is_terminal(&state.run.status) {
-            state.terminal = Some(state.status_frame());
-        }
+        });
         let (tx, _) = broadcast::channel(self.config.hub_buffer.max(1));
         let hub = Arc::new(Hub {
             run_id: run_id.clone(),
-            state: Mutex::new(state),
+            state: Mutex::new(sequencer),
             tx,
             stop: self.shutdown.child_token(),
             poke: Notify::new(),
         });
-        if hub.state.lock().terminal.is_none() {
+        if hub.state.lock().terminal().is_none() {
             tokio::spawn(follow(self.clone(), hub.clone(), start));
         } else {
             hub.stop.cancel();
@@ -309,7 +266,8 @@ impl Hubs {
 /// A run's live state on this gateway and its viewers' channel.
 pub(crate) struct Hub {
     pub run_id: String,
-    state: Mutex<HubState>,
+    /// The run's state and watermark; locked briefly, never across an `.await`.
+    state: Mutex<Sequencer>,
     /// Every frame after the state, in order; bounded: a viewer that lags is resynced.
     tx: broadcast::Sender<Arc<Frame>>,
     /// Cancelled when the hub stops following: terminal, idle, evicted or shutdown.
@@ -334,8 +292,8 @@ impl Hub {
         let state = self.state.lock();
         Joined {
             rx: self.tx.subscribe(),
-            next: state.next,
-            terminal: state.terminal.clone(),
+            next: state.next(),
+            terminal: state.terminal().cloned(),
         }
     }
 
@@ -344,8 +302,8 @@ impl Hub {
         let mut state = self.state.lock();
         let joined = Joined {
             rx: self.tx.subscribe(),
-            next: state.next,
-            terminal: state.terminal.clone(),
+            next: state.next(),
+            terminal: state.terminal().cloned(),
         };
         (joined, state.snapshot_frame())
     }
@@ -353,184 +311,41 @@ impl Hub {
     /// The run's batch count, once it has ended.
     pub fn ended_with(&self) -> Option<u64> {
         let state = self.state.lock();
-        state.terminal.as_ref().map(|_| state.next)
+        state.terminal().map(|_| state.next())
     }
 
     /// Whether it stopped following without reaching the run's end.
     pub fn stopped_early(&self) -> bool {
-        self.stop.is_cancelled() && self.state.lock().terminal.is_none()
+        self.stop.is_cancelled() && self.state.lock().terminal().is_none()
     }
 
     fn is_lost(&self) -> bool {
-        let state = self.state.lock();
-        state.terminal.is_some() && state.run.status == "lost"
+        self.state.lock().is_lost()
     }
 
     /// Whether batches after a missing one are waiting.
     fn waiting_for_gap(&self) -> bool {
-        !self.state.lock().early.is_empty()
+        self.state.lock().waiting_for_gap()
     }
 
     fn apply(&self, batch: Batch) {
         let mut state = self.state.lock();
-        for frame in state.apply(batch) {
+        let applied = state.apply(batch);
+        if let Some(Skipped {
+            missing,
+            resumed_at,
+        }) = applied.skipped
+        {
+            warn!(run_id = %self.run_id, missing, resumed_at, "batches missing from the stream; skipping them");
+        }
+        for frame in applied.frames {
             // No receivers is not an error: the frame is in the state for later viewers.
             let _ = self.tx.send(frame);
         }
     }
 
-    fn end(&self, status: String, error: Option<String>, at: Option<i64>) {
-        let mut state = self.state.lock();
-        if state.terminal.is_some() {
-            return;
-        }
-        state.snapshot = None;
-        state.run.status = status;
-        state.run.error = error;
-        state.run.finished_at = at;
-        let frame = state.status_frame();
-        state.terminal = Some(frame.clone());
-        let _ = self.tx.send(frame);
-    }
-
     fn is_terminal(&self) -> bool {
-        self.state.lock().terminal.is_some()
-    }
-}
-
-struct HubState {
-    run: RunView,
-    results: BTreeMap<String, ResultRecord>,
-    tail: VecDeque<LogLine>,
-    tail_cap: usize,
-    lines: u64,
-    /// Batches applied: `0..next`.
-    next: u64,
-    /// Batches that arrived before a missing one, by `batch_seq`.
-    early: BTreeMap<u64, Batch>,
-    final_batches: Option<u64>,
-    /// The `status` frame, once the run has ended.
-    terminal: Option<Arc<Frame>>,
-    /// The `snapshot` frame of the state as it is, once a viewer asked for it: viewers
-    /// joining between two batches share it instead of each serialising the tail.
-    snapshot: Option<Arc<Frame>>,
-}
-
-/// Early batches held at most; past it the oldest gap is given up on (its viewers
-/// resync on the jump).
-const MAX_EARLY: usize = 1024;
-
-impl HubState {
-    /// Applies `batch` (and the early batches it unblocks); returns the frames to send.
-    fn apply(&mut self, batch: Batch) -> Vec<Arc<Frame>> {
-        if batch.batch_seq < self.next || self.terminal.is_some() {
-            return Vec::new();
-        }
-        self.early.insert(batch.batch_seq, batch);
-        if self.early.len() > MAX_EARLY {
-            let first = *self.early.keys().next().expect("not empty");
-            warn!(run_id = %self.run.id, missing = self.next, resumed_at = first, "batches missing from the stream; skipping them");
-            self.next = first;
-        }
-        let mut frames = Vec::new();
-        while let Some(batch) = self.early.remove(&self.next) {
-            frames.push(Frame::batch(&batch));
-            self.take(batch);
-            if self.final_batches.is_some_and(|n| self.next >= n) {
-                frames.push(self.finish());
-                break;
-            }
-        }
-        frames
-    }
-
-    fn take(&mut self, batch: Batch) {
-        self.snapshot = None;
-        self.next = batch.batch_seq + 1;
-        self.run.batches = self.next as i64;
-        self.lines += batch.logs.len() as u64;
-        self.run.lines = self.lines as i64;
-        for line in batch.logs {
-            if self.tail.len() == self.tail_cap {
-                self.tail.pop_front();
-            }
-            if self.tail_cap > 0 {
-                self.tail.push_back(line);
-            }
-        }
-        for record in batch.results {
-            if self
-                .results
-                .get(&record.key)
-                .is_none_or(|old| old.seq < record.seq)
-            {
-                self.results.insert(record.key.clone(), record);
-            }
-        }
-        self.run.results = self.results.len() as i64;
-        if let Some(p) = batch.progress {
-            if self.run.progress.as_ref().is_none_or(|old| old.ts <= p.ts) {
-                self.run.progress = Some(p);
-            }
-        }
-        if let Some(info) = batch.run {
-            self.run.experiment = info.experiment;
-            self.run.config = info.config;
-            self.run.started_at = Some(info.started_at);
-        }
-        self.run.worker_id = Some(batch.worker_id);
-        if let Some(status) = batch.status {
-            self.run.status = status.state.as_str().to_string();
-            if status.state.is_terminal() {
-                self.run.error = status.error;
-                self.run.finished_at = Some(status.at);
-            }
-        } else if self.run.status == "pending" {
-            self.run.status = "running".into();
-        }
-        if let Some(f) = batch.final_ {
-            self.final_batches = Some(f.batches);
-            self.run.status = f.status.as_str().to_string();
-        }
-    }
-
-    fn finish(&mut self) -> Arc<Frame> {
-        let frame = self.status_frame();
-        self.terminal = Some(frame.clone());
-        frame
-    }
-
-    fn status_frame(&self) -> Arc<Frame> {
-        Frame::new(
-            events::STATUS,
-            Some(self.next),
-            &StatusEvent {
-                status: self.run.status.clone(),
-                error: self.run.error.clone(),
-                lines: self.lines,
-                batches: self.next,
-                finished_at: self.run.finished_at,
-            },
-        )
-    }
-
-    fn snapshot_frame(&mut self) -> Arc<Frame> {
-        if let Some(frame) = &self.snapshot {
-            return frame.clone();
-        }
-        let frame = Frame::new(
-            events::SNAPSHOT,
-            Some(self.next),
-            &Snapshot {
-                run: self.run.clone(),
-                results: self.results.clone(),
-                tail: self.tail.iter().cloned().collect(),
-                lines: self.lines,
-                batches: self.next,
-            },
-        );
-        self.snapshot = Some(frame.clone());
-        frame
+        self.state.lock().terminal().is_some()
     }
 }
 
@@ -624,41 +439,60 @@ async fn check_database(hubs: &Hubs, hub: &Hub) {
             return;
         }
     };
-    let next = hub.state.lock().next;
-    let stored = run.last_batch_seq.map_or(0, |b| b as u64 + 1);
-    if stored > next && hub.waiting_for_gap() {
-        // The database holds a batch this hub could not read from the stream: start
-        // again from the database (viewers move to the new hub, resyncing if needed).
-        warn!(run_id = %hub.run_id, missing = next, stored, "hub stuck on a missing batch; reopening");
-        hub.stop.cancel();
-        return;
-    }
-    if !is_terminal(&run.status) {
-        return;
-    }
-    let complete = run.final_batches.is_none_or(|n| next >= n as u64);
-    if run.status == "lost" || complete {
-        hub.end(run.status, run.error, run.finished_at);
+    let status = match run_state(&run) {
+        Ok(status) => status,
+        Err(error) => {
+            debug!(run_id = %hub.run_id, %error, "status check failed");
+            return;
+        }
+    };
+    let stored = Stored {
+        stored: run.last_batch_seq.map_or(0, |b| b as u64 + 1),
+        status,
+        error: run.error,
+        finished_at: run.finished_at,
+        final_batches: run.final_batches.map(|n| n as u64),
+    };
+    let mut state = hub.state.lock();
+    match state.check(stored) {
+        Checked::Nothing => {}
+        Checked::Reopen { missing, stored } => {
+            // The database holds a batch this hub could not read from the stream: start
+            // again from the database (viewers move to the new hub, resyncing if needed).
+            warn!(run_id = %hub.run_id, missing, stored, "hub stuck on a missing batch; reopening");
+            hub.stop.cancel();
+        }
+        // Sent under the lock, like every frame: the frames on a joining viewer's
+        // receiver start after the state it joined.
+        Checked::Ended(frame) => {
+            let _ = hub.tx.send(frame);
+        }
     }
 }
 
-fn is_terminal(status: &str) -> bool {
-    matches!(status, "completed" | "failed" | "cancelled" | "lost")
+/// The run's status as the database holds it (the same text as [`RunState`]'s JSON);
+/// a text that is no state is an error naming the run, not a status passed on.
+pub(crate) fn run_state(run: &runs::Model) -> ApiResult<RunState> {
+    run.status.parse().map_err(|e: UnknownRunState| {
+        ApiError::Unavailable(format!("the database holds an {e} for run {}", run.id))
+    })
 }
 
-pub(crate) fn run_view(run: runs::Model) -> RunView {
+/// The run as a viewer sees it, from its row.
+pub(crate) fn run_view(run: runs::Model) -> ApiResult<RunView> {
+    let status = run_state(&run)?;
     let progress = run.progress_at.map(|ts| Progress {
         current: run.progress_current.unwrap_or(0) as u64,
         total: run.progress_total.unwrap_or(0) as u64,
         message: run.progress_message.clone(),
         ts,
     });
-    RunView {
+    Ok(RunView {
         config: serde_json::from_str(&run.config).unwrap_or(Value::Null),
         id: run.id,
         experiment: run.experiment,
         instance_id: run.instance_id,
-        status: run.status,
+        status,
         error: run.error,
         worker_id: run.worker_id,
         created_at: run.created_at,
@@ -668,7 +502,7 @@ pub(crate) fn run_view(run: runs::Model) -> RunView {
         lines: run.lines,
         results: run.results,
         batches: run.batches,
-    }
+    })
 }
 
 pub(crate) fn log_line(line: run_logs::Model) -> LogLine {
