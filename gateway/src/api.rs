@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use athanor_connections::db::write_turn;
+use athanor_schemas::batch::{LogLine, ResultRecord};
 use athanor_schemas::entities::{run_logs, run_results, runs};
-use athanor_schemas::events::Lifecycle;
+use athanor_schemas::events::{Lifecycle, RunView};
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
 use athanor_schemas::{names, now_micros, ConfigSchema, RunState};
 use axum::body::Body;
@@ -19,20 +20,42 @@ use sea_orm::sea_query::{Expr, Func, LikeExpr};
 use sea_orm::{
     ActiveValue, ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::hub::run_state;
 use crate::AppState;
 
 pub(crate) type AppStateRef = State<Arc<AppState>>;
 
-pub(crate) async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// Always `ok`: the process answers.
+    #[schema(pattern = "^ok$")]
+    status: &'static str,
 }
 
-/// Ready when the database answers and NATS is connected.
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "Alive", body = Health)))]
+pub(crate) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Whether each dependency answers.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Ready {
+    database: bool,
+    nats: bool,
+}
+
+/// Readiness: the database answers and NATS is connected.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready", body = Ready),
+    (status = 503, description = "Not ready", body = Ready),
+))]
 pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     let db = athanor_connections::db::ping(&state.db).await;
     let nats = state.js.client().connection_state() == async_nats::connection::State::Connected;
@@ -41,14 +64,24 @@ pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(json!({ "database": db, "nats": nats }))).into_response()
+    (status, Json(Ready { database: db, nats })).into_response()
 }
 
-/// The OpenAPI 3 description of this API.
+/// This document.
+///
+/// The OpenAPI description of this API, generated from the handlers and types.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "meta", responses(
+    (status = 200, description = "OpenAPI document", body = Object, content_type = "application/json"),
+))]
 pub(crate) async fn openapi() -> Response {
+    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        crate::openapi()
+            .to_json()
+            .expect("the OpenAPI document serialises")
+    });
     (
         [(header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
+        DOCUMENT.as_str(),
     )
         .into_response()
 }
@@ -98,20 +131,66 @@ pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hoste
     Ok(hosted)
 }
 
-pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Value>> {
-    let list: Vec<Value> = hosted(&state)
-        .await?
-        .into_iter()
-        .map(|(name, h)| json!({ "name": name, "description": h.description, "config_schema": h.config_schema, "workers": h.workers }))
-        .collect();
-    Ok(Json(json!({ "experiments": list })))
+/// An experiment and the live workers hosting it.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Experiment {
+    name: String,
+    description: String,
+    /// JSON Schema of the config.
+    #[schema(value_type = Object)]
+    config_schema: Value,
+    /// Live workers hosting it.
+    workers: usize,
 }
 
-#[derive(Deserialize)]
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Experiments {
+    experiments: Vec<Experiment>,
+}
+
+/// Experiments hosted by live workers (from KV athanor_workers).
+#[utoipa::path(get, path = "/api/experiments", tag = "experiments", responses(
+    (status = 200, description = "Experiments", body = Experiments),
+    (status = 503, description = "NATS is unavailable", body = ErrorBody),
+))]
+pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Experiments>> {
+    let experiments = hosted(&state)
+        .await?
+        .into_iter()
+        .map(|(name, h)| Experiment {
+            name,
+            description: h.description,
+            config_schema: h.config_schema,
+            workers: h.workers,
+        })
+        .collect();
+    Ok(Json(Experiments { experiments }))
+}
+
+/// A run to start.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = NewRun)]
 pub(crate) struct CreateRun {
+    /// An experiment a live worker hosts.
     experiment: String,
+    /// Checked against the experiment's config schema; absent or null: all defaults.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    config: Value,
+}
+
+/// A run just recorded as `pending`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Created {
+    id: String,
+    /// Always `pending`.
+    status: RunState,
+    experiment: String,
+    #[schema(required = true)]
+    instance_id: Option<String>,
+    /// The validated config, defaults applied.
+    #[schema(value_type = Object)]
     config: Value,
 }
 
@@ -129,10 +208,24 @@ pub(crate) fn body<T>(state: &AppState, body: Result<Json<T>, JsonRejection>) ->
     }
 }
 
+/// Start a run.
+///
+/// The config is validated against the schema of the experiment as a live worker
+/// publishes it; the run is recorded as `pending` and its request queued.
+#[utoipa::path(post, path = "/api/runs", tag = "runs",
+    request_body = CreateRun,
+    responses(
+        (status = 201, description = "Run created (pending)", body = Created),
+        (status = 400, description = "Malformed request body", body = ErrorBody),
+        (status = 404, description = "No live worker hosts the experiment", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 422, description = "The config does not fit the experiment's schema: `field` and `reason` say how", body = ErrorBody),
+        (status = 503, description = "The database or NATS is unavailable", body = ErrorBody),
+    ))]
 pub(crate) async fn create_run(
     State(state): AppStateRef,
     request: Result<Json<CreateRun>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Created>)> {
     let request = body(&state, request)?;
     start_run(&state, &request.experiment, &request.config, None).await
 }
@@ -172,7 +265,7 @@ pub(crate) async fn start_run(
     experiment: &str,
     config: &Value,
     instance_id: Option<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Created>)> {
     let config = validated_config(state, experiment, config).await?;
     let run_id = names::new_run_id();
     let now = now_micros();
@@ -240,29 +333,53 @@ pub(crate) async fn start_run(
         .await;
     Ok((
         StatusCode::CREATED,
-        Json(
-            json!({ "id": run_id, "status": RunState::Pending, "experiment": experiment, "instance_id": instance_id, "config": config }),
-        ),
+        Json(Created {
+            id: run_id,
+            status: RunState::Pending,
+            experiment: experiment.to_string(),
+            instance_id,
+            config,
+        }),
     ))
 }
 
-fn run_json(run: runs::Model) -> ApiResult<Value> {
-    Ok(serde_json::to_value(crate::hub::run_view(run)?).expect("a run serialises"))
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListRuns {
+    /// Only runs in this status.
+    #[param(value_type = Option<athanor_schemas::RunState>)]
     status: Option<String>,
+    /// Only runs of this experiment.
     experiment: Option<String>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 500, default = 50)]
     limit: Option<u64>,
+    /// Runs to skip.
+    #[param(minimum = 0, maximum = 9223372036854775807_u64, default = 0)]
     offset: Option<u64>,
 }
 
+/// A page of runs, newest first.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct RunsPage {
+    runs: Vec<RunView>,
+    /// Runs matching the filters, on every page.
+    total: u64,
+    limit: u64,
+    offset: u64,
+}
+
+/// Runs, newest first.
+#[utoipa::path(get, path = "/api/runs", tag = "runs", params(ListRuns), responses(
+    (status = 200, description = "A page of runs", body = RunsPage),
+    (status = 400, description = "An unknown status, a limit or offset out of range, or an unknown parameter", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn list_runs(
     State(state): AppStateRef,
     query: Result<Query<ListRuns>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RunsPage>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = page_size(q.limit, 50, 500)?;
     let offset = q.offset.unwrap_or(0);
@@ -294,9 +411,15 @@ pub(crate) async fn list_runs(
         .offset(offset)
         .all(&state.db)
         .await?;
-    Ok(Json(
-        json!({ "runs": rows.into_iter().map(run_json).collect::<ApiResult<Vec<_>>>()?, "total": total, "limit": limit, "offset": offset }),
-    ))
+    Ok(Json(RunsPage {
+        runs: rows
+            .into_iter()
+            .map(crate::hub::run_view)
+            .collect::<ApiResult<_>>()?,
+        total,
+        limit,
+        offset,
+    }))
 }
 
 /// A `limit` parameter: `default` when absent, else 1..=`max`.
@@ -317,19 +440,52 @@ pub(crate) async fn find_run(state: &AppState, id: &str) -> ApiResult<runs::Mode
         .ok_or_else(|| ApiError::NotFound(format!("run {id:?} not found")))
 }
 
+/// One run.
+#[utoipa::path(get, path = "/api/runs/{id}", tag = "runs", params(RunId), responses(
+    (status = 200, description = "The run", body = RunView),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn get_run(
     State(state): AppStateRef,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(run_json(find_run(&state, &id).await?)?))
+) -> ApiResult<Json<RunView>> {
+    Ok(Json(crate::hub::run_view(find_run(&state, &id).await?)?))
 }
 
-/// Asks the run to stop. Idempotent while the run is pending or running; a finished
-/// run answers 409.
+/// The `{id}` of a run's paths.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // describes the path; handlers take `Path<String>`
+pub(crate) struct RunId {
+    /// Run id.
+    id: String,
+}
+
+/// A cancel request recorded.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct CancelRequested {
+    id: String,
+    /// The run's status when asked (`pending` or `running`).
+    status: RunState,
+    #[schema(pattern = "^requested$")]
+    cancel: &'static str,
+}
+
+/// Ask the run to stop (idempotent while pending or running).
+///
+/// Sets `cancel.<run_id>` in `athanor_control`; the worker stops the run, which ends
+/// `cancelled`. A finished run answers 409.
+#[utoipa::path(post, path = "/api/runs/{id}/cancel", tag = "runs", params(RunId), responses(
+    (status = 202, description = "Cancel requested", body = CancelRequested),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 409, description = "The run already finished", body = ErrorBody),
+    (status = 503, description = "The database or NATS is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn cancel_run(
     State(state): AppStateRef,
     Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<CancelRequested>)> {
     let status = run_state(&find_run(&state, &id).await?)?;
     if status.is_terminal() {
         return Err(ApiError::Conflict(format!(
@@ -344,33 +500,56 @@ pub(crate) async fn cancel_run(
         .map_err(|e| ApiError::Nats(e.to_string()))?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "status": status, "cancel": "requested" })),
+        Json(CancelRequested {
+            id,
+            status,
+            cancel: "requested",
+        }),
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct LogQuery {
-    /// Lines with `seq` greater than this.
+    /// Lines with seq greater than this (oldest first).
     after: Option<i64>,
-    /// Lines with `seq` less than this (the newest such lines, for scrolling up).
+    /// Lines with seq less than this; alone: the newest such lines (for scrolling up).
     before: Option<i64>,
+    /// Page size.
+    #[param(minimum = 1, maximum = 10000, default = 1000)]
     limit: Option<u64>,
-    /// Comma-separated levels.
+    /// Comma-separated levels: trace, debug, info, warn, error (empty: all).
+    #[param(pattern = "^((trace|debug|info|warn|error)(,(trace|debug|info|warn|error))*)?$")]
     level: Option<String>,
-    /// Case-insensitive text search in the message.
+    /// Case-insensitive text the message contains.
     q: Option<String>,
 }
 
-fn log_json(line: run_logs::Model) -> Value {
-    serde_json::to_value(crate::hub::log_line(line)).expect("a line serialises")
+/// A page of a run's stored log.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct LogPage {
+    run_id: String,
+    lines: Vec<LogLine>,
+    /// More lines match beyond this page.
+    more: bool,
+    /// Lines the run has stored.
+    total: i64,
+    status: RunState,
 }
 
+/// A page of stored log lines.
+#[utoipa::path(get, path = "/api/runs/{id}/logs", tag = "runs", params(RunId, LogQuery), responses(
+    (status = 200, description = "Lines", body = LogPage),
+    (status = 400, description = "An unknown level, a limit out of range, or an unknown parameter", body = ErrorBody),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn logs(
     State(state): AppStateRef,
     Path(id): Path<String>,
     query: Result<Query<LogQuery>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<LogPage>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let run = find_run(&state, &id).await?;
     let limit = page_size(q.limit, 1000, 10_000)?;
@@ -419,17 +598,23 @@ pub(crate) async fn logs(
     if newest_first {
         lines.reverse();
     }
-    Ok(Json(json!({
-        "run_id": id,
-        "lines": lines.into_iter().map(log_json).collect::<Vec<_>>(),
-        "more": more,
-        "total": run.lines,
-        "status": run_state(&run)?,
-    })))
+    Ok(Json(LogPage {
+        run_id: id,
+        lines: lines.into_iter().map(crate::hub::log_line).collect(),
+        more,
+        total: run.lines,
+        status: run_state(&run)?,
+    }))
 }
 
-/// The whole log as text, one line per log line (`time level message`), streamed page
-/// by page: it works while the run is going (what is stored so far).
+/// The whole stored log as text (`time LEVEL message` per line); works while the run is going.
+///
+/// Streamed page by page, as an attachment named `<id>.log`: what is stored so far.
+#[utoipa::path(get, path = "/api/runs/{id}/logs.txt", tag = "runs", params(RunId), responses(
+    (status = 200, description = "Text", body = String, content_type = "text/plain"),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn logs_txt(
     State(state): AppStateRef,
     Path(id): Path<String>,
@@ -479,19 +664,41 @@ pub(crate) async fn logs_txt(
         .into_response())
 }
 
+/// A run's results.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Results {
+    run_id: String,
+    /// By key.
+    results: Vec<ResultRecord>,
+}
+
+/// The run's results, newest value per key.
+#[utoipa::path(get, path = "/api/runs/{id}/results", tag = "runs", params(RunId), responses(
+    (status = 200, description = "Results", body = Results),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn results(
     State(state): AppStateRef,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Results>> {
     find_run(&state, &id).await?;
     let rows = run_results::Entity::find()
         .filter(run_results::Column::RunId.eq(id.as_str()))
         .order_by_asc(run_results::Column::Key)
         .all(&state.db)
         .await?;
-    let results: Vec<Value> = rows
+    let results = rows
         .into_iter()
-        .map(|r| json!({ "key": r.key, "value": serde_json::from_str::<Value>(&r.value).unwrap_or(Value::Null), "seq": r.seq, "ts": r.ts }))
+        .map(|r| ResultRecord {
+            seq: r.seq as u64,
+            key: r.key,
+            value: serde_json::from_str::<Value>(&r.value).unwrap_or(Value::Null),
+            ts: r.ts,
+        })
         .collect();
-    Ok(Json(json!({ "run_id": id, "results": results })))
+    Ok(Json(Results {
+        run_id: id,
+        results,
+    }))
 }

@@ -16,10 +16,10 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ring::hmac;
-use serde_json::json;
+use serde::Serialize;
 
-use crate::api::AppStateRef;
-use crate::error::ApiError;
+use crate::api::{AppStateRef, RunId};
+use crate::error::{ApiError, ErrorBody};
 use crate::AppState;
 
 /// Scope of a feed token for `/api/events`.
@@ -152,32 +152,57 @@ fn unauthorized(message: &str) -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
-        Json(json!({ "error": message })),
+        Json(ErrorBody::new(message)),
     )
         .into_response()
 }
 
-/// `POST /api/runs/{id}/feed-token`: a short-lived token for that run's feed URL.
+/// A feed token and when it expires.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct FeedToken {
+    /// Put in the feed URL as ?token=; null when the gateway has no API token.
+    #[schema(required = true)]
+    token: Option<String>,
+    /// µs since the epoch; null with `token`.
+    #[schema(required = true)]
+    expires_at: Option<i64>,
+}
+
+/// A short-lived token for this run's feed URL (`/api/runs/{id}/events?token=…`), for clients that cannot send headers (EventSource).
+#[utoipa::path(post, path = "/api/runs/{id}/feed-token", tag = "feeds", params(RunId), responses(
+    (status = 200, description = "The token", body = FeedToken),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn run_feed_token(
     State(state): AppStateRef,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<FeedToken>, ApiError> {
     crate::api::find_run(&state, &id).await?;
     issue(&state, &id)
 }
 
-/// `POST /api/events/feed-token`: a short-lived token for `/api/events`.
+/// A short-lived token for `/api/events?token=…`.
+#[utoipa::path(post, path = "/api/events/feed-token", tag = "feeds", responses(
+    (status = 200, description = "The token", body = FeedToken),
+))]
 pub(crate) async fn lifecycle_feed_token(
     State(state): AppStateRef,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<FeedToken>, ApiError> {
     issue(&state, LIFECYCLE_SCOPE)
 }
 
-fn issue(state: &AppState, scope: &str) -> Result<Json<serde_json::Value>, ApiError> {
+fn issue(state: &AppState, scope: &str) -> Result<Json<FeedToken>, ApiError> {
     match state.auth.feed_token(scope) {
-        Some((token, expires_at)) => Ok(Json(json!({ "token": token, "expires_at": expires_at }))),
+        Some((token, expires_at)) => Ok(Json(FeedToken {
+            token: Some(token),
+            expires_at: Some(expires_at),
+        })),
         // No API token configured: feeds are open and need none.
-        None => Ok(Json(json!({ "token": null, "expires_at": null }))),
+        None => Ok(Json(FeedToken {
+            token: None,
+            expires_at: None,
+        })),
     }
 }
 

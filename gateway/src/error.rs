@@ -4,7 +4,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -40,6 +40,30 @@ impl ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// The body of every error answer (4xx and 5xx): `error` says what was wrong; a config
+/// that fails its experiment's schema (422) also names the `field` and the `reason`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub(crate) struct ErrorBody {
+    pub error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reason: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> Self {
+        ErrorBody {
+            error: error.into(),
+            field: None,
+            reason: None,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
@@ -56,10 +80,12 @@ impl IntoResponse for ApiError {
             tracing::warn!(error = %self, "request failed");
         }
         let body = match &self {
-            ApiError::InvalidConfig { field, reason } => {
-                json!({ "error": self.to_string(), "field": field, "reason": reason })
-            }
-            _ => json!({ "error": self.to_string() }),
+            ApiError::InvalidConfig { field, reason } => ErrorBody {
+                field: Some(field.clone()),
+                reason: Some(reason.clone()),
+                ..ErrorBody::new(self.to_string())
+            },
+            _ => ErrorBody::new(self.to_string()),
         };
         (status, Json(body)).into_response()
     }

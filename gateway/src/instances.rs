@@ -12,51 +12,96 @@ use axum::http::StatusCode;
 use axum::Json;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
-use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
 
-use crate::api::{body, start_run, validated_config, AppStateRef};
-use crate::error::{ApiError, ApiResult};
+use crate::api::{body, start_run, validated_config, AppStateRef, Created};
+use crate::error::{ApiError, ApiResult, ErrorBody};
 
-#[derive(Deserialize)]
+/// An instance to create.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct NewInstance {
+    /// 1 to 200 characters, not all blank (trimmed).
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     name: String,
+    /// An experiment a live worker hosts.
     experiment: String,
+    /// Checked against the experiment's config schema; absent or null: all defaults.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     config: Value,
 }
 
-#[derive(Deserialize)]
+/// Fields to change; absent or null: unchanged.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct InstanceChange {
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     name: Option<String>,
+    /// Checked against the experiment's config schema.
+    #[schema(value_type = Option<Object>)]
     config: Option<Value>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
+    /// Only instances of this experiment.
     experiment: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// Changes to the instance's config for one run.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RunOverrides {
     /// Fields replacing the instance's config for this run only.
     #[serde(default)]
+    #[schema(value_type = Object)]
     config: Map<String, Value>,
 }
 
-fn instance_json(instance: instances::Model) -> Value {
-    json!({
-        "id": instance.id,
-        "name": instance.name,
-        "experiment": instance.experiment,
-        "config": serde_json::from_str::<Value>(&instance.config).unwrap_or(Value::Null),
-        "created_at": instance.created_at,
-        "updated_at": instance.updated_at,
-    })
+/// The `{id}` of an instance's paths.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // describes the path; handlers take `Path<String>`
+pub(crate) struct InstanceId {
+    /// Instance id.
+    id: String,
+}
+
+/// A named, configured experiment.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Instance {
+    id: String,
+    name: String,
+    experiment: String,
+    /// The validated config, defaults applied.
+    #[schema(value_type = Object)]
+    config: Value,
+    /// µs since the epoch.
+    created_at: i64,
+    /// µs since the epoch.
+    updated_at: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Instances {
+    /// By name.
+    instances: Vec<Instance>,
+}
+
+fn instance_json(instance: instances::Model) -> Instance {
+    Instance {
+        id: instance.id,
+        name: instance.name,
+        experiment: instance.experiment,
+        config: serde_json::from_str::<Value>(&instance.config).unwrap_or(Value::Null),
+        created_at: instance.created_at,
+        updated_at: instance.updated_at,
+    }
 }
 
 fn checked_name(name: &str) -> ApiResult<String> {
@@ -76,10 +121,21 @@ async fn find(state: &crate::AppState, id: &str) -> ApiResult<instances::Model> 
         .ok_or_else(|| ApiError::NotFound(format!("instance {id:?} not found")))
 }
 
+/// Create an instance (config validated against the experiment's schema).
+#[utoipa::path(post, path = "/api/instances", tag = "instances",
+    request_body = NewInstance,
+    responses(
+        (status = 201, description = "Created", body = Instance),
+        (status = 400, description = "Malformed request body or name", body = ErrorBody),
+        (status = 404, description = "No live worker hosts the experiment", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 422, description = "The config does not fit the experiment's schema: `field` and `reason` say how", body = ErrorBody),
+        (status = 503, description = "The database or NATS is unavailable", body = ErrorBody),
+    ))]
 pub(crate) async fn create(
     axum::extract::State(state): AppStateRef,
     request: Result<Json<NewInstance>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Instance>)> {
     let request = body(&state, request)?;
     let name = checked_name(&request.name)?;
     let config = validated_config(&state, &request.experiment, &request.config).await?;
@@ -99,10 +155,16 @@ pub(crate) async fn create(
     Ok((StatusCode::CREATED, Json(instance_json(instance))))
 }
 
+/// Instances, by name.
+#[utoipa::path(get, path = "/api/instances", tag = "instances", params(ListQuery), responses(
+    (status = 200, description = "Instances", body = Instances),
+    (status = 400, description = "An unknown parameter", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn list(
     axum::extract::State(state): AppStateRef,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Instances>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let mut find = instances::Entity::find();
     if let Some(experiment) = &q.experiment {
@@ -113,23 +175,40 @@ pub(crate) async fn list(
         .order_by_asc(instances::Column::Id)
         .all(&state.db)
         .await?;
-    Ok(Json(
-        json!({ "instances": rows.into_iter().map(instance_json).collect::<Vec<_>>() }),
-    ))
+    Ok(Json(Instances {
+        instances: rows.into_iter().map(instance_json).collect(),
+    }))
 }
 
+/// One instance.
+#[utoipa::path(get, path = "/api/instances/{id}", tag = "instances", params(InstanceId), responses(
+    (status = 200, description = "The instance", body = Instance),
+    (status = 404, description = "No such instance", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn get(
     axum::extract::State(state): AppStateRef,
     Path(id): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Instance>> {
     Ok(Json(instance_json(find(&state, &id).await?)))
 }
 
+/// Change an instance's name and/or config.
+#[utoipa::path(put, path = "/api/instances/{id}", tag = "instances", params(InstanceId),
+    request_body = InstanceChange,
+    responses(
+        (status = 200, description = "Updated", body = Instance),
+        (status = 400, description = "Malformed request body or name", body = ErrorBody),
+        (status = 404, description = "No such instance, or no live worker hosts its experiment", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 422, description = "The config does not fit the experiment's schema: `field` and `reason` say how", body = ErrorBody),
+        (status = 503, description = "The database or NATS is unavailable", body = ErrorBody),
+    ))]
 pub(crate) async fn update(
     axum::extract::State(state): AppStateRef,
     Path(id): Path<String>,
     request: Result<Json<InstanceChange>, JsonRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Instance>> {
     let request = body(&state, request)?;
     let mut instance = find(&state, &id).await?;
     if let Some(name) = &request.name {
@@ -163,7 +242,14 @@ pub(crate) async fn update(
     Ok(Json(instance_json(instance)))
 }
 
-/// Deletes the instance; its runs stay, with their `instance_id`.
+/// Delete an instance (its runs stay).
+///
+/// Its runs keep their `instance_id`.
+#[utoipa::path(delete, path = "/api/instances/{id}", tag = "instances", params(InstanceId), responses(
+    (status = 204, description = "Deleted"),
+    (status = 404, description = "No such instance", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
 pub(crate) async fn delete(
     axum::extract::State(state): AppStateRef,
     Path(id): Path<String>,
@@ -179,12 +265,24 @@ pub(crate) async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Starts a run of the instance, with `config` fields (optional) overriding its own.
+/// Start a run of the instance; `config` fields override the instance's for this run.
+///
+/// The body is optional: none (or only whitespace) starts the run as saved.
+#[utoipa::path(post, path = "/api/instances/{id}/runs", tag = "instances", params(InstanceId),
+    request_body(content = Option<RunOverrides>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Run created", body = Created),
+        (status = 400, description = "Malformed request body", body = ErrorBody),
+        (status = 404, description = "No such instance, or no live worker hosts its experiment", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 422, description = "The config does not fit the experiment's schema: `field` and `reason` say how", body = ErrorBody),
+        (status = 503, description = "The database or NATS is unavailable", body = ErrorBody),
+    ))]
 pub(crate) async fn start_run_of(
     axum::extract::State(state): AppStateRef,
     Path(id): Path<String>,
     request: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Created>)> {
     // The body is optional: empty means "as saved".
     let request = match request {
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {

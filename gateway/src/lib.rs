@@ -10,6 +10,7 @@ mod auth;
 mod error;
 mod hub;
 mod instances;
+mod openapi;
 mod sse;
 mod ui;
 
@@ -22,12 +23,13 @@ use athanor_connections::db::DatabaseConfig;
 use athanor_connections::nats::{NatsConfig, NatsError};
 use athanor_schemas::names;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
 
@@ -178,37 +180,49 @@ impl AppState {
     }
 }
 
+/// Every route, with its description: the path and method of each come from the
+/// handler's `#[utoipa::path]`, so the router and the document cannot disagree. One
+/// `routes!` per path.
+fn routes() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(routes!(ui::index))
+        .routes(routes!(ui::file))
+        .routes(routes!(api::healthz))
+        .routes(routes!(api::readyz))
+        .routes(routes!(api::openapi))
+        .routes(routes!(api::experiments))
+        .routes(routes!(instances::list, instances::create))
+        .routes(routes!(
+            instances::get,
+            instances::update,
+            instances::delete
+        ))
+        .routes(routes!(instances::start_run_of))
+        .routes(routes!(sse::lifecycle_events))
+        .routes(routes!(auth::lifecycle_feed_token))
+        .routes(routes!(auth::run_feed_token))
+        .routes(routes!(api::list_runs, api::create_run))
+        .routes(routes!(api::get_run))
+        .routes(routes!(sse::run_events))
+        .routes(routes!(api::cancel_run))
+        .routes(routes!(api::logs))
+        .routes(routes!(api::logs_txt))
+        .routes(routes!(api::results))
+}
+
+/// The OpenAPI document of every route, as served at `/api/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = routes().into_openapi();
+    openapi::guarded(&mut doc);
+    openapi::optional_bodies(&mut doc);
+    doc
+}
+
 /// The HTTP routes.
 pub fn router(state: AppState, config: &GatewayConfig) -> Router {
     let state = Arc::new(state);
-    let router = Router::new()
-        .route("/", get(ui::index))
-        .route("/ui/{name}", get(ui::file))
-        .route("/healthz", get(api::healthz))
-        .route("/readyz", get(api::readyz))
-        .route("/api/openapi.json", get(api::openapi))
-        .route("/api/experiments", get(api::experiments))
-        .route(
-            "/api/instances",
-            get(instances::list).post(instances::create),
-        )
-        .route(
-            "/api/instances/{id}",
-            get(instances::get)
-                .put(instances::update)
-                .delete(instances::delete),
-        )
-        .route("/api/instances/{id}/runs", post(instances::start_run_of))
-        .route("/api/events", get(sse::lifecycle_events))
-        .route("/api/events/feed-token", post(auth::lifecycle_feed_token))
-        .route("/api/runs/{id}/feed-token", post(auth::run_feed_token))
-        .route("/api/runs", get(api::list_runs).post(api::create_run))
-        .route("/api/runs/{id}", get(api::get_run))
-        .route("/api/runs/{id}/events", get(sse::run_events))
-        .route("/api/runs/{id}/cancel", post(api::cancel_run))
-        .route("/api/runs/{id}/logs", get(api::logs))
-        .route("/api/runs/{id}/logs.txt", get(api::logs_txt))
-        .route("/api/runs/{id}/results", get(api::results))
+    let (router, _) = routes().split_for_parts();
+    let router = router
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(

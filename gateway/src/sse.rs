@@ -35,12 +35,14 @@ use crate::hub::{Frame, Hub, Hubs, Joined};
 /// How long a catch-up waits for the next batch before giving up and resyncing.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct FeedQuery {
-    /// The same as a `Last-Event-ID` header, for clients that cannot set headers.
+    /// The same as the Last-Event-ID header, for clients that cannot set headers.
+    #[param(pattern = "^([0-9]{1,19})?$")]
     last_event_id: Option<String>,
-    /// A feed token (checked by `auth.rs`).
+    /// A feed token (when the gateway protects reads; checked by `auth.rs`).
     #[allow(dead_code)]
     token: Option<String>,
 }
@@ -157,6 +159,25 @@ impl<S: Stream<Item = Arc<Frame>>> Stream for Writes<S> {
     }
 }
 
+/// SSE: the run's live feed: `snapshot`, then `batch` events in order, `resync` + `snapshot` when the viewer fell behind, `status` last. `id` is the batch watermark.
+///
+/// Reconnecting with `Last-Event-ID: n` (or `?last_event_id=n`) continues at batch `n`,
+/// on any gateway, with no gap and no duplicate. Keep-alive comments keep the
+/// connection open; the stream ends after `status`.
+#[utoipa::path(get, path = "/api/runs/{id}/events", tag = "feeds",
+    params(
+        crate::api::RunId,
+        ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = "^([0-9]{1,19})?$",
+            description = "Resume: the batch watermark (`id`) of the last event received"),
+        FeedQuery,
+    ),
+    responses(
+        (status = 200, description = "text/event-stream of Snapshot, BatchEvent, Resync and StatusEvent",
+            content_type = "text/event-stream", body = crate::openapi::RunFeedEvent),
+        (status = 400, description = "Last-Event-ID is not a watermark of this feed, or an unknown parameter", body = crate::error::ErrorBody),
+        (status = 404, description = "No such run", body = crate::error::ErrorBody),
+        (status = 503, description = "The database or NATS is unavailable", body = crate::error::ErrorBody),
+    ))]
 pub(crate) async fn run_events(
     State(state): AppStateRef,
     Path(id): Path<String>,
@@ -391,8 +412,16 @@ impl Viewer {
     }
 }
 
-/// Run lifecycle changes of every run (`run` events), relayed from
-/// `athanor.lifecycle.*`. A client that lags gets `resync` and should reload its list.
+/// SSE: lifecycle changes of all runs (`run` events carrying a Lifecycle; `resync` when changes were missed).
+///
+/// Relayed from `athanor.lifecycle.*`. A client that lags gets `resync` and should
+/// reload its list.
+#[utoipa::path(get, path = "/api/events", tag = "feeds",
+    params(("token" = Option<String>, Query, description = "A feed token (when the gateway protects reads)")),
+    responses(
+        (status = 200, description = "text/event-stream of Lifecycle and Resync",
+            content_type = "text/event-stream", body = crate::openapi::LifecycleFeedEvent),
+    ))]
 pub(crate) async fn lifecycle_events(State(state): AppStateRef) -> Response {
     let rx = state.lifecycle.subscribe();
     let shutdown = state.hubs.shutdown.clone();

@@ -25,10 +25,25 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     response
 }
 
+/// The web UI's page.
+#[utoipa::path(get, path = "/", tag = "ui", responses(
+    (status = 200, description = "The UI", body = String, content_type = "text/html"),
+))]
 pub(crate) async fn index() -> Response {
     asset("text/html; charset=utf-8", include_str!("ui/index.html"))
 }
 
+/// A file of the web UI: `app.js`, `app.css`, `favicon.svg`.
+#[utoipa::path(get, path = "/ui/{name}", tag = "ui",
+    params(("name" = String, Path, description = "The file's name")),
+    responses(
+        (status = 200, description = "The file", content(
+            (String = "text/javascript"),
+            (String = "text/css"),
+            (String = "image/svg+xml"),
+        )),
+        (status = 404, description = "No such file", body = crate::error::ErrorBody),
+    ))]
 pub(crate) async fn file(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", include_str!("ui/app.js")),

@@ -29,14 +29,17 @@ pub const RUN: &str = "run";
 
 /// The run as a viewer sees it (also the body of `GET /api/runs/{id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Run))]
 pub struct RunView {
     pub id: String,
     pub experiment: String,
     pub instance_id: Option<String>,
+    /// The validated config, defaults applied.
     pub config: Value,
     pub status: RunState,
     pub error: Option<String>,
     pub worker_id: Option<String>,
+    /// µs since the epoch.
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
@@ -50,6 +53,7 @@ pub struct RunView {
 
 /// The first event of a feed, and the one after a `resync`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     pub run: RunView,
     /// Latest value of each result key.
@@ -64,6 +68,7 @@ pub struct Snapshot {
 
 /// One batch of a run, as it was published (its `batch_seq` is the event's `id` - 1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BatchEvent {
     pub batch_seq: u64,
     #[serde(default)]
@@ -94,6 +99,7 @@ impl BatchEvent {
 
 /// The last event of a feed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusEvent {
     pub status: RunState,
     pub error: Option<String>,
@@ -106,6 +112,7 @@ pub struct StatusEvent {
 /// Published on `athanor.lifecycle.<run_id>` (core NATS, after the change is in the
 /// database) and relayed by every gateway on `/api/events` as a `run` event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Lifecycle {
     pub run_id: String,
     /// `pending` (created), `running`, or a terminal state.
