@@ -80,6 +80,7 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
+    #[allow(clippy::too_many_arguments)] // one call, in the worker, naming each
     pub(crate) fn new(
         js: jetstream::Context,
         run_id: &str,

@@ -16,14 +16,16 @@ pub mod config;
 pub mod context;
 pub mod experiment;
 pub mod flusher;
+mod intake;
 mod registry;
-mod runner;
+mod supervisor;
+mod worker;
 
 pub use athanor_schemas::Level;
 pub use config::WorkerConfig;
 pub use context::RunContext;
 pub use experiment::{Experiment, RunError};
-pub use runner::{RunHandle, Worker};
+pub use worker::{RunHandle, Worker};
 
 use std::sync::Arc;
 
