@@ -50,7 +50,8 @@ pub struct AggregatorConfig {
     /// How often runs of vanished workers are looked for.
     #[serde(with = "humantime_serde")]
     pub lost_check_interval: Duration,
-    /// Longest pause between retries while the database is unavailable.
+    /// Longest pause between retries while the database is unavailable (the cap of
+    /// [`Backoff::STORE`](athanor_connections::retry::Backoff::STORE)).
     #[serde(with = "humantime_serde")]
     pub max_retry_delay: Duration,
 }

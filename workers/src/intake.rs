@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, AckKind};
+use athanor_connections::retry::Backoff;
 use athanor_schemas::requests::RunRequest;
 use athanor_schemas::{names, now_micros, RunInfo, RunState};
 use futures::StreamExt;
@@ -28,18 +29,21 @@ use crate::{Error, Result};
 /// every worker hosting it), one at a time and only while a slot is free, so queued
 /// requests stay in the stream for other workers.
 pub(crate) async fn consume_requests(worker: Arc<WorkerShared>, experiment: String) {
+    let mut reopen = Backoff::REOPEN.retries();
     let consumer = loop {
         match request_consumer(&worker.js, &experiment).await {
             Ok(consumer) => break consumer,
             Err(error) => {
-                warn!(experiment, %error, "cannot open the request consumer; retrying");
+                let delay = reopen.next_delay();
+                warn!(experiment, %error, retry_in = ?delay, "cannot open the request consumer; retrying");
                 tokio::select! {
                     _ = worker.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
             }
         }
     };
+    let mut refetch = Backoff::FETCH.retries();
     loop {
         // Wait until a slot is free, without holding it while idle: every experiment
         // of this worker polls its own queue, and an idle poller must not starve the
@@ -63,11 +67,18 @@ pub(crate) async fn consume_requests(worker: Arc<WorkerShared>, experiment: Stri
         let message = tokio::select! {
             _ = worker.shutdown.cancelled() => return,
             next = next => match next {
-                Ok(Some(message)) => message,
-                Ok(None) => continue,
+                Ok(Some(message)) => {
+                    refetch.reset();
+                    message
+                }
+                Ok(None) => {
+                    refetch.reset();
+                    continue;
+                }
                 Err(error) => {
-                    warn!(experiment, %error, "fetching run requests failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let delay = refetch.next_delay();
+                    warn!(experiment, %error, retry_in = ?delay, "fetching run requests failed; retrying");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             },

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use athanor_connections::retry::Backoff;
 use athanor_schemas::{Level, RunState};
 use futures::StreamExt;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit};
@@ -175,14 +176,19 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Applies `cancel.<run_id>` keys to the runs executing here.
 pub(crate) async fn watch_cancels(worker: Arc<WorkerShared>, control: kv::Store) {
+    let mut rewatch = Backoff::REOPEN.retries();
     loop {
         let mut watch = match control.watch_with_history("cancel.>").await {
-            Ok(watch) => watch,
+            Ok(watch) => {
+                rewatch.reset();
+                watch
+            }
             Err(error) => {
-                warn!(%error, "cannot watch cancel requests; retrying");
+                let delay = rewatch.next_delay();
+                warn!(%error, retry_in = ?delay, "cannot watch cancel requests; retrying");
                 tokio::select! {
                     _ = worker.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(delay) => continue,
                 }
             }
         };
