@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::store::{self, Incoming};
-use crate::{dlq, Shared};
+use crate::{dlq, Error, Result, Shared};
 
 /// Decoded messages on their way to the writer. Bounded: when the database is slower
 /// than decoding, the decoder waits (policy: block), so at most this many fetched
@@ -134,12 +134,15 @@ async fn write_loop(shared: Arc<Shared>, mut from_decoder: tokio::sync::mpsc::Re
     }
 }
 
-async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
+async fn open(shared: &Shared) -> Result<consumer::pull::Stream> {
     let stream = shared
         .js
         .get_stream(names::RUNS_STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| Error::Stream {
+            stream: names::RUNS_STREAM,
+            source,
+        })?;
     let name = shared.config.consumer.clone();
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -155,7 +158,10 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
             },
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| Error::Consumer {
+            consumer: name.clone(),
+            source,
+        })?;
     consumer
         .stream()
         .max_messages_per_batch(shared.config.max_batch_messages)
@@ -164,7 +170,10 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
         .expires(Duration::from_secs(30))
         .messages()
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|source| Error::Pull {
+            consumer: name,
+            source,
+        })
 }
 
 /// Writes one transaction and acks its messages after the commit. A transaction the

@@ -121,11 +121,14 @@ pub(crate) async fn consume_requests(worker: Arc<WorkerShared>, experiment: Stri
 async fn request_consumer(
     js: &jetstream::Context,
     experiment: &str,
-) -> Result<consumer::PullConsumer, String> {
+) -> Result<consumer::PullConsumer> {
     let stream = js
         .get_stream(names::REQUESTS_STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| Error::Stream {
+            stream: names::REQUESTS_STREAM,
+            source,
+        })?;
     let name = names::request_consumer(experiment);
     stream
         .get_or_create_consumer(
@@ -139,7 +142,10 @@ async fn request_consumer(
             },
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|source| Error::Consumer {
+            consumer: name,
+            source,
+        })
 }
 
 impl WorkerShared {
@@ -281,10 +287,7 @@ impl WorkerShared {
 /// Acknowledges a run request and waits for the server to confirm it.
 async fn acknowledge(message: Option<&jetstream::Message>) -> Result<()> {
     match message {
-        Some(message) => message
-            .double_ack()
-            .await
-            .map_err(|e| Error::Ack(e.to_string())),
+        Some(message) => message.double_ack().await.map_err(Error::Ack),
         None => Ok(()),
     }
 }

@@ -93,15 +93,24 @@ impl Worker {
         let control = js
             .get_key_value(names::CONTROL_BUCKET)
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|source| Error::Bucket {
+                bucket: names::CONTROL_BUCKET,
+                source,
+            })?;
         let workers = js
             .get_key_value(names::WORKERS_BUCKET)
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
-        let runs_stream = js
-            .get_stream(names::RUNS_STREAM)
-            .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|source| Error::Bucket {
+                bucket: names::WORKERS_BUCKET,
+                source,
+            })?;
+        let runs_stream =
+            js.get_stream(names::RUNS_STREAM)
+                .await
+                .map_err(|source| Error::Stream {
+                    stream: names::RUNS_STREAM,
+                    source,
+                })?;
         let shared = Arc::new(WorkerShared {
             id,
             budget: Budget::new(config.max_pending_bytes),
