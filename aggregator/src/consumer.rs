@@ -5,13 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, AckKind};
+use athanor_connections::retry::Backoff;
 use athanor_schemas::names;
 use futures::StreamExt;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::store::{self, Incoming};
-use crate::{dlq, Shared};
+use crate::{dlq, Error, Result, Shared};
 
 /// Decoded messages on their way to the writer. Bounded: when the database is slower
 /// than decoding, the decoder waits (policy: block), so at most this many fetched
@@ -36,14 +37,19 @@ pub(crate) async fn consume(shared: Arc<Shared>) {
 }
 
 async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded>) {
+    let mut reopen = Backoff::REOPEN.retries();
     loop {
         let mut messages = match open(shared).await {
-            Ok(messages) => messages,
+            Ok(messages) => {
+                reopen.reset();
+                messages
+            }
             Err(error) => {
-                warn!(%error, "cannot open the aggregator consumer; retrying");
+                let delay = reopen.next_delay();
+                warn!(%error, retry_in = ?delay, "cannot open the aggregator consumer; retrying");
                 tokio::select! {
                     _ = shared.shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = tokio::time::sleep(delay) => continue,
                 }
             }
         };
@@ -128,12 +134,15 @@ async fn write_loop(shared: Arc<Shared>, mut from_decoder: tokio::sync::mpsc::Re
     }
 }
 
-async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
+async fn open(shared: &Shared) -> Result<consumer::pull::Stream> {
     let stream = shared
         .js
         .get_stream(names::RUNS_STREAM)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| Error::Stream {
+            stream: names::RUNS_STREAM,
+            source,
+        })?;
     let name = shared.config.consumer.clone();
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -149,7 +158,10 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
             },
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| Error::Consumer {
+            consumer: name.clone(),
+            source,
+        })?;
     consumer
         .stream()
         .max_messages_per_batch(shared.config.max_batch_messages)
@@ -158,7 +170,10 @@ async fn open(shared: &Shared) -> Result<consumer::pull::Stream, String> {
         .expires(Duration::from_secs(30))
         .messages()
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|source| Error::Pull {
+            consumer: name,
+            source,
+        })
 }
 
 /// Writes one transaction and acks its messages after the commit. A transaction the
@@ -220,7 +235,9 @@ async fn write_with_retry(
     messages: &[jetstream::Message],
     mut incoming: Vec<Incoming>,
 ) -> Outcome {
-    let mut delay = Duration::from_millis(100);
+    let mut retries = Backoff::STORE
+        .with_cap(shared.config.max_retry_delay)
+        .retries();
     loop {
         let started = Instant::now();
         let stored = store::store(&shared.db, std::mem::take(&mut incoming)).await;
@@ -254,6 +271,7 @@ async fn write_with_retry(
             Err(error) if store::is_permanent(&error) => return Outcome::Refused(error),
             Err(error) => {
                 shared.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let delay = retries.next_delay();
                 warn!(%error, messages = messages.len(), retry_in = ?delay, "writing batches failed; nothing acknowledged, retrying");
                 for message in messages {
                     let _ = message.ack_with(AckKind::Progress).await;
@@ -262,7 +280,6 @@ async fn write_with_retry(
                     _ = shared.shutdown.cancelled() => return Outcome::Shutdown,
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(shared.config.max_retry_delay);
                 // The failed attempt consumed the batches: decode them again (cheaper
                 // than keeping a copy of every batch for the rare retry).
                 incoming = decode_all(shared, messages.to_vec()).await.incoming;

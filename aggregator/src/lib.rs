@@ -19,6 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::StreamError as PullError;
+use async_nats::jetstream::context::{GetStreamError, KeyValueError};
+use async_nats::jetstream::stream::ConsumerError;
 use athanor_connections::db::DatabaseConfig;
 use athanor_connections::nats::{NatsConfig, NatsError};
 use sea_orm::DatabaseConnection;
@@ -50,7 +53,8 @@ pub struct AggregatorConfig {
     /// How often runs of vanished workers are looked for.
     #[serde(with = "humantime_serde")]
     pub lost_check_interval: Duration,
-    /// Longest pause between retries while the database is unavailable.
+    /// Longest pause between retries while the database is unavailable (the cap of
+    /// [`Backoff::STORE`](athanor_connections::retry::Backoff::STORE)).
     #[serde(with = "humantime_serde")]
     pub max_retry_delay: Duration,
 }
@@ -87,8 +91,38 @@ pub enum Error {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Db(#[from] athanor_connections::db::DbError),
-    #[error("jetstream: {0}")]
-    JetStream(String),
+    #[error("cannot open the {stream} stream: {source}")]
+    Stream {
+        stream: &'static str,
+        #[source]
+        source: GetStreamError,
+    },
+    #[error("cannot open the consumer {consumer}: {source}")]
+    Consumer {
+        consumer: String,
+        #[source]
+        source: ConsumerError,
+    },
+    #[error("cannot pull from the consumer {consumer}: {source}")]
+    Pull {
+        consumer: String,
+        #[source]
+        source: PullError,
+    },
+    #[error("cannot open the {bucket} bucket: {source}")]
+    Bucket {
+        bucket: &'static str,
+        #[source]
+        source: KeyValueError,
+    },
+    #[error("cannot list the keys of the {bucket} bucket: {source}")]
+    Keys {
+        bucket: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("database: {0}")]
+    Query(#[from] sea_orm::DbErr),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

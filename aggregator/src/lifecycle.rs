@@ -14,11 +14,11 @@ use athanor_connections::db::{stmt, write_turn};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{names, now_micros, RunState};
 use futures::TryStreamExt;
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::ConnectionTrait;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
-use crate::Shared;
+use crate::{Error, Result, Shared};
 
 /// Announces committed status changes on `athanor.lifecycle.<run_id>` (core NATS: a
 /// live hint for run lists; the database stays the record, so a missed one is
@@ -57,19 +57,26 @@ pub(crate) async fn watch_lost(shared: Arc<Shared>) {
     }
 }
 
-async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Result<(), String> {
+async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Result<()> {
     let bucket = shared
         .js
         .get_key_value(names::WORKERS_BUCKET)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| Error::Bucket {
+            bucket: names::WORKERS_BUCKET,
+            source,
+        })?;
+    let keys = |source: async_nats::Error| Error::Keys {
+        bucket: names::WORKERS_BUCKET,
+        source,
+    };
     let live: HashSet<String> = bucket
         .keys()
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| keys(e.into()))?
         .try_collect()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| keys(e.into()))?;
     absent.retain(|worker, _| !live.contains(worker));
     let backend = shared.db.get_database_backend();
     let now = now_micros();
@@ -82,11 +89,10 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
              ORDER BY updated_at LIMIT 1000",
             vec![quiet_since.into()],
         ))
-        .await
-        .map_err(|e: DbErr| e.to_string())?;
+        .await?;
     for row in candidates {
-        let id: String = row.try_get("", "id").map_err(|e| e.to_string())?;
-        let worker: Option<String> = row.try_get("", "worker_id").map_err(|e| e.to_string())?;
+        let id: String = row.try_get("", "id")?;
+        let worker: Option<String> = row.try_get("", "worker_id")?;
         let key = worker.clone().unwrap_or_default();
         if live.contains(&key) {
             continue;
@@ -116,8 +122,7 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
                     quiet_since.into(),
                 ],
             ))
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .rows_affected();
         drop(turn);
         if changed > 0 {

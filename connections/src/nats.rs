@@ -8,6 +8,8 @@ use async_nats::jetstream::{self, kv, stream};
 use athanor_schemas::names;
 use serde::{Deserialize, Serialize};
 
+use crate::retry::Backoff;
+
 /// The `[nats]` section of the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -163,8 +165,10 @@ pub async fn connect(config: &NatsConfig, name: &str) -> Result<async_nats::Clie
         .await?
         .name(name)
         .request_timeout(Some(config.request_timeout))
+        // `attempts` counts from 1 for the first reconnect; jittered, so the clients
+        // that lost a restarting server do not all knock at once.
         .reconnect_delay_callback(|attempts| {
-            Duration::from_millis((50 * 2u64.pow(attempts.min(5) as u32)).min(1000))
+            Backoff::RECONNECT.delay(u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX))
         })
         // A comma-separated list: every server of a cluster, tried in turn.
         .connect(

@@ -107,8 +107,18 @@ pub enum Error {
     Nats(#[from] NatsError),
     #[error(transparent)]
     Db(#[from] athanor_connections::db::DbError),
-    #[error("jetstream: {0}")]
-    JetStream(String),
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        subject: &'static str,
+        #[source]
+        source: async_nats::SubscribeError,
+    },
+    #[error("cannot open the {bucket} bucket: {source}")]
+    Bucket {
+        bucket: &'static str,
+        #[source]
+        source: async_nats::jetstream::context::KeyValueError,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -146,15 +156,24 @@ impl AppState {
             .client()
             .subscribe(names::LIFECYCLE_SUBJECTS)
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|source| Error::Subscribe {
+                subject: names::LIFECYCLE_SUBJECTS,
+                source,
+            })?;
         let workers = js
             .get_key_value(names::WORKERS_BUCKET)
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|source| Error::Bucket {
+                bucket: names::WORKERS_BUCKET,
+                source,
+            })?;
         let control = js
             .get_key_value(names::CONTROL_BUCKET)
             .await
-            .map_err(|e| Error::JetStream(e.to_string()))?;
+            .map_err(|source| Error::Bucket {
+                bucket: names::CONTROL_BUCKET,
+                source,
+            })?;
         let hubs = hub::Hubs::new(db.clone(), js.clone(), config.clone(), shutdown);
         // Bounded: a lifecycle viewer that lags is told to reload.
         let (lifecycle, _) = tokio::sync::broadcast::channel(1024);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use athanor_connections::retry::Backoff;
 use athanor_schemas::batch::SCHEMA_VERSION;
 use athanor_schemas::codec::{self, MAX_BATCH_JSON_BYTES};
 use athanor_schemas::{names, Batch, Final, RunInfo, RunState, Status};
@@ -80,6 +81,7 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
+    #[allow(clippy::too_many_arguments)] // one call, in the worker, naming each
     pub(crate) fn new(
         js: jetstream::Context,
         run_id: &str,
@@ -196,7 +198,8 @@ impl Publisher {
         headers.insert(names::headers::LINES, batch.lines.to_string().as_str());
         let payload = Bytes::from(batch.payload);
         let wire = payload.len() as u64;
-        let mut delay = Duration::from_millis(50);
+        // Never gives up: the run's output exists only in this batch now.
+        let mut retries = Backoff::PUBLISH.retries();
         loop {
             let attempt = async {
                 let ack = self
@@ -205,7 +208,7 @@ impl Publisher {
                     .await?;
                 ack.await
             };
-            match tokio::time::timeout(self.publish_timeout, attempt).await {
+            let error = match tokio::time::timeout(self.publish_timeout, attempt).await {
                 Ok(Ok(ack)) => {
                     if ack.duplicate {
                         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -222,17 +225,21 @@ impl Publisher {
                         trigger = trigger.as_str(), stream_seq = ack.sequence, "batch published");
                     return;
                 }
-                Ok(Err(error)) => {
-                    warn!(run_id = %self.run_id, batch_seq = batch.batch_seq, %error, retry_in = ?delay, "publish failed; retrying");
+                Ok(Err(error)) => Some(error),
+                Err(_) => None,
+            };
+            let delay = retries.next_delay();
+            match error {
+                Some(error) => {
+                    warn!(run_id = %self.run_id, batch_seq = batch.batch_seq, %error, retry_in = ?delay, "publish failed; retrying")
                 }
-                Err(_) => {
+                None => {
                     warn!(run_id = %self.run_id, batch_seq = batch.batch_seq, timeout = ?self.publish_timeout, retry_in = ?delay,
-                        "publish not acknowledged in time; retrying");
+                        "publish not acknowledged in time; retrying")
                 }
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 }

@@ -16,17 +16,21 @@ pub mod config;
 pub mod context;
 pub mod experiment;
 pub mod flusher;
+mod intake;
 mod registry;
-mod runner;
+mod supervisor;
+mod worker;
 
 pub use athanor_schemas::Level;
 pub use config::WorkerConfig;
 pub use context::RunContext;
 pub use experiment::{Experiment, RunError};
-pub use runner::{RunHandle, Worker};
+pub use worker::{RunHandle, Worker};
 
 use std::sync::Arc;
 
+use async_nats::jetstream::context::{GetStreamError, KeyValueError};
+use async_nats::jetstream::stream::ConsumerError;
 use athanor_connections::nats::{NatsConfig, NatsError};
 use tokio_util::sync::CancellationToken;
 
@@ -34,8 +38,24 @@ use tokio_util::sync::CancellationToken;
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] NatsError),
-    #[error("jetstream: {0}")]
-    JetStream(String),
+    #[error("cannot open the {bucket} bucket: {source}")]
+    Bucket {
+        bucket: &'static str,
+        #[source]
+        source: KeyValueError,
+    },
+    #[error("cannot open the {stream} stream: {source}")]
+    Stream {
+        stream: &'static str,
+        #[source]
+        source: GetStreamError,
+    },
+    #[error("cannot open the consumer {consumer}: {source}")]
+    Consumer {
+        consumer: String,
+        #[source]
+        source: ConsumerError,
+    },
     #[error("invalid experiment declaration: {0}")]
     Declaration(#[from] command::DeclarationError),
     #[error("unknown experiment {name:?} (this worker hosts: {hosted})")]
@@ -45,7 +65,7 @@ pub enum Error {
     #[error("run {0} was already started: it is running here or its output is in ATHANOR_RUNS")]
     DuplicateRun(String),
     #[error("could not acknowledge the run request: {0}")]
-    Ack(String),
+    Ack(#[source] async_nats::Error),
     #[error("the worker is shutting down")]
     ShuttingDown,
 }
@@ -98,4 +118,37 @@ fn select(all: Vec<Arc<dyn Experiment>>, names: &[String]) -> Result<Vec<Arc<dyn
                 })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn errors_say_what_failed_and_keep_their_source() {
+        let error = Error::Stream {
+            stream: athanor_schemas::names::RUNS_STREAM,
+            source: GetStreamError::with_source(
+                GetStreamErrorKind::Request,
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            ),
+        };
+        let source = error.source().expect("the JetStream error is the source");
+        assert!(source.is::<GetStreamError>());
+        assert_eq!(
+            error.to_string(),
+            format!("cannot open the ATHANOR_RUNS stream: {source}")
+        );
+
+        let error = Error::Ack("no responders".into());
+        assert_eq!(
+            error.to_string(),
+            "could not acknowledge the run request: no responders"
+        );
+        assert_eq!(error.source().unwrap().to_string(), "no responders");
+    }
 }

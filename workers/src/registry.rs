@@ -7,7 +7,7 @@ use async_nats::jetstream::kv;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
-use crate::runner::WorkerShared;
+use crate::worker::WorkerShared;
 
 pub(crate) async fn heartbeat(worker: Arc<WorkerShared>, bucket: kv::Store) {
     let mut interval = tokio::time::interval(worker.config.heartbeat_interval);

@@ -405,7 +405,7 @@ echo still running
         .batches
         .iter()
         .filter_map(|b| b.progress.clone())
-        .last()
+        .next_back()
         .unwrap();
     assert_eq!(
         (progress.current, progress.total, progress.message),

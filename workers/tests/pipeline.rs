@@ -630,7 +630,11 @@ async fn requests_are_shared_by_workers_and_bounded_per_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_killed_and_restarted_mid_run_loses_and_duplicates_nothing() {
     let mut nats = TestNats::start_with(true);
-    let worker = TestWorker::start(&nats, WorkerConfig::for_tests(), vec![]).await;
+    let config = WorkerConfig::for_tests();
+    // Down for longer than a publish may wait for its ack: the batch in flight is
+    // retried however soon the client reconnects (its reconnect delays are jittered).
+    let outage = config.publish_timeout + Duration::from_millis(500);
+    let worker = TestWorker::start(&nats, config, vec![]).await;
     let js = nats.jetstream().await;
     let mut handle = worker
         .worker
@@ -643,7 +647,7 @@ async fn nats_killed_and_restarted_mid_run_loses_and_duplicates_nothing() {
     first_batch_seen(&js, &handle.run_id).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     nats.server.kill();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(outage).await;
     nats.server.restart().expect("restart nats-server");
     assert_eq!(handle.finished().await, RunState::Completed);
     let js = nats.jetstream().await;

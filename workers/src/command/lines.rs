@@ -29,8 +29,8 @@ enum Escape {
     Csi,
     /// In a string sequence (OSC, DCS, SOS, PM, APC) until BEL or `ESC \`.
     String,
-    /// After `ESC` inside a string sequence: `\` ends it.
-    StringEscape,
+    /// After `ESC` inside a string sequence: the string terminator `ESC \` if `\` follows.
+    StringTerminator,
     /// After `ESC (` and friends: one more byte, then done.
     Charset,
 }
@@ -165,7 +165,7 @@ impl Lines {
             },
             Escape::String => match b {
                 0x07 => self.escape = Escape::None,
-                0x1b => self.escape = Escape::StringEscape,
+                0x1b => self.escape = Escape::StringTerminator,
                 // A string never spans lines here: a lost terminator must not eat the
                 // rest of the output.
                 b'\n' => {
@@ -174,7 +174,7 @@ impl Lines {
                 }
                 _ => {}
             },
-            Escape::StringEscape => {
+            Escape::StringTerminator => {
                 self.escape = if b == b'\\' {
                     Escape::None
                 } else {
