@@ -104,7 +104,7 @@ impl RunFold {
                 }
                 update.progressed = self.progress(batch.progress.as_ref());
                 if let (Some(run), Some(status)) = (self.run.as_mut(), &batch.status) {
-                    run.status = status.clone();
+                    run.status = *status;
                     if batch.error.is_some() {
                         run.error = batch.error.clone();
                     }
@@ -119,7 +119,7 @@ impl RunFold {
                     ));
                 }
                 if let Some(run) = self.run.as_mut() {
-                    run.status = status.status.clone();
+                    run.status = status.status;
                     run.error = status.error.clone();
                     run.finished_at = status.finished_at;
                 }

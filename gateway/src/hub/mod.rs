@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer};
 use athanor_connections::db::stmt;
+use athanor_connections::retry::Backoff;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::RunView;
 use athanor_schemas::{
@@ -355,6 +356,7 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
     let mut messages: Option<consumer::pull::Ordered> = None;
     // When to (re)open the consumer while there is none (NATS unreachable).
     let mut reopen = Box::pin(tokio::time::sleep(Duration::ZERO));
+    let mut retries = Backoff::REOPEN.retries();
     let mut position = start;
     let mut idle_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(config.status_poll);
@@ -365,10 +367,14 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
             _ = hub.stop.cancelled() => break,
             _ = &mut reopen, if messages.is_none() => {
                 match hubs.consumer(&hub.run_id, position).await {
-                    Ok(m) => messages = Some(m),
+                    Ok(m) => {
+                        messages = Some(m);
+                        retries.reset();
+                    }
                     Err(error) => {
-                        warn!(run_id = %hub.run_id, %error, "cannot follow the run; retrying");
-                        reopen.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                        let retry_in = retries.next_delay();
+                        warn!(run_id = %hub.run_id, %error, ?retry_in, "cannot follow the run; retrying");
+                        reopen.as_mut().reset(tokio::time::Instant::now() + retry_in);
                     }
                 }
             }
@@ -387,9 +393,10 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                         }
                     }
                     Some(Err(error)) => {
-                        warn!(run_id = %hub.run_id, %error, "following the run failed; resuming");
+                        let retry_in = retries.next_delay();
+                        warn!(run_id = %hub.run_id, %error, ?retry_in, "following the run failed; resuming");
                         messages = None;
-                        reopen.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(1));
+                        reopen.as_mut().reset(tokio::time::Instant::now() + retry_in);
                     }
                     None => {
                         messages = None;
