@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use athanor_connections::db::write_turn;
-use athanor_schemas::batch::{LogLine, ResultRecord};
+use athanor_schemas::api::{
+    CancelRequested, Experiment, ExperimentList, LogPage, ResultList, RunCreated, RunList,
+};
+use athanor_schemas::batch::ResultRecord;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::{Lifecycle, RunView};
 use athanor_schemas::requests::{RunRequest, WorkerInfo};
@@ -131,29 +134,12 @@ pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hoste
     Ok(hosted)
 }
 
-/// An experiment and the live workers hosting it.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Experiment {
-    name: String,
-    description: String,
-    /// JSON Schema of the config.
-    #[schema(value_type = Object)]
-    config_schema: Value,
-    /// Live workers hosting it.
-    workers: usize,
-}
-
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Experiments {
-    experiments: Vec<Experiment>,
-}
-
 /// Experiments hosted by live workers (from KV athanor_workers).
 #[utoipa::path(get, path = "/api/experiments", tag = "experiments", responses(
-    (status = 200, description = "Experiments", body = Experiments),
+    (status = 200, description = "Experiments", body = ExperimentList),
     (status = 503, description = "NATS is unavailable", body = ErrorBody),
 ))]
-pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Experiments>> {
+pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<ExperimentList>> {
     let experiments = hosted(&state)
         .await?
         .into_iter()
@@ -164,7 +150,7 @@ pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Exp
             workers: h.workers,
         })
         .collect();
-    Ok(Json(Experiments { experiments }))
+    Ok(Json(ExperimentList { experiments }))
 }
 
 /// A run to start.
@@ -177,20 +163,6 @@ pub(crate) struct CreateRun {
     /// Checked against the experiment's config schema; absent or null: all defaults.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
-    config: Value,
-}
-
-/// A run just recorded as `pending`.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Created {
-    id: String,
-    /// Always `pending`.
-    status: RunState,
-    experiment: String,
-    #[schema(required = true)]
-    instance_id: Option<String>,
-    /// The validated config, defaults applied.
-    #[schema(value_type = Object)]
     config: Value,
 }
 
@@ -215,7 +187,7 @@ pub(crate) fn body<T>(state: &AppState, body: Result<Json<T>, JsonRejection>) ->
 #[utoipa::path(post, path = "/api/runs", tag = "runs",
     request_body = CreateRun,
     responses(
-        (status = 201, description = "Run created (pending)", body = Created),
+        (status = 201, description = "Run created (pending)", body = RunCreated),
         (status = 400, description = "Malformed request body", body = ErrorBody),
         (status = 404, description = "No live worker hosts the experiment", body = ErrorBody),
         (status = 413, description = "Request body too large", body = ErrorBody),
@@ -225,7 +197,7 @@ pub(crate) fn body<T>(state: &AppState, body: Result<Json<T>, JsonRejection>) ->
 pub(crate) async fn create_run(
     State(state): AppStateRef,
     request: Result<Json<CreateRun>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Created>)> {
+) -> ApiResult<(StatusCode, Json<RunCreated>)> {
     let request = body(&state, request)?;
     start_run(&state, &request.experiment, &request.config, None).await
 }
@@ -265,7 +237,7 @@ pub(crate) async fn start_run(
     experiment: &str,
     config: &Value,
     instance_id: Option<String>,
-) -> ApiResult<(StatusCode, Json<Created>)> {
+) -> ApiResult<(StatusCode, Json<RunCreated>)> {
     let config = validated_config(state, experiment, config).await?;
     let run_id = names::new_run_id();
     let now = now_micros();
@@ -333,7 +305,7 @@ pub(crate) async fn start_run(
         .await;
     Ok((
         StatusCode::CREATED,
-        Json(Created {
+        Json(RunCreated {
             id: run_id,
             status: RunState::Pending,
             experiment: experiment.to_string(),
@@ -360,26 +332,16 @@ pub(crate) struct ListRuns {
     offset: Option<u64>,
 }
 
-/// A page of runs, newest first.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct RunsPage {
-    runs: Vec<RunView>,
-    /// Runs matching the filters, on every page.
-    total: u64,
-    limit: u64,
-    offset: u64,
-}
-
 /// Runs, newest first.
 #[utoipa::path(get, path = "/api/runs", tag = "runs", params(ListRuns), responses(
-    (status = 200, description = "A page of runs", body = RunsPage),
+    (status = 200, description = "A page of runs", body = RunList),
     (status = 400, description = "An unknown status, a limit or offset out of range, or an unknown parameter", body = ErrorBody),
     (status = 503, description = "The database is unavailable", body = ErrorBody),
 ))]
 pub(crate) async fn list_runs(
     State(state): AppStateRef,
     query: Result<Query<ListRuns>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Json<RunsPage>> {
+) -> ApiResult<Json<RunList>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = page_size(q.limit, 50, 500)?;
     let offset = q.offset.unwrap_or(0);
@@ -411,7 +373,7 @@ pub(crate) async fn list_runs(
         .offset(offset)
         .all(&state.db)
         .await?;
-    Ok(Json(RunsPage {
+    Ok(Json(RunList {
         runs: rows
             .into_iter()
             .map(crate::hub::run_view)
@@ -462,16 +424,6 @@ pub(crate) struct RunId {
     id: String,
 }
 
-/// A cancel request recorded.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct CancelRequested {
-    id: String,
-    /// The run's status when asked (`pending` or `running`).
-    status: RunState,
-    #[schema(pattern = "^requested$")]
-    cancel: &'static str,
-}
-
 /// Ask the run to stop (idempotent while pending or running).
 ///
 /// Sets `cancel.<run_id>` in `athanor_control`; the worker stops the run, which ends
@@ -503,7 +455,7 @@ pub(crate) async fn cancel_run(
         Json(CancelRequested {
             id,
             status,
-            cancel: "requested",
+            cancel: "requested".into(),
         }),
     ))
 }
@@ -524,18 +476,6 @@ pub(crate) struct LogQuery {
     level: Option<String>,
     /// Case-insensitive text the message contains.
     q: Option<String>,
-}
-
-/// A page of a run's stored log.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct LogPage {
-    run_id: String,
-    lines: Vec<LogLine>,
-    /// More lines match beyond this page.
-    more: bool,
-    /// Lines the run has stored.
-    total: i64,
-    status: RunState,
 }
 
 /// A page of stored log lines.
@@ -664,24 +604,16 @@ pub(crate) async fn logs_txt(
         .into_response())
 }
 
-/// A run's results.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Results {
-    run_id: String,
-    /// By key.
-    results: Vec<ResultRecord>,
-}
-
 /// The run's results, newest value per key.
 #[utoipa::path(get, path = "/api/runs/{id}/results", tag = "runs", params(RunId), responses(
-    (status = 200, description = "Results", body = Results),
+    (status = 200, description = "Results", body = ResultList),
     (status = 404, description = "No such run", body = ErrorBody),
     (status = 503, description = "The database is unavailable", body = ErrorBody),
 ))]
 pub(crate) async fn results(
     State(state): AppStateRef,
     Path(id): Path<String>,
-) -> ApiResult<Json<Results>> {
+) -> ApiResult<Json<ResultList>> {
     find_run(&state, &id).await?;
     let rows = run_results::Entity::find()
         .filter(run_results::Column::RunId.eq(id.as_str()))
@@ -697,7 +629,7 @@ pub(crate) async fn results(
             ts: r.ts,
         })
         .collect();
-    Ok(Json(Results {
+    Ok(Json(ResultList {
         run_id: id,
         results,
     }))

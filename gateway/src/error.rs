@@ -4,7 +4,6 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -40,29 +39,7 @@ impl ApiError {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// The body of every error answer (4xx and 5xx): `error` says what was wrong; a config
-/// that fails its experiment's schema (422) also names the `field` and the `reason`.
-#[derive(Serialize, utoipa::ToSchema)]
-#[schema(as = Error)]
-pub(crate) struct ErrorBody {
-    pub error: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub field: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
-    pub reason: Option<String>,
-}
-
-impl ErrorBody {
-    pub fn new(error: impl Into<String>) -> Self {
-        ErrorBody {
-            error: error.into(),
-            field: None,
-            reason: None,
-        }
-    }
-}
+pub(crate) use athanor_schemas::api::ErrorBody;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -3,6 +3,7 @@
 //! again when a run starts (the schema may have changed since).
 
 use athanor_connections::db::write_turn;
+use athanor_schemas::api::{Instance, InstanceList, RunCreated};
 use athanor_schemas::entities::instances;
 use athanor_schemas::{names, now_micros};
 use axum::body::Bytes;
@@ -12,11 +13,11 @@ use axum::http::StatusCode;
 use axum::Json;
 use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::{body, start_run, validated_config, AppStateRef, Created};
+use crate::api::{body, start_run, validated_config, AppStateRef};
 use crate::error::{ApiError, ApiResult, ErrorBody};
 
 /// An instance to create.
@@ -70,27 +71,6 @@ pub(crate) struct RunOverrides {
 pub(crate) struct InstanceId {
     /// Instance id.
     id: String,
-}
-
-/// A named, configured experiment.
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Instance {
-    id: String,
-    name: String,
-    experiment: String,
-    /// The validated config, defaults applied.
-    #[schema(value_type = Object)]
-    config: Value,
-    /// µs since the epoch.
-    created_at: i64,
-    /// µs since the epoch.
-    updated_at: i64,
-}
-
-#[derive(Serialize, ToSchema)]
-pub(crate) struct Instances {
-    /// By name.
-    instances: Vec<Instance>,
 }
 
 fn instance_json(instance: instances::Model) -> Instance {
@@ -157,14 +137,14 @@ pub(crate) async fn create(
 
 /// Instances, by name.
 #[utoipa::path(get, path = "/api/instances", tag = "instances", params(ListQuery), responses(
-    (status = 200, description = "Instances", body = Instances),
+    (status = 200, description = "Instances", body = InstanceList),
     (status = 400, description = "An unknown parameter", body = ErrorBody),
     (status = 503, description = "The database is unavailable", body = ErrorBody),
 ))]
 pub(crate) async fn list(
     axum::extract::State(state): AppStateRef,
     query: Result<Query<ListQuery>, QueryRejection>,
-) -> ApiResult<Json<Instances>> {
+) -> ApiResult<Json<InstanceList>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let mut find = instances::Entity::find();
     if let Some(experiment) = &q.experiment {
@@ -175,7 +155,7 @@ pub(crate) async fn list(
         .order_by_asc(instances::Column::Id)
         .all(&state.db)
         .await?;
-    Ok(Json(Instances {
+    Ok(Json(InstanceList {
         instances: rows.into_iter().map(instance_json).collect(),
     }))
 }
@@ -271,7 +251,7 @@ pub(crate) async fn delete(
 #[utoipa::path(post, path = "/api/instances/{id}/runs", tag = "instances", params(InstanceId),
     request_body(content = Option<RunOverrides>, content_type = "application/json"),
     responses(
-        (status = 201, description = "Run created", body = Created),
+        (status = 201, description = "Run created", body = RunCreated),
         (status = 400, description = "Malformed request body", body = ErrorBody),
         (status = 404, description = "No such instance, or no live worker hosts its experiment", body = ErrorBody),
         (status = 413, description = "Request body too large", body = ErrorBody),
@@ -282,7 +262,7 @@ pub(crate) async fn start_run_of(
     axum::extract::State(state): AppStateRef,
     Path(id): Path<String>,
     request: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<Created>)> {
+) -> ApiResult<(StatusCode, Json<RunCreated>)> {
     // The body is optional: empty means "as saved".
     let request = match request {
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {

@@ -10,16 +10,20 @@ use crate::events::RunView;
 
 /// An experiment some live worker hosts (`GET /api/experiments`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Experiment {
     pub name: String,
     pub description: String,
     /// JSON Schema of its config.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config_schema: Value,
     /// Live workers hosting it.
     pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Experiments))]
 pub struct ExperimentList {
     pub experiments: Vec<Experiment>,
 }
@@ -35,12 +39,16 @@ pub struct CreateRun {
 
 /// The answer to a started run (`201 Created`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Created))]
 pub struct RunCreated {
     pub id: String,
     pub status: RunState,
     pub experiment: String,
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub instance_id: Option<String>,
     /// The config as validated, with defaults filled in.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config: Value,
 }
 
@@ -60,6 +68,8 @@ pub struct RunFilter {
 
 /// A page of runs, newest first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = RunsPage))]
 pub struct RunList {
     pub runs: Vec<RunView>,
     /// Runs matching the filters, on all pages.
@@ -70,10 +80,13 @@ pub struct RunList {
 
 /// `POST /api/runs/{id}/cancel` (`202 Accepted`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CancelRequested {
     pub id: String,
+    /// The run's status when asked (`pending` or `running`).
     pub status: RunState,
     /// Always `requested`: the worker ends the run.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^requested$"))]
     pub cancel: String,
 }
 
@@ -100,6 +113,7 @@ pub struct LogQuery {
 
 /// A page of a run's stored log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogPage {
     pub run_id: String,
     pub lines: Vec<LogLine>,
@@ -112,6 +126,8 @@ pub struct LogPage {
 
 /// `GET /api/runs/{id}/results`: the newest record of each key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Results))]
 pub struct ResultList {
     pub run_id: String,
     pub results: Vec<ResultRecord>,
@@ -119,16 +135,23 @@ pub struct ResultList {
 
 /// A saved experiment configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Instance {
     pub id: String,
     pub name: String,
     pub experiment: String,
+    /// The validated config, defaults applied.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config: Value,
+    /// µs since the epoch.
     pub created_at: i64,
+    /// µs since the epoch.
     pub updated_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Instances))]
 pub struct InstanceList {
     pub instances: Vec<Instance>,
 }
@@ -162,13 +185,28 @@ pub struct RunOverrides {
     pub config: Map<String, Value>,
 }
 
-/// Every refused request's body (4xx/5xx).
+/// The body of every error answer (4xx and 5xx): `error` says what was wrong; a config
+/// that fails its experiment's schema (422) also names the `field` and the `reason`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Error))]
 pub struct ErrorBody {
     pub error: String,
     /// A config that does not fit its schema (`422`): the field and what is wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(nullable = false))]
     pub field: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(nullable = false))]
     pub reason: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn new(error: impl Into<String>) -> Self {
+        ErrorBody {
+            error: error.into(),
+            field: None,
+            reason: None,
+        }
+    }
 }
