@@ -226,13 +226,7 @@ impl Sequencer {
             }
         }
         for record in batch.results {
-            if self
-                .results
-                .get(&record.key)
-                .is_none_or(|old| old.seq < record.seq)
-            {
-                self.results.insert(record.key.clone(), record);
-            }
+            athanor_schemas::merge_result(&mut self.results, record.key.clone(), record);
         }
         self.run.results = self.results.len() as i64;
         if let Some(p) = batch.progress {
