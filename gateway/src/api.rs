@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use athanor_connections::db::write_turn;
 use athanor_schemas::api::{
-    CancelRequested, Experiment, ExperimentList, LogPage, ResultList, RunCreated, RunList,
+    CancelRequested, CreateRun, Experiment, ExperimentList, LogPage, ResultList, RunCreated,
+    RunList,
 };
 use athanor_schemas::batch::ResultRecord;
 use athanor_schemas::entities::{run_logs, run_results, runs};
@@ -151,19 +152,6 @@ pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Exp
         })
         .collect();
     Ok(Json(ExperimentList { experiments }))
-}
-
-/// A run to start.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(as = NewRun)]
-pub(crate) struct CreateRun {
-    /// An experiment a live worker hosts.
-    experiment: String,
-    /// Checked against the experiment's config schema; absent or null: all defaults.
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    config: Value,
 }
 
 /// Maps a body that is not the expected JSON to 400 (or 413 when too large).

@@ -3,7 +3,9 @@
 //! again when a run starts (the schema may have changed since).
 
 use athanor_connections::db::write_turn;
-use athanor_schemas::api::{Instance, InstanceList, RunCreated};
+use athanor_schemas::api::{
+    Instance, InstanceChange, InstanceList, NewInstance, RunCreated, RunOverrides,
+};
 use athanor_schemas::entities::instances;
 use athanor_schemas::{names, now_micros};
 use axum::body::Bytes;
@@ -15,36 +17,10 @@ use sea_orm::sea_query::Expr;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::IntoParams;
 
 use crate::api::{body, start_run, validated_config, AppStateRef};
 use crate::error::{ApiError, ApiResult, ErrorBody};
-
-/// An instance to create.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NewInstance {
-    /// 1 to 200 characters, not all blank (trimmed).
-    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
-    name: String,
-    /// An experiment a live worker hosts.
-    experiment: String,
-    /// Checked against the experiment's config schema; absent or null: all defaults.
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    config: Value,
-}
-
-/// Fields to change; absent or null: unchanged.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct InstanceChange {
-    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
-    name: Option<String>,
-    /// Checked against the experiment's config schema.
-    #[schema(value_type = Option<Object>)]
-    config: Option<Value>,
-}
 
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -52,16 +28,6 @@ pub(crate) struct InstanceChange {
 pub(crate) struct ListQuery {
     /// Only instances of this experiment.
     experiment: Option<String>,
-}
-
-/// Changes to the instance's config for one run.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RunOverrides {
-    /// Fields replacing the instance's config for this run only.
-    #[serde(default)]
-    #[schema(value_type = Object)]
-    config: Map<String, Value>,
 }
 
 /// The `{id}` of an instance's paths.
@@ -247,7 +213,7 @@ pub(crate) async fn delete(
 
 /// Start a run of the instance; `config` fields override the instance's for this run.
 ///
-/// The body is optional: none (or only whitespace) starts the run as saved.
+/// The body is optional: none starts the run as saved; a body must be a JSON object.
 #[utoipa::path(post, path = "/api/instances/{id}/runs", tag = "instances", params(InstanceId),
     request_body(content = Option<RunOverrides>, content_type = "application/json"),
     responses(
@@ -269,7 +235,7 @@ pub(crate) async fn start_run_of(
             return Err(ApiError::TooLarge(state.max_body_bytes));
         }
         Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => None,
+        Ok(bytes) if bytes.is_empty() => None,
         Ok(bytes) => {
             let malformed =
                 |e: serde_json::Error| ApiError::BadRequest(format!("malformed request body: {e}"));

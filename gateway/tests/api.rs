@@ -299,6 +299,21 @@ async fn instances_are_created_listed_changed_run_and_deleted() {
         )
         .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // No body means "as saved"; a body must be a JSON object (found by schemathesis:
+    // a body of "\r" started a run).
+    for not_json in ["\r", " ", "\n\n"] {
+        let (status, body) = stack
+            .post(&format!("/api/instances/{id}/runs"), not_json)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{not_json:?}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("malformed request body"),
+            "{body}"
+        );
+    }
 
     let response = stack
         .http

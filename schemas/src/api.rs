@@ -28,12 +28,17 @@ pub struct ExperimentList {
     pub experiments: Vec<Experiment>,
 }
 
-/// `POST /api/runs`.
+/// A run to start (`POST /api/runs`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = NewRun))]
 #[serde(deny_unknown_fields)]
 pub struct CreateRun {
+    /// An experiment a live worker hosts.
     pub experiment: String,
+    /// Checked against the experiment's config schema; absent or null: all defaults.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub config: Value,
 }
 
@@ -156,32 +161,50 @@ pub struct InstanceList {
     pub instances: Vec<Instance>,
 }
 
-/// `POST /api/instances`.
+/// An instance to create (`POST /api/instances`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewInstance {
+    /// 1 to 200 characters, not all blank (trimmed).
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 200, pattern = "\\S")
+    )]
     pub name: String,
+    /// An experiment a live worker hosts.
     pub experiment: String,
+    /// Checked against the experiment's config schema; absent or null: all defaults.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub config: Value,
 }
 
-/// `PUT /api/instances/{id}`: the fields to change.
+/// Fields to change (`PUT /api/instances/{id}`); absent or null: unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InstanceChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(min_length = 1, max_length = 200, pattern = "\\S")
+    )]
     pub name: Option<String>,
+    /// Checked against the experiment's config schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub config: Option<Value>,
 }
 
-/// `POST /api/instances/{id}/runs`: fields replacing the instance's config for this
-/// run only.
+/// Changes to the instance's config for one run (`POST /api/instances/{id}/runs`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunOverrides {
+    /// Fields replacing the instance's config for this run only.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub config: Map<String, Value>,
 }
 
