@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::StreamError as PullError;
-use async_nats::jetstream::context::{GetStreamError, KeyValueError};
+use async_nats::jetstream::context::GetStreamError;
 use async_nats::jetstream::stream::ConsumerError;
 use athanor_connections::db::DatabaseConfig;
 use athanor_connections::nats::{NatsConfig, NatsError};
@@ -108,12 +108,6 @@ pub enum Error {
         consumer: String,
         #[source]
         source: PullError,
-    },
-    #[error("cannot open the {bucket} bucket: {source}")]
-    Bucket {
-        bucket: &'static str,
-        #[source]
-        source: KeyValueError,
     },
     #[error("cannot list the keys of the {bucket} bucket: {source}")]
     Keys {

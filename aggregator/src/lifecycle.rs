@@ -58,14 +58,7 @@ pub(crate) async fn watch_lost(shared: Arc<Shared>) {
 }
 
 async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Result<()> {
-    let bucket = shared
-        .js
-        .get_key_value(names::WORKERS_BUCKET)
-        .await
-        .map_err(|source| Error::Bucket {
-            bucket: names::WORKERS_BUCKET,
-            source,
-        })?;
+    let bucket = athanor_connections::nats::bucket(&shared.js, names::WORKERS_BUCKET).await?;
     let keys = |source: async_nats::Error| Error::Keys {
         bucket: names::WORKERS_BUCKET,
         source,

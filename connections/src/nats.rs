@@ -109,6 +109,11 @@ pub enum NatsError {
         what: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("cannot open the {bucket} bucket: {source}")]
+    Bucket {
+        bucket: &'static str,
+        source: async_nats::jetstream::context::KeyValueError,
+    },
     #[error("NATS credentials: cannot use {path}: {source}")]
     CredentialsFile {
         path: PathBuf,
@@ -199,6 +204,16 @@ pub async fn open(config: &NatsConfig, name: &str) -> Result<jetstream::Context,
         ensure_topology(&js, config).await?;
     }
     Ok(js)
+}
+
+/// One of the design's buckets (declared by [`ensure_topology`]).
+pub async fn bucket(js: &jetstream::Context, name: &'static str) -> Result<kv::Store, NatsError> {
+    js.get_key_value(name)
+        .await
+        .map_err(|source| NatsError::Bucket {
+            bucket: name,
+            source,
+        })
 }
 
 /// Creates, or updates to the design's settings, every stream and bucket. Idempotent:

@@ -113,12 +113,6 @@ pub enum Error {
         #[source]
         source: async_nats::SubscribeError,
     },
-    #[error("cannot open the {bucket} bucket: {source}")]
-    Bucket {
-        bucket: &'static str,
-        #[source]
-        source: async_nats::jetstream::context::KeyValueError,
-    },
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -160,20 +154,8 @@ impl AppState {
                 subject: names::LIFECYCLE_SUBJECTS,
                 source,
             })?;
-        let workers = js
-            .get_key_value(names::WORKERS_BUCKET)
-            .await
-            .map_err(|source| Error::Bucket {
-                bucket: names::WORKERS_BUCKET,
-                source,
-            })?;
-        let control = js
-            .get_key_value(names::CONTROL_BUCKET)
-            .await
-            .map_err(|source| Error::Bucket {
-                bucket: names::CONTROL_BUCKET,
-                source,
-            })?;
+        let workers = athanor_connections::nats::bucket(&js, names::WORKERS_BUCKET).await?;
+        let control = athanor_connections::nats::bucket(&js, names::CONTROL_BUCKET).await?;
         let hubs = hub::Hubs::new(db.clone(), js.clone(), config.clone(), shutdown);
         // Bounded: a lifecycle viewer that lags is told to reload.
         let (lifecycle, _) = tokio::sync::broadcast::channel(1024);

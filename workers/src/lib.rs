@@ -29,7 +29,7 @@ pub use worker::{RunHandle, Worker};
 
 use std::sync::Arc;
 
-use async_nats::jetstream::context::{GetStreamError, KeyValueError};
+use async_nats::jetstream::context::GetStreamError;
 use async_nats::jetstream::stream::ConsumerError;
 use athanor_connections::nats::{NatsConfig, NatsError};
 use tokio_util::sync::CancellationToken;
@@ -38,12 +38,6 @@ use tokio_util::sync::CancellationToken;
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] NatsError),
-    #[error("cannot open the {bucket} bucket: {source}")]
-    Bucket {
-        bucket: &'static str,
-        #[source]
-        source: KeyValueError,
-    },
     #[error("cannot open the {stream} stream: {source}")]
     Stream {
         stream: &'static str,

@@ -90,20 +90,8 @@ impl Worker {
         let id = config.id.clone().unwrap_or_else(default_worker_id);
         let js = open(&nats, &format!("athanor-worker {id}")).await?;
         let max_payload = js.client().server_info().max_payload;
-        let control = js
-            .get_key_value(names::CONTROL_BUCKET)
-            .await
-            .map_err(|source| Error::Bucket {
-                bucket: names::CONTROL_BUCKET,
-                source,
-            })?;
-        let workers = js
-            .get_key_value(names::WORKERS_BUCKET)
-            .await
-            .map_err(|source| Error::Bucket {
-                bucket: names::WORKERS_BUCKET,
-                source,
-            })?;
+        let control = athanor_connections::nats::bucket(&js, names::CONTROL_BUCKET).await?;
+        let workers = athanor_connections::nats::bucket(&js, names::WORKERS_BUCKET).await?;
         let runs_stream =
             js.get_stream(names::RUNS_STREAM)
                 .await
