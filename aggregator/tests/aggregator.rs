@@ -228,6 +228,7 @@ fn synthetic_run(run_id: &str, n: u64) -> Vec<Batch> {
                     batches: n,
                     lines: n * 50,
                     results: 2 * n,
+                    metrics: 0,
                 });
             }
             batch

@@ -180,6 +180,7 @@ mod tests {
                         ts: 0,
                     })
                     .collect(),
+                metrics: Vec::new(),
                 progress: None,
                 status: None,
                 error: None,
@@ -203,6 +204,7 @@ mod tests {
                 tail: tail.map(line).collect(),
                 lines,
                 batches,
+                metrics: BTreeMap::new(),
             })),
         }
     }

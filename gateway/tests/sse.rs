@@ -512,6 +512,7 @@ fn orphan_batch(run_id: &str, batch_seq: u64, total: u64) -> athanor_schemas::Ba
             batches: total,
             lines: total * 50,
             results: 0,
+            metrics: 0,
         });
     }
     batch

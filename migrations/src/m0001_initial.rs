@@ -80,7 +80,7 @@ enum RunResults {
 /// two B-trees per row; `WITHOUT ROWID` stores the rows in the key's B-tree itself.
 /// For `run_logs`, the table the aggregator writes hundreds of thousands of rows a
 /// second into, that is one B-tree insert per line instead of two.
-fn without_rowid(manager: &SchemaManager) -> String {
+pub(crate) fn without_rowid(manager: &SchemaManager) -> String {
     match manager.get_database_backend() {
         sea_orm_migration::sea_orm::DatabaseBackend::Sqlite => "WITHOUT ROWID".into(),
         _ => String::new(),

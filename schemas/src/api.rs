@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use crate::batch::RunState;
 use crate::batch::{LogLine, ResultRecord};
 use crate::events::RunView;
+use crate::metric::{MetricSeries, MetricSummary};
 
 /// An experiment some live worker hosts (`GET /api/experiments`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +137,55 @@ pub struct LogPage {
 pub struct ResultList {
     pub run_id: String,
     pub results: Vec<ResultRecord>,
+}
+
+/// `GET /api/runs/{id}/metrics`: each metric of the run, the most recently updated first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Metrics))]
+pub struct MetricList {
+    pub run_id: String,
+    pub metrics: Vec<MetricSummary>,
+}
+
+/// The query of a metric's series (`GET /api/runs/{id}/metrics/{name}` and the
+/// comparison `GET /api/metrics/{name}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeriesQuery {
+    /// Buckets at most (1 to 10 000, default 1 000); a series with no more points than
+    /// this comes back exactly, point by point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_points: Option<u64>,
+    /// The first step (default: the series' first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_step: Option<u64>,
+    /// The last step, included (default: the series' last).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_step: Option<u64>,
+    /// The comparison only: comma-separated run ids (1 to 20).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs: Option<String>,
+}
+
+/// `GET /api/runs/{id}/metrics/{name}`: one metric of one run, downsampled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Series))]
+pub struct RunSeries {
+    pub run_id: String,
+    #[serde(flatten)]
+    pub series: MetricSeries,
+}
+
+/// `GET /api/metrics/{name}?runs=a,b`: one metric of several runs, each downsampled
+/// alike, in the order asked; a run without the metric has an empty series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = Comparison))]
+pub struct MetricComparison {
+    pub name: String,
+    pub runs: Vec<RunSeries>,
 }
 
 /// A saved experiment configuration.

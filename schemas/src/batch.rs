@@ -9,12 +9,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::metric::MetricRecord;
+
 /// Major version of the wire format. A consumer rejects any other major.
 pub const SCHEMA_MAJOR: u32 = 1;
 /// Minor version: a newer minor only adds optional fields.
-pub const SCHEMA_MINOR: u32 = 0;
+/// 1.1 added `metrics`.
+pub const SCHEMA_MINOR: u32 = 1;
 /// The version as carried in `v` and in the `Athanor-Schema` header.
-pub const SCHEMA_VERSION: &str = "1.0";
+pub const SCHEMA_VERSION: &str = "1.1";
 
 /// One message on `athanor.run.<run_id>.batch`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +37,9 @@ pub struct Batch {
     pub logs: Vec<LogLine>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub results: Vec<ResultRecord>,
+    /// Metric points (since 1.1; a 1.0 reader ignores them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricRecord>,
     /// The latest progress at the time of the batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
@@ -57,6 +63,7 @@ impl Batch {
             run: None,
             logs: Vec::new(),
             results: Vec::new(),
+            metrics: Vec::new(),
             progress: None,
             status: None,
             final_: None,
@@ -246,6 +253,9 @@ pub struct Final {
     pub lines: u64,
     /// Number of result records of the run.
     pub results: u64,
+    /// Number of metric records of the run (since 1.1).
+    #[serde(default)]
+    pub metrics: u64,
 }
 
 #[cfg(test)]

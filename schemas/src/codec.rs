@@ -9,6 +9,7 @@ use std::io::Read;
 use serde::Deserialize;
 
 use crate::batch::{parse_major, Batch, SCHEMA_MAJOR};
+use crate::metric::MAX_STEP;
 
 /// Largest decompressed batch a consumer accepts by default (32 MiB). Producers keep
 /// every batch's JSON under [`MAX_BATCH_JSON_BYTES`], well below it.
@@ -168,7 +169,7 @@ fn from_json(json: &[u8]) -> Result<Batch, DecodeError> {
         found: v.as_str().map_or_else(|| v.to_string(), str::to_string),
     };
     match serde_json::from_slice::<Batch>(json) {
-        Ok(batch) if batch.major() == Some(SCHEMA_MAJOR) => Ok(batch),
+        Ok(batch) if batch.major() == Some(SCHEMA_MAJOR) => check_ranges(batch),
         Ok(batch) => Err(unknown(&serde_json::Value::String(batch.v))),
         Err(e) => match serde_json::from_slice::<VersionProbe>(json) {
             Ok(probe) if probe.v.as_str().and_then(parse_major) != Some(SCHEMA_MAJOR) => {
@@ -177,6 +178,18 @@ fn from_json(json: &[u8]) -> Result<Batch, DecodeError> {
             _ => Err(DecodeError::Malformed(e.to_string())),
         },
     }
+}
+
+/// Refuses what parses but cannot be stored: metric steps over [`MAX_STEP`]
+/// (the database holds signed 64-bit steps).
+fn check_ranges(batch: Batch) -> Result<Batch, DecodeError> {
+    if let Some(record) = batch.metrics.iter().find(|r| r.step > MAX_STEP) {
+        return Err(DecodeError::Malformed(format!(
+            "metric record {} has step {}, over the largest step {MAX_STEP}",
+            record.seq, record.step
+        )));
+    }
+    Ok(batch)
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! on NATS, relayed as `/api/events`). `athanor-client` decodes them.
 //!
 //! A run's feed, in order:
-//! * `snapshot` — the run, its latest progress, its results, the tail of its log and
-//!   the total line count, as of the batches it covers;
+//! * `snapshot` — the run, its latest progress, its results, the tail of its log, the
+//!   total line count and each metric's series (downsampled), as of the batches it covers;
 //! * `batch` — one per batch, in `batch_seq` order, each exactly once;
 //! * `resync` — the viewer fell behind; a fresh `snapshot` follows and replaces its state;
 //! * `status` — the terminal status, always last; then the stream ends.
@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::batch::{Batch, LogLine, Progress, ResultRecord, RunState};
+use crate::metric::{MetricRecord, MetricSeries};
 
 pub const SNAPSHOT: &str = "snapshot";
 pub const BATCH: &str = "batch";
@@ -64,6 +65,10 @@ pub struct Snapshot {
     pub lines: u64,
     /// Batches covered: `0..batches`. Equals the event's `id`.
     pub batches: u64,
+    /// Each metric's series so far, cut to at most a few hundred buckets that keep
+    /// every bucket's minimum, maximum and last point.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, MetricSeries>,
 }
 
 /// One batch of a run, as it was published (its `batch_seq` is the event's `id` - 1).
@@ -75,6 +80,9 @@ pub struct BatchEvent {
     pub logs: Vec<LogLine>,
     #[serde(default)]
     pub results: Vec<ResultRecord>,
+    /// Metric records (absent when the batch has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricRecord>,
     #[serde(default)]
     pub progress: Option<Progress>,
     /// `running` on a run's first batch; the terminal state on its last.
@@ -90,6 +98,7 @@ impl BatchEvent {
             batch_seq: batch.batch_seq,
             logs: batch.logs.clone(),
             results: batch.results.clone(),
+            metrics: batch.metrics.clone(),
             progress: batch.progress.clone(),
             status: batch.status.as_ref().map(|s| s.state),
             error: batch.status.as_ref().and_then(|s| s.error.clone()),

@@ -13,6 +13,7 @@ pub mod config_schema;
 #[cfg(feature = "db")]
 pub mod entities;
 pub mod events;
+pub mod metric;
 pub mod names;
 pub mod requests;
 
@@ -22,6 +23,7 @@ pub use batch::{
 };
 pub use codec::{decode, encode, DecodeError, DEFAULT_DECODE_LIMIT};
 pub use config_schema::{ConfigError, ConfigSchema, Field, FieldKind};
+pub use metric::{MetricRecord, MetricValue};
 
 /// Microseconds since the Unix epoch: the unit of every `ts` and `at` in the wire format.
 pub fn now_micros() -> i64 {

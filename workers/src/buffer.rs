@@ -9,7 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use athanor_schemas::{now_micros, Level, LogLine, Progress, ResultRecord};
+use std::collections::BTreeMap;
+
+use athanor_schemas::metric::{MAX_NAME_BYTES, MAX_STEP};
+use athanor_schemas::{
+    now_micros, Level, LogLine, MetricRecord, MetricValue, Progress, ResultRecord,
+};
 use parking_lot::{Condvar, Mutex};
 use serde_json::Value;
 
@@ -153,10 +158,12 @@ impl Budget {
 struct Pending {
     logs: Vec<LogLine>,
     results: Vec<ResultRecord>,
+    metrics: Vec<MetricRecord>,
     progress: Option<Progress>,
     next_seq: u64,
     next_result_seq: u64,
-    /// Budget bytes charged for what is in `logs` and `results`.
+    next_metric_seq: u64,
+    /// Budget bytes charged for what is in `logs`, `results` and `metrics`.
     bytes: usize,
     /// Budget bytes this run reserved and has not charged to a line yet (see
     /// [`RunBuffer::charge`]).
@@ -183,19 +190,28 @@ impl Pending {
 pub struct Drained {
     pub logs: Vec<LogLine>,
     pub results: Vec<ResultRecord>,
+    pub metrics: Vec<MetricRecord>,
     pub progress: Option<Progress>,
     /// Budget bytes to release once all of it is acknowledged.
     pub bytes: usize,
-    /// Lines and results logged so far in this run (the next `seq`s).
+    /// Lines, results and metric records logged so far in this run (the next `seq`s).
     pub total_lines: u64,
     pub total_results: u64,
+    pub total_metrics: u64,
 }
 
 impl Drained {
     pub fn is_empty(&self) -> bool {
-        self.logs.is_empty() && self.results.is_empty() && self.progress.is_none()
+        self.logs.is_empty()
+            && self.results.is_empty()
+            && self.metrics.is_empty()
+            && self.progress.is_none()
     }
 }
+
+/// Most values in one metric record: a `metrics()` call with more names is stored as
+/// several records at the same step, so no single record outgrows a message.
+pub(crate) const MAX_VALUES_PER_RECORD: usize = 256;
 
 /// The buffer of one run. Shared by the run's context (any number of threads) and
 /// its flusher.
@@ -280,6 +296,67 @@ impl RunBuffer {
         });
     }
 
+    /// Metric values at one `step`, as one record (several records when there are more
+    /// than [`MAX_VALUES_PER_RECORD`]); a repeated name in `values` keeps its last value.
+    /// Names are cut to [`MAX_NAME_BYTES`]. A step over [`MAX_STEP`] cannot be stored:
+    /// the values are dropped and a warning line says so.
+    pub fn metrics<'a>(&self, step: u64, values: impl IntoIterator<Item = (&'a str, f64)>) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut records: Vec<BTreeMap<String, MetricValue>> = vec![BTreeMap::new()];
+        let mut cost = LINE_OVERHEAD;
+        for (name, value) in values {
+            let name = cut_name(name);
+            if records
+                .last()
+                .is_some_and(|r| r.len() == MAX_VALUES_PER_RECORD)
+                && !records.last().is_some_and(|r| r.contains_key(&name))
+            {
+                records.push(BTreeMap::new());
+                cost += LINE_OVERHEAD;
+            }
+            cost += name.len() + 28;
+            records
+                .last_mut()
+                .expect("never empty")
+                .insert(name, MetricValue(value));
+        }
+        if records[0].is_empty() {
+            return;
+        }
+        if step > MAX_STEP {
+            let names: Vec<&str> = records
+                .iter()
+                .flat_map(|r| r.keys())
+                .map(String::as_str)
+                .collect();
+            self.log(
+                Level::Warn,
+                format!(
+                    "metric step {step} is over the largest storable step {MAX_STEP}: {} dropped",
+                    names.join(", ")
+                ),
+                None,
+            );
+            return;
+        }
+        let ts = now_micros();
+        let Some(mut p) = self.charge(cost) else {
+            return;
+        };
+        for values in records {
+            let seq = p.next_metric_seq;
+            p.next_metric_seq += 1;
+            p.metrics.push(MetricRecord {
+                seq,
+                step,
+                ts,
+                values,
+            });
+        }
+    }
+
     /// A line from the worker itself about the run (not the experiment's): appended at
     /// once, charged to the budget without waiting for room, so the run's supervisor —
     /// the one task that frees room for this run — can never wait on itself.
@@ -361,10 +438,12 @@ impl RunBuffer {
         Drained {
             logs: std::mem::replace(&mut p.logs, Vec::with_capacity(capacity)),
             results: std::mem::take(&mut p.results),
+            metrics: std::mem::take(&mut p.metrics),
             progress: p.progress.take(),
             bytes: std::mem::take(&mut p.bytes),
             total_lines: p.next_seq,
             total_results: p.next_result_seq,
+            total_metrics: p.next_metric_seq,
         }
     }
 
@@ -392,6 +471,11 @@ impl RunBuffer {
         ));
         message
     }
+}
+
+/// A metric name cut to [`MAX_NAME_BYTES`] (at a character boundary).
+fn cut_name(name: &str) -> String {
+    name[..name.floor_char_boundary(MAX_NAME_BYTES)].to_string()
 }
 
 /// A cheap over-estimate of a JSON value's encoded size, for budget accounting.
@@ -452,6 +536,45 @@ mod tests {
                 .collect();
             assert_eq!(mine, (0..10_000).collect::<Vec<_>>());
         }
+    }
+
+    #[test]
+    fn metric_records_take_gapless_seqs_and_keep_any_value() {
+        let buffer = RunBuffer::new(Budget::new(1 << 30), 1024);
+        buffer.metrics(0, [("loss", 0.5)]);
+        buffer.metrics(
+            1,
+            [("loss", f64::NAN), ("acc", f64::INFINITY), ("loss", 0.25)],
+        );
+        buffer.metrics(2, []);
+        let long = "n".repeat(MAX_NAME_BYTES + 50);
+        let many: Vec<(String, f64)> = (0..300).map(|i| (format!("m{i:03}"), i as f64)).collect();
+        buffer.metrics(3, many.iter().map(|(n, v)| (n.as_str(), *v)));
+        buffer.metrics(4, [(long.as_str(), 1.0)]);
+        buffer.metrics(MAX_STEP + 1, [("loss", 1.0)]);
+        let drained = buffer.drain();
+        let seqs: Vec<u64> = drained.metrics.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4], "the empty call made no record");
+        assert_eq!(drained.total_metrics, 5);
+        let step1 = &drained.metrics[1];
+        assert_eq!(
+            step1.values["loss"].0, 0.25,
+            "a repeated name keeps its last value"
+        );
+        assert_eq!(step1.values["acc"].0, f64::INFINITY);
+        assert_eq!(drained.metrics[2].values.len(), MAX_VALUES_PER_RECORD);
+        assert_eq!(drained.metrics[3].values.len(), 300 - MAX_VALUES_PER_RECORD);
+        assert!((drained.metrics[2].step, drained.metrics[3].step) == (3, 3));
+        let name = drained.metrics[4].values.keys().next().unwrap();
+        assert_eq!(name.len(), MAX_NAME_BYTES);
+        assert_eq!(drained.logs.len(), 1);
+        assert_eq!(
+            drained.logs[0].message,
+            format!(
+                "metric step {} is over the largest storable step {MAX_STEP}: loss dropped",
+                MAX_STEP + 1
+            )
+        );
     }
 
     #[test]

@@ -119,6 +119,18 @@ impl RunContext {
         self.shared.buffer.result(key.into(), value);
     }
 
+    /// Records the value of metric `name` at `step` (a point of its series). Any f64 is
+    /// kept, NaN and ±infinity included. Recording the same name and step again
+    /// replaces the point (the newer wins).
+    pub fn metric(&self, name: &str, step: u64, value: f64) {
+        self.shared.buffer.metrics(step, [(name, value)]);
+    }
+
+    /// Records several metrics at one `step` at once (one record, one lock).
+    pub fn metrics(&self, step: u64, values: &[(&str, f64)]) {
+        self.shared.buffer.metrics(step, values.iter().copied());
+    }
+
     /// Reports progress; only the latest report is kept and sent.
     pub fn progress(&self, current: u64, total: u64, message: Option<&str>) {
         self.shared

@@ -156,6 +156,7 @@ impl Publisher {
                 batches: 0,
                 lines: drained.total_lines,
                 results: drained.total_results,
+                metrics: drained.total_metrics,
             });
         }
         self.send_body(head, drained, trigger).await
@@ -164,6 +165,7 @@ impl Publisher {
     async fn send_body(&mut self, mut head: Batch, drained: Drained, trigger: FlushTrigger) {
         head.logs = drained.logs;
         head.results = drained.results;
+        head.metrics = drained.metrics;
         head.progress = drained.progress;
         let first_seq = self.next_batch_seq;
         let max_payload = self.max_payload.saturating_sub(HEADER_SLACK).max(1024);
@@ -252,7 +254,7 @@ fn piece_json_bytes(max_payload: usize) -> usize {
 }
 
 /// Cuts a batch's logs into pieces of about [`piece_json_bytes`] of JSON each. The
-/// head fields (`run`, `running`, results, progress) stay on the first piece, the
+/// head fields (`run`, `running`, results, metrics, progress) stay on the first piece, the
 /// terminal status and `final` go on the last.
 fn presplit(mut batch: Batch, max_payload: usize) -> Vec<Batch> {
     let target = piece_json_bytes(max_payload);
@@ -287,6 +289,7 @@ fn presplit(mut batch: Batch, max_payload: usize) -> Vec<Batch> {
     let first = &mut pieces[0];
     first.run = batch.run;
     first.results = batch.results;
+    first.metrics = batch.metrics;
     first.progress = batch.progress;
     first.status = batch.status;
     pieces
@@ -332,7 +335,8 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
     });
 }
 
-/// Splits a batch in two halves of its logs (or of its results when it has one line).
+/// Splits a batch in two halves of its logs (or of its results when it has one line, or
+/// of its metric records when it has one line and one result).
 fn split(mut batch: Batch) -> Result<(Batch, Batch), Box<Batch>> {
     let mut right = Batch::new(batch.run_id.clone(), 0, batch.worker_id.clone());
     right.final_ = batch.final_.take();
@@ -346,6 +350,25 @@ fn split(mut batch: Batch) -> Result<(Batch, Batch), Box<Batch>> {
         right.logs = batch.logs.split_off(batch.logs.len() / 2);
     } else if batch.results.len() > 1 {
         right.results = batch.results.split_off(batch.results.len() / 2);
+        right.logs = std::mem::take(&mut batch.logs);
+    } else if batch.metrics.len() > 1 {
+        right.metrics = batch.metrics.split_off(batch.metrics.len() / 2);
+        right.results = std::mem::take(&mut batch.results);
+        right.logs = std::mem::take(&mut batch.logs);
+    } else if batch.metrics.first().is_some_and(|r| r.values.len() > 1) {
+        // One record of many values: the halves keep its seq and step (a point is one
+        // (name, step), so the halves hold different points).
+        let record = &mut batch.metrics[0];
+        let at = record
+            .values
+            .keys()
+            .nth(record.values.len() / 2)
+            .expect("two or more")
+            .clone();
+        let mut half = record.clone();
+        half.values = record.values.split_off(&at);
+        right.metrics.push(half);
+        right.results = std::mem::take(&mut batch.results);
         right.logs = std::mem::take(&mut batch.logs);
     } else {
         batch.final_ = right.final_.take();
@@ -447,6 +470,7 @@ mod tests {
             batches: 0,
             lines: 4000,
             results: 0,
+            metrics: 0,
         });
         head.logs = lines(4000, 200);
         let mut next = 5;
@@ -513,6 +537,7 @@ mod tests {
             batches: 0,
             lines: 1000,
             results: 1,
+            metrics: 0,
         });
         let pieces = presplit(head, 16 << 10);
         assert!(pieces[..3]
@@ -565,6 +590,7 @@ mod tests {
             batches: 0,
             lines: 0,
             results: 0,
+            metrics: 0,
         });
         let mut next = 0;
         let mut out = Vec::new();

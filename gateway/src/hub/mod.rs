@@ -190,6 +190,7 @@ impl Hubs {
             lines,
             covered,
             final_batches,
+            metrics: BTreeMap::new(),
         });
         let (tx, _) = broadcast::channel(self.config.hub_buffer.max(1));
         let hub = Arc::new(Hub {

@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use athanor_schemas::events::{self, RunView, Snapshot, StatusEvent};
+use athanor_schemas::metric::{MetricPoint, SeriesSketch};
 use athanor_schemas::{Batch, LogLine, ResultRecord, RunState};
 
 use super::frame::Frame;
@@ -26,6 +27,10 @@ use super::frame::Frame;
 /// Early batches held at most; past it the oldest gap is given up on (its viewers
 /// resync on the jump).
 pub(crate) const MAX_EARLY: usize = 1024;
+
+/// Buckets a snapshot's series hold about (between this and twice this): enough for a
+/// chart as wide as a screen, small enough for a snapshot of a dozen metrics.
+pub(crate) const SNAPSHOT_BUCKETS: usize = 400;
 
 /// The run as the database holds it, up to the highest batch stored without a gap.
 pub(crate) struct Bootstrap {
@@ -43,6 +48,8 @@ pub(crate) struct Bootstrap {
     pub covered: u64,
     /// The run's number of batches, once its final batch is stored.
     pub final_batches: Option<u64>,
+    /// Each metric's series as stored (cut to about [`SNAPSHOT_BUCKETS`]).
+    pub metrics: BTreeMap<String, SeriesSketch>,
 }
 
 /// What applying one batch produced.
@@ -93,6 +100,7 @@ pub(crate) struct Sequencer {
     tail: VecDeque<LogLine>,
     tail_cap: usize,
     lines: u64,
+    metrics: BTreeMap<String, SeriesSketch>,
     /// Batches applied: `0..next`.
     next: u64,
     /// Batches that arrived before a missing one, by `batch_seq`.
@@ -114,6 +122,7 @@ impl Sequencer {
             tail: from.tail.into(),
             tail_cap: from.tail_cap,
             lines: from.lines,
+            metrics: from.metrics,
             next: from.covered,
             early: BTreeMap::new(),
             final_batches: from.final_batches,
@@ -229,6 +238,19 @@ impl Sequencer {
             athanor_schemas::merge_result(&mut self.results, record.key.clone(), record);
         }
         self.run.results = self.results.len() as i64;
+        for record in batch.metrics {
+            for (name, value) in record.values {
+                self.metrics
+                    .entry(name)
+                    .or_insert_with(|| SeriesSketch::new(SNAPSHOT_BUCKETS))
+                    .add(MetricPoint {
+                        step: record.step,
+                        ts: record.ts,
+                        value,
+                        seq: record.seq,
+                    });
+            }
+        }
         if let Some(p) = batch.progress {
             if self.run.progress.as_ref().is_none_or(|old| old.ts <= p.ts) {
                 self.run.progress = Some(p);
@@ -289,6 +311,11 @@ impl Sequencer {
                 tail: self.tail.iter().cloned().collect(),
                 lines: self.lines,
                 batches: self.next,
+                metrics: self
+                    .metrics
+                    .iter()
+                    .map(|(name, sketch)| (name.clone(), sketch.series(name)))
+                    .collect(),
             },
         );
         self.snapshot = Some(frame.clone());
@@ -334,6 +361,7 @@ mod tests {
             lines: 0,
             covered: 0,
             final_batches: None,
+            metrics: BTreeMap::new(),
         })
     }
 
@@ -363,6 +391,7 @@ mod tests {
             batches: n + 1,
             lines: n + 1,
             results: 0,
+            metrics: 0,
         });
         batch
     }
@@ -505,6 +534,7 @@ mod tests {
             lines: 5,
             covered: 5,
             final_batches: None,
+            metrics: BTreeMap::new(),
         });
         for n in 0..5 {
             assert!(frames(&seq.apply(batch(n))).is_empty(), "batch {n} covered");
@@ -722,6 +752,7 @@ mod tests {
             lines: 7,
             covered: 2,
             final_batches: Some(2),
+            metrics: BTreeMap::new(),
         });
         assert_eq!(
             decoded(seq.terminal().expect("ended")),

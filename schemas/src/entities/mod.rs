@@ -6,5 +6,7 @@
 pub mod instances;
 pub mod run_batches;
 pub mod run_logs;
+pub mod run_metric_summaries;
+pub mod run_metrics;
 pub mod run_results;
 pub mod runs;

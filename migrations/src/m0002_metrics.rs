@@ -1,0 +1,120 @@
+//! run_metrics (one row per run, metric and step) and run_metric_summaries (one row per
+//! run and metric, kept current by the aggregator). A NaN value is stored as NULL:
+//! SQLite turns NaN into NULL anyway, so both databases say it the same way.
+
+use sea_orm_migration::prelude::*;
+
+use crate::m0001_initial::without_rowid;
+
+#[derive(DeriveMigrationName)]
+pub struct Migration;
+
+#[derive(DeriveIden)]
+enum RunMetrics {
+    Table,
+    RunId,
+    Name,
+    Step,
+    Value,
+    Seq,
+    Ts,
+}
+
+#[derive(DeriveIden)]
+enum RunMetricSummaries {
+    Table,
+    RunId,
+    Name,
+    Count,
+    Min,
+    Max,
+    LastStep,
+    LastValue,
+    LastSeq,
+    UpdatedAt,
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Migration {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table(RunMetrics::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(RunMetrics::RunId).string().not_null())
+                    .col(ColumnDef::new(RunMetrics::Name).string().not_null())
+                    .col(ColumnDef::new(RunMetrics::Step).big_integer().not_null())
+                    .col(ColumnDef::new(RunMetrics::Value).double().null())
+                    .col(ColumnDef::new(RunMetrics::Seq).big_integer().not_null())
+                    .col(ColumnDef::new(RunMetrics::Ts).big_integer().not_null())
+                    .primary_key(
+                        Index::create()
+                            .col(RunMetrics::RunId)
+                            .col(RunMetrics::Name)
+                            .col(RunMetrics::Step),
+                    )
+                    .extra(without_rowid(manager))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RunMetricSummaries::Table)
+                    .if_not_exists()
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::RunId)
+                            .string()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(RunMetricSummaries::Name).string().not_null())
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::Count)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(RunMetricSummaries::Min).double().null())
+                    .col(ColumnDef::new(RunMetricSummaries::Max).double().null())
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::LastStep)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::LastValue)
+                            .double()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::LastSeq)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::UpdatedAt)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .primary_key(
+                        Index::create()
+                            .col(RunMetricSummaries::RunId)
+                            .col(RunMetricSummaries::Name),
+                    )
+                    .to_owned(),
+            )
+            .await
+    }
+
+    async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        for table in [
+            RunMetricSummaries::Table.into_iden(),
+            RunMetrics::Table.into_iden(),
+        ] {
+            manager
+                .drop_table(Table::drop().table(table).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
