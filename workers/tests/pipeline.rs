@@ -511,7 +511,17 @@ async fn requests_are_shared_by_workers_and_bounded_per_worker() {
         .await
         .unwrap();
         let names: Vec<&str> = info.experiments.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["echo", "flaky", "log_storm", "sleepy", "sweep"]);
+        assert_eq!(
+            names,
+            [
+                "echo",
+                "flaky",
+                "log_storm",
+                "metric_storm",
+                "sleepy",
+                "sweep"
+            ]
+        );
         let storm = info
             .experiments
             .iter()

@@ -4,6 +4,7 @@
 mod echo;
 mod flaky;
 mod log_storm;
+mod metric_storm;
 mod sleepy;
 mod sweep;
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 pub use echo::Echo;
 pub use flaky::Flaky;
 pub use log_storm::{sample_lines, LogStorm};
+pub use metric_storm::MetricStorm;
 pub use sleepy::Sleepy;
 pub use sweep::Sweep;
 
@@ -23,6 +25,7 @@ use crate::Experiment;
 pub fn all() -> Vec<Arc<dyn Experiment>> {
     vec![
         Arc::new(LogStorm),
+        Arc::new(MetricStorm),
         Arc::new(Sweep),
         Arc::new(Flaky),
         Arc::new(Sleepy),

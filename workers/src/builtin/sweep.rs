@@ -15,7 +15,7 @@ impl Experiment for Sweep {
     }
 
     fn description(&self) -> &str {
-        "A toy hyper-parameter sweep: records iteration_<i> results with a score and loss, and reports progress."
+        "A toy hyper-parameter sweep: records iteration_<i> results and loss, score and lr metrics per iteration, and reports progress."
     }
 
     fn config_schema(&self) -> ConfigSchema {
@@ -49,6 +49,7 @@ impl Experiment for Sweep {
             ctx.info(format!(
                 "iteration {i}: lr={lr:.1e} loss={loss:.4} score={score:.4}"
             ));
+            ctx.metrics(i, &[("loss", loss), ("score", score), ("lr", lr)]);
             ctx.result(
                 format!("iteration_{i}"),
                 json!({ "iteration": i, "lr": lr, "loss": loss, "score": score }),
