@@ -157,7 +157,7 @@ async fn bad_requests_get_clear_json_errors() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(
         body["error"],
-        "unknown experiment \"nope\" (live workers host: echo, flaky, log_storm, sleepy, sweep)"
+        "unknown experiment \"nope\" (live workers host: echo, flaky, log_storm, metric_storm, sleepy, sweep)"
     );
     let (status, body) = stack
         .post(

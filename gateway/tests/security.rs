@@ -168,7 +168,7 @@ async fn no_request_makes_a_worker_run_a_command_line() {
         (
             json!({"experiment": "sh", "config": {"c": "touch /tmp/athanor-pwned"}}),
             StatusCode::NOT_FOUND,
-            "unknown experiment \"sh\" (live workers host: echo, flaky, log_storm, sleepy, sweep)",
+            "unknown experiment \"sh\" (live workers host: echo, flaky, log_storm, metric_storm, sleepy, sweep)",
         ),
         (
             json!({"experiment": "echo", "config": {"command": "touch /tmp/athanor-pwned"}}),
