@@ -1,5 +1,8 @@
-//! run_metrics (one row per run, metric and step) and run_metric_summaries (one row per
-//! run and metric, kept current by the aggregator). A NaN value is stored as NULL:
+//! run_metrics (one row per run, metric and step), run_metric_rollups (the points of
+//! aligned blocks of 16, 256, … 2^32 steps pre-aggregated, so a long series is drawn
+//! from a few thousand rows; see `athanor_schemas::metric::rollup`) and
+//! run_metric_summaries (one row per run and metric); the aggregator keeps the last two
+//! current in the transaction that stores the points. A NaN value is stored as NULL:
 //! SQLite turns NaN into NULL anyway, so both databases say it the same way.
 
 use sea_orm_migration::prelude::*;
@@ -18,6 +21,24 @@ enum RunMetrics {
     Value,
     Seq,
     Ts,
+}
+
+#[derive(DeriveIden)]
+enum RunMetricRollups {
+    Table,
+    RunId,
+    Name,
+    Level,
+    Block,
+    Count,
+    Min,
+    MinStep,
+    Max,
+    MaxStep,
+    LastStep,
+    LastTs,
+    LastValue,
+    LastSeq,
 }
 
 #[derive(DeriveIden)]
@@ -53,6 +74,63 @@ impl MigrationTrait for Migration {
                             .col(RunMetrics::RunId)
                             .col(RunMetrics::Name)
                             .col(RunMetrics::Step),
+                    )
+                    .extra(without_rowid(manager))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table(RunMetricRollups::Table)
+                    .if_not_exists()
+                    .col(ColumnDef::new(RunMetricRollups::RunId).string().not_null())
+                    .col(ColumnDef::new(RunMetricRollups::Name).string().not_null())
+                    .col(ColumnDef::new(RunMetricRollups::Level).integer().not_null())
+                    .col(
+                        ColumnDef::new(RunMetricRollups::Block)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RunMetricRollups::Count)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(RunMetricRollups::Min).double().null())
+                    .col(
+                        ColumnDef::new(RunMetricRollups::MinStep)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(RunMetricRollups::Max).double().null())
+                    .col(
+                        ColumnDef::new(RunMetricRollups::MaxStep)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RunMetricRollups::LastStep)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(RunMetricRollups::LastTs)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .col(ColumnDef::new(RunMetricRollups::LastValue).double().null())
+                    .col(
+                        ColumnDef::new(RunMetricRollups::LastSeq)
+                            .big_integer()
+                            .not_null(),
+                    )
+                    .primary_key(
+                        Index::create()
+                            .col(RunMetricRollups::RunId)
+                            .col(RunMetricRollups::Name)
+                            .col(RunMetricRollups::Level)
+                            .col(RunMetricRollups::Block),
                     )
                     .extra(without_rowid(manager))
                     .to_owned(),
@@ -109,6 +187,7 @@ impl MigrationTrait for Migration {
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         for table in [
             RunMetricSummaries::Table.into_iden(),
+            RunMetricRollups::Table.into_iden(),
             RunMetrics::Table.into_iden(),
         ] {
             manager

@@ -358,6 +358,74 @@ mod tests {
     }
 
     #[test]
+    fn a_cover_holds_every_step_of_its_range_once_in_few_pieces() {
+        use rollup::{cover, width};
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut cases: Vec<(u64, u64, u32)> = vec![
+            (0, 0, 7),
+            (0, 15, 7),
+            (0, 999_999, 1),
+            (3, 1_000_003, 2),
+            (17, 17, 0),
+            (u64::MAX - 100, u64::MAX, 7),
+            (i64::MAX as u64 - 5000, i64::MAX as u64, 3),
+        ];
+        for _ in 0..300 {
+            let from = next() % 5_000_000;
+            let to = from + next() % 3_000_000;
+            cases.push((from, to, (next() % 8) as u32));
+        }
+        for (from, to, top) in cases {
+            let plan = cover(from, to, top);
+            let mut pieces: Vec<(u64, u64)> = plan.raw.clone();
+            for &(level, first, last) in &plan.blocks {
+                assert!(level <= top);
+                pieces.push((
+                    first * width(level),
+                    last * width(level) + (width(level) - 1),
+                ));
+            }
+            pieces.sort();
+            assert_eq!(pieces.first().unwrap().0, from, "{from}..={to} top {top}");
+            assert_eq!(pieces.last().unwrap().1, to, "{from}..={to} top {top}");
+            for pair in pieces.windows(2) {
+                assert_eq!(
+                    pair[0].1 + 1,
+                    pair[1].0,
+                    "{from}..={to}: contiguous, no overlap"
+                );
+            }
+            assert!(plan.raw.len() <= 2, "{plan:?}");
+            assert!(plan.blocks.len() <= 2 * (top as usize + 1), "{plan:?}");
+        }
+    }
+
+    #[test]
+    fn rolled_up_blocks_hold_the_merge_of_their_points() {
+        let points = (0..1000u64).map(|s| {
+            (
+                s,
+                s as i64,
+                MetricValue(if s == 500 { -9.0 } else { s as f64 }),
+            )
+        });
+        let blocks = rollup::blocks(points);
+        let b = &blocks[&(1, 1)]; // steps 256..=511
+        assert_eq!(
+            (b.count, b.min.0, b.min_step, b.max.0, b.step),
+            (256, -9.0, 500, 511.0, 511)
+        );
+        assert_eq!(blocks[&(7, 0)].count, 1000);
+        assert_eq!(blocks.keys().filter(|(l, _)| *l == 0).count(), 63);
+    }
+
+    #[test]
     fn a_long_series_keeps_its_single_spike_and_its_last_point() {
         let mut sketch = SeriesSketch::new(100);
         for step in 0..100_000u64 {
@@ -394,5 +462,108 @@ mod tests {
         // Rebuilt from its own series, a sketch holds the same points.
         let again = SeriesSketch::from_series(100, &series).series("loss");
         assert_eq!(again.count, series.count);
+    }
+}
+
+/// Pre-aggregated blocks of a series, so a chart of a million points reads a few
+/// thousand rows: at level `l` (0 to [`LEVELS`] - 1) block `b` holds the points of
+/// steps `b × width(l) ..= (b + 1) × width(l) - 1`, width(l) = 16^(l+1) (16, 256, …,
+/// 2^32), as one [`MetricBucket`]. The aggregator keeps them in `run_metric_rollups`
+/// in the transaction that stores the points; the gateway reads them through a
+/// [`Cover`].
+pub mod rollup {
+    use std::collections::BTreeMap;
+
+    use super::{MetricBucket, MetricValue};
+
+    pub const LEVELS: u32 = 8;
+
+    /// Steps per block at `level`.
+    pub fn width(level: u32) -> u64 {
+        1u64 << (4 * (level + 1))
+    }
+
+    /// The block of `step` at `level`.
+    pub fn block(step: u64, level: u32) -> u64 {
+        step >> (4 * (level + 1))
+    }
+
+    /// Every block the points fall in, at every level, each the merge of its points:
+    /// what a transaction adds to `run_metric_rollups` (keyed by level and block).
+    pub fn blocks<'a>(
+        points: impl IntoIterator<Item = (u64, i64, MetricValue)> + 'a,
+    ) -> BTreeMap<(u32, u64), MetricBucket> {
+        let mut out: BTreeMap<(u32, u64), MetricBucket> = BTreeMap::new();
+        for (step, ts, value) in points {
+            let point = MetricBucket::point(step, ts, value);
+            for level in 0..LEVELS {
+                out.entry((level, block(step, level)))
+                    .and_modify(|b| b.merge(&point))
+                    .or_insert(point);
+            }
+        }
+        out
+    }
+
+    /// How to read the steps `from..=to` of a series: whole blocks of one `level`
+    /// (`blocks`) in the middle, smaller blocks toward the ends where the range does
+    /// not meet a block boundary (`edges`: level and block ranges), and raw points
+    /// (`raw`: step ranges, fewer than 16 steps each) where not even a 16-step block
+    /// fits. Together they hold every point of the range exactly once.
+    #[derive(Debug, Clone, PartialEq, Eq, Default)]
+    pub struct Cover {
+        /// (level, first block, last block), inclusive.
+        pub blocks: Vec<(u32, u64, u64)>,
+        /// Step ranges read point by point, inclusive.
+        pub raw: Vec<(u64, u64)>,
+    }
+
+    /// The cover of `from..=to` using blocks no wider than `width(top)`: from `from`
+    /// on, the widest block that starts there and ends within `to`, else points up to
+    /// the next multiple of 16. Iterations: the blocks of level `top` in the range plus
+    /// at most 15 per level and end.
+    pub fn cover(from: u64, to: u64, top: u32) -> Cover {
+        let top = top.min(LEVELS - 1);
+        let mut cover = Cover::default();
+        let mut at = from;
+        while at <= to {
+            let fit = (0..=top).rev().find(|&l| {
+                at.is_multiple_of(width(l))
+                    && at.checked_add(width(l) - 1).is_some_and(|end| end <= to)
+            });
+            let end = match fit {
+                Some(level) => {
+                    let b = block(at, level);
+                    push_range(&mut cover.blocks, level, b, b);
+                    at + (width(level) - 1)
+                }
+                None => {
+                    let end = (at | 15).min(to);
+                    match cover.raw.last_mut() {
+                        Some((_, last)) if *last + 1 == at => *last = end,
+                        _ => cover.raw.push((at, end)),
+                    }
+                    end
+                }
+            };
+            match end.checked_add(1) {
+                Some(next) => at = next,
+                None => break,
+            }
+        }
+        cover
+    }
+
+    fn push_range(ranges: &mut Vec<(u32, u64, u64)>, level: u32, first: u64, last: u64) {
+        match ranges.last_mut() {
+            Some((l, _, end)) if *l == level && *end + 1 == first => *end = last,
+            _ => ranges.push((level, first, last)),
+        }
+    }
+
+    /// The level whose blocks best fill buckets of `bucket_width` steps: the widest
+    /// not wider than it (`None`: narrower than the narrowest block, read points).
+    pub fn level_for(bucket_width: u64) -> Option<u32> {
+        (0..LEVELS).rev().find(|&l| width(l) <= bucket_width)
     }
 }
