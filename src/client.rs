@@ -1,4 +1,4 @@
-//! The client commands (`run`, `logs`, `runs`, `experiments`): argument handling and
+//! The client commands (`run`, `logs`, `runs`, `experiments`, `metrics`): argument handling and
 //! printing around `athanor-client`, which speaks to the gateway.
 //!
 //! Exit codes of a followed run: 0 completed, 1 failed, 3 cancelled, 4 lost; 2 when
@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use athanor_client::{Client, ClientError, RunFold};
 use athanor_schemas::api::RunFilter;
+use athanor_schemas::metric::MetricSummary;
 use athanor_schemas::{format_time, LogLine, Progress, RunState};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -179,6 +180,84 @@ pub async fn experiments(api: &Client) -> Outcome {
         }
     }
     Ok(0)
+}
+
+/// `athanor metrics`: each metric's point count, last value (at its highest step),
+/// minimum and maximum; with `follow`, again whenever they change (redrawn in place on
+/// a terminal), until the run has ended.
+pub async fn metrics(api: &Client, run_id: &str, follow: bool, stop: CancellationToken) -> Outcome {
+    let terminal = std::io::stdout().is_terminal();
+    let mut shown: Option<String> = None;
+    loop {
+        // The run's state first: metrics read after it hold everything it stored.
+        let ended = api.run(run_id).await?.status.is_terminal();
+        let table = metrics_table(&api.metrics(run_id).await?.metrics);
+        if shown.as_deref() != Some(table.as_str()) {
+            if terminal && shown.is_some() {
+                print!("\x1b[H\x1b[2J");
+            } else if shown.is_some() {
+                println!();
+            }
+            print!("{table}");
+            let _ = std::io::stdout().flush();
+            shown = Some(table);
+        }
+        if !follow || ended {
+            return Ok(0);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(130),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+fn metrics_table(metrics: &[MetricSummary]) -> String {
+    if metrics.is_empty() {
+        return "no metrics\n".into();
+    }
+    let width = metrics
+        .iter()
+        .map(|m| m.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .clamp(4, 40);
+    let mut out = format!(
+        "{:<width$}  {:>10}  {:>12}  {:>12}  {:>12}  {:>12}\n",
+        "NAME", "POINTS", "LAST STEP", "LAST", "MIN", "MAX"
+    );
+    for m in metrics {
+        let name: String = m
+            .name
+            .chars()
+            .take(40)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        out.push_str(&format!(
+            "{name:<width$}  {:>10}  {:>12}  {:>12}  {:>12}  {:>12}\n",
+            m.count,
+            m.last_step,
+            number(m.last.0),
+            number(m.min.0),
+            number(m.max.0),
+        ));
+    }
+    out
+}
+
+/// A metric value in at most about 12 characters: NaN, inf, -inf, 6 decimals in the
+/// usual range, else scientific.
+fn number(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "inf" } else { "-inf" }.into()
+    } else if v == 0.0 || (1e-4..1e6).contains(&v.abs()) {
+        let text = format!("{v:.6}");
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        format!("{v:.4e}")
+    }
 }
 
 /// Prints the run's log live (with a progress bar on a terminal) until its terminal
@@ -356,5 +435,20 @@ impl Screen {
             eprint!("\r\x1b[2K");
             self.bar_shown = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_values_print_short_and_say_nan_and_inf() {
+        use super::number;
+        assert_eq!(number(0.25), "0.25");
+        assert_eq!(number(0.0), "0");
+        assert_eq!(number(-3.0), "-3");
+        assert_eq!(number(1234567.0), "1.2346e6");
+        assert_eq!(number(0.00001234), "1.2340e-5");
+        assert_eq!(number(f64::NAN), "NaN");
+        assert_eq!(number(f64::NEG_INFINITY), "-inf");
     }
 }

@@ -74,6 +74,15 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayUrl,
     },
+    /// Prints each metric of a run: points, last value, minimum, maximum (with --follow:
+    /// again as they change, until the run ends).
+    Metrics {
+        run_id: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
     /// Lists the experiments live workers host, with their config fields.
     Experiments {
         #[command(flatten)]
@@ -150,6 +159,17 @@ fn main() -> anyhow::Result<()> {
                 }
                 .await,
             ),
+            Command::Metrics {
+                run_id,
+                follow,
+                gateway,
+            } => Some(
+                async {
+                    let api = gateway.client(&config)?;
+                    client::metrics(&api, run_id, *follow, shutdown.clone()).await
+                }
+                .await,
+            ),
             Command::Experiments { gateway } => {
                 Some(async { client::experiments(&gateway.client(&config)?).await }.await)
             }
@@ -169,6 +189,7 @@ fn main() -> anyhow::Result<()> {
             Command::Run { .. }
             | Command::Logs { .. }
             | Command::Runs { .. }
+            | Command::Metrics { .. }
             | Command::Experiments { .. } => unreachable!("answered above"),
             Command::Up {
                 data_dir,

@@ -11,9 +11,9 @@ use std::ops::Range;
 use std::time::Duration;
 
 use athanor_schemas::api::{
-    CancelRequested, CreateRun, ErrorBody, Experiment, ExperimentList, Instance, InstanceChange,
-    InstanceList, LogPage, LogQuery, NewInstance, ResultList, RunCreated, RunFilter, RunList,
-    RunOverrides,
+    CancelRequested, CompareQuery, CreateRun, ErrorBody, Experiment, ExperimentList, Instance,
+    InstanceChange, InstanceList, LogPage, LogQuery, MetricComparison, MetricList, NewInstance,
+    ResultList, RunCreated, RunFilter, RunList, RunOverrides, RunSeries, SeriesQuery,
 };
 use athanor_schemas::events::RunView;
 use athanor_schemas::LogLine;
@@ -166,6 +166,35 @@ impl Client {
 
     pub async fn results(&self, id: &str) -> ClientResult<ResultList> {
         self.get(&format!("/api/runs/{}/results", segment(id)))
+            .await
+    }
+
+    /// The run's metrics with their summaries, the most recently updated first.
+    pub async fn metrics(&self, id: &str) -> ClientResult<MetricList> {
+        self.get(&format!("/api/runs/{}/metrics", segment(id)))
+            .await
+    }
+
+    /// One metric of a run, downsampled to at most `query.max_points` buckets.
+    pub async fn series(
+        &self,
+        id: &str,
+        name: &str,
+        query: &SeriesQuery,
+    ) -> ClientResult<RunSeries> {
+        let path = format!("/api/runs/{}/metrics/{}", segment(id), segment(name));
+        self.json(self.request(Method::GET, &path).query(query))
+            .await
+    }
+
+    /// One metric of several runs side by side.
+    pub async fn compare(
+        &self,
+        name: &str,
+        query: &CompareQuery,
+    ) -> ClientResult<MetricComparison> {
+        let path = format!("/api/metrics/{}", segment(name));
+        self.json(self.request(Method::GET, &path).query(query))
             .await
     }
 

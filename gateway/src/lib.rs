@@ -10,6 +10,7 @@ mod auth;
 mod error;
 mod hub;
 mod instances;
+mod metrics;
 mod openapi;
 mod sse;
 mod ui;
@@ -209,6 +210,9 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(api::logs))
         .routes(routes!(api::logs_txt))
         .routes(routes!(api::results))
+        .routes(routes!(metrics::list))
+        .routes(routes!(metrics::one))
+        .routes(routes!(metrics::compare))
 }
 
 /// The OpenAPI document of every route, as served at `/api/openapi.json`.

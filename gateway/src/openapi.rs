@@ -32,6 +32,7 @@ use crate::error::ErrorBody;
         (name = "experiments", description = "Experiments hosted by live workers"),
         (name = "instances", description = "Named, configured experiments, to start the same run again"),
         (name = "runs", description = "Runs, their logs and results"),
+        (name = "metrics", description = "Metric series of runs: summaries, downsampled series, runs compared"),
         (name = "feeds", description = "Server-Sent Events: a run's live feed and the lifecycle of all runs"),
         (name = "health", description = "Liveness and readiness"),
         (name = "meta", description = "This document"),

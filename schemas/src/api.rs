@@ -148,24 +148,57 @@ pub struct MetricList {
     pub metrics: Vec<MetricSummary>,
 }
 
-/// The query of a metric's series (`GET /api/runs/{id}/metrics/{name}` and the
-/// comparison `GET /api/metrics/{name}`).
+/// Buckets a series comes back in at most, unless asked otherwise.
+pub const DEFAULT_MAX_POINTS: u64 = 1000;
+/// The most buckets one may ask for.
+pub const MAX_MAX_POINTS: u64 = 10_000;
+/// The most runs one comparison takes.
+pub const MAX_COMPARED_RUNS: usize = 20;
+
+/// The query of a metric's series (`GET /api/runs/{id}/metrics/{name}`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
 #[serde(deny_unknown_fields)]
 pub struct SeriesQuery {
-    /// Buckets at most (1 to 10 000, default 1 000); a series with no more points than
-    /// this comes back exactly, point by point.
+    /// Buckets at most; a series with no more points than this comes back exactly,
+    /// point by point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        param(minimum = 1, maximum = 10000, default = 1000)
+    )]
     pub max_points: Option<u64>,
     /// The first step (default: the series' first).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(maximum = 9223372036854775807_i64))]
     pub from_step: Option<u64>,
     /// The last step, included (default: the series' last).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(maximum = 9223372036854775807_i64))]
     pub to_step: Option<u64>,
-    /// The comparison only: comma-separated run ids (1 to 20).
+}
+
+/// The query of a comparison (`GET /api/metrics/{name}`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams), into_params(parameter_in = Query))]
+#[serde(deny_unknown_fields)]
+pub struct CompareQuery {
+    /// Comma-separated run ids, 1 to 20.
+    #[cfg_attr(feature = "openapi", param(min_length = 1))]
+    pub runs: String,
+    /// Buckets per run at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runs: Option<String>,
+    #[cfg_attr(
+        feature = "openapi",
+        param(minimum = 1, maximum = 10000, default = 1000)
+    )]
+    pub max_points: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(maximum = 9223372036854775807_i64))]
+    pub from_step: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(maximum = 9223372036854775807_i64))]
+    pub to_step: Option<u64>,
 }
 
 /// `GET /api/runs/{id}/metrics/{name}`: one metric of one run, downsampled.

@@ -32,6 +32,7 @@ use athanor_connections::db::stmt;
 use athanor_connections::retry::Backoff;
 use athanor_schemas::entities::{run_logs, run_results, runs};
 use athanor_schemas::events::RunView;
+use athanor_schemas::metric::SeriesSketch;
 use athanor_schemas::{
     names, Batch, Level, LogLine, Progress, ResultRecord, RunState, UnknownRunState,
 };
@@ -48,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 pub(crate) use self::frame::Frame;
-use self::ordering::{Bootstrap, Checked, Sequencer, Skipped, Stored};
+use self::ordering::{Bootstrap, Checked, Sequencer, Skipped, Stored, SNAPSHOT_BUCKETS};
 use crate::error::{ApiError, ApiResult};
 use crate::GatewayConfig;
 
@@ -176,6 +177,25 @@ impl Hubs {
                 (r.key, record)
             })
             .collect();
+        // Each series as stored: points of batches past the watermark may be in already
+        // (a sketch takes a repeated point once while it is exact; a bucket then
+        // counts it twice, which only its `count` shows).
+        let mut metrics = BTreeMap::new();
+        for summary in crate::metrics::summaries(&self.db, &run_id).await? {
+            let series = crate::metrics::series(
+                &self.db,
+                &run_id,
+                &summary.name,
+                None,
+                None,
+                SNAPSHOT_BUCKETS as u64,
+            )
+            .await?;
+            metrics.insert(
+                summary.name,
+                SeriesSketch::from_series(SNAPSHOT_BUCKETS, &series),
+            );
+        }
         let start = run.last_stream_seq.map(|s| s as u64 + 1);
         let final_batches = run.final_batches.map(|n| n as u64);
         let mut view = run_view(run)?;
@@ -190,7 +210,7 @@ impl Hubs {
             lines,
             covered,
             final_batches,
-            metrics: BTreeMap::new(),
+            metrics,
         });
         let (tx, _) = broadcast::channel(self.config.hub_buffer.max(1));
         let hub = Arc::new(Hub {
