@@ -126,7 +126,7 @@ async fn every_component_works_under_its_least_privilege_user() {
                 .json()
                 .await
                 .ok()?;
-            (body["experiments"].as_array()?.len() == 5).then_some(())
+            (body["experiments"].as_array()?.len() == builtin::all().len()).then_some(())
         },
     )
     .await
