@@ -195,7 +195,10 @@ fn the_cli_against_athanor_up() {
     );
     let none = athanor(&["metrics", "no-such-run", "--url", &url]);
     assert_eq!(none.status.code(), Some(2));
-    assert_eq!(text(&none.stderr).trim(), "athanor: run \"no-such-run\" not found");
+    assert_eq!(
+        text(&none.stderr).trim(),
+        "athanor: run \"no-such-run\" not found"
+    );
 
     let runs = athanor(&["runs", "--url", &url]);
     let table = text(&runs.stdout);

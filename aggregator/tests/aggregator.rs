@@ -327,6 +327,91 @@ async fn summaries_of(db: &DatabaseConnection, run_id: &str) -> Vec<SummaryRow> 
     summaries
 }
 
+/// Checks every rollup block of the run against its stored points: the same blocks
+/// exist, each with the count, extremes and last point of the points of its steps
+/// (an extreme's step: one holding that value).
+async fn assert_rollups_match_points(db: &DatabaseConnection, run_id: &str) {
+    use athanor_schemas::metric::rollup;
+    use std::collections::BTreeMap;
+    let points = points_of(db, run_id).await;
+    let mut expected: BTreeMap<
+        (String, i32, i64),
+        (i64, Option<f64>, Option<f64>, i64, i64, Option<f64>, i64),
+    > = BTreeMap::new();
+    for series in points.chunk_by(|a, b| a.0 == b.0) {
+        let name = &series[0].0;
+        let blocks = rollup::blocks(
+            series
+                .iter()
+                .map(|p| (p.1 as u64, p.4, MetricValue(p.2.unwrap_or(f64::NAN)))),
+        );
+        for ((level, block), b) in blocks {
+            let at = |step: u64| series.iter().find(|p| p.1 == step as i64).unwrap();
+            let stored = |v: MetricValue| Some(v.0).filter(|v| !v.is_nan());
+            expected.insert(
+                (name.clone(), level as i32, block as i64),
+                (
+                    b.count as i64,
+                    stored(b.min),
+                    stored(b.max),
+                    b.step as i64,
+                    b.ts,
+                    stored(b.value),
+                    at(b.step).3,
+                ),
+            );
+        }
+    }
+    let rows = db
+        .query_all(athanor_connections::db::stmt(
+            db.get_database_backend(),
+            "SELECT name, level, block, count, min, min_step, max, max_step, last_step, last_ts, last_value, last_seq \
+             FROM run_metric_rollups WHERE run_id = ?",
+            vec![run_id.into()],
+        ))
+        .await
+        .unwrap();
+    let mut found = BTreeMap::new();
+    let value_at = |name: &str, step: i64| {
+        points
+            .iter()
+            .find(|p| p.0 == name && p.1 == step)
+            .map(|p| p.2)
+    };
+    for row in rows {
+        let name: String = row.try_get("", "name").unwrap();
+        let min: Option<f64> = row.try_get("", "min").unwrap();
+        let max: Option<f64> = row.try_get("", "max").unwrap();
+        for (extreme, column) in [(min, "min_step"), (max, "max_step")] {
+            if extreme.is_some() {
+                let step: i64 = row.try_get("", column).unwrap();
+                assert_eq!(
+                    value_at(&name, step),
+                    Some(extreme),
+                    "{run_id} {name}: {column}"
+                );
+            }
+        }
+        found.insert(
+            (
+                name,
+                row.try_get::<i32>("", "level").unwrap(),
+                row.try_get::<i64>("", "block").unwrap(),
+            ),
+            (
+                row.try_get::<i64>("", "count").unwrap(),
+                min,
+                max,
+                row.try_get::<i64>("", "last_step").unwrap(),
+                row.try_get::<i64>("", "last_ts").unwrap(),
+                row.try_get::<Option<f64>>("", "last_value").unwrap(),
+                row.try_get::<i64>("", "last_seq").unwrap(),
+            ),
+        );
+    }
+    assert_eq!(found, expected, "{run_id}: rollup blocks");
+}
+
 async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>, msg_id: &str) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(names::headers::MSG_ID, msg_id);
@@ -1188,6 +1273,7 @@ async fn a_repeated_step_keeps_the_highest_seq_and_recounts_the_summary() {
             points,
             "batch {batch_seq}"
         );
+        assert_rollups_match_points(&db.db, "repeats").await;
         let (count, min, max, last_step, last_value, last_seq, updated_at) = summary;
         assert_eq!(
             summaries_of(&db.db, "repeats").await,
@@ -1259,6 +1345,7 @@ async fn metrics_of_several_runs_in_one_transaction() {
                 .collect();
             assert_eq!(steps, expected, "{run} {name}");
         }
+        assert_rollups_match_points(&db.db, &run).await;
     }
     // (run, loss: min, max, last, the last point's seq, the newest point's time); lr is
     // the mirror image. Run 3's earlier maximum (903) is gone: recounted, not widened.

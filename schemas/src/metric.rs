@@ -334,6 +334,31 @@ mod tests {
         assert!(serde_json::from_str::<MetricValue>("null").is_err());
     }
 
+    #[test]
+    fn every_value_parses_back_to_the_same_bits() {
+        // serde_json's default float parser can be one ulp off; the workspace enables
+        // `float_roundtrip`. These values were off by one without it.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values = vec![-0.009932349717128268, 0.9950906807333316];
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            if v.is_finite() {
+                values.push(v);
+            }
+            values.push((x % 1_000_000) as f64 / 7919.0);
+        }
+        let json =
+            serde_json::to_string(&values.iter().map(|v| MetricValue(*v)).collect::<Vec<_>>())
+                .unwrap();
+        let back: Vec<MetricValue> = serde_json::from_str(&json).unwrap();
+        for (a, b) in values.iter().zip(&back) {
+            assert_eq!(a.to_bits(), b.0.to_bits(), "{a}");
+        }
+    }
+
     fn point(step: u64, value: f64, seq: u64) -> MetricPoint {
         MetricPoint {
             step,

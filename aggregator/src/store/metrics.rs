@@ -14,11 +14,22 @@
 //!   upsert runs first all the same: it takes the summary rows' locks, so the recount
 //!   (a statement of its own) sees every concurrent transaction that touched them.
 //!
+//! The rollup blocks of each series (`run_metric_rollups`: at level `l`, the points of
+//! `16^(l+1)` aligned steps as one count, minimum, maximum and last point; see
+//! `athanor_schemas::metric::rollup`) follow the same two cases: moved by one upsert of
+//! the blocks this transaction's points fall in, and — when a step was stored before —
+//! every block the transaction's points of that series fall in recounted from
+//! `run_metrics` afterwards. A series that keeps rewriting earlier steps pays for that
+//! with a scan of each touched block (the widest is the whole series) per transaction.
+//!
 //! A NaN value is stored as NULL and left out of the extremes (NULL when every value is
 //! NaN); ±infinity is stored as such. All of it is in the batches' transaction: a
 //! redelivered batch finds its `run_batches` key and writes no point.
 
-use athanor_schemas::MetricRecord;
+use std::collections::BTreeMap;
+
+use athanor_schemas::metric::{rollup, MetricBucket, MAX_STEP};
+use athanor_schemas::{MetricRecord, MetricValue};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Value};
 
 use super::{insert_rows, pg_text};
@@ -66,8 +77,12 @@ pub(super) async fn write(
 ) -> Result<(), DbErr> {
     // Nine values per (run, name), the summary of this transaction's points.
     let mut summaries: Vec<Value> = Vec::new();
-    // Runs with a step stored before, and their series to recount.
+    // Thirteen values per (run, name, level, block) this transaction's points fall in.
+    let mut blocks: Vec<Value> = Vec::new();
+    // Runs with a step stored before: their series to recount, and the blocks of each
+    // that this transaction's points fall in.
     let mut recount: Vec<(String, Vec<String>)> = Vec::new();
+    let mut recount_blocks: Vec<(String, String, Vec<(u32, u64)>)> = Vec::new();
     for (run_id, mut points) in runs {
         // By name and step, the highest seq first; keep that one.
         points.sort_unstable_by(|a, b| (&a.name, a.step, b.seq).cmp(&(&b.name, b.step, a.seq)));
@@ -98,8 +113,13 @@ pub(super) async fn write(
             let mut names: Vec<String> = points.iter().map(|p| p.name.clone()).collect();
             names.dedup();
             recount.push((run_id.clone(), names));
+            for series in points.chunk_by(|a, b| a.name == b.name) {
+                let touched = roll_up(series).into_keys().collect();
+                recount_blocks.push((run_id.clone(), series[0].name.clone(), touched));
+            }
         }
         summarize(&run_id, &points, &mut summaries);
+        block_rows(&run_id, &points, &mut blocks);
     }
     insert_rows(
         txn,
@@ -126,6 +146,39 @@ pub(super) async fn write(
              THEN excluded.updated_at ELSE run_metric_summaries.updated_at END",
     )
     .await?;
+    insert_rows(
+        txn,
+        backend,
+        "INSERT INTO run_metric_rollups (run_id, name, level, block, count, min, min_step, max, max_step, \
+         last_step, last_ts, last_value, last_seq) VALUES ",
+        Vec::new(),
+        13,
+        blocks,
+        " ON CONFLICT (run_id, name, level, block) DO UPDATE SET \
+         count = run_metric_rollups.count + excluded.count, \
+         min_step = CASE WHEN run_metric_rollups.min IS NULL OR excluded.min < run_metric_rollups.min \
+             THEN excluded.min_step ELSE run_metric_rollups.min_step END, \
+         min = CASE WHEN run_metric_rollups.min IS NULL OR excluded.min < run_metric_rollups.min \
+             THEN excluded.min ELSE run_metric_rollups.min END, \
+         max_step = CASE WHEN run_metric_rollups.max IS NULL OR excluded.max > run_metric_rollups.max \
+             THEN excluded.max_step ELSE run_metric_rollups.max_step END, \
+         max = CASE WHEN run_metric_rollups.max IS NULL OR excluded.max > run_metric_rollups.max \
+             THEN excluded.max ELSE run_metric_rollups.max END, \
+         last_ts = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
+             THEN excluded.last_ts ELSE run_metric_rollups.last_ts END, \
+         last_value = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
+             THEN excluded.last_value ELSE run_metric_rollups.last_value END, \
+         last_seq = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
+             THEN excluded.last_seq ELSE run_metric_rollups.last_seq END, \
+         last_step = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
+             THEN excluded.last_step ELSE run_metric_rollups.last_step END",
+    )
+    .await?;
+    for (run_id, name, touched) in recount_blocks {
+        for (level, block) in touched {
+            recount_block(txn, backend, &run_id, &name, level, block).await?;
+        }
+    }
     for (run_id, names) in recount {
         for names in names.chunks(1_000) {
             recount_summaries(txn, backend, &run_id, names).await?;
@@ -169,6 +222,169 @@ fn summarize(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
             updated_at.into(),
         ]);
     }
+}
+
+/// One block of a series in this transaction: its points merged, and the `seq` of its
+/// last point.
+struct Block {
+    bucket: MetricBucket,
+    last_seq: i64,
+}
+
+/// The blocks (at every level) that the points of one series (sorted by step, one per
+/// step) fall in.
+fn roll_up(series: &[Point]) -> BTreeMap<(u32, u64), Block> {
+    let mut out: BTreeMap<(u32, u64), Block> = BTreeMap::new();
+    for p in series {
+        let step = p.step as u64;
+        let point = MetricBucket::point(step, p.ts, MetricValue(p.value.unwrap_or(f64::NAN)));
+        for level in 0..rollup::LEVELS {
+            out.entry((level, rollup::block(step, level)))
+                .and_modify(|b| {
+                    b.bucket.merge(&point);
+                    b.last_seq = p.seq;
+                })
+                .or_insert(Block {
+                    bucket: point,
+                    last_seq: p.seq,
+                });
+        }
+    }
+    out
+}
+
+/// Appends a `run_metric_rollups` row for each block the points (sorted by name and
+/// step) fall in.
+fn block_rows(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
+    let stored = |v: MetricValue| Some(v.0).filter(|v| !v.is_nan());
+    for series in points.chunk_by(|a, b| a.name == b.name) {
+        for (
+            (level, block),
+            Block {
+                bucket: b,
+                last_seq,
+            },
+        ) in roll_up(series)
+        {
+            values.extend([
+                run_id.into(),
+                series[0].name.as_str().into(),
+                (level as i32).into(),
+                (block as i64).into(),
+                (b.count as i64).into(),
+                stored(b.min).into(),
+                (b.min_step as i64).into(),
+                stored(b.max).into(),
+                (b.max_step as i64).into(),
+                (b.step as i64).into(),
+                b.ts.into(),
+                stored(b.value).into(),
+                last_seq.into(),
+            ]);
+        }
+    }
+}
+
+/// Recomputes one rollup block from the stored points of its steps (deleting it when
+/// none is left).
+async fn recount_block(
+    txn: &impl ConnectionTrait,
+    backend: DatabaseBackend,
+    run_id: &str,
+    name: &str,
+    level: u32,
+    block: u64,
+) -> Result<(), DbErr> {
+    use athanor_connections::db::stmt;
+    let width = rollup::width(level);
+    let (from, to) = (
+        (block * width) as i64,
+        (block * width + (width - 1)).min(MAX_STEP) as i64,
+    );
+    let range = || -> Vec<Value> { vec![run_id.into(), name.into(), from.into(), to.into()] };
+    const WHERE: &str = "WHERE run_id = ? AND name = ? AND step >= ? AND step <= ?";
+    let row = txn
+        .query_one(stmt(
+            backend,
+            &format!("SELECT COUNT(*) AS n, MIN(value) AS lo, MAX(value) AS hi, MAX(step) AS last FROM run_metrics {WHERE}"),
+            range(),
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("an aggregate returns a row".into()))?;
+    let count: i64 = row.try_get("", "n")?;
+    let key = || -> Vec<Value> {
+        vec![
+            run_id.into(),
+            name.into(),
+            (level as i32).into(),
+            (block as i64).into(),
+        ]
+    };
+    if count == 0 {
+        txn.execute(stmt(
+            backend,
+            "DELETE FROM run_metric_rollups WHERE run_id = ? AND name = ? AND level = ? AND block = ?",
+            key(),
+        ))
+        .await?;
+        return Ok(());
+    }
+    let lo: Option<f64> = row.try_get("", "lo")?;
+    let hi: Option<f64> = row.try_get("", "hi")?;
+    let last: i64 = row.try_get("", "last")?;
+    // The first step holding an extreme (any step when every value is NaN).
+    let step_of = |extreme: Option<f64>| {
+        let (sql, mut values) = match extreme {
+            Some(v) => (
+                format!("SELECT step FROM run_metrics {WHERE} AND value = ? ORDER BY step LIMIT 1"),
+                vec![Value::from(v)],
+            ),
+            None => (
+                format!("SELECT step FROM run_metrics {WHERE} ORDER BY step LIMIT 1"),
+                Vec::new(),
+            ),
+        };
+        let mut all = range();
+        all.append(&mut values);
+        async move {
+            let row = txn.query_one(stmt(backend, &sql, all)).await?;
+            row.map_or(Ok(from), |r| r.try_get::<i64>("", "step"))
+        }
+    };
+    let min_step = step_of(lo).await?;
+    let max_step = step_of(hi).await?;
+    let last_row = txn
+        .query_one(stmt(
+            backend,
+            "SELECT ts, value, seq FROM run_metrics WHERE run_id = ? AND name = ? AND step = ?",
+            vec![run_id.into(), name.into(), last.into()],
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom(format!("the point at step {last} of {name:?}")))?;
+    let mut values = key();
+    values.extend([
+        count.into(),
+        lo.into(),
+        min_step.into(),
+        hi.into(),
+        max_step.into(),
+        last.into(),
+        last_row.try_get::<i64>("", "ts")?.into(),
+        last_row.try_get::<Option<f64>>("", "value")?.into(),
+        last_row.try_get::<i64>("", "seq")?.into(),
+    ]);
+    txn.execute(stmt(
+        backend,
+        "INSERT INTO run_metric_rollups (run_id, name, level, block, count, min, min_step, max, max_step, \
+         last_step, last_ts, last_value, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (run_id, name, level, block) DO UPDATE SET count = excluded.count, min = excluded.min, \
+         min_step = excluded.min_step, max = excluded.max, max_step = excluded.max_step, \
+         last_step = excluded.last_step, last_ts = excluded.last_ts, last_value = excluded.last_value, \
+         last_seq = excluded.last_seq",
+        values,
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Recomputes the summaries of `names` of a run from its stored points.
