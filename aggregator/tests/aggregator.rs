@@ -327,6 +327,9 @@ async fn summaries_of(db: &DatabaseConnection, run_id: &str) -> Vec<SummaryRow> 
     summaries
 }
 
+/// A rollup block as compared: (count, min, max, last_step, last_ts, last_value, last_seq).
+type BlockRow = (i64, Option<f64>, Option<f64>, i64, i64, Option<f64>, i64);
+
 /// Checks every rollup block of the run against its stored points: the same blocks
 /// exist, each with the count, extremes and last point of the points of its steps
 /// (an extreme's step: one holding that value).
@@ -334,10 +337,7 @@ async fn assert_rollups_match_points(db: &DatabaseConnection, run_id: &str) {
     use athanor_schemas::metric::rollup;
     use std::collections::BTreeMap;
     let points = points_of(db, run_id).await;
-    let mut expected: BTreeMap<
-        (String, i32, i64),
-        (i64, Option<f64>, Option<f64>, i64, i64, Option<f64>, i64),
-    > = BTreeMap::new();
+    let mut expected: BTreeMap<(String, i32, i64), BlockRow> = BTreeMap::new();
     for series in points.chunk_by(|a, b| a.0 == b.0) {
         let name = &series[0].0;
         let blocks = rollup::blocks(

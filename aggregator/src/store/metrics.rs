@@ -82,7 +82,7 @@ pub(super) async fn write(
     // Runs with a step stored before: their series to recount, and the blocks of each
     // that this transaction's points fall in.
     let mut recount: Vec<(String, Vec<String>)> = Vec::new();
-    let mut recount_blocks: Vec<(String, String, Vec<(u32, u64)>)> = Vec::new();
+    let mut recount_blocks: Vec<TouchedBlocks> = Vec::new();
     for (run_id, mut points) in runs {
         // By name and step, the highest seq first; keep that one.
         points.sort_unstable_by(|a, b| (&a.name, a.step, b.seq).cmp(&(&b.name, b.step, a.seq)));
@@ -223,6 +223,10 @@ fn summarize(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
         ]);
     }
 }
+
+/// A run, one of its series, and the (level, block)s this transaction's points of it
+/// fall in.
+type TouchedBlocks = (String, String, Vec<(u32, u64)>);
 
 /// One block of a series in this transaction: its points merged, and the `seq` of its
 /// last point.
