@@ -400,6 +400,9 @@ mod tests {
             (17, 17, 0),
             (u64::MAX - 100, u64::MAX, 7),
             (i64::MAX as u64 - 5000, i64::MAX as u64, 3),
+            (0, i64::MAX as u64, 7),
+            (0, i64::MAX as u64 - 1, 0),
+            (12_345, u64::MAX - 1, 7),
         ];
         for _ in 0..300 {
             let from = next() % 5_000_000;
@@ -544,9 +547,9 @@ pub mod rollup {
     }
 
     /// The cover of `from..=to` using blocks no wider than `width(top)`: from `from`
-    /// on, the widest block that starts there and ends within `to`, else points up to
-    /// the next multiple of 16. Iterations: the blocks of level `top` in the range plus
-    /// at most 15 per level and end.
+    /// on, the widest blocks that start there and end within `to` (up to the next
+    /// boundary of a wider level), else points up to the next multiple of 16. At most a
+    /// few iterations per level, however long the range (all of `0..=i64::MAX` too).
     pub fn cover(from: u64, to: u64, top: u32) -> Cover {
         let top = top.min(LEVELS - 1);
         let mut cover = Cover::default();
@@ -558,9 +561,17 @@ pub mod rollup {
             });
             let end = match fit {
                 Some(level) => {
+                    // Every block of this level that fits, up to where a wider level
+                    // can take over (none above `top`): one range, not a loop per block.
+                    let w = width(level);
+                    let mut n = (to - at - (w - 1)) / w + 1;
+                    if level < top {
+                        let up = width(level + 1);
+                        n = n.min((up - at % up) / w);
+                    }
                     let b = block(at, level);
-                    push_range(&mut cover.blocks, level, b, b);
-                    at + (width(level) - 1)
+                    push_range(&mut cover.blocks, level, b, b + (n - 1));
+                    at + (n * w - 1)
                 }
                 None => {
                     let end = (at | 15).min(to);
