@@ -1,4 +1,4 @@
-//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|throughput|fanout|startup|command]`.
+//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|throughput|fanout|startup|command|metrics]`.
 //!
 //! * latency — from `log()` (the line's own timestamp) to an SSE client holding the
 //!   line, at 1 000 and 10 000 lines/s per run, with 1 and 100 concurrent runs: a worker,
@@ -15,6 +15,10 @@
 //! * command — a command experiment (a Python child printing lines that carry their
 //!   write time) beside an in-process experiment at the same rate: the delay from the
 //!   write (child) or `log()` (in-process) to an SSE client holding the line.
+//! * metrics — metric points from `metrics()` to an SSE client and their bytes on the
+//!   wire; a million-point series stored through the aggregator's store and read back
+//!   at max_points=1000 through the gateway (rollups), beside the same buckets computed
+//!   by one GROUP BY over the points, on SQLite and PostgreSQL.
 //!
 //! Prints a table per part; BENCHMARKS.md holds the last figures.
 
@@ -61,6 +65,9 @@ fn main() {
     }
     if want("command") {
         rt.block_on(command());
+    }
+    if want("metrics") {
+        rt.block_on(metrics());
     }
 }
 
@@ -138,9 +145,19 @@ async fn delays(feed: EventStream, until: Instant) -> Vec<i64> {
 
 /// Reads a feed, returning for every line received `now − start(line)` (µs).
 async fn delays_from(
-    mut feed: EventStream,
+    feed: EventStream,
     until: Instant,
     start: impl Fn(&athanor_schemas::LogLine) -> i64,
+) -> Vec<i64> {
+    delays_of(feed, until, |batch| batch.logs.iter().map(&start).collect()).await
+}
+
+/// Reads a feed, returning `now − t` (µs) for every start time `t` that `starts` finds
+/// in each batch received.
+async fn delays_of(
+    mut feed: EventStream,
+    until: Instant,
+    starts: impl Fn(&athanor_schemas::events::BatchEvent) -> Vec<i64>,
 ) -> Vec<i64> {
     let mut out = Vec::new();
     while Instant::now() < until {
@@ -150,7 +167,7 @@ async fn delays_from(
         };
         let now = now_micros();
         match event.data {
-            FeedData::Batch(batch) => out.extend(batch.logs.iter().map(|l| now - start(l))),
+            FeedData::Batch(batch) => out.extend(starts(&batch).into_iter().map(|t| now - t)),
             FeedData::Status(_) => return out,
             _ => {}
         }
@@ -356,6 +373,27 @@ async fn throughput() {
     if !wanted("postgres") {
         return;
     }
+    for &rate in &offered {
+        let Some((admin, name, db)) = postgres_database(&rate.to_string()).await else {
+            return;
+        };
+        throughput_row("PostgreSQL 15", rate, db).await;
+        drop_postgres_database(&admin, &name).await;
+    }
+}
+
+/// A fresh, migrated PostgreSQL database on ATHANOR_BENCH_DATABASE_URL's server (the
+/// local one by default), with the admin connection that drops it; `None` (and a table
+/// row saying why) when the server cannot be reached.
+async fn postgres_database(
+    tag: &str,
+) -> Option<(
+    sea_orm::DatabaseConnection,
+    String,
+    sea_orm::DatabaseConnection,
+)> {
+    use athanor_migrations::MigratorTrait;
+    use sea_orm::ConnectionTrait;
     let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let admin = match athanor_connections::db::connect(&DatabaseConfig {
@@ -366,30 +404,33 @@ async fn throughput() {
     .await
     {
         Ok(admin) => admin,
-        Err(e) => return println!("| PostgreSQL | skipped: {e} | | | | | | |"),
+        Err(e) => {
+            println!("| PostgreSQL | skipped: {e} |");
+            return None;
+        }
     };
-    use athanor_migrations::MigratorTrait;
-    use sea_orm::ConnectionTrait;
     let (base, _) = server.rsplit_once('/').unwrap();
-    for &rate in &offered {
-        let name = format!("athanor_bench_pipeline_{}_{rate}", std::process::id());
-        admin
-            .execute_unprepared(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let db = athanor_connections::db::connect(&DatabaseConfig {
-            url: Some(format!("{base}/{name}")),
-            ..Default::default()
-        })
+    let name = format!("athanor_bench_pipeline_{}_{tag}", std::process::id());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
-        athanor_migrations::Migrator::up(&db, None).await.unwrap();
-        throughput_row("PostgreSQL 15", rate, db).await;
-        admin
-            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await
-            .unwrap();
-    }
+    let db = athanor_connections::db::connect(&DatabaseConfig {
+        url: Some(format!("{base}/{name}")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    athanor_migrations::Migrator::up(&db, None).await.unwrap();
+    Some((admin, name, db))
+}
+
+async fn drop_postgres_database(admin: &sea_orm::DatabaseConnection, name: &str) {
+    use sea_orm::ConnectionTrait;
+    admin
+        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
 }
 
 /// One offered rate on a fresh nats-server and an empty database.
@@ -740,6 +781,152 @@ async fn command() {
     println!(
         "\nExtra latency of the command path at p50: {} ms",
         ms(p50s[1] - p50s[0])
+    );
+    stack.stop().await;
+}
+
+// ---------------------------------------------------------------- metrics
+
+async fn metrics() {
+    let nats_server = TestNats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (_, db) = database(&dir).await;
+    let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
+    println!("\n## Metrics live: metrics() → SSE client, bytes per point\n");
+    println!("`metric_storm`, one run at a time, no log lines; bytes: published by the worker (zstd) and its JSON.\n");
+    println!("| series × steps/s | points received | p50 ms | p99 ms | max ms | wire bytes per point | JSON bytes per point |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (series, rate, seconds) in [(10u64, 1000u64, 10u64), (1, 10, 10), (1, 1, 10)] {
+        let stats = stack.worker.stats();
+        let (wire0, json0) = (
+            stats.wire_bytes.load(Ordering::Relaxed),
+            stats.json_bytes.load(Ordering::Relaxed),
+        );
+        let steps = rate * seconds;
+        let id = start_experiment(
+            &stack.http,
+            &stack.base,
+            "metric_storm",
+            json!({"metrics": series, "steps": steps, "steps_per_second": rate, "log_steps": false}),
+        )
+        .await;
+        let feed = feed(&stack.base, &id).await;
+        let until = Instant::now() + Duration::from_secs(seconds + 30);
+        let mut all = delays_of(feed, until, |batch| {
+            batch
+                .metrics
+                .iter()
+                .flat_map(|r| std::iter::repeat_n(r.ts, r.values.len()))
+                .collect()
+        })
+        .await;
+        all.sort_unstable();
+        let points = (series * steps) as f64;
+        println!(
+            "| {series} × {rate} | {} | {} | {:.1} | {:.1} |",
+            all.len(),
+            delay_columns(&all),
+            (stats.wire_bytes.load(Ordering::Relaxed) - wire0) as f64 / points,
+            (stats.json_bytes.load(Ordering::Relaxed) - json0) as f64 / points,
+        );
+    }
+    stack.stop().await;
+
+    println!("\n## A million-point series: stored, then read at max_points=1000\n");
+    println!(
+        "One series written through the aggregator's store in 100 transactions of 10 000 points; \
+         the series endpoint asked 100 times in a row (rollup blocks); beside it, the same buckets \
+         by one `GROUP BY` over the points.\n"
+    );
+    println!("| database | points stored/s (store alone) | endpoint p50 ms | endpoint p99 ms | GROUP BY p50 ms |");
+    println!("| --- | --- | --- | --- | --- |");
+    let databases = std::env::var("ATHANOR_BENCH_DATABASES").unwrap_or_default();
+    let wanted = |name: &str| databases.is_empty() || databases.contains(name);
+    if wanted("sqlite") {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = database(&dir).await;
+        series_row("SQLite", db).await;
+    }
+    if wanted("postgres") {
+        if let Some((admin, name, db)) = postgres_database("metrics").await {
+            series_row("PostgreSQL 15", db).await;
+            drop_postgres_database(&admin, &name).await;
+        }
+    }
+}
+
+async fn series_row(database: &str, db: sea_orm::DatabaseConnection) {
+    use athanor_aggregator::store::{store, Incoming};
+    use athanor_schemas::metric::{MetricRecord, MetricValue};
+    use sea_orm::ConnectionTrait;
+    let nats_server = TestNats::start();
+    let stack = Stack::start(&Bench::of(&nats_server), db.clone(), None).await;
+    let run = "bench-million";
+    let t0 = Instant::now();
+    for b in 0..100u64 {
+        let mut batch = athanor_schemas::Batch::new(run, b, "bench");
+        batch.metrics = (b * 10_000..(b + 1) * 10_000)
+            .map(|step| MetricRecord {
+                seq: step,
+                step,
+                ts: step as i64,
+                values: [(
+                    "loss".to_string(),
+                    MetricValue((step as f64 / 5000.0).sin()),
+                )]
+                .into(),
+            })
+            .collect();
+        store(
+            &db,
+            vec![Incoming {
+                batch,
+                stream_seq: b + 1,
+            }],
+        )
+        .await
+        .unwrap();
+    }
+    let stored_per_s = 1e6 / t0.elapsed().as_secs_f64();
+    let url = format!("{}/api/runs/{run}/metrics/loss?max_points=1000", stack.base);
+    let mut times = Vec::new();
+    for _ in 0..100 {
+        let t = Instant::now();
+        let body: Value = stack
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        times.push(t.elapsed().as_micros() as i64);
+        assert_eq!(body["count"], 1_000_000, "{body}");
+    }
+    times.sort_unstable();
+    let backend = db.get_database_backend();
+    let mut naive = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let rows = db
+            .query_all(athanor_connections::db::stmt(
+                backend,
+                "SELECT step / 1000 AS b, COUNT(*) AS n, MIN(value) AS lo, MAX(value) AS hi, MAX(step) AS last \
+                 FROM run_metrics WHERE run_id = ? AND name = ? GROUP BY step / 1000",
+                vec![run.into(), "loss".into()],
+            ))
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1000);
+        naive.push(t.elapsed().as_micros() as i64);
+    }
+    naive.sort_unstable();
+    println!(
+        "| {database} | {stored_per_s:.0} | {} | {} | {} |",
+        ms(percentile(&times, 0.5)),
+        ms(percentile(&times, 0.99)),
+        ms(percentile(&naive, 0.5)),
     );
     stack.stop().await;
 }

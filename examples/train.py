@@ -2,8 +2,9 @@
 
 Fits y = 3x - 2 (plus noise) with stochastic gradient descent, in plain Python. It
 shows what a real training script does under Athanor: reads its config, logs with
-Python's logging, draws a tqdm-style progress bar, reports progress, records results
-and stops cleanly when the run is cancelled. Run by hand (`python3 train.py`), it
+Python's logging, draws a tqdm-style progress bar, reports progress, records loss,
+accuracy and learning rate as metrics at every step (the UI draws their curves),
+records results and stops cleanly when the run is cancelled. Run by hand (`python3 train.py`), it
 prints instead and uses the defaults below.
 """
 
@@ -53,6 +54,7 @@ def main():
             rng.shuffle(data)
         started = time.monotonic()
         total_loss = 0.0
+        hits = 0  # predictions within 0.25 of the target this epoch
         for i, (x, y) in enumerate(data, start=1):
             if athanor.cancelled():
                 sys.stderr.write("\n")
@@ -61,6 +63,7 @@ def main():
                 return 0
             err = (w * x + b) - y
             total_loss += err * err
+            hits += abs(err) < 0.25
             g_w, g_b = 2 * err * x, 2 * err
             step += 1
             if cfg["optimizer"] == "adam":
@@ -72,11 +75,14 @@ def main():
             else:
                 w -= lr * g_w
                 b -= lr * g_b
+            # The epoch's running mean loss and accuracy, at the global step.
+            athanor.metrics({"loss": total_loss / i, "accuracy": hits / i, "lr": lr}, step=step)
             sys.stderr.write(bar(i, len(data), started))
             sys.stderr.flush()
             time.sleep(0.005)
         sys.stderr.write("\n")
         loss = total_loss / len(data)
+        athanor.metric("epoch_loss", loss, step=step)
         log.info("epoch %d/%d: loss %.4f, w %.3f, b %.3f", epoch, epochs, loss, w, b)
         athanor.progress(epoch, epochs, f"epoch {epoch}: loss {loss:.4f}")
         athanor.result("loss", round(loss, 6))

@@ -175,6 +175,28 @@ fn the_cli_against_athanor_up() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Its metrics: sweep records loss, score and lr at each iteration.
+    let metrics = athanor(&["metrics", &id, "--follow", "--url", &url]);
+    assert_eq!(metrics.status.code(), Some(0), "{}", text(&metrics.stderr));
+    let table: Vec<Vec<String>> = text(&metrics.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    assert_eq!(
+        table,
+        [
+            vec!["NAME", "POINTS", "LAST", "STEP", "LAST", "MIN", "MAX"],
+            vec!["loss", "2", "1", "0.52", "0.52", "1"],
+            vec!["lr", "2", "1", "0.0002", "0.0001", "0.0002"],
+            vec!["score", "2", "1", "0.48", "0", "0.48"],
+        ],
+        "{}",
+        text(&metrics.stdout)
+    );
+    let none = athanor(&["metrics", "no-such-run", "--url", &url]);
+    assert_eq!(none.status.code(), Some(2));
+    assert_eq!(text(&none.stderr).trim(), "athanor: run \"no-such-run\" not found");
+
     let runs = athanor(&["runs", "--url", &url]);
     let table = text(&runs.stdout);
     assert_eq!(table.lines().count(), 1 + 3, "{table}");

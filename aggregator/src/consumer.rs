@@ -259,10 +259,15 @@ async fn write_with_retry(
                     .stats
                     .lines
                     .fetch_add(written.lines, Ordering::Relaxed);
+                shared
+                    .stats
+                    .metrics
+                    .fetch_add(written.metrics, Ordering::Relaxed);
                 debug!(
                     batches = written.batches,
                     duplicates = written.duplicates,
                     lines = written.lines,
+                    metrics = written.metrics,
                     "stored"
                 );
                 crate::lifecycle::announce(shared, &written.changes).await;

@@ -129,6 +129,8 @@ pub struct AggregatorStats {
     /// Batches that were already stored (redeliveries, republished duplicates).
     pub duplicates: AtomicU64,
     pub lines: AtomicU64,
+    /// Metric points of the batches written for the first time.
+    pub metrics: AtomicU64,
     /// Messages sent to `ATHANOR_DLQ`.
     pub dead_lettered: AtomicU64,
     /// Transactions that failed and were retried.

@@ -1,10 +1,13 @@
 //! Writing decoded batches: many per transaction, each exactly once.
 //!
 //! A batch is new when its (run_id, batch_seq) row can be inserted into
-//! `run_batches`; only then are its lines, results and counters written. Results keep
-//! the record with the highest `seq`, progress the newest report, so the outcome does
-//! not depend on delivery order. A run becomes terminal when every batch up to its
-//! final one is stored.
+//! `run_batches`; only then are its lines, metric points, results and counters
+//! written. Results and metric points keep the record with the highest `seq` (the
+//! rules of points and their summaries are in [`metrics`]), progress the newest
+//! report, so the outcome does not depend on delivery order. A run becomes terminal
+//! when every batch up to its final one is stored.
+
+mod metrics;
 
 use std::collections::BTreeMap;
 
@@ -27,6 +30,8 @@ pub struct Written {
     pub batches: u64,
     pub duplicates: u64,
     pub lines: u64,
+    /// Metric points (values of metric records) of the new batches.
+    pub metrics: u64,
     /// Status changes committed (runs that started, runs that became terminal), to
     /// announce on `athanor.lifecycle.<run_id>` once the transaction is in.
     pub changes: Vec<Lifecycle>,
@@ -59,26 +64,28 @@ pub fn is_permanent(error: &DbErr) -> bool {
 /// PostgreSQL text cannot hold NUL characters: they are stored as U+2400 (␀). JSON
 /// values are stored escaped (`\u0000`) and keep them.
 fn text(backend: DatabaseBackend, s: String) -> Value {
-    opt_text(backend, Some(s))
+    pg_text(backend, s).into()
 }
 
 fn opt_text(backend: DatabaseBackend, s: Option<String>) -> Value {
-    let Some(s) = s else {
-        return Value::String(None);
-    };
+    s.map(|s| pg_text(backend, s)).into()
+}
+
+/// `s` as the backend stores it (see [`text`]).
+fn pg_text(backend: DatabaseBackend, s: String) -> String {
     if backend == DatabaseBackend::Postgres && s.contains('\0') {
-        s.replace('\0', "\u{2400}").into()
+        s.replace('\0', "\u{2400}")
     } else {
-        s.into()
+        s
     }
 }
 
-/// Rows per multi-row INSERT, under the bind-parameter limits (SQLite 32 766,
-/// PostgreSQL 65 535) for the widest row (5 columns and one shared value).
-fn rows_per_insert(backend: DatabaseBackend) -> usize {
+/// Bind parameters per multi-row INSERT, under the limits (SQLite 32 766, PostgreSQL
+/// 65 535) with room for the values shared by every row.
+fn values_per_insert(backend: DatabaseBackend) -> usize {
     match backend {
-        DatabaseBackend::Postgres => 10_000,
-        _ => 5_000,
+        DatabaseBackend::Postgres => 50_000,
+        _ => 25_000,
     }
 }
 
@@ -108,6 +115,8 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     let mut deltas: BTreeMap<String, RunDelta> = BTreeMap::new();
     // Per run (in order): its new lines, five values each.
     let mut logs: Vec<(String, Vec<Value>)> = Vec::new();
+    // Per run (in order): the metric points of its new batches.
+    let mut points: Vec<(String, Vec<metrics::Point>)> = Vec::new();
     // Newest record per (run, key) in this transaction: one statement may not touch a
     // row twice.
     let mut results: BTreeMap<(String, String), athanor_schemas::ResultRecord> = BTreeMap::new();
@@ -182,6 +191,13 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
             values.push(text(backend, line.message));
             values.push(line.metadata.map(|m| m.to_string()).into());
         }
+        if !batch.metrics.is_empty() {
+            if points.last().is_none_or(|(run, _)| *run != run_id) {
+                points.push((run_id.clone(), Vec::new()));
+            }
+            let run_points = &mut points.last_mut().expect("pushed above").1;
+            written.metrics += metrics::collect(backend, run_points, batch.metrics);
+        }
         for record in batch.results {
             athanor_schemas::merge_result(
                 &mut results,
@@ -205,6 +221,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         )
         .await?;
     }
+    metrics::write(&txn, backend, points).await?;
     let mut values = Vec::with_capacity(results.len() * 5);
     for ((run_id, key), record) in results {
         values.extend([
@@ -239,7 +256,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
 
 /// Executes `head (?, …), (?, …) … tail` over `values` (`width` per row), in chunks
 /// under the backend's bind-parameter limit; `shared` are bound first in every chunk,
-/// for the placeholders in `head`.
+/// for the placeholders in `head`. Returns the rows affected.
 async fn insert_rows(
     txn: &impl ConnectionTrait,
     backend: DatabaseBackend,
@@ -248,12 +265,13 @@ async fn insert_rows(
     width: usize,
     values: Vec<Value>,
     tail: &str,
-) -> Result<(), DbErr> {
+) -> Result<u64, DbErr> {
+    let mut affected = 0;
     if values.is_empty() {
-        return Ok(());
+        return Ok(affected);
     }
     let row = format!("({})", vec!["?"; width].join(", "));
-    let per_statement = rows_per_insert(backend) * width;
+    let per_statement = values_per_insert(backend) / width * width;
     let mut full_sql: Option<String> = None;
     let mut values = values.into_iter().peekable();
     while values.peek().is_some() {
@@ -268,9 +286,12 @@ async fn insert_rows(
         } else {
             statement_sql(head, &row, rows, tail)
         };
-        txn.execute(stmt(backend, &sql, chunk)).await?;
+        affected += txn
+            .execute(stmt(backend, &sql, chunk))
+            .await?
+            .rows_affected();
     }
-    Ok(())
+    Ok(affected)
 }
 
 fn statement_sql(head: &str, row: &str, rows: usize, tail: &str) -> String {

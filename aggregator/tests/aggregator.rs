@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use athanor_aggregator::store::{store, Incoming, Written};
 use athanor_aggregator::{Aggregator, AggregatorConfig, AggregatorStats};
-use athanor_schemas::entities::{run_logs, run_results, runs};
+use athanor_schemas::entities::{run_logs, run_metric_summaries, run_metrics, run_results, runs};
 use athanor_schemas::requests::RunRequest;
 use athanor_schemas::{
-    codec, names, now_micros, Batch, Final, Level, LogLine, Progress, ResultRecord, RunInfo,
-    RunState, Status,
+    codec, names, now_micros, Batch, Final, Level, LogLine, MetricRecord, MetricValue, Progress,
+    ResultRecord, RunInfo, RunState, Status,
 };
 use athanor_testkit::{read_run, wait_for, TestDb, TestNats};
 use athanor_workers::{builtin, Worker, WorkerConfig};
@@ -170,7 +171,9 @@ async fn a_100k_line_run_is_stored_exactly_once_with_its_content() {
 }
 
 /// A synthetic run: `n` batches of 50 lines, the key `best` recorded in every batch
-/// (the newest seq must win), progress, a final batch.
+/// (the newest seq must win), metric points (`loss` and `odd` at the batch's step, NaN
+/// for an even one; `first` at step 0 again in every batch: the newest seq must win),
+/// progress, a final batch.
 fn synthetic_run(run_id: &str, n: u64) -> Vec<Batch> {
     (0..n)
         .map(|b| {
@@ -211,6 +214,17 @@ fn synthetic_run(run_id: &str, n: u64) -> Vec<Batch> {
                     ts: 3000 + b as i64,
                 },
             ];
+            batch.metrics = vec![
+                metric_record(
+                    2 * b,
+                    b,
+                    &[
+                        ("loss", 1.0 / (b + 1) as f64),
+                        ("odd", if b % 2 == 0 { f64::NAN } else { b as f64 }),
+                    ],
+                ),
+                metric_record(2 * b + 1, 0, &[("first", b as f64)]),
+            ];
             batch.progress = Some(Progress {
                 current: b + 1,
                 total: n,
@@ -228,12 +242,89 @@ fn synthetic_run(run_id: &str, n: u64) -> Vec<Batch> {
                     batches: n,
                     lines: n * 50,
                     results: 2 * n,
-                    metrics: 0,
+                    metrics: 2 * n,
                 });
             }
             batch
         })
         .collect()
+}
+
+/// A metric record of `values` at `step`, emitted at `10_000 + seq`.
+fn metric_record(seq: u64, step: u64, values: &[(&str, f64)]) -> MetricRecord {
+    MetricRecord {
+        seq,
+        step,
+        ts: 10_000 + seq as i64,
+        values: values
+            .iter()
+            .map(|(name, v)| (name.to_string(), MetricValue(*v)))
+            .collect(),
+    }
+}
+
+/// The rows of `run_id` in a table keyed by run.
+async fn rows_of<E: EntityTrait>(
+    db: &DatabaseConnection,
+    run_column: E::Column,
+    run_id: &str,
+) -> Vec<E::Model> {
+    E::find()
+        .filter(run_column.eq(run_id))
+        .all(db)
+        .await
+        .unwrap()
+}
+
+/// A run's metric points: (name, step, value, seq, ts), by name (bytes, whatever the
+/// database's collation) and step.
+type PointRow = (String, i64, Option<f64>, i64, i64);
+
+async fn points_of(db: &DatabaseConnection, run_id: &str) -> Vec<PointRow> {
+    let mut points: Vec<PointRow> =
+        rows_of::<run_metrics::Entity>(db, run_metrics::Column::RunId, run_id)
+            .await
+            .into_iter()
+            .map(|p| (p.name, p.step, p.value, p.seq, p.ts))
+            .collect();
+    points.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    points
+}
+
+/// A run's metric summaries: (name, count, min, max, last_step, last_value, last_seq,
+/// updated_at), by name (bytes).
+type SummaryRow = (
+    String,
+    i64,
+    Option<f64>,
+    Option<f64>,
+    i64,
+    Option<f64>,
+    i64,
+    i64,
+);
+
+async fn summaries_of(db: &DatabaseConnection, run_id: &str) -> Vec<SummaryRow> {
+    let rows =
+        rows_of::<run_metric_summaries::Entity>(db, run_metric_summaries::Column::RunId, run_id)
+            .await;
+    let mut summaries: Vec<SummaryRow> = rows
+        .into_iter()
+        .map(|s| {
+            (
+                s.name,
+                s.count,
+                s.min,
+                s.max,
+                s.last_step,
+                s.last_value,
+                s.last_seq,
+                s.updated_at,
+            )
+        })
+        .collect();
+    summaries.sort_by(|a, b| a.0.cmp(&b.0));
+    summaries
 }
 
 async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>, msg_id: &str) {
@@ -264,6 +355,7 @@ async fn snapshot(db: &DatabaseConnection, run_id: &str) -> serde_json::Value {
         "final_batches": run.final_batches, "finished_at": run.finished_at, "started_at": run.started_at,
         "progress": [run.progress_current, run.progress_total, run.progress_message, run.progress_at],
         "logs": logs, "result_rows": results_of(db, run_id).await,
+        "metric_points": points_of(db, run_id).await, "metric_summaries": summaries_of(db, run_id).await,
     })
 }
 
@@ -322,6 +414,15 @@ async fn duplicates_and_disorder_leave_the_same_database() {
     assert_eq!(results.len(), 13);
     assert_eq!(results[0], json!(["batch_0", "{\"b\":0}", 1]));
     assert_eq!(results.last().unwrap(), &json!(["best", "11", 22]));
+    assert_eq!(snap_a["metric_points"].as_array().unwrap().len(), 25);
+    assert_eq!(
+        snap_a["metric_summaries"],
+        json!([
+            ["first", 1, 11.0, 11.0, 0, 11.0, 23, 10_023],
+            ["loss", 12, 1.0 / 12.0, 1.0, 11, 1.0 / 12.0, 22, 10_022],
+            ["odd", 12, 1.0, 11.0, 11, 11.0, 22, 10_022],
+        ])
+    );
     assert_eq!(AggregatorStats::get(&stats.batches), 24);
 
     // Republishing the whole of run A again (new ids) changes nothing.
@@ -611,7 +712,6 @@ async fn database_unavailable_then_back_nothing_acked_early_nothing_lost() {
 /// transaction; a line holding NUL and markup is stored (PostgreSQL: NUL as U+2400).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_batch_per_transaction_in_reverse_gives_the_same_rows() {
-    use athanor_aggregator::store::{store, Incoming};
     let db = TestDb::new().await;
     let mut in_order = synthetic_run("tx-in-order", 8);
     in_order[3].logs[0].message = "nul:\0:<script>alert(1)</script>".into();
@@ -756,7 +856,6 @@ async fn sqlite_is_checkpointed_off_the_writer() {
 /// fail with "database is locked".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_writers_get_a_turn_between_back_to_back_transactions() {
-    use athanor_aggregator::store::{store, Incoming};
     use athanor_connections::db::{stmt, write_turn};
     use std::sync::atomic::{AtomicU64, Ordering};
     let db = TestDb::new().await;
@@ -809,5 +908,386 @@ async fn other_writers_get_a_turn_between_back_to_back_transactions() {
         .await
         .unwrap();
     assert_eq!(instances.len(), 20);
+    db.close().await;
+}
+
+/// A batch of `run_id` holding only metric records.
+fn metric_batch(run_id: &str, batch_seq: u64, records: Vec<MetricRecord>) -> Batch {
+    let mut batch = Batch::new(run_id, batch_seq, "w-metrics");
+    batch.metrics = records;
+    batch
+}
+
+/// Stores `batches` in one transaction.
+async fn store_batches(db: &DatabaseConnection, batches: Vec<Batch>) -> Written {
+    let incoming = batches
+        .into_iter()
+        .map(|batch| Incoming {
+            stream_seq: batch.batch_seq + 1,
+            batch,
+        })
+        .collect();
+    store(db, incoming).await.unwrap()
+}
+
+fn point(name: &str, step: i64, value: Option<f64>, seq: i64) -> PointRow {
+    (name.to_string(), step, value, seq, 10_000 + seq)
+}
+
+/// Every point as sent (NaN as NULL, ±infinity as such, a name holding NUL), and the
+/// summaries moved by a second transaction: count added, extremes widened (NULL of an
+/// all-NaN series replaced, never replacing), the last point only moved forward,
+/// `updated_at` the newest point's time even when it is not the last step's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_points_are_stored_point_for_point_with_exact_summaries() {
+    let db = TestDb::new().await;
+    let (inf, nan) = (f64::INFINITY, f64::NAN);
+    let first = metric_batch(
+        "metrics",
+        0,
+        vec![
+            metric_record(
+                0,
+                0,
+                &[
+                    ("loss", 2.5),
+                    ("acc", nan),
+                    ("grad", inf),
+                    ("drop", 3.0),
+                    ("z\0", 1.0),
+                ],
+            ),
+            metric_record(1, 1, &[("loss", -1.0), ("acc", nan), ("grad", -inf)]),
+            metric_record(2, 5, &[("loss", nan), ("acc", nan)]),
+        ],
+    );
+    let written = store_batches(&db.db, vec![first]).await;
+    assert_eq!((written.batches, written.metrics), (1, 10));
+    let nul = if db.is_postgres() { "z\u{2400}" } else { "z\0" };
+    let nul_summary = (
+        nul.to_string(),
+        1,
+        Some(1.0),
+        Some(1.0),
+        0,
+        Some(1.0),
+        0,
+        10_000,
+    );
+    assert_eq!(
+        summaries_of(&db.db, "metrics").await,
+        [
+            ("acc".into(), 3, None, None, 5, None, 2, 10_002),
+            (
+                "drop".into(),
+                1,
+                Some(3.0),
+                Some(3.0),
+                0,
+                Some(3.0),
+                0,
+                10_000
+            ),
+            (
+                "grad".into(),
+                2,
+                Some(-inf),
+                Some(inf),
+                1,
+                Some(-inf),
+                1,
+                10_001
+            ),
+            ("loss".into(), 3, Some(-1.0), Some(2.5), 5, None, 2, 10_002),
+            nul_summary.clone(),
+        ]
+    );
+    let second = metric_batch(
+        "metrics",
+        1,
+        vec![
+            metric_record(3, 3, &[("loss", 0.5), ("grad", 1e300), ("acc", 7.0)]),
+            metric_record(4, 10, &[("grad", nan), ("drop", nan)]),
+        ],
+    );
+    let written = store_batches(&db.db, vec![second]).await;
+    assert_eq!((written.batches, written.metrics), (1, 5));
+    assert_eq!(
+        points_of(&db.db, "metrics").await,
+        [
+            point("acc", 0, None, 0),
+            point("acc", 1, None, 1),
+            point("acc", 3, Some(7.0), 3),
+            point("acc", 5, None, 2),
+            point("drop", 0, Some(3.0), 0),
+            point("drop", 10, None, 4),
+            point("grad", 0, Some(inf), 0),
+            point("grad", 1, Some(-inf), 1),
+            point("grad", 3, Some(1e300), 3),
+            point("grad", 10, None, 4),
+            point("loss", 0, Some(2.5), 0),
+            point("loss", 1, Some(-1.0), 1),
+            point("loss", 3, Some(0.5), 3),
+            point("loss", 5, None, 2),
+            point(nul, 0, Some(1.0), 0),
+        ]
+    );
+    assert_eq!(
+        summaries_of(&db.db, "metrics").await,
+        [
+            ("acc".into(), 4, Some(7.0), Some(7.0), 5, None, 2, 10_003),
+            ("drop".into(), 2, Some(3.0), Some(3.0), 10, None, 4, 10_004),
+            ("grad".into(), 4, Some(-inf), Some(inf), 10, None, 4, 10_004),
+            ("loss".into(), 4, Some(-1.0), Some(2.5), 5, None, 2, 10_003),
+            nul_summary,
+        ]
+    );
+    db.close().await;
+}
+
+/// A batch stored again (in its own transaction, or twice in one) and a run's batches
+/// in reverse order leave the same points and summaries as one in-order pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_and_reordered_batches_write_each_point_once() {
+    let db = TestDb::new().await;
+    let written = store_batches(&db.db, synthetic_run("m-in-order", 6)).await;
+    assert_eq!((written.batches, written.metrics), (6, 18));
+    let expected_points = points_of(&db.db, "m-in-order").await;
+    let expected_summaries = summaries_of(&db.db, "m-in-order").await;
+    assert_eq!(expected_points.len(), 6 + 6 + 1);
+    assert_eq!(
+        expected_summaries,
+        [
+            (
+                "first".into(),
+                1,
+                Some(5.0),
+                Some(5.0),
+                0,
+                Some(5.0),
+                11,
+                10_011
+            ),
+            (
+                "loss".into(),
+                6,
+                Some(1.0 / 6.0),
+                Some(1.0),
+                5,
+                Some(1.0 / 6.0),
+                10,
+                10_010
+            ),
+            (
+                "odd".into(),
+                6,
+                Some(1.0),
+                Some(5.0),
+                5,
+                Some(5.0),
+                10,
+                10_010
+            ),
+        ]
+    );
+    for batch in synthetic_run("m-reversed", 6).into_iter().rev() {
+        let again = batch.clone();
+        // The batch twice in one transaction, then once more in another.
+        let written = store_batches(&db.db, vec![batch.clone(), again]).await;
+        assert_eq!(
+            (written.batches, written.duplicates, written.metrics),
+            (1, 1, 3)
+        );
+        let written = store_batches(&db.db, vec![batch]).await;
+        assert_eq!(
+            (written.batches, written.duplicates, written.metrics),
+            (0, 1, 0)
+        );
+    }
+    assert_eq!(points_of(&db.db, "m-reversed").await, expected_points);
+    assert_eq!(summaries_of(&db.db, "m-reversed").await, expected_summaries);
+    // The whole in-order run again: nothing changes.
+    let written = store_batches(&db.db, synthetic_run("m-in-order", 6)).await;
+    assert_eq!(
+        (written.batches, written.duplicates, written.metrics),
+        (0, 6, 0)
+    );
+    assert_eq!(points_of(&db.db, "m-in-order").await, expected_points);
+    assert_eq!(summaries_of(&db.db, "m-in-order").await, expected_summaries);
+    assert_eq!(run_metrics::Entity::find().count(&db.db).await.unwrap(), 26);
+    db.close().await;
+}
+
+/// A step written again: the record with the higher seq wins whichever transaction
+/// brings it, and the summary is recounted (a minimum and a maximum overwritten, the
+/// last point replaced, a step repeated within one batch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_step_keeps_the_highest_seq_and_recounts_the_summary() {
+    let db = TestDb::new().await;
+    let loss = |seq, step, v| metric_record(seq, step, &[("loss", v)]);
+    // Each batch in a transaction of its own, then the series' points as (step, value,
+    // seq) and its summary as (count, min, max, last_step, last_value, last_seq,
+    // updated_at).
+    let transactions = [
+        (
+            0,
+            vec![loss(0, 0, 5.0), loss(1, 1, 1.0), loss(2, 2, 3.0)],
+            vec![(0, Some(5.0), 0), (1, Some(1.0), 1), (2, Some(3.0), 2)],
+            (3, Some(1.0), Some(5.0), 2, Some(3.0), 2, 10_002),
+        ),
+        // Batch 2 before batch 1: step 1 overwritten (the minimum), step 3 new.
+        (
+            2,
+            vec![loss(6, 1, 4.0), loss(7, 3, 2.0)],
+            vec![
+                (0, Some(5.0), 0),
+                (1, Some(4.0), 6),
+                (2, Some(3.0), 2),
+                (3, Some(2.0), 7),
+            ],
+            (4, Some(2.0), Some(5.0), 3, Some(2.0), 7, 10_007),
+        ),
+        // Batch 1, late: its steps 1 and 3 are older than batch 2's and lose; its step 0
+        // is newer than batch 0's and wins (the maximum, 5.0, is gone).
+        (
+            1,
+            vec![loss(3, 1, -100.0), loss(4, 0, 0.5), loss(5, 3, 9.0)],
+            vec![
+                (0, Some(0.5), 4),
+                (1, Some(4.0), 6),
+                (2, Some(3.0), 2),
+                (3, Some(2.0), 7),
+            ],
+            (4, Some(0.5), Some(4.0), 3, Some(2.0), 7, 10_007),
+        ),
+        // Step 5 twice in one batch (seq 9 wins); the last step, 3, overwritten by NaN.
+        (
+            3,
+            vec![loss(8, 5, 1.5), loss(9, 5, 2.5), loss(10, 3, f64::NAN)],
+            vec![
+                (0, Some(0.5), 4),
+                (1, Some(4.0), 6),
+                (2, Some(3.0), 2),
+                (3, None, 10),
+                (5, Some(2.5), 9),
+            ],
+            (5, Some(0.5), Some(4.0), 5, Some(2.5), 9, 10_010),
+        ),
+    ];
+    for (batch_seq, records, points, summary) in transactions {
+        let sent = records.len() as u64;
+        let written =
+            store_batches(&db.db, vec![metric_batch("repeats", batch_seq, records)]).await;
+        assert_eq!((written.batches, written.metrics), (1, sent));
+        let points: Vec<PointRow> = points
+            .into_iter()
+            .map(|(step, value, seq)| point("loss", step, value, seq))
+            .collect();
+        assert_eq!(
+            points_of(&db.db, "repeats").await,
+            points,
+            "batch {batch_seq}"
+        );
+        let (count, min, max, last_step, last_value, last_seq, updated_at) = summary;
+        assert_eq!(
+            summaries_of(&db.db, "repeats").await,
+            [(
+                "loss".into(),
+                count,
+                min,
+                max,
+                last_step,
+                last_value,
+                last_seq,
+                updated_at
+            )],
+            "batch {batch_seq}"
+        );
+    }
+    db.close().await;
+}
+
+/// Several runs in one transaction, sharing series names: each run's points and
+/// summaries are its own, one of them with a step stored before (recounted) while the
+/// others are moved incrementally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_several_runs_in_one_transaction() {
+    let db = TestDb::new().await;
+    let value = |r: u64, step: u64| (100 * r + step) as f64;
+    let records = |r: u64, seq: u64, steps: std::ops::Range<u64>| -> Vec<MetricRecord> {
+        steps
+            .enumerate()
+            .map(|(i, step)| {
+                metric_record(
+                    seq + i as u64,
+                    step,
+                    &[("loss", value(r, step)), ("lr", -value(r, step))],
+                )
+            })
+            .collect()
+    };
+    // Run 3 already holds steps 0..4, with values the transaction replaces.
+    store_batches(&db.db, vec![metric_batch("run-3", 0, records(9, 0, 0..4))]).await;
+    let written = store_batches(
+        &db.db,
+        vec![
+            metric_batch("run-2", 1, records(2, 10, 5..10)),
+            metric_batch("run-1", 0, records(1, 0, 0..10)),
+            metric_batch("run-3", 1, records(3, 10, 0..10)),
+            // Steps 3 and 4 of run 2 twice in this transaction: the higher seq wins.
+            metric_batch("run-2", 0, records(7, 0, 0..5)),
+            metric_batch("run-2", 2, records(2, 20, 3..5)),
+        ],
+    )
+    .await;
+    assert_eq!((written.batches, written.metrics), (5, 2 * 32));
+    for r in 1..=3 {
+        let run = format!("run-{r}");
+        let points = points_of(&db.db, &run).await;
+        assert_eq!(points.len(), 20, "{run}");
+        for (name, sign) in [("loss", 1.0), ("lr", -1.0)] {
+            let steps: Vec<(i64, Option<f64>)> = points
+                .iter()
+                .filter(|p| p.0 == name)
+                .map(|p| (p.1, p.2))
+                .collect();
+            let expected: Vec<(i64, Option<f64>)> = (0..10)
+                .map(|step| {
+                    let from = if r == 2 && step < 3 { 7 } else { r };
+                    (step as i64, Some(sign * value(from, step)))
+                })
+                .collect();
+            assert_eq!(steps, expected, "{run} {name}");
+        }
+    }
+    // (run, loss: min, max, last, the last point's seq, the newest point's time); lr is
+    // the mirror image. Run 3's earlier maximum (903) is gone: recounted, not widened.
+    for (run, min, max, last, last_seq, updated_at) in [
+        ("run-1", 100.0, 109.0, 109.0, 9, 10_009),
+        ("run-2", 203.0, 702.0, 209.0, 14, 10_021),
+        ("run-3", 300.0, 309.0, 309.0, 19, 10_019),
+    ] {
+        let summary = |name: &str, sign: f64, min: f64, max: f64| {
+            let last = Some(sign * last);
+            (
+                name.to_string(),
+                10,
+                Some(min),
+                Some(max),
+                9,
+                last,
+                last_seq,
+                updated_at,
+            )
+        };
+        assert_eq!(
+            summaries_of(&db.db, run).await,
+            [
+                summary("loss", 1.0, min, max),
+                summary("lr", -1.0, -max, -min)
+            ],
+            "{run}"
+        );
+    }
     db.close().await;
 }

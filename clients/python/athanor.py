@@ -2,13 +2,16 @@
 
 Run under an Athanor worker (as a command experiment), it talks to the worker over the
 events pipe named by ATHANOR_EVENTS_FD: one JSON object per line. Run by hand, it
-prints instead, so the same script works on a laptop.
+prints instead, so the same script works on a laptop (metrics excepted: a training
+loop's thousands of points would drown its output; they go nowhere).
 
     import athanor
     cfg = athanor.config()                  # the run's config, defaults applied
     athanor.log("starting", level="info")
     athanor.progress(3, 10, "epoch 3")
     athanor.result("accuracy", 0.93)
+    athanor.metric("loss", 0.31, step=100)  # a point of the loss curve
+    athanor.metrics({"loss": 0.31, "acc": 0.9}, step=100)
     if athanor.cancelled(): ...             # after the run was cancelled (SIGTERM)
 
 Python's logging can go the same way, levels kept:
@@ -17,14 +20,15 @@ Python's logging can go the same way, levels kept:
 
 import json
 import logging
+import operator
 import os
 import signal
 import sys
 import threading
 
 __all__ = [
-    "config", "run_id", "experiment", "under_athanor", "log", "result", "progress",
-    "fail", "cancelled", "LogHandler",
+    "config", "run_id", "experiment", "under_athanor", "log", "result", "metric",
+    "metrics", "progress", "fail", "cancelled", "LogHandler",
 ]
 
 _lock = threading.Lock()
@@ -32,6 +36,12 @@ _events = None
 _events_opened = False
 _cancelled = threading.Event()
 _watching_cancel = False
+# The steps metric() and metrics() take when given none; guarded by _steps_lock.
+_steps_lock = threading.Lock()
+_last_step = {}  # metric name -> the last step it was recorded at
+_last_metrics_step = None  # the last step metrics() recorded at
+
+MAX_STEP = 2**63 - 1
 
 
 def under_athanor():
@@ -94,7 +104,8 @@ def _send(event, fallback):
     with _lock:
         channel = _channel()
         if channel is None:
-            print(fallback, file=sys.stderr, flush=True)
+            if fallback is not None:
+                print(fallback, file=sys.stderr, flush=True)
             return
         line = json.dumps(_finite(event), ensure_ascii=False, default=str, allow_nan=False)
         channel.write(line + "\n")
@@ -120,6 +131,51 @@ def result(key, value):
     """Records a result; recording a key again replaces its value. NaN and infinities
     are recorded as the strings "NaN", "Infinity" and "-Infinity" (JSON has none)."""
     _send({"type": "result", "key": str(key), "value": value}, f"result {key} = {value!r}")
+
+
+def _step(step):
+    step = operator.index(step)  # an int (numpy's too), never a float
+    if not 0 <= step <= MAX_STEP:
+        raise ValueError(f"a metric step is 0 to 2**63-1, not {step}")
+    return step
+
+
+def metric(name, value, step=None):
+    """Records the value of metric `name` at `step` (an int, 0 to 2**63-1): a point of
+    its curve. Without `step`, the step after the last one `name` was recorded at by
+    this process (0 at first). Any float is kept: NaN and infinities are recorded as
+    the strings "NaN", "Infinity" and "-Infinity". Recording a name at a step again
+    replaces the point. Names are cut to 200 bytes. Not under Athanor, nothing is
+    printed."""
+    name, value = str(name), float(value)
+    if not name:
+        raise ValueError("a metric name cannot be empty")
+    with _steps_lock:
+        step = _last_step.get(name, -1) + 1 if step is None else _step(step)
+        _last_step[name] = step
+    _send({"type": "metric", "name": name, "step": step, "value": value}, None)
+
+
+def metrics(values, step=None):
+    """Records several metrics at one `step` at once: `values` maps names to floats.
+    Without `step`, the step after the last one metrics() recorded at in this process
+    (0 at first); metric() without a step then goes on from there for these names.
+    An empty `values` records nothing."""
+    global _last_metrics_step
+    values = {str(k): float(v) for k, v in values.items()}
+    if "" in values:
+        raise ValueError("a metric name cannot be empty")
+    if not values:
+        return
+    with _steps_lock:
+        if step is None:
+            step = 0 if _last_metrics_step is None else _last_metrics_step + 1
+        else:
+            step = _step(step)
+        _last_metrics_step = step
+        for name in values:
+            _last_step[name] = step
+    _send({"type": "metrics", "step": step, "values": values}, None)
 
 
 def progress(current, total, message=None):

@@ -39,6 +39,15 @@ fn fill(path: &str, run: &str, instance: &str) -> String {
     } else {
         run
     };
+    if path.contains("metrics/{name}") {
+        // `sweep` records a `loss` series; a comparison names its runs.
+        let url = path.replace("{id}", id).replace("{name}", "loss");
+        return if path.starts_with("/api/metrics/") {
+            format!("{url}?runs={run}")
+        } else {
+            url
+        };
+    }
     path.replace("{id}", id).replace("{name}", "app.js")
 }
 

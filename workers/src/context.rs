@@ -175,6 +175,26 @@ impl RunContext {
     }
 }
 
+impl RunContext {
+    /// A context of its own, with a buffer nothing drains but the test.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        RunContext {
+            shared: Arc::new(RunShared {
+                run_id: "test-run".into(),
+                experiment: "test".into(),
+                config: Map::new(),
+                buffer: RunBuffer::new(crate::buffer::Budget::new(1 << 30), 1 << 20),
+                cancelled: AtomicBool::new(false),
+                cancel_notify: tokio::sync::Notify::new(),
+                cancel_reason: Mutex::new(None),
+                declared: Mutex::new(None),
+                stopper: Mutex::new(None),
+            }),
+        }
+    }
+}
+
 impl RunShared {
     pub(crate) fn cancel(&self, reason: &str) {
         self.cancel_reason

@@ -443,6 +443,102 @@ echo still running
     worker.stop().await;
 }
 
+/// Every metric record as (seq, step, values as JSON: NaN and infinities as strings),
+/// in the order the batches carry them; checks the final count.
+fn metric_records(out: &RunOutput) -> Vec<(u64, u64, Value)> {
+    let records: Vec<(u64, u64, Value)> = out
+        .batches
+        .iter()
+        .flat_map(|b| &b.metrics)
+        .map(|r| (r.seq, r.step, serde_json::to_value(&r.values).unwrap()))
+        .collect();
+    let final_ = out.final_batch().unwrap().final_.clone().unwrap();
+    assert_eq!(final_.metrics, records.len() as u64);
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_come_over_the_events_pipe_from_python_and_from_printf() {
+    let python_script = r#"
+import json, os, athanor
+nan, inf = float("nan"), float("inf")
+athanor.metric("loss", 0.5)                             # step 0: the name's counter
+athanor.metric("loss", nan)                             # step 1
+athanor.metric("loss", inf, step=10)
+athanor.metric("loss", -inf)                            # step 11
+athanor.metrics({"loss": 0.25, "acc": 0.875}, step=10)  # step 10 again
+athanor.metrics({"acc": 1})                             # step 11: metrics()' counter
+athanor.metric("acc", 2)                                # acc's counter: step 12
+# By hand, as json.dumps writes it: a bare NaN, and a bad step.
+fd = int(os.environ["ATHANOR_EVENTS_FD"])
+os.write(fd, (json.dumps({"type": "metrics", "step": 3, "values": {"raw": nan, "NaN": -inf}}) + "\n").encode())
+os.write(fd, b'{"type":"metric","name":"loss","step":-1,"value":1}\n')
+athanor.metric("loss", 0.125, step=2**63 - 1)
+"#;
+    let printf_script = r#"
+ev() { printf '%s
+' "$1" >&"$ATHANOR_EVENTS_FD"; }
+ev '{"type":"metric","name":"loss","step":0,"value":1.5}'
+ev '{"type":"metrics","step":1,"values":{"loss":"NaN","acc":-Infinity}}'
+for i in 2 3; do ev "{\"type\":\"metric\",\"name\":\"loss\",\"step\":$i,\"value\":0.$i}"; done
+ev '{"type":"metric","name":"loss","step":9223372036854775808,"value":1}'
+"#;
+    let (nats, _dir, worker) = start(
+        WorkerConfig::for_tests(),
+        json!([
+            {"name": "py", "command": [test_python(), "-c", python_script]},
+            bash("sh", printf_script),
+        ]),
+    )
+    .await;
+    let (state, out) = worker.run(&nats, "py", json!({})).await;
+    assert_eq!(state, RunState::Completed, "{:?}", status(&out));
+    assert_eq!(
+        metric_records(&out),
+        [
+            (0, 0, json!({"loss": 0.5})),
+            (1, 1, json!({"loss": "NaN"})),
+            (2, 10, json!({"loss": "Infinity"})),
+            (3, 11, json!({"loss": "-Infinity"})),
+            (4, 10, json!({"acc": 0.875, "loss": 0.25})),
+            (5, 11, json!({"acc": 1.0})),
+            (6, 12, json!({"acc": 2.0})),
+            (7, 3, json!({"NaN": "-Infinity", "raw": "NaN"})),
+            (8, 9223372036854775807, json!({"loss": 0.125})),
+        ]
+    );
+    let warnings = at_level(&out, Level::Warn);
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].starts_with(
+            "athanor events line 9 is not a valid event: invalid value: integer `-1`, expected u64"
+        ),
+        "{warnings:?}"
+    );
+
+    let (state, out) = worker.run(&nats, "sh", json!({})).await;
+    assert_eq!(state, RunState::Completed, "{:?}", status(&out));
+    assert_eq!(
+        metric_records(&out),
+        [
+            (0, 0, json!({"loss": 1.5})),
+            (1, 1, json!({"acc": "-Infinity", "loss": "NaN"})),
+            (2, 2, json!({"loss": 0.2})),
+            (3, 3, json!({"loss": 0.3})),
+        ]
+    );
+    let warnings = at_level(&out, Level::Warn);
+    assert_eq!(
+        warnings,
+        [concat!(
+            "athanor events line 5 has step 9223372036854775808, over the largest storable ",
+            "step 9223372036854775807; ignored (it starts: ",
+            r#""{\"type\":\"metric\",\"name\":\"loss\",\"step\":9223372036854775808,\"value\":1}")"#
+        )]
+    );
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_status_signal_and_timeout_fail_the_run_with_the_reason() {
     let (nats, _dir, worker) = start(

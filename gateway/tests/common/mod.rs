@@ -70,7 +70,10 @@ impl Stack {
             Duration::from_secs(20),
             || async {
                 let (_, body) = stack.get("/api/experiments").await;
-                (body["experiments"].as_array().is_some_and(|e| e.len() == builtin::all().len())).then_some(())
+                (body["experiments"]
+                    .as_array()
+                    .is_some_and(|e| e.len() == builtin::all().len()))
+                .then_some(())
             },
         )
         .await
