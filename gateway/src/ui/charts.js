@@ -15,6 +15,8 @@ import { h } from './dom.js';
 /** Buckets a series aims at; it holds at most twice as many. */
 export const TARGET = 500;
 const HEIGHT = 170;                 // px of each plot
+const FRAME_BUDGET_MS = 8;         // chart drawing per animation frame
+const REDRAW_MS = 200;              // a chart is redrawn at most this often while points arrive
 const RESORT_MS = 2000;             // how often "most recently updated first" is applied again
 const SETTINGS_KEY = 'athanor-charts';
 const INF_COLOR = '#d53f8c';
@@ -40,6 +42,23 @@ export function formatValue(v) {
   const a = Math.abs(v);
   if (a !== 0 && (a >= 1e6 || a < 1e-4)) return v.toExponential(4);
   return String(Number(v.toPrecision(6)));
+}
+
+const compact = new Intl.NumberFormat('en-US', { notation: 'compact', maximumSignificantDigits: 3 });
+
+/** An axis tick: short (1.2M, 0.0075, 3e-7). */
+function tickLabel(v) {
+  if (v === null || v === undefined) return '';
+  const a = Math.abs(v);
+  if (a >= 1e4) return compact.format(v);
+  if (a !== 0 && a < 1e-3) return v.toExponential(1).replace('.0e', 'e');
+  return String(Number(v.toPrecision(4)));
+}
+
+/** Room for the widest tick label of the y axis. */
+function yAxisSize(u, values) {
+  const longest = values ? Math.max(0, ...values.map((t) => String(t).length)) : 4;
+  return Math.max(36, 18 + 7 * longest);
 }
 
 const byName = (a, b) => a.localeCompare(b, 'en', { numeric: true });
@@ -294,7 +313,7 @@ export class MetricChart {
       scales: { x: { time: this.view.x === 'time' }, y: { distr: this.view.log ? 3 : 1 } },
       axes: [
         { ...axis, size: 30, space: 60 },
-        { ...axis, size: 52, values: (u, splits) => splits.map(formatValue) },
+        { ...axis, size: yAxisSize, values: (u, splits) => splits.map(tickLabel) },
       ],
       series,
       bands,
@@ -474,7 +493,7 @@ export class ChartPanel {
     let entry = this.entries.get(name);
     if (!entry) {
       const chart = new MetricChart(name, [{ label: '', color: PALETTE[0] }], this.view);
-      entry = { series: new Series(), chart, dirty: true, visible: false };
+      entry = { series: new Series(), chart, dirty: true, visible: false, drawnAt: -Infinity };
       this.entries.set(name, entry);
       this.grid.append(chart.el);
       this.visibility.observe(chart.el);
@@ -512,7 +531,10 @@ export class ChartPanel {
   }
 
   changed(what) {
-    if (what === 'axes') for (const e of this.entries.values()) e.chart.destroy();
+    for (const e of this.entries.values()) {
+      if (what === 'axes') e.chart.destroy();
+      e.drawnAt = -Infinity;        // the user is waiting: draw now
+    }
     this.markAll();
   }
 
@@ -525,7 +547,7 @@ export class ChartPanel {
     if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
   }
 
-  render() {
+  async render() {
     this.frame = 0;
     if (this.resort) this.order();
     if (!this.open) return;
@@ -533,10 +555,19 @@ export class ChartPanel {
       this.resized = false;
       for (const e of this.entries.values()) e.chart.resize();
     }
-    for (const e of this.entries.values()) {
-      if (!e.dirty || !e.visible) continue;
+    // The charts drawn longest ago first, each at most every REDRAW_MS, until the
+    // frame's budget is spent; the rest wait for a later frame. uPlot paints in a
+    // microtask after setData: awaiting one lets it, so the budget counts the painting
+    // too (all of it still within this frame's task).
+    const start = performance.now();
+    const due = [...this.entries.values()].filter((e) => e.dirty && e.visible).sort((a, b) => a.drawnAt - b.drawnAt);
+    for (const e of due) {
+      const now = performance.now();
+      if (now - start > FRAME_BUDGET_MS || now - e.drawnAt < REDRAW_MS) { this.schedule(); break; }
       e.dirty = false;
+      e.drawnAt = now;
       e.chart.draw([e.series]);
+      await null;
     }
   }
 
