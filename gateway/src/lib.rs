@@ -188,6 +188,7 @@ impl AppState {
 fn routes() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
         .routes(routes!(ui::index))
+        .routes(routes!(ui::compare))
         .routes(routes!(ui::file))
         .routes(routes!(api::healthz))
         .routes(routes!(api::readyz))

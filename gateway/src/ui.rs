@@ -1,6 +1,8 @@
 //! The web UI: a few static files compiled into the binary (no front-end build step),
 //! served with a Content-Security-Policy that allows only this origin's scripts and
-//! styles — a second wall behind the UI's rule of putting run output in as text.
+//! styles — a second wall behind the UI's rule of putting run output in as text. The
+//! charts are drawn with uPlot (MIT, `ui/vendor/`, its licence beside it), vendored so
+//! the UI works offline and loads nothing from elsewhere.
 
 use axum::extract::Path;
 use axum::http::{header, HeaderValue};
@@ -33,7 +35,16 @@ pub(crate) async fn index() -> Response {
     asset("text/html; charset=utf-8", include_str!("ui/index.html"))
 }
 
-/// A file of the web UI: `app.js`, `app.css`, `favicon.svg`.
+/// The comparison of runs (`/compare?runs=a,b,c`): the same page, which reads its path.
+#[utoipa::path(get, path = "/compare", tag = "ui", responses(
+    (status = 200, description = "The UI, showing the comparison", body = String, content_type = "text/html"),
+))]
+pub(crate) async fn compare() -> Response {
+    index().await
+}
+
+/// A file of the web UI: `app.js`, `dom.js`, `charts.js`, `app.css`, `favicon.svg`, and
+/// uPlot's `uPlot.iife.min.js` and `uPlot.min.css`.
 #[utoipa::path(get, path = "/ui/{name}", tag = "ui",
     params(("name" = String, Path, description = "The file's name")),
     responses(
@@ -47,6 +58,19 @@ pub(crate) async fn index() -> Response {
 pub(crate) async fn file(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", include_str!("ui/app.js")),
+        "dom.js" => asset("text/javascript; charset=utf-8", include_str!("ui/dom.js")),
+        "charts.js" => asset(
+            "text/javascript; charset=utf-8",
+            include_str!("ui/charts.js"),
+        ),
+        "uPlot.iife.min.js" => asset(
+            "text/javascript; charset=utf-8",
+            include_str!("ui/vendor/uPlot.iife.min.js"),
+        ),
+        "uPlot.min.css" => asset(
+            "text/css; charset=utf-8",
+            include_str!("ui/vendor/uPlot.min.css"),
+        ),
         "app.css" => asset("text/css; charset=utf-8", include_str!("ui/app.css")),
         "favicon.svg" => asset("image/svg+xml", include_str!("ui/favicon.svg")),
         _ => crate::error::ApiError::NotFound(format!("no UI file {name:?}")).into_response(),

@@ -1,11 +1,15 @@
 // Athanor web UI: experiments (new-run forms from config schemas), instances, the runs
-// list (live from /api/events) and the live run page (SSE /api/runs/{id}/events).
+// list (live from /api/events), the live run page (SSE /api/runs/{id}/events) with its
+// metric charts (charts.js), and the comparison of runs (/compare?runs=a,b,c).
 //
 // Everything a run prints is put into the page as text (textContent, never innerHTML).
 // The log view is virtualized: a fixed pool of row elements is reused whatever the
 // number of lines; rendering happens at most once per animation frame.
 
 'use strict';
+
+import { h } from './dom.js';
+import { ChartPanel, MetricChart, PALETTE, Series, chartControls, loadView, swatch } from './charts.js';
 
 const ROW_HEIGHT = 18;          // px, matches .line in app.css
 const OVERSCAN = 12;            // rows rendered above and below the visible ones
@@ -15,24 +19,6 @@ const LEVELS = ['trace', 'debug', 'info', 'warn', 'error'];
 const TERMINAL = new Set(['completed', 'failed', 'cancelled', 'lost']);
 
 // ---------------------------------------------------------------- helpers
-
-/** Builds an element; strings and numbers become text nodes, never markup. */
-function h(tag, attrs, ...children) {
-  const el = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === 'class') el.className = v;
-    else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
-    else if (k === 'dataset') Object.assign(el.dataset, v);
-    else if (k in el && typeof v !== 'string') el[k] = v;
-    else el.setAttribute(k, v === true ? '' : String(v));
-  }
-  for (const c of children.flat()) {
-    if (c === undefined || c === null || c === false) continue;
-    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  }
-  return el;
-}
 
 /** The API token the user gave (when the gateway requires one), kept in this browser. */
 const token = () => localStorage.getItem('athanor-token') || '';
@@ -181,12 +167,14 @@ function route() {
   if (cleanup) { cleanup(); cleanup = null; }
   const app = document.getElementById('app');
   app.replaceChildren();
-  const hash = location.hash || '#/runs';
+  // The hash decides; without one, the path (`/compare` is served the same page).
+  const hash = location.hash || (location.pathname === '/compare' ? '#/compare' : '#/runs');
   const [, page, id] = hash.match(/^#\/([^/?]*)\/?([^?]*)/) || [];
   for (const a of document.querySelectorAll('[data-nav]')) {
     a.classList.toggle('active', a.dataset.nav === (page === 'runs' && id ? '' : page));
   }
   if (page === 'experiments') cleanup = experimentsPage(app);
+  else if (page === 'compare') cleanup = comparePage(app, compareIds());
   else if (page === 'runs' && id) cleanup = runPage(app, decodeURIComponent(id));
   else cleanup = runsPage(app);
 }
@@ -339,10 +327,20 @@ function runsPage(app) {
   const body = h('tbody', {});
   const count = h('span', { class: 'muted' });
   const conn = h('span', { class: 'conn' });
+  const selected = new Set();       // runs ticked for a comparison (kept across reloads)
+  const compare = h('button', { class: 'primary', disabled: true, dataset: { role: 'compare' } }, 'Compare');
+  const syncCompare = () => {
+    compare.disabled = selected.size < 2;
+    compare.textContent = selected.size ? `Compare ${selected.size}` : 'Compare';
+  };
+  compare.addEventListener('click', () => {
+    location.assign(`/compare?runs=${[...selected].map(encodeURIComponent).join(',')}`);
+  });
   app.append(h('div', { class: 'page' },
-    h('div', { class: 'toolbar' }, h('h1', {}, 'Runs'), status, experiment, count, h('span', { class: 'spacer' }), conn),
+    h('div', { class: 'toolbar' }, h('h1', {}, 'Runs'), status, experiment, count, compare, h('span', { class: 'spacer' }), conn),
     h('table', {},
-      h('thead', {}, h('tr', {}, ['run', 'experiment', 'status', 'lines', 'created', 'duration', 'error'].map((t) => h('th', {}, t)))),
+      h('thead', {}, h('tr', {}, h('th', { class: 'select' }, h('span', { class: 'sr-only' }, 'compare')),
+        ['run', 'experiment', 'status', 'lines', 'created', 'duration', 'error'].map((t) => h('th', {}, t)))),
       body)));
   const rowsById = new Map();
   let timer = null;
@@ -354,7 +352,13 @@ function runsPage(app) {
     const runs = result.body?.runs || [];
     rowsById.clear();
     body.replaceChildren(...runs.map((run) => {
+      const tick = h('input', { type: 'checkbox', checked: selected.has(run.id), 'aria-label': `compare ${run.id}` });
+      tick.addEventListener('change', () => {
+        if (tick.checked) selected.add(run.id); else selected.delete(run.id);
+        syncCompare();
+      });
       const row = h('tr', { dataset: { run: run.id } },
+        h('td', { class: 'select' }, tick),
         h('td', { class: 'mono' }, h('a', { href: `#/runs/${encodeURIComponent(run.id)}` }, run.id)),
         h('td', { class: 'mono' }, run.experiment),
         h('td', {}, badge(run.status)),
@@ -389,7 +393,7 @@ function runsPage(app) {
     const change = JSON.parse(e.data);
     const row = rowsById.get(change.run_id);
     if (row && (!status.value || status.value === change.status)) {
-      row.children[2].replaceChildren(badge(change.status));
+      row.children[3].replaceChildren(badge(change.status));
       if (TERMINAL.has(change.status)) reload();
     } else reload();
   };
@@ -443,6 +447,8 @@ function runPage(app, runId) {
   const info = h('dl', { class: 'kv' });
   const rawToggle = h('button', { class: 'toggle' }, 'raw JSON');
   const resultsBox = h('div', { class: 'results', dataset: { role: 'results' } });
+  // --- metrics
+  const charts = new ChartPanel();
 
   app.append(h('div', { class: 'run' },
     h('div', { class: 'run-head' },
@@ -450,6 +456,7 @@ function runPage(app, runId) {
       h('div', { class: 'progress' }, h('div', { class: 'bar' }, barFill), progressText),
       conn, cancel, cancelMsg),
     errorText,
+    charts.el,
     h('div', { class: 'run-body' },
       h('div', { class: 'logs', style: undefined },
         h('div', { class: 'toolbar' }, totalText, levelButtons, search, h('span', { class: 'spacer' }), download),
@@ -704,6 +711,7 @@ function runPage(app, runId) {
     state.allHasOlder = snap.tail.length ? snap.tail[0].seq > 0 : snap.lines > 0;
     state.results = new Map(Object.entries(snap.results));
     dirtyResults = true;
+    charts.snapshot(snap.metrics);
     applyFilter();
     renderHeader();
     tickElapsed();
@@ -716,6 +724,7 @@ function runPage(app, runId) {
     if (state.view !== state.all) for (const line of batch.logs) if (matches(line)) state.view.push(line);
     trimFront();
     for (const r of batch.results) setResult(r);
+    if (batch.metrics) charts.records(batch.metrics);
     if (run) {
       if (batch.progress) run.progress = batch.progress;
       if (batch.status) {
@@ -752,5 +761,149 @@ function runPage(app, runId) {
     clearInterval(ticker);
     window.removeEventListener('resize', onResize);
     if (frame) cancelAnimationFrame(frame);
+    charts.destroy();
+  };
+}
+
+// ---------------------------------------------------------------- comparison
+
+/** The runs compared: `runs=a,b,c` of `/compare?…` or `#/compare?…` (at most 20). */
+function compareIds() {
+  const query = location.hash.startsWith('#/compare') ? (location.hash.split('?')[1] || '') : location.search.slice(1);
+  const ids = (new URLSearchParams(query).get('runs') || '').split(',').map((s) => s.trim()).filter(Boolean);
+  return [...new Set(ids)].slice(0, 20);
+}
+
+/** A value in a table cell: JSON, cut when long (the whole of it in the title). */
+function jsonCell(value, present) {
+  if (!present) return h('td', { class: 'value muted' }, '—');
+  const text = JSON.stringify(value);
+  return h('td', { class: 'value', title: text.length > 200 ? text : undefined }, text.length > 200 ? `${text.slice(0, 200)}…` : text);
+}
+
+/**
+ * A table of fields (rows) by run (columns); a row whose values are not all the same is
+ * marked `differs` (highlighted, and ≠ for those who cannot see the colour).
+ */
+function fieldTable(role, runs, rowsOf) {
+  const keys = new Set();
+  const maps = runs.map((run) => { const m = rowsOf(run); for (const k of m.keys()) keys.add(k); return m; });
+  if (keys.size === 0) return h('p', { class: 'muted' }, 'None.');
+  const rows = [...keys].sort((a, b) => a.localeCompare(b, 'en', { numeric: true })).map((key) => {
+    const texts = maps.map((m) => (m.has(key) ? JSON.stringify(m.get(key)) : undefined));
+    const differs = texts.some((t) => t !== texts[0]);
+    return h('tr', { class: differs ? 'differs' : undefined, dataset: { field: key, differs: String(differs) } },
+      h('th', { scope: 'row', class: 'mono' }, key, differs ? h('span', { class: 'differs-mark', title: 'the runs differ' }, ' ≠') : null),
+      maps.map((m) => jsonCell(m.get(key), m.has(key))));
+  });
+  return h('table', { class: 'compare', dataset: { role } },
+    h('thead', {}, h('tr', {}, h('th', {}, 'field'), runs.map((run) => h('th', { class: 'mono' }, swatch(run.color), ' ', run.id)))),
+    h('tbody', {}, rows));
+}
+
+function comparePage(app, ids) {
+  const view = loadView({});
+  const runs = ids.map((id, i) => ({ id, color: PALETTE[i % PALETTE.length], view: null, results: [] }));
+  const runsList = h('ul', { class: 'compare-runs', dataset: { role: 'compare-runs' } });
+  const message = h('p', { class: 'field-error', dataset: { role: 'error' } });
+  const grid = h('div', { class: 'compare-grid', dataset: { role: 'compare-charts' } });
+  const metricsNote = h('p', { class: 'muted' });
+  const configBox = h('div', {});
+  const resultsBox = h('div', {});
+  const charts = new Map();       // metric name → { chart, series: [Series per run] }
+  let frame = 0;
+  const redraw = (what) => {
+    if (frame) return;
+    frame = requestAnimationFrame(() => {
+      frame = 0;
+      for (const c of charts.values()) { if (what === 'axes') c.chart.destroy(); c.chart.draw(c.series); }
+    });
+  };
+  app.append(h('div', { class: 'page' },
+    h('h1', {}, `Compare ${ids.length} run${ids.length === 1 ? '' : 's'}`),
+    runsList, message,
+    h('div', { class: 'toolbar' }, h('h2', {}, 'Metrics'),
+      chartControls(view, [['step', 'step'], ['elapsed', 'time since first point']], redraw)),
+    metricsNote, grid,
+    h('h2', {}, 'Config'), configBox,
+    h('h2', {}, 'Results'), resultsBox));
+  if (ids.length === 0) {
+    message.textContent = 'No runs to compare: tick runs in the list and press Compare, or open /compare?runs=a,b,c.';
+    return () => {};
+  }
+
+  let timer = null;
+  let closed = false;
+  const enc = encodeURIComponent;
+  async function load() {
+    const [views, results, lists] = await Promise.all([
+      Promise.all(ids.map((id) => api('GET', `/api/runs/${enc(id)}`))),
+      Promise.all(ids.map((id) => api('GET', `/api/runs/${enc(id)}/results`))),
+      Promise.all(ids.map((id) => api('GET', `/api/runs/${enc(id)}/metrics`))),
+    ]);
+    if (closed) return;
+    const problems = [];
+    runs.forEach((run, i) => {
+      run.view = views[i].status === 200 ? views[i].body : null;
+      if (!run.view) problems.push(`${run.id}: ${views[i].body?.error || `the gateway answered ${views[i].status}`}`);
+      run.results = results[i].status === 200 ? results[i].body.results : [];
+    });
+    message.textContent = problems.join('; ');
+    runsList.replaceChildren(...runs.map((run) => h('li', { dataset: { run: run.id } },
+      swatch(run.color),
+      h('a', { class: 'mono', href: `/#/runs/${enc(run.id)}` }, run.id),
+      run.view ? h('span', { class: 'mono muted' }, run.view.experiment) : null,
+      run.view ? badge(run.view.status) : null)));
+    const present = runs.filter((run) => run.view);
+    configBox.replaceChildren(fieldTable('config', present, (run) => new Map([
+      ['experiment', run.view.experiment],
+      ...Object.entries(run.view.config && typeof run.view.config === 'object' ? run.view.config : { config: run.view.config }),
+    ])));
+    resultsBox.replaceChildren(fieldTable('results', present, (run) => new Map(run.results.map((r) => [r.key, r.value]))));
+
+    // The metrics at least two of the runs have (all of one run's when it is alone),
+    // the most recently updated first.
+    const seen = new Map();       // name → { runs, updated }
+    for (const l of lists) {
+      for (const m of (l.status === 200 ? l.body.metrics : [])) {
+        const s = seen.get(m.name) || { runs: 0, updated: 0 };
+        s.runs += 1;
+        s.updated = Math.max(s.updated, m.updated_at);
+        seen.set(m.name, s);
+      }
+    }
+    const shared = [...seen].filter(([, s]) => s.runs >= Math.min(2, ids.length))
+      .sort(([an, a], [bn, b]) => (b.updated - a.updated) || an.localeCompare(bn, 'en', { numeric: true }))
+      .map(([name]) => name);
+    const failed = lists.find((l) => l.status !== 200);
+    metricsNote.textContent = failed ? `Metrics unavailable: ${failed.body?.error || `the gateway answered ${failed.status}`}`
+      : shared.length ? '' : 'The runs share no metric.';
+    const q = `runs=${ids.map(enc).join(',')}&max_points=1000`;
+    const series = await Promise.all(shared.map((name) => api('GET', `/api/metrics/${enc(name)}?${q}`)));
+    if (closed) return;
+    shared.forEach((name, i) => {
+      if (series[i].status !== 200) return;
+      let c = charts.get(name);
+      if (!c) {
+        c = { chart: new MetricChart(name, runs.map((run) => ({ label: run.id, color: run.color })), view), series: [] };
+        charts.set(name, c);
+      }
+      const byRun = new Map(series[i].body.runs.map((r) => [r.run_id, r]));
+      c.series = ids.map((id) => Series.from(byRun.get(id) || { buckets: [] }, Infinity));
+    });
+    grid.replaceChildren(...shared.filter((name) => charts.has(name)).map((name) => charts.get(name).chart.el));
+    for (const name of shared) charts.get(name)?.chart.draw(charts.get(name).series);
+    // Live runs: look again in a while.
+    if (present.some((run) => !TERMINAL.has(run.view.status))) timer = setTimeout(load, 2000);
+  }
+  load();
+  const onResize = () => { for (const c of charts.values()) c.chart.resize(); };
+  window.addEventListener('resize', onResize);
+  return () => {
+    closed = true;
+    clearTimeout(timer);
+    if (frame) cancelAnimationFrame(frame);
+    window.removeEventListener('resize', onResize);
+    for (const c of charts.values()) c.chart.destroy();
   };
 }

@@ -1,11 +1,13 @@
 // A command experiment in the UI: `athanor up --config examples/athanor.toml` hosts the
 // example Python training script; its form is built from the declared fields, and its
-// run is followed live to the end (progress bar lines, logging levels, results).
+// run is followed live to the end (progress bar lines, logging levels, results). Three
+// of its runs at different learning rates, compared (and the screenshots of that page).
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { up, browser, waitFor, EXAMPLES } from './harness.mjs';
+import { up, browser, startRun, runStatus, waitFor, EXAMPLES, SCREENSHOTS } from './harness.mjs';
 
 let athanor;
 let chromium;
@@ -66,4 +68,34 @@ test('the example training script has a form built from its declaration and a li
   assert.equal(await page.locator('main b').count(), 0);
   assert.deepEqual(problems, []);
   await page.close();
+});
+
+test('three training runs at different learning rates, compared', { timeout: 180_000 }, async () => {
+  const rates = [0.001, 0.003, 0.01];
+  const ids = [];
+  for (const lr of rates) ids.push(await startRun(athanor.url, 'train', { epochs: 2, lr }));
+  for (const id of ids) await waitFor(`${id} completed`, async () => (await runStatus(athanor.url, id)).status === 'completed', 120_000);
+  mkdirSync(SCREENSHOTS, { recursive: true });
+  for (const colorScheme of ['light', 'dark']) {
+    const page = await chromium.newPage({ viewport: { width: 1280, height: 900 }, colorScheme });
+    const problems = [];
+    page.on('pageerror', (e) => problems.push(e.message));
+    await page.goto(`${athanor.url}/compare?runs=${ids.join(',')}`);
+    // One overlaid chart per metric the runs share, each naming the three runs.
+    await waitFor('the charts drawn', async () => (await page.locator('figure.chart[data-last-x]').count()) === 4);
+    assert.deepEqual((await page.locator('figure.chart').evaluateAll((els) => els.map((e) => e.dataset.metric))).sort(),
+      ['accuracy', 'epoch_loss', 'loss', 'lr']);
+    const legend = await page.locator('figure.chart[data-metric=loss] .chart-legend-row').allTextContents();
+    assert.deepEqual(legend.map((row) => ids.find((id) => row.includes(id))), ids);
+    // The learning rate is the config that differs, highlighted; results side by side.
+    const differs = await page.locator('[data-role=config] tr.differs').evaluateAll((rows) => rows.map((r) => r.dataset.field));
+    assert.deepEqual(differs, ['lr']);
+    assert.deepEqual(await page.locator('[data-role=config] tr[data-field=lr] td').allTextContents(), rates.map(String));
+    assert.equal(await page.locator('[data-role=results] tr[data-field=loss] td').count(), 3);
+    const path = join(SCREENSHOTS, `compare-${colorScheme}.png`);
+    await page.screenshot({ path, fullPage: true });
+    console.log(`saved ${path}`);
+    assert.deepEqual(problems, []);
+    await page.close();
+  }
 });

@@ -89,3 +89,19 @@ export async function waitFor(what, check, timeoutMs = 60_000) {
     await new Promise((r) => setTimeout(r, 200));
   }
 }
+
+/**
+ * Records the page's main-thread long tasks (over 50 ms) from its first script on;
+ * read them with `longTasks(page)`.
+ */
+export async function observeLongTasks(page) {
+  await page.addInitScript(() => {
+    window.__longTasks = [];
+    new PerformanceObserver((list) => {
+      for (const entry of list.getEntries()) window.__longTasks.push({ start: entry.startTime, duration: entry.duration });
+    }).observe({ type: 'longtask', buffered: true });
+  });
+}
+
+/** The long tasks so far: [{ start, duration }] in ms since the page's start. */
+export const longTasks = (page) => page.evaluate(() => window.__longTasks);

@@ -5,7 +5,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { up, browser, startRun, waitFor } from './harness.mjs';
+import { up, browser, startRun, waitFor, observeLongTasks, longTasks as longTasksOf } from './harness.mjs';
 
 const LINES_PER_SECOND = 10_000;
 const DURATION_MS = 20_000;
@@ -17,12 +17,7 @@ test('the run page stays responsive at 10 000 lines per second', { timeout: 180_
   const chromium = await browser();
   try {
     const page = await chromium.newPage({ viewport: { width: 1280, height: 800 } });
-    await page.addInitScript(() => {
-      window.__longTasks = [];
-      new PerformanceObserver((list) => {
-        for (const entry of list.getEntries()) window.__longTasks.push(entry.duration);
-      }).observe({ type: 'longtask', buffered: true });
-    });
+    await observeLongTasks(page);
     const errors = [];
     page.on('pageerror', (e) => errors.push(e.message));
     const id = await startRun(athanor.url, 'log_storm', {
@@ -37,7 +32,7 @@ test('the run page stays responsive at 10 000 lines per second', { timeout: 180_
       samples += 1;
       return (await page.locator('[data-role=conn]').textContent()) === 'ended';
     }, 120_000);
-    const longTasks = await page.evaluate(() => window.__longTasks);
+    const longTasks = (await longTasksOf(page)).map((t) => t.duration);
     console.log(`long tasks: ${longTasks.length}, longest ${Math.max(0, ...longTasks).toFixed(0)} ms; `
       + `max DOM rows ${maxRows} over ${samples} samples`);
     assert.deepEqual(errors, []);
