@@ -146,7 +146,9 @@ async fn a_runs_metrics_are_summarised_served_exactly_downsampled_and_compared()
     // Up to the largest step: the range is covered by a few block ranges, not walked
     // block by block (schemathesis found this request hanging the gateway).
     let (status, all) = stack
-        .get(&format!("/api/runs/{id}/metrics/m0?from_step=0&to_step=9223372036854775806"))
+        .get(&format!(
+            "/api/runs/{id}/metrics/m0?from_step=0&to_step=9223372036854775806"
+        ))
         .await;
     assert_eq!(status, StatusCode::OK, "{all}");
     assert_eq!(all["count"], 5000);
