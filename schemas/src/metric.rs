@@ -334,6 +334,15 @@ mod tests {
         assert!(serde_json::from_str::<MetricValue>("null").is_err());
     }
 
+    #[test]
+    fn values_come_back_bit_for_bit() {
+        // Parsed to the neighbouring f64 without serde_json's float_roundtrip.
+        let values = [0.9950906807333315, 0.1 + 0.2, 1e-300 / 3.0, -2.0f64.sqrt()];
+        let json = serde_json::to_string(&values.map(MetricValue)).unwrap();
+        let back: Vec<MetricValue> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, values.map(MetricValue));
+    }
+
     fn point(step: u64, value: f64, seq: u64) -> MetricPoint {
         MetricPoint {
             step,
