@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use athanor_schemas::entities::{run_batches, run_logs, runs};
+use athanor_schemas::entities::{run_batches, run_logs, run_metric_summaries, run_metrics, runs};
 use athanor_schemas::events::StatusEvent;
 use athanor_testkit::{read_run, wait_for, TestDb, TestNats};
 use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
@@ -207,13 +207,21 @@ impl Rig {
         body["id"].as_str().unwrap().to_string()
     }
 
-    async fn stored(&self, run_id: &str) -> u64 {
-        use sea_orm::PaginatorTrait;
-        run_logs::Entity::find()
-            .filter(run_logs::Column::RunId.eq(run_id))
+    /// The run's rows in a table keyed by run (0 while the database cannot say).
+    async fn rows<E: EntityTrait>(&self, run_column: E::Column, run_id: &str) -> u64
+    where
+        E::Model: Sync,
+    {
+        E::find()
+            .filter(run_column.eq(run_id))
             .count(&self.db.db)
             .await
             .unwrap_or(0)
+    }
+
+    async fn stored(&self, run_id: &str) -> u64 {
+        self.rows::<run_logs::Entity>(run_logs::Column::RunId, run_id)
+            .await
     }
 
     /// Starts a `log_storm` run with `config` and waits until more than `lines` of it
@@ -222,6 +230,12 @@ impl Rig {
         let id = self.start_run(base, "log_storm", config).await;
         self.wait_stored_beyond(&id, lines).await;
         id
+    }
+
+    /// The run's metric points in `run_metrics`.
+    async fn points(&self, run_id: &str) -> u64 {
+        self.rows::<run_metrics::Entity>(run_metrics::Column::RunId, run_id)
+            .await
     }
 
     async fn wait_stored_beyond(&self, run_id: &str, lines: u64) {
@@ -446,6 +460,89 @@ async fn aggregator_sigkilled_repeatedly_under_50k_lines_per_second() {
     }
     rig.completes_clean("1. aggregator SIGKILL ×3 at 50k lines/s", &id)
         .await;
+    rig.db.close().await;
+}
+
+/// 1b. The aggregator killed with SIGKILL twice during a `metric_storm` run of 5 series ×
+/// 100 000 steps (100 000 points/s): the lines counted as above, and every point stored
+/// once with its exact value, the summaries exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_sigkilled_twice_under_500k_metric_points() {
+    use athanor_workers::builtin::MetricStorm;
+    const SERIES: usize = 5;
+    const STEPS: i64 = 100_000;
+    let rig = Rig::new(false).await;
+    let _worker = rig.start("worker");
+    let mut aggregator = rig.start("aggregator");
+    let (_gateway, base) = rig.gateway().await;
+    let config = json!({"metrics": SERIES, "steps": STEPS, "steps_per_second": 20_000 / soak()});
+    let id = rig.start_run(&base, "metric_storm", config).await;
+    for _ in 0..2 {
+        let before = rig.points(&id).await;
+        wait_for("more points stored", Duration::from_secs(90), || async {
+            (rig.points(&id).await > before + 100_000).then_some(())
+        })
+        .await
+        .unwrap();
+        aggregator.restart();
+    }
+    let scenario = "1b. aggregator SIGKILL ×2 under 5 × 100 000 metric points";
+    rig.completes_clean(scenario, &id).await;
+    let points: Vec<(String, i64, Option<f64>, i64)> = run_metrics::Entity::find()
+        .select_only()
+        .columns([
+            run_metrics::Column::Name,
+            run_metrics::Column::Step,
+            run_metrics::Column::Value,
+            run_metrics::Column::Seq,
+        ])
+        .filter(run_metrics::Column::RunId.eq(&id))
+        .into_tuple()
+        .all(&rig.db.db)
+        .await
+        .unwrap();
+    // The key (run, name, step) holds each point once: 500 000 rows of m0…m4 at steps
+    // 0…99 999 are every point. One record per step: its seq is the step.
+    let names = MetricStorm::names(SERIES);
+    let wrong: Vec<_> = points
+        .iter()
+        .filter(|(name, step, value, seq)| {
+            let Some(series) = names.iter().position(|n| n == name) else {
+                return true;
+            };
+            let expected = MetricStorm::value(series, *step as u64, None);
+            !(0..STEPS).contains(step) || *value != Some(expected) || seq != step
+        })
+        .take(5)
+        .collect();
+    assert_eq!(
+        (points.len(), wrong),
+        (SERIES * STEPS as usize, vec![]),
+        "{scenario}"
+    );
+    let summaries = run_metric_summaries::Entity::find()
+        .filter(run_metric_summaries::Column::RunId.eq(&id))
+        .order_by_asc(run_metric_summaries::Column::Name)
+        .all(&rig.db.db)
+        .await
+        .unwrap();
+    assert_eq!(summaries.len(), SERIES, "{scenario}");
+    for (series, summary) in summaries.iter().enumerate() {
+        let values = (0..STEPS).map(|step| MetricStorm::value(series, step as u64, None));
+        let expected = run_metric_summaries::Model {
+            run_id: id.clone(),
+            name: names[series].clone(),
+            count: STEPS,
+            min: values.clone().reduce(f64::min),
+            max: values.reduce(f64::max),
+            last_step: STEPS - 1,
+            last_value: Some(MetricStorm::value(series, STEPS as u64 - 1, None)),
+            last_seq: STEPS - 1,
+            // When the newest point was emitted: not known here.
+            updated_at: summary.updated_at,
+        };
+        assert_eq!(summary, &expected, "{scenario}");
+    }
     rig.db.close().await;
 }
 

@@ -2,22 +2,28 @@
 //!
 //! Persisted lines per second through the whole consume → decode → write → ack path,
 //! on SQLite and on PostgreSQL, side by side with a raw multi-row INSERT of the same
-//! rows through sqlx (the ceiling: no NATS, no decoding, no sea-orm). PostgreSQL is
-//! `ATHANOR_BENCH_DATABASE_URL` (default: the local server's `test` database); a
-//! database is created for the run and dropped after.
+//! rows through sqlx (the ceiling: no NATS, no decoding, no sea-orm). Then metric
+//! points against log lines of the same size (JSON bytes per point ≈ per line; one
+//! value per record, four series stepping together, as `metric()` calls write them):
+//! points stored per second next to lines stored per second, through the same
+//! pipeline. PostgreSQL is `ATHANOR_BENCH_DATABASE_URL` (default: the local server's
+//! `test` database); databases are created for the run and dropped after. `--quick`:
+//! fewer batches.
 
 use std::time::{Duration, Instant};
 
 use athanor_aggregator::{Aggregator, AggregatorConfig, AggregatorStats};
 use athanor_connections::db::{connect, DatabaseConfig};
 use athanor_migrations::MigratorTrait;
-use athanor_schemas::{codec, names, Batch, LogLine};
+use athanor_schemas::{codec, names, Batch, Level, LogLine, MetricRecord, MetricValue};
 use athanor_testkit::TestNats;
 use sea_orm::ConnectionTrait;
 use tokio_util::sync::CancellationToken;
 
 const LINES_PER_BATCH: usize = 10_000; // one 100 ms tick of a run logging 100 000 lines/s
 const RUNS: usize = 4;
+/// The series of the metric workload, one value each per step.
+const SERIES: [&str; 4] = ["train/loss", "train/accuracy", "val/loss", "lr"];
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
@@ -40,59 +46,74 @@ async fn bench(batches_per_run: usize) {
         let run_id = format!("bench-run-{r}");
         for b in 0..batches_per_run {
             let mut batch = Batch::new(run_id.as_str(), b as u64, "bench");
-            batch.logs = (0..LINES_PER_BATCH)
-                .map(|i| {
-                    let seq = (b * LINES_PER_BATCH + i) as u64;
-                    let (level, message) = &sample[n % sample.len()];
-                    n += 1;
-                    LogLine {
-                        seq,
-                        ts: athanor_schemas::now_micros(),
-                        level: *level,
-                        message: message.clone(),
-                        metadata: None,
-                    }
-                })
-                .collect();
+            batch.logs = lines(&sample, &mut n, b);
             all_lines.extend(batch.logs.iter().map(|l| (run_id.clone(), l.clone())));
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                names::headers::MSG_ID,
-                names::batch_msg_id(&run_id, b as u64).as_str(),
-            );
-            js.publish_with_headers(
-                names::run_subject(&run_id),
-                headers,
-                codec::encode(&batch).payload.into(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            publish(&js, batch).await;
         }
     }
+    // Metric points, and lines of their size in JSON, each in a stream of its own.
+    let (points_nats, point_bytes) = {
+        let nats = TestNats::start();
+        let js = nats.jetstream().await;
+        let mut bytes = 0;
+        for r in 0..RUNS {
+            for b in 0..batches_per_run {
+                let mut batch = Batch::new(format!("bench-metrics-{r}"), b as u64, "bench");
+                batch.metrics = metric_records(b);
+                bytes += serde_json::to_vec(&batch.metrics).unwrap().len();
+                publish(&js, batch).await;
+            }
+        }
+        (nats, bytes / (RUNS * batches_per_run * LINES_PER_BATCH))
+    };
+    let (short_nats, short_bytes) = {
+        let nats = TestNats::start();
+        let js = nats.jetstream().await;
+        let empty = serde_json::to_vec(&lines(&[(Level::Info, String::new())], &mut 0, 0))
+            .unwrap()
+            .len()
+            / LINES_PER_BATCH;
+        let sample =
+            athanor_workers::builtin::sample_lines(65_536, point_bytes.saturating_sub(empty), 5);
+        let (mut n, mut bytes) = (0, 0);
+        for r in 0..RUNS {
+            for b in 0..batches_per_run {
+                let mut batch = Batch::new(format!("bench-short-{r}"), b as u64, "bench");
+                batch.logs = lines(&sample, &mut n, b);
+                bytes += serde_json::to_vec(&batch.logs).unwrap().len();
+                publish(&js, batch).await;
+            }
+        }
+        (nats, bytes / (RUNS * batches_per_run * LINES_PER_BATCH))
+    };
     let total = all_lines.len();
-    println!("# Athanor aggregator benchmark: {total} lines in {} batches of {LINES_PER_BATCH} ({RUNS} runs), ~120-byte messages\n", RUNS * batches_per_run);
-    println!("| database | pipeline lines/s (consume → decode → write → ack) | raw multi-row INSERT lines/s | pipeline / raw |");
-    println!("|---|---:|---:|---:|");
+    println!("# Athanor aggregator benchmark: {total} lines in {} batches of {LINES_PER_BATCH} ({RUNS} runs), ~120-byte messages; as many metric points ({point_bytes} JSON bytes each) and lines of their size ({short_bytes} JSON bytes each)\n", RUNS * batches_per_run);
+    println!("| database | pipeline lines/s (consume → decode → write → ack) | raw multi-row INSERT lines/s | pipeline / raw | pipeline lines/s, {short_bytes} B | pipeline points/s, {point_bytes} B | points / lines |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let streams = Streams {
+        lines: &nats,
+        short: &short_nats,
+        points: &points_nats,
+        total: total as u64,
+    };
 
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = DatabaseConfig {
+    let sqlite = |name: &str| DatabaseConfig {
         url: Some(format!(
             "sqlite://{}",
-            dir.path().join("pipeline.db").display()
+            dir.path().join(format!("{name}.db")).display()
         )),
-        ..Default::default()
-    };
-    let sqlite_raw = DatabaseConfig {
-        url: Some(format!("sqlite://{}", dir.path().join("raw.db").display())),
         ..Default::default()
     };
     row(
         "SQLite (WAL, synchronous=normal)",
-        &nats,
-        sqlite,
-        sqlite_raw,
+        &streams,
+        [
+            sqlite("pipeline"),
+            sqlite("raw"),
+            sqlite("short"),
+            sqlite("points"),
+        ],
         &all_lines,
     )
     .await;
@@ -108,10 +129,8 @@ async fn bench(batches_per_run: usize) {
     {
         Ok(admin) => {
             let (base, _) = server.rsplit_once('/').unwrap();
-            let names = [
-                format!("athanor_bench_{}", std::process::id()),
-                format!("athanor_bench_raw_{}", std::process::id()),
-            ];
+            let names = ["pipeline", "raw", "short", "points"]
+                .map(|kind| format!("athanor_bench_{kind}_{}", std::process::id()));
             for name in &names {
                 admin
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
@@ -128,9 +147,8 @@ async fn bench(batches_per_run: usize) {
             };
             row(
                 "PostgreSQL 15 (local)",
-                &nats,
-                pg(&names[0]),
-                pg(&names[1]),
+                &streams,
+                names.clone().map(|name| pg(&name)),
                 &all_lines,
             )
             .await;
@@ -141,22 +159,94 @@ async fn bench(batches_per_run: usize) {
                     .unwrap();
             }
         }
-        Err(e) => println!("| PostgreSQL | skipped: {e} | | |"),
+        Err(e) => println!("| PostgreSQL | skipped: {e} | | | | | |"),
     }
 }
 
+/// The streams of the three workloads, and the items (lines or points) each holds.
+struct Streams<'a> {
+    lines: &'a TestNats,
+    short: &'a TestNats,
+    points: &'a TestNats,
+    total: u64,
+}
+
+/// A batch's lines: the next `LINES_PER_BATCH` of `sample`, from the seq of batch `b`.
+fn lines(sample: &[(Level, String)], n: &mut usize, b: usize) -> Vec<LogLine> {
+    (0..LINES_PER_BATCH)
+        .map(|i| {
+            let (level, message) = &sample[*n % sample.len()];
+            *n += 1;
+            LogLine {
+                seq: (b * LINES_PER_BATCH + i) as u64,
+                ts: athanor_schemas::now_micros(),
+                level: *level,
+                message: message.clone(),
+                metadata: None,
+            }
+        })
+        .collect()
+}
+
+/// Batch `b`'s metric records: `LINES_PER_BATCH` points, one record per series and step.
+fn metric_records(b: usize) -> Vec<MetricRecord> {
+    (0..LINES_PER_BATCH)
+        .map(|i| {
+            let seq = (b * LINES_PER_BATCH + i) as u64;
+            let series = i % SERIES.len();
+            let step = seq / SERIES.len() as u64;
+            let value = athanor_workers::builtin::MetricStorm::value(series, step, None);
+            MetricRecord {
+                seq,
+                step,
+                ts: athanor_schemas::now_micros(),
+                values: [(SERIES[series].to_string(), MetricValue(value))].into(),
+            }
+        })
+        .collect()
+}
+
+async fn publish(js: &async_nats::jetstream::Context, batch: Batch) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        names::headers::MSG_ID,
+        names::batch_msg_id(&batch.run_id, batch.batch_seq).as_str(),
+    );
+    js.publish_with_headers(
+        names::run_subject(&batch.run_id),
+        headers,
+        codec::encode(&batch).payload.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// One database's row: `dbs` are fresh databases for the pipeline, the raw INSERTs,
+/// the short lines and the points.
 async fn row(
     label: &str,
-    nats: &TestNats,
-    pipeline_db: DatabaseConfig,
-    raw_db: DatabaseConfig,
+    streams: &Streams<'_>,
+    dbs: [DatabaseConfig; 4],
     lines: &[(String, LogLine)],
 ) {
-    let pipeline = pipeline_rate(nats, &pipeline_db, lines.len() as u64, label).await;
+    let [pipeline_db, raw_db, short_db, points_db] = dbs;
+    let lines_counter = |s: &AggregatorStats| AggregatorStats::get(&s.lines);
+    let total = streams.total;
+    let pipeline = pipeline_rate(streams.lines, &pipeline_db, total, label, lines_counter).await;
     let raw = raw_rate(&raw_db, lines).await;
+    let short_label = format!("{label}: short lines");
+    let short = pipeline_rate(streams.short, &short_db, total, &short_label, lines_counter).await;
+    let points_label = format!("{label}: points");
+    let points = pipeline_rate(streams.points, &points_db, total, &points_label, |s| {
+        AggregatorStats::get(&s.metrics)
+    })
+    .await;
     println!(
-        "| {label} | {pipeline:.0} | {raw:.0} | {:.0}% |",
-        100.0 * pipeline / raw
+        "| {label} | {pipeline:.0} | {raw:.0} | {:.0}% | {short:.0} | {points:.0} | {:.2} |",
+        100.0 * pipeline / raw,
+        points / short
     );
 }
 
@@ -167,14 +257,26 @@ async fn migrated(config: &DatabaseConfig) -> sea_orm::DatabaseConnection {
 }
 
 /// Starts an aggregator with a consumer of its own (so it reads the whole stream) and
-/// times it until every line is stored and acked.
-async fn pipeline_rate(nats: &TestNats, config: &DatabaseConfig, total: u64, label: &str) -> f64 {
+/// times it until `stored` (lines or points) reaches `total`.
+async fn pipeline_rate(
+    nats: &TestNats,
+    config: &DatabaseConfig,
+    total: u64,
+    label: &str,
+    stored: impl Fn(&AggregatorStats) -> u64,
+) -> f64 {
     let db = migrated(config).await;
     let stop = CancellationToken::new();
-    let consumer = format!(
-        "bench-{}",
-        label.split_whitespace().next().unwrap().to_lowercase()
-    );
+    let consumer: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
     let t0 = Instant::now();
     let aggregator = Aggregator::start(
         AggregatorConfig {
@@ -188,7 +290,7 @@ async fn pipeline_rate(nats: &TestNats, config: &DatabaseConfig, total: u64, lab
     .await
     .unwrap();
     let stats = aggregator.stats().clone();
-    while AggregatorStats::get(&stats.lines) < total {
+    while stored(&stats) < total {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
