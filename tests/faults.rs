@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use athanor_schemas::entities::{run_batches, run_logs, run_metric_summaries, run_metrics, runs};
 use athanor_schemas::events::StatusEvent;
 use athanor_testkit::{read_run, wait_for, TestDb, TestNats};
-use sea_orm::{ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
+};
 use serde_json::{json, Value};
 
 /// One `athanor <role>` process.
@@ -542,6 +544,24 @@ async fn aggregator_sigkilled_twice_under_500k_metric_points() {
             updated_at: summary.updated_at,
         };
         assert_eq!(summary, &expected, "{scenario}");
+    }
+    // The rollup blocks counted each point once too: at every level, per series.
+    let backend = rig.db.db.get_database_backend();
+    let per_level = rig
+        .db
+        .db
+        .query_all(athanor_connections::db::stmt(
+            backend,
+            "SELECT name, level, CAST(SUM(count) AS BIGINT) AS points FROM run_metric_rollups \
+             WHERE run_id = ? GROUP BY name, level ORDER BY name, level",
+            vec![id.as_str().into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(per_level.len(), SERIES * 8, "{scenario}");
+    for row in per_level {
+        let points: i64 = row.try_get("", "points").unwrap();
+        assert_eq!(points, STEPS, "{scenario}: a level's blocks of a series");
     }
     rig.db.close().await;
 }
