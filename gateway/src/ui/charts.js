@@ -7,6 +7,10 @@
 // spike in a wide bucket stays visible; NaN is a gap; ±∞ is clipped just past the
 // finite range and marked with a point (the legend says +∞ / −∞). Metric names, run ids
 // and values only ever become text.
+//
+// Each time uPlot has painted a chart, the chart's <figure> fires a bubbling
+// `chart-drawn` event whose detail is the newest point drawn ({ step, ts }, ts in µs):
+// what the browser tests measure "point emitted → drawn" with.
 
 'use strict';
 
@@ -16,7 +20,14 @@ import { h } from './dom.js';
 export const TARGET = 500;
 const HEIGHT = 170;                 // px of each plot
 const FRAME_BUDGET_MS = 8;         // chart drawing per animation frame
-const REDRAW_MS = 200;              // a chart is redrawn at most this often while points arrive
+// How often a chart is redrawn while points arrive adapts to what drawing costs here:
+// the charts on screen, each redrawn once per interval, take about DRAW_SHARE of the
+// main thread (interval = their count × the chart's measured cost / DRAW_SHARE), but
+// never more often than MIN_REDRAW_MS (the worker flushes every 100 ms, so about once
+// per batch) nor less often than MAX_REDRAW_MS.
+const DRAW_SHARE = 0.25;
+const MIN_REDRAW_MS = 50;
+const MAX_REDRAW_MS = 1000;
 const RESORT_MS = 2000;             // how often "most recently updated first" is applied again
 const SETTINGS_KEY = 'athanor-charts';
 const INF_COLOR = '#d53f8c';
@@ -320,6 +331,7 @@ export class MetricChart {
       hooks: {
         setSelect: [(u) => { if (u.select.width > 0) this.zoomed = true; }],
         setCursor: [(u) => this.legend(u.cursor.idx)],
+        draw: [() => this.painted()],
       },
     }, [[]].concat(series.slice(1).map(() => [])), this.plot);
     this.u.over.addEventListener('dblclick', () => { this.zoomed = false; });
@@ -345,6 +357,14 @@ export class MetricChart {
       this.el.dataset.yMax = String(plot.top);
     }
     this.legend(this.u.cursor.idx);
+  }
+
+  /** Tells the page the newest point of the first run now on the canvas. */
+  painted() {
+    const at = this.last ? this.last.buckets[0] : [];
+    let b = null;
+    for (let i = at.length - 1; i >= 0 && !b; i--) b = at[i] || null;
+    if (b) this.el.dispatchEvent(new CustomEvent('chart-drawn', { bubbles: true, detail: { step: b.step, ts: b.ts } }));
   }
 
   /** The legend: at the cursor, or each run's last point when the cursor is away. */
@@ -440,13 +460,14 @@ export function chartControls(view, axes, onChange) {
 /**
  * The run page's charts, live: `snapshot(metrics)` (the feed's snapshot.metrics) and
  * `records(records)` (a batch's metric records) feed the series; charts are made when
- * first on screen, redrawn at most once per frame while on screen, ordered by the most
- * recently updated first (or by name).
+ * first on screen, redrawn while on screen as often as drawing's share of the main
+ * thread allows (at most once per frame), ordered by the most recently updated first
+ * (or by name).
  */
 export class ChartPanel {
   constructor() {
     this.view = loadView({});
-    this.entries = new Map();       // name → { series, chart, dirty, visible }
+    this.entries = new Map();       // name → { series, chart, dirty, visible, drawnAt, cost (ms, EMA) }
     this.frame = 0;
     this.resort = true;
     this.hovered = false;
@@ -493,7 +514,7 @@ export class ChartPanel {
     let entry = this.entries.get(name);
     if (!entry) {
       const chart = new MetricChart(name, [{ label: '', color: PALETTE[0] }], this.view);
-      entry = { series: new Series(), chart, dirty: true, visible: false, drawnAt: -Infinity };
+      entry = { series: new Series(), chart, dirty: true, visible: false, drawnAt: -Infinity, cost: 0 };
       this.entries.set(name, entry);
       this.grid.append(chart.el);
       this.visibility.observe(chart.el);
@@ -555,19 +576,25 @@ export class ChartPanel {
       this.resized = false;
       for (const e of this.entries.values()) e.chart.resize();
     }
-    // The charts drawn longest ago first, each at most every REDRAW_MS, until the
+    // The charts drawn longest ago first, each once its interval has passed, until the
     // frame's budget is spent; the rest wait for a later frame. uPlot paints in a
-    // microtask after setData: awaiting one lets it, so the budget counts the painting
-    // too (all of it still within this frame's task).
+    // microtask after setData: awaiting one lets it, so the budget and a chart's cost
+    // count the painting too (all of it still within this frame's task).
     const start = performance.now();
-    const due = [...this.entries.values()].filter((e) => e.dirty && e.visible).sort((a, b) => a.drawnAt - b.drawnAt);
+    const entries = [...this.entries.values()];
+    const onScreen = entries.reduce((n, e) => n + (e.visible ? 1 : 0), 0);
+    const due = entries.filter((e) => e.dirty && e.visible).sort((a, b) => a.drawnAt - b.drawnAt);
     for (const e of due) {
       const now = performance.now();
-      if (now - start > FRAME_BUDGET_MS || now - e.drawnAt < REDRAW_MS) { this.schedule(); break; }
+      if (now - start > FRAME_BUDGET_MS) { this.schedule(); break; }
+      const interval = Math.min(MAX_REDRAW_MS, Math.max(MIN_REDRAW_MS, (onScreen * e.cost) / DRAW_SHARE));
+      if (now - e.drawnAt < interval) { this.schedule(); continue; }
       e.dirty = false;
       e.drawnAt = now;
       e.chart.draw([e.series]);
       await null;
+      const took = performance.now() - now;
+      e.cost = e.cost ? 0.8 * e.cost + 0.2 * took : took;
     }
   }
 

@@ -1,6 +1,7 @@
 // Metric charts against a real `athanor up`: the run page's charts live under a
 // metric_storm (10 series at 1000 steps/s for 20 s) with the main thread never blocked
-// for more than 100 ms and each chart ending on the series' exact last point; the
+// for more than 100 ms and each chart ending on the series' exact last point (and
+// printing how long after emission the newest point was painted); the
 // comparison of three sweeps (overlaid charts naming the runs, the differing config
 // field highlighted, the results side by side); screenshots of the charts (those of the
 // comparison are command.test.mjs's, of three training runs).
@@ -22,6 +23,13 @@ const stormValue = (i, s) => (1 + i) / (1 + s / 100) + 0.05 * Math.sin(s / 10 + 
 async function openPage(path, options = {}) {
   const page = await chromium.newPage({ viewport: { width: 1280, height: 900 }, ...options });
   await observeLongTasks(page);
+  // Each paint of a chart: [metric, newest step drawn, its ts (µs), when painted (ms)].
+  await page.addInitScript(() => {
+    window.__paints = [];
+    document.addEventListener('chart-drawn', (e) => {
+      window.__paints.push([e.target.dataset.metric, e.detail.step, e.detail.ts, performance.timeOrigin + performance.now()]);
+    });
+  });
   const problems = [];
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   page.on('console', (m) => { if (m.type() === 'error') problems.push(`console: ${m.text()}`); });
@@ -63,6 +71,15 @@ test('the run page charts a metric storm live, responsive, ending on each exact 
     const points = Number(await chart(i).getAttribute('data-points'));
     assert.ok(points > 100 && points <= 1000, `m${i} drew ${points} points`);
   }
+  // Each paint names the newest point drawn; how long after its emission it was painted
+  // is printed, not asserted (chart-latency.mjs measures it per point).
+  const paints = await page.evaluate(() => window.__paints);
+  const m0 = paints.filter(([m]) => m === 'm0');
+  assert.equal(m0[m0.length - 1][1], STEPS - 1);
+  assert.ok(m0.every(([, step], i) => i === 0 || step >= m0[i - 1][1]), 'm0 painted out of order');
+  const lags = paints.map(([, , ts, at]) => at - ts / 1000).sort((a, b) => a - b);
+  console.log(`${paints.length} paints; newest point emitted → painted: p50 ${lags[Math.floor(lags.length / 2)].toFixed(0)} ms, `
+    + `p99 ${lags[Math.floor(lags.length * 0.99)].toFixed(0)} ms`);
   // The legend names the last point; hovering a chart reads the bucket under the cursor.
   assert.match(await chart(3).locator('.chart-legend').textContent(), /@ step 19999/);
   await chart(3).scrollIntoViewIfNeeded();
