@@ -1191,6 +1191,7 @@ async fn redelivered_and_reordered_batches_write_each_point_once() {
     }
     assert_eq!(points_of(&db.db, "m-reversed").await, expected_points);
     assert_eq!(summaries_of(&db.db, "m-reversed").await, expected_summaries);
+    assert_rollups_match_points(&db.db, "m-reversed").await;
     // The whole in-order run again: nothing changes.
     let written = store_batches(&db.db, synthetic_run("m-in-order", 6)).await;
     assert_eq!(
@@ -1199,6 +1200,7 @@ async fn redelivered_and_reordered_batches_write_each_point_once() {
     );
     assert_eq!(points_of(&db.db, "m-in-order").await, expected_points);
     assert_eq!(summaries_of(&db.db, "m-in-order").await, expected_summaries);
+    assert_rollups_match_points(&db.db, "m-in-order").await;
     assert_eq!(run_metrics::Entity::find().count(&db.db).await.unwrap(), 26);
     db.close().await;
 }

@@ -26,8 +26,6 @@
 //! NaN); ±infinity is stored as such. All of it is in the batches' transaction: a
 //! redelivered batch finds its `run_batches` key and writes no point.
 
-use std::collections::BTreeMap;
-
 use athanor_schemas::metric::{rollup, MetricBucket, MAX_STEP};
 use athanor_schemas::{MetricRecord, MetricValue};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Value};
@@ -114,7 +112,7 @@ pub(super) async fn write(
             names.dedup();
             recount.push((run_id.clone(), names));
             for series in points.chunk_by(|a, b| a.name == b.name) {
-                let touched = roll_up(series).into_keys().collect();
+                let touched = roll_up(series).into_iter().map(|(key, _)| key).collect();
                 recount_blocks.push((run_id.clone(), series[0].name.clone(), touched));
             }
         }
@@ -236,22 +234,28 @@ struct Block {
 }
 
 /// The blocks (at every level) that the points of one series (sorted by step, one per
-/// step) fall in.
-fn roll_up(series: &[Point]) -> BTreeMap<(u32, u64), Block> {
-    let mut out: BTreeMap<(u32, u64), Block> = BTreeMap::new();
-    for p in series {
-        let step = p.step as u64;
-        let point = MetricBucket::point(step, p.ts, MetricValue(p.value.unwrap_or(f64::NAN)));
-        for level in 0..rollup::LEVELS {
-            out.entry((level, rollup::block(step, level)))
-                .and_modify(|b| {
-                    b.bucket.merge(&point);
-                    b.last_seq = p.seq;
-                })
-                .or_insert(Block {
-                    bucket: point,
-                    last_seq: p.seq,
-                });
+/// step) fall in: one pass per level, as a block's points are consecutive.
+fn roll_up(series: &[Point]) -> Vec<((u32, u64), Block)> {
+    let mut out: Vec<((u32, u64), Block)> = Vec::new();
+    for level in 0..rollup::LEVELS {
+        let first = out.len();
+        for p in series {
+            let step = p.step as u64;
+            let key = (level, rollup::block(step, level));
+            let point = MetricBucket::point(step, p.ts, MetricValue(p.value.unwrap_or(f64::NAN)));
+            match out[first..].last_mut() {
+                Some((held, block)) if *held == key => {
+                    block.bucket.merge(&point);
+                    block.last_seq = p.seq;
+                }
+                _ => out.push((
+                    key,
+                    Block {
+                        bucket: point,
+                        last_seq: p.seq,
+                    },
+                )),
+            }
         }
     }
     out
