@@ -69,7 +69,7 @@ function tickLabel(v) {
 /** Room for the widest tick label of the y axis. */
 function yAxisSize(u, values) {
   const longest = values ? Math.max(0, ...values.map((t) => String(t).length)) : 4;
-  return Math.max(36, 18 + 7 * longest);
+  return Math.max(40, 24 + 8 * longest);
 }
 
 const byName = (a, b) => a.localeCompare(b, 'en', { numeric: true });
