@@ -44,7 +44,7 @@ pub(crate) async fn compare() -> Response {
 }
 
 /// A file of the web UI: `app.js`, `dom.js`, `charts.js`, `app.css`, `favicon.svg`, and
-/// uPlot's `uPlot.iife.min.js` and `uPlot.min.css`.
+/// uPlot's `uPlot.iife.min.js`, `uPlot.min.css` and `uPlot.LICENSE`.
 #[utoipa::path(get, path = "/ui/{name}", tag = "ui",
     params(("name" = String, Path, description = "The file's name")),
     responses(
@@ -52,6 +52,7 @@ pub(crate) async fn compare() -> Response {
             (String = "text/javascript"),
             (String = "text/css"),
             (String = "image/svg+xml"),
+            (String = "text/plain"),
         )),
         (status = 404, description = "No such file", body = crate::error::ErrorBody),
     ))]
@@ -70,6 +71,11 @@ pub(crate) async fn file(Path(name): Path<String>) -> Response {
         "uPlot.min.css" => asset(
             "text/css; charset=utf-8",
             include_str!("ui/vendor/uPlot.min.css"),
+        ),
+        // The binary carries uPlot, so it carries its licence, served beside it.
+        "uPlot.LICENSE" => asset(
+            "text/plain; charset=utf-8",
+            include_str!("ui/vendor/uPlot.LICENSE"),
         ),
         "app.css" => asset("text/css; charset=utf-8", include_str!("ui/app.css")),
         "favicon.svg" => asset("image/svg+xml", include_str!("ui/favicon.svg")),

@@ -330,3 +330,38 @@ async fn instances_are_created_listed_changed_run_and_deleted() {
     assert_eq!(runs["total"], 2);
     stack.stop().await;
 }
+
+/// The UI's files come from the binary with their media types; uPlot's licence is
+/// served beside uPlot, and nothing else under /ui/ exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ui_files_and_the_vendored_licence_are_served_from_the_binary() {
+    let stack = Stack::start().await;
+    for (name, media) in [
+        ("app.js", "text/javascript; charset=utf-8"),
+        ("dom.js", "text/javascript; charset=utf-8"),
+        ("charts.js", "text/javascript; charset=utf-8"),
+        ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+        ("uPlot.min.css", "text/css; charset=utf-8"),
+        ("uPlot.LICENSE", "text/plain; charset=utf-8"),
+        ("app.css", "text/css; charset=utf-8"),
+        ("favicon.svg", "image/svg+xml"),
+    ] {
+        let response = stack
+            .http
+            .get(format!("{}/ui/{name}", stack.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{name}");
+        assert_eq!(response.headers()["content-type"], media, "{name}");
+        let text = response.text().await.unwrap();
+        if name == "uPlot.LICENSE" {
+            assert!(text.starts_with("The MIT License (MIT)"), "{text}");
+            assert!(text.contains("Leon Sorokin"), "{text}");
+        }
+    }
+    let (status, body) = stack.get("/ui/uPlot.js").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "no UI file \"uPlot.js\"");
+    stack.stop().await;
+}
