@@ -913,7 +913,7 @@ async fn series_row(database: &str, db: sea_orm::DatabaseConnection) {
             .query_all(athanor_connections::db::stmt(
                 backend,
                 "SELECT step / 1000 AS b, COUNT(*) AS n, MIN(value) AS lo, MAX(value) AS hi, MAX(step) AS last \
-                 FROM run_metrics WHERE run_id = ? AND name = ? GROUP BY step / 1000",
+                 FROM run_metrics WHERE series_id = (SELECT id FROM run_metric_summaries WHERE run_id = ? AND name = ?) GROUP BY step / 1000",
                 vec![run.into(), "loss".into()],
             ))
             .await

@@ -12,7 +12,7 @@ use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use athanor_schemas::entities::{run_batches, run_logs, run_metric_summaries, run_metrics, runs};
+use athanor_schemas::entities::{run_batches, run_logs, run_metric_summaries, runs};
 use athanor_schemas::events::StatusEvent;
 use athanor_testkit::{read_run, wait_for, TestDb, TestNats};
 use sea_orm::{
@@ -234,10 +234,21 @@ impl Rig {
         id
     }
 
-    /// The run's metric points in `run_metrics`.
+    /// The run's metric points in `run_metrics` (of its series' ids).
     async fn points(&self, run_id: &str) -> u64 {
-        self.rows::<run_metrics::Entity>(run_metrics::Column::RunId, run_id)
+        let row = self
+            .db
+            .db
+            .query_one(athanor_connections::db::stmt(
+                self.db.db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM run_metrics m JOIN run_metric_summaries s ON s.id = m.series_id \
+                 WHERE s.run_id = ?",
+                vec![run_id.into()],
+            ))
             .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap() as u64
     }
 
     async fn wait_stored_beyond(&self, run_id: &str, lines: u64) {
@@ -490,20 +501,28 @@ async fn aggregator_sigkilled_twice_under_500k_metric_points() {
     }
     let scenario = "1b. aggregator SIGKILL ×2 under 5 × 100 000 metric points";
     rig.completes_clean(scenario, &id).await;
-    let points: Vec<(String, i64, Option<f64>, i64)> = run_metrics::Entity::find()
-        .select_only()
-        .columns([
-            run_metrics::Column::Name,
-            run_metrics::Column::Step,
-            run_metrics::Column::Value,
-            run_metrics::Column::Seq,
-        ])
-        .filter(run_metrics::Column::RunId.eq(&id))
-        .into_tuple()
-        .all(&rig.db.db)
+    let points: Vec<(String, i64, Option<f64>, i64)> = rig
+        .db
+        .db
+        .query_all(athanor_connections::db::stmt(
+            rig.db.db.get_database_backend(),
+            "SELECT s.name, m.step, m.value, m.seq FROM run_metrics m \
+             JOIN run_metric_summaries s ON s.id = m.series_id WHERE s.run_id = ?",
+            vec![id.as_str().into()],
+        ))
         .await
-        .unwrap();
-    // The key (run, name, step) holds each point once: 500 000 rows of m0…m4 at steps
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "name").unwrap(),
+                r.try_get("", "step").unwrap(),
+                r.try_get("", "value").unwrap(),
+                r.try_get("", "seq").unwrap(),
+            )
+        })
+        .collect();
+    // The key (series, step) holds each point once: 500 000 rows of m0…m4 at steps
     // 0…99 999 are every point. One record per step: its seq is the step.
     let names = MetricStorm::names(SERIES);
     let wrong: Vec<_> = points
@@ -532,6 +551,7 @@ async fn aggregator_sigkilled_twice_under_500k_metric_points() {
     for (series, summary) in summaries.iter().enumerate() {
         let values = (0..STEPS).map(|step| MetricStorm::value(series, step as u64, None));
         let expected = run_metric_summaries::Model {
+            id: summary.id,
             run_id: id.clone(),
             name: names[series].clone(),
             count: STEPS,
@@ -552,8 +572,9 @@ async fn aggregator_sigkilled_twice_under_500k_metric_points() {
         .db
         .query_all(athanor_connections::db::stmt(
             backend,
-            "SELECT name, level, CAST(SUM(count) AS BIGINT) AS points FROM run_metric_rollups \
-             WHERE run_id = ? GROUP BY name, level ORDER BY name, level",
+            "SELECT s.name, r.level, CAST(SUM(r.count) AS BIGINT) AS points FROM run_metric_rollups r \
+             JOIN run_metric_summaries s ON s.id = r.series_id WHERE s.run_id = ? \
+             GROUP BY s.name, r.level ORDER BY s.name, r.level",
             vec![id.as_str().into()],
         ))
         .await

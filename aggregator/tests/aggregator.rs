@@ -281,12 +281,27 @@ async fn rows_of<E: EntityTrait>(
 type PointRow = (String, i64, Option<f64>, i64, i64);
 
 async fn points_of(db: &DatabaseConnection, run_id: &str) -> Vec<PointRow> {
-    let mut points: Vec<PointRow> =
-        rows_of::<run_metrics::Entity>(db, run_metrics::Column::RunId, run_id)
-            .await
-            .into_iter()
-            .map(|p| (p.name, p.step, p.value, p.seq, p.ts))
-            .collect();
+    let rows = db
+        .query_all(athanor_connections::db::stmt(
+            db.get_database_backend(),
+            "SELECT s.name, m.step, m.value, m.seq, m.ts FROM run_metrics m \
+             JOIN run_metric_summaries s ON s.id = m.series_id WHERE s.run_id = ?",
+            vec![run_id.into()],
+        ))
+        .await
+        .unwrap();
+    let mut points: Vec<PointRow> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "name").unwrap(),
+                r.try_get("", "step").unwrap(),
+                r.try_get("", "value").unwrap(),
+                r.try_get("", "seq").unwrap(),
+                r.try_get("", "ts").unwrap(),
+            )
+        })
+        .collect();
     points.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     points
 }
@@ -365,8 +380,9 @@ async fn assert_rollups_match_points(db: &DatabaseConnection, run_id: &str) {
     let rows = db
         .query_all(athanor_connections::db::stmt(
             db.get_database_backend(),
-            "SELECT name, level, block, count, min, min_step, max, max_step, last_step, last_ts, last_value, last_seq \
-             FROM run_metric_rollups WHERE run_id = ?",
+            "SELECT s.name, r.level, r.block, r.count, r.min, r.min_step, r.max, r.max_step, r.last_step, \
+             r.last_ts, r.last_value, r.last_seq \
+             FROM run_metric_rollups r JOIN run_metric_summaries s ON s.id = r.series_id WHERE s.run_id = ?",
             vec![run_id.into()],
         ))
         .await

@@ -79,8 +79,6 @@ pub(crate) async fn series(
     to: Option<u64>,
     max_points: u64,
 ) -> Result<MetricSeries, DbErr> {
-    let backend = db.get_database_backend();
-    let key = stored_name(backend, name);
     let empty = MetricSeries {
         name: name.to_string(),
         count: 0,
@@ -88,16 +86,19 @@ pub(crate) async fn series(
         width: 1,
         buckets: Vec::new(),
     };
+    let Some(key) = series_id(db, run_id, name).await? else {
+        return Ok(empty);
+    };
     let from = match from {
         Some(step) => step,
-        None => match end_step(db, run_id, &key, "ASC").await? {
+        None => match end_step(db, key, "ASC").await? {
             Some(step) => step,
             None => return Ok(empty),
         },
     };
     let to = match to {
         Some(step) => step.min(MAX_STEP),
-        None => match end_step(db, run_id, &key, "DESC").await? {
+        None => match end_step(db, key, "DESC").await? {
             Some(step) => step,
             None => return Ok(empty),
         },
@@ -116,7 +117,7 @@ pub(crate) async fn series(
     };
     let Some(level) = rollup::level_for(bucket_width) else {
         // Buckets narrower than 16 steps: at most 16 × max_points points to read.
-        let points = points(db, run_id, &key, from, to).await?;
+        let points = points(db, key, from, to).await?;
         if points.len() as u64 <= max_points {
             return Ok(exact(points));
         }
@@ -125,14 +126,14 @@ pub(crate) async fn series(
     let plan = rollup::cover(from, to, level);
     let mut parts: Vec<MetricBucket> = Vec::new();
     for &(level, first, last) in &plan.blocks {
-        parts.extend(blocks(db, run_id, &key, level, first, last).await?);
+        parts.extend(blocks(db, key, level, first, last).await?);
     }
     for &(first, last) in &plan.raw {
-        parts.extend(points(db, run_id, &key, first, last).await?);
+        parts.extend(points(db, key, first, last).await?);
     }
     let count: u64 = parts.iter().map(|b| b.count).sum();
     if count <= max_points {
-        return Ok(exact(points(db, run_id, &key, from, to).await?));
+        return Ok(exact(points(db, key, from, to).await?));
     }
     parts.sort_by_key(|b| b.step);
     Ok(bucketed(name, from, bucket_width, parts))
@@ -160,39 +161,42 @@ fn bucketed(name: &str, from: u64, bucket_width: u64, parts: Vec<MetricBucket>) 
     }
 }
 
-/// The series' first (`ASC`) or last (`DESC`) step.
-async fn end_step(
+/// The id of a run's series (`None`: the run has no such metric).
+async fn series_id(
     db: &DatabaseConnection,
     run_id: &str,
     name: &str,
-    order: &str,
-) -> Result<Option<u64>, DbErr> {
-    let sql = format!(
-        "SELECT step FROM run_metrics WHERE run_id = ? AND name = ? ORDER BY step {order} LIMIT 1"
-    );
-    db.query_one(stmt(
-        db.get_database_backend(),
-        &sql,
-        vec![run_id.into(), name.into()],
-    ))
-    .await?
-    .map(|row| row.try_get::<i64>("", "step").map(|s| s as u64))
-    .transpose()
+) -> Result<Option<i64>, DbErr> {
+    Ok(run_metric_summaries::Entity::find()
+        .filter(run_metric_summaries::Column::RunId.eq(run_id))
+        .filter(run_metric_summaries::Column::Name.eq(stored_name(db.get_database_backend(), name)))
+        .one(db)
+        .await?
+        .map(|row| row.id))
+}
+
+/// The series' first (`ASC`) or last (`DESC`) step.
+async fn end_step(db: &DatabaseConnection, series: i64, order: &str) -> Result<Option<u64>, DbErr> {
+    let sql =
+        format!("SELECT step FROM run_metrics WHERE series_id = ? ORDER BY step {order} LIMIT 1");
+    db.query_one(stmt(db.get_database_backend(), &sql, vec![series.into()]))
+        .await?
+        .map(|row| row.try_get::<i64>("", "step").map(|s| s as u64))
+        .transpose()
 }
 
 /// The points of steps `from..=to`, each as a bucket of one.
 async fn points(
     db: &DatabaseConnection,
-    run_id: &str,
-    name: &str,
+    series: i64,
     from: u64,
     to: u64,
 ) -> Result<Vec<MetricBucket>, DbErr> {
     let rows = db
         .query_all(stmt(
             db.get_database_backend(),
-            "SELECT step, ts, value FROM run_metrics WHERE run_id = ? AND name = ? AND step >= ? AND step <= ? ORDER BY step",
-            vec![run_id.into(), name.into(), (from as i64).into(), (to as i64).into()],
+            "SELECT step, ts, value FROM run_metrics WHERE series_id = ? AND step >= ? AND step <= ? ORDER BY step",
+            vec![series.into(), (from as i64).into(), (to as i64).into()],
         ))
         .await?;
     rows.iter()
@@ -209,8 +213,7 @@ async fn points(
 /// The stored blocks `first..=last` of `level`.
 async fn blocks(
     db: &DatabaseConnection,
-    run_id: &str,
-    name: &str,
+    series: i64,
     level: u32,
     first: u64,
     last: u64,
@@ -219,10 +222,9 @@ async fn blocks(
         .query_all(stmt(
             db.get_database_backend(),
             "SELECT count, min, min_step, max, max_step, last_step, last_ts, last_value FROM run_metric_rollups \
-             WHERE run_id = ? AND name = ? AND level = ? AND block >= ? AND block <= ?",
+             WHERE series_id = ? AND level = ? AND block >= ? AND block <= ?",
             vec![
-                run_id.into(),
-                name.into(),
+                series.into(),
                 (level as i32).into(),
                 (first as i64).into(),
                 (last as i64).into(),
@@ -340,13 +342,7 @@ pub(crate) async fn one(
 }
 
 async fn has_metric(db: &DatabaseConnection, run_id: &str, name: &str) -> Result<bool, DbErr> {
-    Ok(run_metric_summaries::Entity::find_by_id((
-        run_id.to_string(),
-        stored_name(db.get_database_backend(), name),
-    ))
-    .one(db)
-    .await?
-    .is_some())
+    Ok(series_id(db, run_id, name).await?.is_some())
 }
 
 /// One metric of several runs (`runs=a,b,c`, 1 to 20), each downsampled alike, in the

@@ -1,8 +1,9 @@
-//! run_metrics (one row per run, metric and step), run_metric_rollups (the points of
+//! run_metric_summaries (one row per run and metric, unique by the two: the series' id
+//! and its summary), run_metrics (one row per series id and step: a narrow key, the run
+//! and the name are not repeated in every point) and run_metric_rollups (the points of
 //! aligned blocks of 16, 256, … 2^32 steps pre-aggregated, so a long series is drawn
-//! from a few thousand rows; see `athanor_schemas::metric::rollup`) and
-//! run_metric_summaries (one row per run and metric); the aggregator keeps the last two
-//! current in the transaction that stores the points. A NaN value is stored as NULL:
+//! from a few thousand rows; see `athanor_schemas::metric::rollup`); the aggregator keeps
+//! the summaries and the blocks current in the transaction that stores the points. A NaN value is stored as NULL:
 //! SQLite turns NaN into NULL anyway, so both databases say it the same way.
 
 use sea_orm_migration::prelude::*;
@@ -15,8 +16,7 @@ pub struct Migration;
 #[derive(DeriveIden)]
 enum RunMetrics {
     Table,
-    RunId,
-    Name,
+    SeriesId,
     Step,
     Value,
     Seq,
@@ -26,8 +26,7 @@ enum RunMetrics {
 #[derive(DeriveIden)]
 enum RunMetricRollups {
     Table,
-    RunId,
-    Name,
+    SeriesId,
     Level,
     Block,
     Count,
@@ -44,6 +43,7 @@ enum RunMetricRollups {
 #[derive(DeriveIden)]
 enum RunMetricSummaries {
     Table,
+    Id,
     RunId,
     Name,
     Count,
@@ -63,16 +63,18 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(RunMetrics::Table)
                     .if_not_exists()
-                    .col(ColumnDef::new(RunMetrics::RunId).string().not_null())
-                    .col(ColumnDef::new(RunMetrics::Name).string().not_null())
+                    .col(
+                        ColumnDef::new(RunMetrics::SeriesId)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(RunMetrics::Step).big_integer().not_null())
                     .col(ColumnDef::new(RunMetrics::Value).double().null())
                     .col(ColumnDef::new(RunMetrics::Seq).big_integer().not_null())
                     .col(ColumnDef::new(RunMetrics::Ts).big_integer().not_null())
                     .primary_key(
                         Index::create()
-                            .col(RunMetrics::RunId)
-                            .col(RunMetrics::Name)
+                            .col(RunMetrics::SeriesId)
                             .col(RunMetrics::Step),
                     )
                     .extra(without_rowid(manager))
@@ -84,8 +86,11 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(RunMetricRollups::Table)
                     .if_not_exists()
-                    .col(ColumnDef::new(RunMetricRollups::RunId).string().not_null())
-                    .col(ColumnDef::new(RunMetricRollups::Name).string().not_null())
+                    .col(
+                        ColumnDef::new(RunMetricRollups::SeriesId)
+                            .big_integer()
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(RunMetricRollups::Level).integer().not_null())
                     .col(
                         ColumnDef::new(RunMetricRollups::Block)
@@ -127,8 +132,7 @@ impl MigrationTrait for Migration {
                     )
                     .primary_key(
                         Index::create()
-                            .col(RunMetricRollups::RunId)
-                            .col(RunMetricRollups::Name)
+                            .col(RunMetricRollups::SeriesId)
                             .col(RunMetricRollups::Level)
                             .col(RunMetricRollups::Block),
                     )
@@ -141,6 +145,13 @@ impl MigrationTrait for Migration {
                 Table::create()
                     .table(RunMetricSummaries::Table)
                     .if_not_exists()
+                    .col(
+                        ColumnDef::new(RunMetricSummaries::Id)
+                            .big_integer()
+                            .not_null()
+                            .auto_increment()
+                            .primary_key(),
+                    )
                     .col(
                         ColumnDef::new(RunMetricSummaries::RunId)
                             .string()
@@ -174,11 +185,18 @@ impl MigrationTrait for Migration {
                             .big_integer()
                             .not_null(),
                     )
-                    .primary_key(
-                        Index::create()
-                            .col(RunMetricSummaries::RunId)
-                            .col(RunMetricSummaries::Name),
-                    )
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("run_metric_summaries_run_name")
+                    .table(RunMetricSummaries::Table)
+                    .unique()
+                    .col(RunMetricSummaries::RunId)
+                    .col(RunMetricSummaries::Name)
+                    .if_not_exists()
                     .to_owned(),
             )
             .await

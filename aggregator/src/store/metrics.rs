@@ -1,5 +1,10 @@
 //! Metric points of one transaction's new batches, and their series' summaries.
 //!
+//! A series is a run's metric name: its row in `run_metric_summaries` (made, empty, the
+//! first time a transaction meets it) gives the id that keys its points and blocks, so
+//! the run and the name are not repeated in every point's key (measured: 0.77 → 0.97
+//! of the rate of log lines of the same size on SQLite, 0.73 → 0.89 on PostgreSQL).
+//!
 //! A point is one `(run, name, step)`: the record with the highest `seq` wins, whatever
 //! the delivery order. Within the transaction the points of a run are sorted and
 //! deduplicated first (one statement may not touch a row twice on PostgreSQL), then
@@ -63,9 +68,8 @@ pub(super) fn collect(
     (points.len() - before) as u64
 }
 
-/// Where a run's points go: `run_id` is bound once per statement.
-const INSERT_POINTS: &str = "INSERT INTO run_metrics (run_id, name, step, value, seq, ts) \
-     SELECT ?, column1, column2, column3, column4, column5 FROM (VALUES ";
+/// Where points go, keyed by their series' id.
+const INSERT_POINTS: &str = "INSERT INTO run_metrics (series_id, step, value, seq, ts) VALUES ";
 
 /// Writes the points of each run (sorted by run) and moves their summaries.
 pub(super) async fn write(
@@ -75,24 +79,30 @@ pub(super) async fn write(
 ) -> Result<(), DbErr> {
     // Nine values per (run, name), the summary of this transaction's points.
     let mut summaries: Vec<Value> = Vec::new();
-    // Thirteen values per (run, name, level, block) this transaction's points fall in.
+    // Twelve values per (series, level, block) this transaction's points fall in.
     let mut blocks: Vec<Value> = Vec::new();
     // Runs with a step stored before: their series to recount, and the blocks of each
     // that this transaction's points fall in.
-    let mut recount: Vec<(String, Vec<String>)> = Vec::new();
-    let mut recount_blocks: Vec<TouchedBlocks> = Vec::new();
+    let mut recount: Vec<i64> = Vec::new();
+    let mut recount_blocks: Vec<(i64, Vec<(u32, u64)>)> = Vec::new();
     for (run_id, mut points) in runs {
         // By name and step, the highest seq first; keep that one.
         points.sort_unstable_by(|a, b| (&a.name, a.step, b.seq).cmp(&(&b.name, b.step, a.seq)));
         points.dedup_by(|next, kept| next.name == kept.name && next.step == kept.step);
+        let names: Vec<&str> = points
+            .chunk_by(|a, b| a.name == b.name)
+            .map(|series| series[0].name.as_str())
+            .collect();
+        let ids = series_ids(txn, backend, &run_id, &names).await?;
+        let id_of = |name: &str| ids[name];
         let inserted = insert_rows(
             txn,
             backend,
             INSERT_POINTS,
-            vec![run_id.as_str().into()],
+            Vec::new(),
             5,
-            point_values(&points),
-            ") AS point WHERE true ON CONFLICT (run_id, name, step) DO NOTHING",
+            point_values(&points, &id_of),
+            " ON CONFLICT (series_id, step) DO NOTHING",
         )
         .await?;
         if inserted < points.len() as u64 {
@@ -100,24 +110,23 @@ pub(super) async fn write(
                 txn,
                 backend,
                 INSERT_POINTS,
-                vec![run_id.as_str().into()],
+                Vec::new(),
                 5,
-                point_values(&points),
-                ") AS point WHERE true ON CONFLICT (run_id, name, step) DO UPDATE \
+                point_values(&points, &id_of),
+                " ON CONFLICT (series_id, step) DO UPDATE \
                  SET value = excluded.value, seq = excluded.seq, ts = excluded.ts \
                  WHERE excluded.seq > run_metrics.seq",
             )
             .await?;
-            let mut names: Vec<String> = points.iter().map(|p| p.name.clone()).collect();
-            names.dedup();
-            recount.push((run_id.clone(), names));
             for series in points.chunk_by(|a, b| a.name == b.name) {
+                let id = id_of(&series[0].name);
+                recount.push(id);
                 let touched = roll_up(series).into_iter().map(|(key, _)| key).collect();
-                recount_blocks.push((run_id.clone(), series[0].name.clone(), touched));
+                recount_blocks.push((id, touched));
             }
         }
         summarize(&run_id, &points, &mut summaries);
-        block_rows(&run_id, &points, &mut blocks);
+        block_rows(&points, &id_of, &mut blocks);
     }
     insert_rows(
         txn,
@@ -147,12 +156,12 @@ pub(super) async fn write(
     insert_rows(
         txn,
         backend,
-        "INSERT INTO run_metric_rollups (run_id, name, level, block, count, min, min_step, max, max_step, \
+        "INSERT INTO run_metric_rollups (series_id, level, block, count, min, min_step, max, max_step, \
          last_step, last_ts, last_value, last_seq) VALUES ",
         Vec::new(),
-        13,
+        12,
         blocks,
-        " ON CONFLICT (run_id, name, level, block) DO UPDATE SET \
+        " ON CONFLICT (series_id, level, block) DO UPDATE SET \
          count = run_metric_rollups.count + excluded.count, \
          min_step = CASE WHEN run_metric_rollups.min IS NULL OR excluded.min < run_metric_rollups.min \
              THEN excluded.min_step ELSE run_metric_rollups.min_step END, \
@@ -172,29 +181,70 @@ pub(super) async fn write(
              THEN excluded.last_step ELSE run_metric_rollups.last_step END",
     )
     .await?;
-    for (run_id, name, touched) in recount_blocks {
+    for (id, touched) in recount_blocks {
         for (level, block) in touched {
-            recount_block(txn, backend, &run_id, &name, level, block).await?;
+            recount_block(txn, backend, id, level, block).await?;
         }
     }
-    for (run_id, names) in recount {
-        for names in names.chunks(1_000) {
-            recount_summaries(txn, backend, &run_id, names).await?;
-        }
+    for ids in recount.chunks(1_000) {
+        recount_summaries(txn, backend, ids).await?;
     }
     Ok(())
 }
 
-fn point_values(points: &[Point]) -> Vec<Value> {
+/// The id of each of `names` of a run (sorted, distinct), making a summary row — a
+/// series — for those it does not have yet (empty: the transaction's own upsert fills
+/// it in).
+async fn series_ids(
+    txn: &impl ConnectionTrait,
+    backend: DatabaseBackend,
+    run_id: &str,
+    names: &[&str],
+) -> Result<std::collections::HashMap<String, i64>, DbErr> {
+    insert_rows(
+        txn,
+        backend,
+        "INSERT INTO run_metric_summaries \
+         (run_id, name, count, min, max, last_step, last_value, last_seq, updated_at) \
+         SELECT ?, column1, 0, CAST(NULL AS DOUBLE PRECISION), CAST(NULL AS DOUBLE PRECISION), \
+         -1, CAST(NULL AS DOUBLE PRECISION), -1, 0 FROM (VALUES ",
+        vec![run_id.into()],
+        1,
+        names.iter().map(|n| Value::from(*n)).collect(),
+        ") AS series WHERE true ON CONFLICT (run_id, name) DO NOTHING",
+    )
+    .await?;
+    let mut ids = std::collections::HashMap::with_capacity(names.len());
+    for chunk in names.chunks(1_000) {
+        let sql = format!(
+            "SELECT id, name FROM run_metric_summaries WHERE run_id = ? AND name IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut values: Vec<Value> = vec![run_id.into()];
+        values.extend(chunk.iter().map(|n| Value::from(*n)));
+        for row in txn
+            .query_all(athanor_connections::db::stmt(backend, &sql, values))
+            .await?
+        {
+            ids.insert(row.try_get("", "name")?, row.try_get::<i64>("", "id")?);
+        }
+    }
+    Ok(ids)
+}
+
+fn point_values(points: &[Point], id_of: &impl Fn(&str) -> i64) -> Vec<Value> {
     let mut values = Vec::with_capacity(points.len() * 5);
-    for p in points {
-        values.extend([
-            p.name.as_str().into(),
-            p.step.into(),
-            p.value.into(),
-            p.seq.into(),
-            p.ts.into(),
-        ]);
+    for series in points.chunk_by(|a, b| a.name == b.name) {
+        let id = id_of(&series[0].name);
+        for p in series {
+            values.extend([
+                id.into(),
+                p.step.into(),
+                p.value.into(),
+                p.seq.into(),
+                p.ts.into(),
+            ]);
+        }
     }
     values
 }
@@ -221,10 +271,6 @@ fn summarize(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
         ]);
     }
 }
-
-/// A run, one of its series, and the (level, block)s this transaction's points of it
-/// fall in.
-type TouchedBlocks = (String, String, Vec<(u32, u64)>);
 
 /// One block of a series in this transaction: its points merged, and the `seq` of its
 /// last point.
@@ -263,9 +309,10 @@ fn roll_up(series: &[Point]) -> Vec<((u32, u64), Block)> {
 
 /// Appends a `run_metric_rollups` row for each block the points (sorted by name and
 /// step) fall in.
-fn block_rows(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
+fn block_rows(points: &[Point], id_of: &impl Fn(&str) -> i64, values: &mut Vec<Value>) {
     let stored = |v: MetricValue| Some(v.0).filter(|v| !v.is_nan());
     for series in points.chunk_by(|a, b| a.name == b.name) {
+        let id = id_of(&series[0].name);
         for (
             (level, block),
             Block {
@@ -275,8 +322,7 @@ fn block_rows(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
         ) in roll_up(series)
         {
             values.extend([
-                run_id.into(),
-                series[0].name.as_str().into(),
+                id.into(),
                 (level as i32).into(),
                 (block as i64).into(),
                 (b.count as i64).into(),
@@ -298,8 +344,7 @@ fn block_rows(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
 async fn recount_block(
     txn: &impl ConnectionTrait,
     backend: DatabaseBackend,
-    run_id: &str,
-    name: &str,
+    series: i64,
     level: u32,
     block: u64,
 ) -> Result<(), DbErr> {
@@ -309,8 +354,8 @@ async fn recount_block(
         (block * width) as i64,
         (block * width + (width - 1)).min(MAX_STEP) as i64,
     );
-    let range = || -> Vec<Value> { vec![run_id.into(), name.into(), from.into(), to.into()] };
-    const WHERE: &str = "WHERE run_id = ? AND name = ? AND step >= ? AND step <= ?";
+    let range = || -> Vec<Value> { vec![series.into(), from.into(), to.into()] };
+    const WHERE: &str = "WHERE series_id = ? AND step >= ? AND step <= ?";
     let row = txn
         .query_one(stmt(
             backend,
@@ -320,18 +365,12 @@ async fn recount_block(
         .await?
         .ok_or_else(|| DbErr::Custom("an aggregate returns a row".into()))?;
     let count: i64 = row.try_get("", "n")?;
-    let key = || -> Vec<Value> {
-        vec![
-            run_id.into(),
-            name.into(),
-            (level as i32).into(),
-            (block as i64).into(),
-        ]
-    };
+    let key =
+        || -> Vec<Value> { vec![series.into(), (level as i32).into(), (block as i64).into()] };
     if count == 0 {
         txn.execute(stmt(
             backend,
-            "DELETE FROM run_metric_rollups WHERE run_id = ? AND name = ? AND level = ? AND block = ?",
+            "DELETE FROM run_metric_rollups WHERE series_id = ? AND level = ? AND block = ?",
             key(),
         ))
         .await?;
@@ -364,11 +403,11 @@ async fn recount_block(
     let last_row = txn
         .query_one(stmt(
             backend,
-            "SELECT ts, value, seq FROM run_metrics WHERE run_id = ? AND name = ? AND step = ?",
-            vec![run_id.into(), name.into(), last.into()],
+            "SELECT ts, value, seq FROM run_metrics WHERE series_id = ? AND step = ?",
+            vec![series.into(), last.into()],
         ))
         .await?
-        .ok_or_else(|| DbErr::Custom(format!("the point at step {last} of {name:?}")))?;
+        .ok_or_else(|| DbErr::Custom(format!("the point at step {last} of series {series}")))?;
     let mut values = key();
     values.extend([
         count.into(),
@@ -383,9 +422,9 @@ async fn recount_block(
     ]);
     txn.execute(stmt(
         backend,
-        "INSERT INTO run_metric_rollups (run_id, name, level, block, count, min, min_step, max, max_step, \
-         last_step, last_ts, last_value, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (run_id, name, level, block) DO UPDATE SET count = excluded.count, min = excluded.min, \
+        "INSERT INTO run_metric_rollups (series_id, level, block, count, min, min_step, max, max_step, \
+         last_step, last_ts, last_value, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (series_id, level, block) DO UPDATE SET count = excluded.count, min = excluded.min, \
          min_step = excluded.min_step, max = excluded.max, max_step = excluded.max_step, \
          last_step = excluded.last_step, last_ts = excluded.last_ts, last_value = excluded.last_value, \
          last_seq = excluded.last_seq",
@@ -395,30 +434,34 @@ async fn recount_block(
     Ok(())
 }
 
-/// Recomputes the summaries of `names` of a run from its stored points.
+/// Recomputes the summaries of the series `ids` from their stored points.
 async fn recount_summaries(
     txn: &impl ConnectionTrait,
     backend: DatabaseBackend,
-    run_id: &str,
-    names: &[String],
+    ids: &[i64],
 ) -> Result<(), DbErr> {
-    let list = vec!["?"; names.len()].join(", ");
+    let list = vec!["?"; ids.len()].join(", ");
     let sql = format!(
-        "INSERT INTO run_metric_summaries \
-         (run_id, name, count, min, max, last_step, last_value, last_seq, updated_at) \
-         SELECT s.run_id, s.name, s.count, s.min, s.max, l.step, l.value, l.seq, s.updated_at \
-         FROM (SELECT run_id, name, COUNT(*) AS count, MIN(value) AS min, MAX(value) AS max, \
-               MAX(step) AS last_step, MAX(ts) AS updated_at \
-               FROM run_metrics WHERE run_id = ? AND name IN ({list}) GROUP BY run_id, name) AS s \
-         JOIN run_metrics AS l ON l.run_id = s.run_id AND l.name = s.name AND l.step = s.last_step \
-         WHERE true \
-         ON CONFLICT (run_id, name) DO UPDATE SET count = excluded.count, min = excluded.min, \
-         max = excluded.max, last_step = excluded.last_step, last_value = excluded.last_value, \
-         last_seq = excluded.last_seq, updated_at = excluded.updated_at"
+        "UPDATE run_metric_summaries SET \
+         count = (SELECT COUNT(*) FROM run_metrics m WHERE m.series_id = run_metric_summaries.id), \
+         min = (SELECT MIN(value) FROM run_metrics m WHERE m.series_id = run_metric_summaries.id), \
+         max = (SELECT MAX(value) FROM run_metrics m WHERE m.series_id = run_metric_summaries.id), \
+         last_step = (SELECT MAX(step) FROM run_metrics m WHERE m.series_id = run_metric_summaries.id), \
+         updated_at = (SELECT MAX(ts) FROM run_metrics m WHERE m.series_id = run_metric_summaries.id) \
+         WHERE id IN ({list})"
     );
-    let mut values: Vec<Value> = Vec::with_capacity(names.len() + 1);
-    values.push(run_id.into());
-    values.extend(names.iter().map(|n| n.as_str().into()));
+    let values: Vec<Value> = ids.iter().map(|id| Value::from(*id)).collect();
+    txn.execute(athanor_connections::db::stmt(backend, &sql, values.clone()))
+        .await?;
+    // The last point's value and seq, at the step just found.
+    let sql = format!(
+        "UPDATE run_metric_summaries SET \
+         last_value = (SELECT value FROM run_metrics m WHERE m.series_id = run_metric_summaries.id \
+             AND m.step = run_metric_summaries.last_step), \
+         last_seq = (SELECT seq FROM run_metrics m WHERE m.series_id = run_metric_summaries.id \
+             AND m.step = run_metric_summaries.last_step) \
+         WHERE id IN ({list})"
+    );
     txn.execute(athanor_connections::db::stmt(backend, &sql, values))
         .await?;
     Ok(())

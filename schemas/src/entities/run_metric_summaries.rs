@@ -1,15 +1,17 @@
-//! One row per (run, metric): point count, extremes (NULL when every value is NaN), the
-//! point at the highest step, and when a point last arrived. Kept current by the
-//! aggregator in the transaction that stores the points.
+//! One row per (run, metric): the series' id, its point count, extremes (NULL when
+//! every value is NaN), the point at the highest step, and when a point last arrived.
+//! Kept current by the aggregator in the transaction that stores the points.
 
 use sea_orm::entity::prelude::*;
 
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "run_metric_summaries")]
 pub struct Model {
-    #[sea_orm(primary_key, auto_increment = false)]
+    /// The series' id: the key of its points and rollup blocks.
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    /// Unique with `name`.
     pub run_id: String,
-    #[sea_orm(primary_key, auto_increment = false)]
     pub name: String,
     pub count: i64,
     pub min: Option<f64>,

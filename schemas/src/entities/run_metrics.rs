@@ -1,4 +1,4 @@
-//! Metric points, one row per (run, name, step): the record with the highest `seq`
+//! Metric points, one row per (series, step): the record with the highest `seq`
 //! wins. A NaN value is NULL.
 
 use sea_orm::entity::prelude::*;
@@ -6,10 +6,9 @@ use sea_orm::entity::prelude::*;
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(table_name = "run_metrics")]
 pub struct Model {
+    /// `run_metric_summaries.id` of the run's series.
     #[sea_orm(primary_key, auto_increment = false)]
-    pub run_id: String,
-    #[sea_orm(primary_key, auto_increment = false)]
-    pub name: String,
+    pub series_id: i64,
     #[sea_orm(primary_key, auto_increment = false)]
     pub step: i64,
     pub value: Option<f64>,
