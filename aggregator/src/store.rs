@@ -11,7 +11,7 @@ mod metrics;
 
 use std::collections::BTreeMap;
 
-use athanor_connections::db::stmt;
+use athanor_connections::db::{stmt, stored_text};
 use athanor_schemas::events::Lifecycle;
 use athanor_schemas::{now_micros, Batch, RunState};
 use sea_orm::{
@@ -64,20 +64,11 @@ pub fn is_permanent(error: &DbErr) -> bool {
 /// PostgreSQL text cannot hold NUL characters: they are stored as U+2400 (␀). JSON
 /// values are stored escaped (`\u0000`) and keep them.
 fn text(backend: DatabaseBackend, s: String) -> Value {
-    pg_text(backend, s).into()
+    stored_text(backend, s).into()
 }
 
 fn opt_text(backend: DatabaseBackend, s: Option<String>) -> Value {
-    s.map(|s| pg_text(backend, s)).into()
-}
-
-/// `s` as the backend stores it (see [`text`]).
-fn pg_text(backend: DatabaseBackend, s: String) -> String {
-    if backend == DatabaseBackend::Postgres && s.contains('\0') {
-        s.replace('\0', "\u{2400}")
-    } else {
-        s
-    }
+    s.map(|s| stored_text(backend, s)).into()
 }
 
 /// Bind parameters per multi-row INSERT, under the limits (SQLite 32 766, PostgreSQL

@@ -162,6 +162,17 @@ pub async fn write_turn(db: &DatabaseConnection) -> Option<tokio::sync::OwnedMut
     Some(turn.lock_owned().await)
 }
 
+/// `s` as the database stores it: PostgreSQL text cannot hold NUL characters, so they
+/// are stored as U+2400 (␀). The aggregator writes text through this, and the gateway
+/// looks text up through it.
+pub fn stored_text(backend: DatabaseBackend, s: String) -> String {
+    if backend == DatabaseBackend::Postgres && s.contains('\0') {
+        s.replace('\0', "\u{2400}")
+    } else {
+        s
+    }
+}
+
 /// A statement written with `?` placeholders, numbered `$1, $2, …` for PostgreSQL.
 /// (The SQL Athanor writes by hand is otherwise the same on both backends.)
 pub fn stmt(backend: DatabaseBackend, sql: &str, values: Vec<Value>) -> Statement {

@@ -12,20 +12,20 @@
 
 use std::collections::BTreeMap;
 
-use athanor_connections::db::stmt;
+use athanor_connections::db::{stmt, stored_text};
 use athanor_schemas::api::{
     CompareQuery, MetricComparison, MetricList, RunSeries, SeriesQuery, DEFAULT_MAX_POINTS,
     MAX_COMPARED_RUNS, MAX_MAX_POINTS,
 };
 use athanor_schemas::entities::run_metric_summaries;
-use athanor_schemas::metric::rollup::{self, width};
+use athanor_schemas::metric::rollup;
 use athanor_schemas::metric::{MetricBucket, MetricSeries, MetricSummary, MetricValue, MAX_STEP};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QueryResult,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QueryResult,
 };
 
 use crate::api::{find_run, AppStateRef};
@@ -34,15 +34,6 @@ use crate::error::{ApiError, ApiResult, ErrorBody};
 /// A NaN is stored as NULL.
 fn value(v: Option<f64>) -> MetricValue {
     MetricValue(v.unwrap_or(f64::NAN))
-}
-
-/// Names as the store writes them: PostgreSQL text cannot hold NUL (stored as U+2400).
-fn stored_name(backend: DatabaseBackend, name: &str) -> String {
-    if backend == DatabaseBackend::Postgres {
-        name.replace('\0', "\u{2400}")
-    } else {
-        name.to_string()
-    }
 }
 
 /// Every metric of a run, the most recently updated first.
@@ -169,7 +160,10 @@ async fn series_id(
 ) -> Result<Option<i64>, DbErr> {
     Ok(run_metric_summaries::Entity::find()
         .filter(run_metric_summaries::Column::RunId.eq(run_id))
-        .filter(run_metric_summaries::Column::Name.eq(stored_name(db.get_database_backend(), name)))
+        .filter(
+            run_metric_summaries::Column::Name
+                .eq(stored_text(db.get_database_backend(), name.to_string())),
+        )
         .one(db)
         .await?
         .map(|row| row.id))
@@ -231,7 +225,6 @@ async fn blocks(
             ],
         ))
         .await?;
-    debug_assert!(width(level) > 1);
     rows.iter().map(rollup_bucket).collect()
 }
 
@@ -333,16 +326,12 @@ pub(crate) async fn one(
     let (max_points, from, to) = bounds(q.max_points, q.from_step, q.to_step)?;
     find_run(&state, &id).await?;
     let series = series(&state.db, &id, &name, from, to, max_points).await?;
-    if series.count == 0 && !has_metric(&state.db, &id, &name).await? {
+    if series.count == 0 && series_id(&state.db, &id, &name).await?.is_none() {
         return Err(ApiError::NotFound(format!(
             "run {id:?} has no metric {name:?}"
         )));
     }
     Ok(Json(RunSeries { run_id: id, series }))
-}
-
-async fn has_metric(db: &DatabaseConnection, run_id: &str, name: &str) -> Result<bool, DbErr> {
-    Ok(series_id(db, run_id, name).await?.is_some())
 }
 
 /// One metric of several runs (`runs=a,b,c`, 1 to 20), each downsampled alike, in the

@@ -35,7 +35,11 @@ use athanor_schemas::metric::{rollup, MetricBucket, MAX_STEP};
 use athanor_schemas::{MetricRecord, MetricValue};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Value};
 
-use super::{insert_rows, pg_text};
+use std::sync::LazyLock;
+
+use athanor_connections::db::stored_text;
+
+use super::insert_rows;
 
 /// One value of a record: a row of `run_metrics` (of the run it is grouped under).
 pub(super) struct Point {
@@ -58,7 +62,7 @@ pub(super) fn collect(
         // The decoder refuses steps beyond i64::MAX.
         let (step, seq) = (record.step as i64, record.seq as i64);
         points.extend(record.values.into_iter().map(|(name, value)| Point {
-            name: pg_text(backend, name),
+            name: stored_text(backend, name),
             step,
             value: Some(value.0).filter(|v| !v.is_nan()),
             seq,
@@ -66,6 +70,63 @@ pub(super) fn collect(
         }));
     }
     (points.len() - before) as u64
+}
+
+/// A summary moved by a transaction's points of its series.
+static MERGE_SUMMARIES: LazyLock<String> = LazyLock::new(|| {
+    merge_upsert(
+        "run_metric_summaries",
+        "run_id, name",
+        false,
+        &["last_step", "last_value", "last_seq"],
+        &["updated_at"],
+    )
+});
+
+/// A rollup block moved by a transaction's points in its steps.
+static MERGE_BLOCKS: LazyLock<String> = LazyLock::new(|| {
+    merge_upsert(
+        "run_metric_rollups",
+        "series_id, level, block",
+        true,
+        &["last_step", "last_ts", "last_value", "last_seq"],
+        &[],
+    )
+});
+
+/// `ON CONFLICT (<key>) DO UPDATE` that folds the inserted aggregate (`excluded`) into
+/// the stored one: counts added; extremes widened, NULL (every value NaN) never
+/// replacing one and replaced by any (with their steps when `extreme_steps`); the `last`
+/// columns taken when the inserted last point is newer by (step, seq); the `greatest`
+/// columns the greater. Portable: SQLite's two-argument MIN/MAX return NULL for a NULL.
+fn merge_upsert(
+    table: &str,
+    key: &str,
+    extreme_steps: bool,
+    last: &[&str],
+    greatest: &[&str],
+) -> String {
+    let take = |when: &str, column: &str| {
+        format!("{column} = CASE WHEN {when} THEN excluded.{column} ELSE {table}.{column} END")
+    };
+    let mut set = vec![format!("count = {table}.count + excluded.count")];
+    for (extreme, wins) in [("min", "<"), ("max", ">")] {
+        let when =
+            format!("{table}.{extreme} IS NULL OR excluded.{extreme} {wins} {table}.{extreme}");
+        if extreme_steps {
+            set.push(take(&when, &format!("{extreme}_step")));
+        }
+        set.push(take(&when, extreme));
+    }
+    let newer =
+        format!("(excluded.last_step, excluded.last_seq) > ({table}.last_step, {table}.last_seq)");
+    set.extend(last.iter().map(|column| take(&newer, column)));
+    set.extend(
+        greatest
+            .iter()
+            .map(|column| take(&format!("excluded.{column} > {table}.{column}"), column)),
+    );
+    format!(" ON CONFLICT ({key}) DO UPDATE SET {}", set.join(", "))
 }
 
 /// Where points go, keyed by their series' id.
@@ -136,21 +197,7 @@ pub(super) async fn write(
         Vec::new(),
         9,
         summaries,
-        // NULL (every value NaN) never replaces an extreme, and is replaced by any.
-        " ON CONFLICT (run_id, name) DO UPDATE SET \
-         count = run_metric_summaries.count + excluded.count, \
-         min = CASE WHEN run_metric_summaries.min IS NULL OR excluded.min < run_metric_summaries.min \
-             THEN excluded.min ELSE run_metric_summaries.min END, \
-         max = CASE WHEN run_metric_summaries.max IS NULL OR excluded.max > run_metric_summaries.max \
-             THEN excluded.max ELSE run_metric_summaries.max END, \
-         last_step = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_summaries.last_step, run_metric_summaries.last_seq) \
-             THEN excluded.last_step ELSE run_metric_summaries.last_step END, \
-         last_value = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_summaries.last_step, run_metric_summaries.last_seq) \
-             THEN excluded.last_value ELSE run_metric_summaries.last_value END, \
-         last_seq = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_summaries.last_step, run_metric_summaries.last_seq) \
-             THEN excluded.last_seq ELSE run_metric_summaries.last_seq END, \
-         updated_at = CASE WHEN excluded.updated_at > run_metric_summaries.updated_at \
-             THEN excluded.updated_at ELSE run_metric_summaries.updated_at END",
+        &MERGE_SUMMARIES,
     )
     .await?;
     insert_rows(
@@ -161,24 +208,7 @@ pub(super) async fn write(
         Vec::new(),
         12,
         blocks,
-        " ON CONFLICT (series_id, level, block) DO UPDATE SET \
-         count = run_metric_rollups.count + excluded.count, \
-         min_step = CASE WHEN run_metric_rollups.min IS NULL OR excluded.min < run_metric_rollups.min \
-             THEN excluded.min_step ELSE run_metric_rollups.min_step END, \
-         min = CASE WHEN run_metric_rollups.min IS NULL OR excluded.min < run_metric_rollups.min \
-             THEN excluded.min ELSE run_metric_rollups.min END, \
-         max_step = CASE WHEN run_metric_rollups.max IS NULL OR excluded.max > run_metric_rollups.max \
-             THEN excluded.max_step ELSE run_metric_rollups.max_step END, \
-         max = CASE WHEN run_metric_rollups.max IS NULL OR excluded.max > run_metric_rollups.max \
-             THEN excluded.max ELSE run_metric_rollups.max END, \
-         last_ts = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
-             THEN excluded.last_ts ELSE run_metric_rollups.last_ts END, \
-         last_value = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
-             THEN excluded.last_value ELSE run_metric_rollups.last_value END, \
-         last_seq = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
-             THEN excluded.last_seq ELSE run_metric_rollups.last_seq END, \
-         last_step = CASE WHEN (excluded.last_step, excluded.last_seq) > (run_metric_rollups.last_step, run_metric_rollups.last_seq) \
-             THEN excluded.last_step ELSE run_metric_rollups.last_step END",
+        &MERGE_BLOCKS,
     )
     .await?;
     for (id, touched) in recount_blocks {
