@@ -11,9 +11,10 @@ use std::ops::Range;
 use std::time::Duration;
 
 use athanor_schemas::api::{
-    CancelRequested, CompareQuery, CreateRun, ErrorBody, Experiment, ExperimentList, Instance,
-    InstanceChange, InstanceList, LogPage, LogQuery, MetricComparison, MetricList, NewInstance,
-    ResultList, RunCreated, RunFilter, RunList, RunOverrides, RunSeries, SeriesQuery,
+    CancelRequested, CompareQuery, ConfigToCheck, CreateRun, ErrorBody, Experiment, ExperimentList,
+    Instance, InstanceChange, InstanceList, LogPage, LogQuery, MetricComparison, MetricList,
+    NewInstance, ResultList, RunCreated, RunFilter, RunList, RunOverrides, RunSeries, SeriesQuery,
+    ValidConfig,
 };
 use athanor_schemas::events::RunView;
 use athanor_schemas::LogLine;
@@ -32,9 +33,15 @@ pub enum ClientError {
         #[source]
         source: reqwest::Error,
     },
-    /// The gateway refused the request; `message` is its JSON `error`.
+    /// The gateway refused the request; `message` is its JSON `error`, and for a config
+    /// that does not fit its schema (`422`), `field` and `reason` say how.
     #[error("{message}")]
-    Refused { status: StatusCode, message: String },
+    Refused {
+        status: StatusCode,
+        message: String,
+        field: Option<String>,
+        reason: Option<String>,
+    },
     #[error("unexpected answer from the gateway: {0}")]
     Unexpected(String),
     /// A feed event that breaks the feed's rules (order, watermark).
@@ -95,6 +102,18 @@ impl Client {
     pub async fn experiments(&self) -> ClientResult<Vec<Experiment>> {
         let list: ExperimentList = self.get("/api/experiments").await?;
         Ok(list.experiments)
+    }
+
+    /// Checks `config` against the experiment's schema without starting anything: the
+    /// config with defaults applied, or the `422` naming the field that is wrong.
+    pub async fn validate_config(
+        &self,
+        experiment: &str,
+        config: serde_json::Value,
+    ) -> ClientResult<ValidConfig> {
+        let path = format!("/api/experiments/{}/validate", segment(experiment));
+        self.send(Method::POST, &path, Some(&ConfigToCheck { config }))
+            .await
     }
 
     /// Starts a run; the config is checked against the experiment's schema (`422`
@@ -327,11 +346,16 @@ impl Client {
 /// The refusal of a request, with the gateway's JSON `error` message.
 pub(crate) async fn refusal(response: Response) -> ClientError {
     let status = response.status();
-    let message = match response.json::<ErrorBody>().await {
-        Ok(body) => body.error,
-        Err(_) => format!("the gateway answered {status}"),
-    };
-    ClientError::Refused { status, message }
+    let body = response
+        .json::<ErrorBody>()
+        .await
+        .unwrap_or_else(|_| ErrorBody::new(format!("the gateway answered {status}")));
+    ClientError::Refused {
+        status,
+        message: body.error,
+        field: body.field,
+        reason: body.reason,
+    }
 }
 
 /// `id` as one path segment: percent-encoded (dots too, so `..` stays a name), so no

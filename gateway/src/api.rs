@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use athanor_connections::db::write_turn;
 use athanor_schemas::api::{
-    CancelRequested, CreateRun, Experiment, ExperimentList, LogPage, ResultList, RunCreated,
-    RunList,
+    CancelRequested, ConfigToCheck, CreateRun, Experiment, ExperimentList, LogPage, ResultList,
+    RunCreated, RunList, ValidConfig,
 };
 use athanor_schemas::batch::ResultRecord;
 use athanor_schemas::entities::{run_logs, run_results, runs};
@@ -152,6 +152,41 @@ pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Exp
         })
         .collect();
     Ok(Json(ExperimentList { experiments }))
+}
+
+/// The `{name}` of an experiment's paths.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+#[allow(dead_code)] // describes the path; handlers take `Path<String>`
+pub(crate) struct ExperimentName {
+    /// Experiment name.
+    name: String,
+}
+
+/// Check a config against an experiment's schema without starting anything: the same
+/// check a run's start makes (defaults applied; 422 naming the field that is wrong).
+#[utoipa::path(post, path = "/api/experiments/{name}/validate", tag = "experiments",
+    params(ExperimentName),
+    request_body = ConfigToCheck,
+    responses(
+        (status = 200, description = "The config fits; with defaults applied", body = ValidConfig),
+        (status = 400, description = "Malformed request body", body = ErrorBody),
+        (status = 404, description = "No live worker hosts the experiment", body = ErrorBody),
+        (status = 413, description = "Request body too large", body = ErrorBody),
+        (status = 422, description = "The config does not fit the experiment's schema: `field` and `reason` say how", body = ErrorBody),
+        (status = 503, description = "NATS is unavailable", body = ErrorBody),
+    ))]
+pub(crate) async fn validate_config(
+    State(state): AppStateRef,
+    Path(name): Path<String>,
+    request: Result<Json<ConfigToCheck>, JsonRejection>,
+) -> ApiResult<Json<ValidConfig>> {
+    let request = body(&state, request)?;
+    let config = validated_config(&state, &name, &request.config).await?;
+    Ok(Json(ValidConfig {
+        experiment: name,
+        config,
+    }))
 }
 
 /// Maps a body that is not the expected JSON to 400 (or 413 when too large).

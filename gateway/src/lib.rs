@@ -194,6 +194,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(api::readyz))
         .routes(routes!(api::openapi))
         .routes(routes!(api::experiments))
+        .routes(routes!(api::validate_config))
         .routes(routes!(instances::list, instances::create))
         .routes(routes!(
             instances::get,

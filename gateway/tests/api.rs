@@ -170,6 +170,37 @@ async fn bad_requests_get_clear_json_errors() {
         body,
         json!({"error": "config field `iterations` must be at least 1, got 0", "field": "iterations", "reason": "must be at least 1, got 0"})
     );
+    // The same check without starting anything.
+    let (status, body) = stack
+        .post(
+            "/api/experiments/sweep/validate",
+            r#"{"config":{"iterations":0}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        body,
+        json!({"error": "config field `iterations` must be at least 1, got 0", "field": "iterations", "reason": "must be at least 1, got 0"})
+    );
+    let (status, body) = stack
+        .post(
+            "/api/experiments/sweep/validate",
+            r#"{"config":{"iterations":4}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"experiment": "sweep", "config": {"iterations": 4, "delay_ms": 100}})
+    );
+    let (status, body) = stack.post("/api/experiments/nope/validate", "{}").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = stack
+        .post("/api/experiments/sweep/validate", r#"{"confg":{}}"#)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (_, runs) = stack.get("/api/runs").await;
+    assert_eq!(runs["total"], 0, "validating started nothing");
     let big = format!(
         r#"{{"experiment":"sweep","config":{{"pad":"{}"}}}}"#,
         "x".repeat((1 << 20) + 1024)
@@ -236,6 +267,10 @@ async fn instances_are_created_listed_changed_run_and_deleted() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     assert_eq!(created["config"], json!({"iterations": 2, "delay_ms": 100}));
+    assert_eq!(
+        (&created["runs"], &created["last_run"]),
+        (&json!(0), &Value::Null)
+    );
     let id = created["id"].as_str().unwrap().to_string();
 
     let (status, body) = stack
@@ -289,9 +324,17 @@ async fn instances_are_created_listed_changed_run_and_deleted() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{run}");
     assert_eq!(run["config"], json!({"iterations": 1, "delay_ms": 0}));
-    stack
+    let second = stack
         .wait_status(run["id"].as_str().unwrap(), "completed")
         .await;
+    // Listed and shown with their runs: how many, and the newest.
+    let last_run =
+        json!({"id": second["id"], "status": "completed", "created_at": second["created_at"]});
+    let (_, list) = stack.get("/api/instances").await;
+    assert_eq!(list["instances"][0]["runs"], 2);
+    assert_eq!(list["instances"][0]["last_run"], last_run);
+    let (_, one) = stack.get(&format!("/api/instances/{id}")).await;
+    assert_eq!((&one["runs"], &one["last_run"]), (&json!(2), &last_run));
     let (status, _) = stack
         .post(
             &format!("/api/instances/{id}/runs"),

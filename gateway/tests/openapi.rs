@@ -39,6 +39,9 @@ fn fill(path: &str, run: &str, instance: &str) -> String {
     } else {
         run
     };
+    if path.starts_with("/api/experiments/") {
+        return path.replace("{name}", "sweep");
+    }
     if path.contains("metrics/{name}") {
         // `sweep` records a `loss` series; a comparison names its runs.
         let url = path.replace("{id}", id).replace("{name}", "loss");
@@ -123,6 +126,7 @@ fn valid_body(path: &str, method: &str) -> Option<Value> {
         ("/api/instances", "post") => Some(json!({"name": "another", "experiment": "sweep"})),
         ("/api/instances/{id}", "put") => Some(json!({"name": "renamed"})),
         ("/api/instances/{id}/runs", "post") => Some(json!({"config": {"iterations": 1}})),
+        ("/api/experiments/{name}/validate", "post") => Some(json!({"config": {}})),
         _ => None,
     }
 }
@@ -241,7 +245,9 @@ async fn every_documented_operation_answers_as_documented() {
         if !path.contains('{') {
             continue;
         }
-        let url = fill(path, "no-such-run", "no-such-instance").replace("app.js", "no-such-file");
+        let url = fill(path, "no-such-run", "no-such-instance")
+            .replace("app.js", "no-such-file")
+            .replace("/experiments/sweep/", "/experiments/no-such-experiment/");
         let body = valid_body(path, method_name);
         let (status, media, answer) = request(&stack, method_name, &url, body.as_ref(), None).await;
         assert_declared(&doc, path, method_name, status, media.as_deref());

@@ -43,6 +43,28 @@ pub struct CreateRun {
     pub config: Value,
 }
 
+/// A config to check against an experiment's schema
+/// (`POST /api/experiments/{name}/validate`) without starting anything.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ConfigToCheck {
+    /// Absent or null: all defaults.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    pub config: Value,
+}
+
+/// A config that fits its experiment's schema, as a run would get it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ValidConfig {
+    pub experiment: String,
+    /// The config with defaults applied.
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
+    pub config: Value,
+}
+
 /// The answer to a started run (`201 Created`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -221,7 +243,7 @@ pub struct MetricComparison {
     pub runs: Vec<RunSeries>,
 }
 
-/// A saved experiment configuration.
+/// A saved experiment configuration, with the runs started from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Instance {
@@ -235,6 +257,22 @@ pub struct Instance {
     pub created_at: i64,
     /// µs since the epoch.
     pub updated_at: i64,
+    /// Runs started from it.
+    #[serde(default)]
+    pub runs: u64,
+    /// The newest of them.
+    #[serde(default)]
+    pub last_run: Option<LastRun>,
+}
+
+/// The newest run of an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LastRun {
+    pub id: String,
+    pub status: RunState,
+    /// µs since the epoch.
+    pub created_at: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
