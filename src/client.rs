@@ -130,6 +130,13 @@ pub async fn runs(
     Ok(0)
 }
 
+/// `athanor mcp`: the MCP tools on stdin/stdout until the client closes them (stdout
+/// carries only the protocol; logs go to stderr).
+pub async fn mcp(api: Client) -> Outcome {
+    athanor_mcp::serve_stdio(api).await.map_err(Failure::api)?;
+    Ok(0)
+}
+
 /// `athanor experiments`: what live workers host, with each config field.
 pub async fn experiments(api: &Client) -> Outcome {
     let list = api.experiments().await?;

@@ -88,6 +88,12 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayUrl,
     },
+    /// Serves the MCP tools (the gateway's /mcp) on stdin/stdout, for MCP clients that
+    /// launch a process; the tools call the gateway at --url with --token.
+    Mcp {
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
 }
 
 #[derive(clap::Args)]
@@ -173,6 +179,13 @@ fn main() -> anyhow::Result<()> {
             Command::Experiments { gateway } => {
                 Some(async { client::experiments(&gateway.client(&config)?).await }.await)
             }
+            Command::Mcp { gateway } => Some(
+                async {
+                    let api = gateway.client(&config)?;
+                    client::mcp(api).await
+                }
+                .await,
+            ),
             _ => None,
         };
         if let Some(outcome) = outcome {
@@ -190,7 +203,8 @@ fn main() -> anyhow::Result<()> {
             | Command::Logs { .. }
             | Command::Runs { .. }
             | Command::Metrics { .. }
-            | Command::Experiments { .. } => unreachable!("answered above"),
+            | Command::Experiments { .. }
+            | Command::Mcp { .. } => unreachable!("answered above"),
             Command::Up {
                 data_dir,
                 http_addr,

@@ -2,8 +2,10 @@
 //! prints the log and the results and exits with the run's status, `logs`, `runs`,
 //! `experiments`; SIGTERM shuts it down in order.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use common::{stop, up, wait_for_worker};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn athanor(args: &[&str]) -> Output {
@@ -19,65 +21,19 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// `athanor up` on a temp data dir and a free port; returns it and its base URL, read
-/// from what it prints.
-fn up(data_dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_athanor"))
-        .args(["up", "--http-addr", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .env("ATHANOR__NATS__SERVER_BIN", athanor_testkit::server_bin())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start athanor up");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut printed = Vec::new();
-    let url = loop {
-        let line = lines
-            .next()
-            .unwrap_or_else(|| panic!("athanor up exited early, having printed {printed:?}"))
-            .unwrap();
-        if let Some(api) = line.trim().strip_prefix("API:") {
-            break api.trim().trim_end_matches("/api/experiments").to_string();
-        }
-        printed.push(line);
-    };
-    assert!(
-        printed
-            .iter()
-            .any(|l| l.trim().starts_with("NATS:") && l.contains("nats://127.0.0.1:")),
-        "{printed:?}"
-    );
-    // Keep draining stdout so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, url)
-}
-
 #[test]
 fn the_cli_against_athanor_up() {
     let data = tempfile::tempdir().unwrap();
     let (mut child, url) = up(data.path());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let listed = athanor(&["experiments", "--url", &url]);
-        if text(&listed.stdout).contains("sweep") {
-            assert!(
-                text(&listed.stdout).contains("-c iterations=<integer>  default 10  min 1"),
-                "{}",
-                text(&listed.stdout)
-            );
-            assert!(
-                text(&listed.stdout).contains("-c mode=<ok|error|panic>  default \"error\""),
-                "{}",
-                text(&listed.stdout)
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "the worker never registered");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let listed = wait_for_worker(&url);
+    assert!(
+        listed.contains("-c iterations=<integer>  default 10  min 1"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("-c mode=<ok|error|panic>  default \"error\""),
+        "{listed}"
+    );
 
     let followed = athanor(&[
         "run",
@@ -208,21 +164,5 @@ fn the_cli_against_athanor_up() {
     assert_eq!(text(&failed_only.stdout).lines().count(), 2);
 
     // SIGTERM: an orderly stop.
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "athanor up did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}");
+    stop(&mut child);
 }

@@ -3,7 +3,8 @@
 //! instances, a new run's row in `pending` and its request on `ATHANOR_REQUESTS`, cancel
 //! keys in `athanor_control` — and reads history from the database the aggregator
 //! fills. Live batches reach viewers straight from JetStream through per-run hubs
-//! (`hub.rs`, `sse.rs`), without waiting for the database.
+//! (`hub.rs`, `sse.rs`), without waiting for the database. At `/mcp` it serves the MCP
+//! tools (`athanor-mcp`), which call this same API with the caller's token.
 
 mod api;
 mod auth;
@@ -290,7 +291,18 @@ impl Gateway {
             addr: config.http_addr.clone(),
             source,
         })?;
-        let app = router(state, &config);
+        let mcp = athanor_mcp::http_service(
+            &format!("http://{}", own_address(addr)),
+            &config.cors_origins,
+            addr.ip().is_loopback(),
+            config.max_body_bytes,
+            shutdown.clone(),
+        );
+        let app = router(state, &config).merge(
+            Router::new()
+                .route_service("/mcp", mcp)
+                .layer(axum::middleware::map_response(mcp_refusal_as_json)),
+        );
         let task = tokio::spawn(async move {
             // Events are small writes that must go out at once, not wait for an ack.
             let listener = listener.tap_io(|tcp| {
@@ -311,6 +323,55 @@ impl Gateway {
 
     pub async fn wait(self) {
         let _ = self.task.await;
+    }
+}
+
+/// The MCP transport's own refusals (a forbidden `Origin` or `Host`, a wrong media
+/// type, an unknown session, a body too large) come as plain text: made JSON-RPC error
+/// bodies, with their status, like every other refusal of the gateway.
+async fn mcp_refusal_as_json(response: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let refused = response.status().is_client_error() || response.status().is_server_error();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !refused || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&text).trim().to_string();
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {
+            "code": -32600,
+            "message": if message.is_empty() { parts.status.to_string() } else { message },
+        },
+    });
+    parts.headers.remove(CONTENT_LENGTH);
+    parts.headers.insert(
+        CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    axum::response::Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
+/// Where this process reaches its own listener: the bound address, or loopback when it
+/// listens on every address.
+fn own_address(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, addr.port()))
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        _ => addr,
     }
 }
 

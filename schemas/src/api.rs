@@ -126,7 +126,7 @@ pub struct LogQuery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<i64>,
     /// Lines with `seq` less than this (only `before`: the newest such lines, for
-    /// scrolling up, newest first).
+    /// scrolling up; oldest first like every page).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub before: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

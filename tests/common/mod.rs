@@ -1,0 +1,91 @@
+//! `athanor up` as a user starts it, for the tests that drive the binary.
+
+#![allow(dead_code)] // each test crate uses some of these
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `athanor up` on a temp data dir and a free port; returns it and its base URL, read
+/// from what it prints.
+pub fn up(data_dir: &std::path::Path) -> (Child, String) {
+    up_with(data_dir, &[])
+}
+
+/// As [`up`], with `env` (`ATHANOR__…` settings) on top.
+pub fn up_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_athanor"))
+        .args(["up", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("ATHANOR__NATS__SERVER_BIN", athanor_testkit::server_bin())
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start athanor up");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    let url = loop {
+        let line = lines
+            .next()
+            .unwrap_or_else(|| panic!("athanor up exited early, having printed {printed:?}"))
+            .unwrap();
+        if let Some(api) = line.trim().strip_prefix("API:") {
+            break api.trim().trim_end_matches("/api/experiments").to_string();
+        }
+        printed.push(line);
+    };
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.trim().starts_with("NATS:") && l.contains("nats://127.0.0.1:")),
+        "{printed:?}"
+    );
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+/// Waits until the gateway at `url` lists `sweep` (the worker has registered); returns
+/// what `athanor experiments` printed.
+pub fn wait_for_worker(url: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = Command::new(env!("CARGO_BIN_EXE_athanor"))
+            .args(["experiments", "--url", url])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run athanor experiments");
+        let text = String::from_utf8_lossy(&listed.stdout).into_owned();
+        if text.contains("sweep") {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "the worker never registered");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Stops `athanor up` with SIGTERM, as a user would, and checks that it stopped in
+/// order.
+pub fn stop(child: &mut Child) {
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "athanor up did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+}
