@@ -53,3 +53,17 @@ fn an_agent_drives_athanor_over_streamable_http_and_over_stdio() {
     agent(&["stdio", env!("CARGO_BIN_EXE_athanor"), &url, TOKEN]);
     stop(&mut child);
 }
+
+#[test]
+fn with_protected_reads_the_mcp_endpoint_needs_the_token() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut child, url) = up_with(
+        data.path(),
+        &[
+            ("ATHANOR__GATEWAY__API_TOKEN", TOKEN),
+            ("ATHANOR__GATEWAY__PROTECT_READS", "true"),
+        ],
+    );
+    agent(&["protected", &url, TOKEN]);
+    stop(&mut child);
+}

@@ -68,6 +68,8 @@ pub type ClientResult<T> = Result<T, ClientError>;
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// `Authorization` of this client's REST calls, instead of the one it was made with.
+    bearer: Option<reqwest::header::HeaderValue>,
 }
 
 impl Client {
@@ -75,11 +77,7 @@ impl Client {
     /// bearer token when given.
     pub fn new(url: &str, token: Option<&str>) -> ClientResult<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(token) = token.filter(|t| !t.is_empty()) {
-            let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
-                .map_err(|_| {
-                    ClientError::Unexpected("the token holds characters a header cannot".into())
-                })?;
+        if let Some(value) = bearer(token)? {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let base = url.trim_end_matches('/').to_string();
@@ -91,7 +89,20 @@ impl Client {
                 base: base.clone(),
                 source,
             })?;
-        Ok(Client { base, http })
+        Ok(Client {
+            base,
+            http,
+            bearer: None,
+        })
+    }
+
+    /// The same gateway and connection pool with `token` on its REST calls (none: the
+    /// token it was made with): for a server acting for several callers.
+    pub fn with_token(&self, token: Option<&str>) -> ClientResult<Self> {
+        Ok(Client {
+            bearer: bearer(token)?,
+            ..self.clone()
+        })
     }
 
     /// The gateway's base URL, without a trailing `/`.
@@ -293,7 +304,11 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base))
+        let request = self.http.request(method, format!("{}{path}", self.base));
+        match &self.bearer {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => request,
+        }
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> ClientResult<T> {
@@ -341,6 +356,18 @@ impl Client {
             source,
         }
     }
+}
+
+/// `Authorization: Bearer <token>` for a non-empty token.
+fn bearer(token: Option<&str>) -> ClientResult<Option<reqwest::header::HeaderValue>> {
+    token
+        .filter(|t| !t.is_empty())
+        .map(|token| {
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                ClientError::Unexpected("the token holds characters a header cannot".into())
+            })
+        })
+        .transpose()
 }
 
 /// The refusal of a request, with the gateway's JSON `error` message.

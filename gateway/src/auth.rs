@@ -113,6 +113,28 @@ fn query_token(request: &Request) -> Option<String> {
     })
 }
 
+/// The middleware of `/mcp`: every tool is a call of the API with the caller's token,
+/// which the API checks; with `protect_reads`, a caller without the token may not even
+/// open a session.
+pub(crate) async fn authorize_mcp(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let auth = &state.auth;
+    if auth.protect_reads && !auth.bearer_ok(&request) {
+        return unauthorized("this gateway requires `Authorization: Bearer <api token>`");
+    }
+    next.run(request).await
+}
+
+/// `POST /api/experiments/{name}/validate`.
+fn is_validation(path: &str) -> bool {
+    path.strip_prefix("/api/experiments/")
+        .and_then(|rest| rest.strip_suffix("/validate"))
+        .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+}
+
 /// The middleware: lets a request through or answers 401.
 pub(crate) async fn authorize(
     State(state): State<Arc<AppState>>,
@@ -124,10 +146,11 @@ pub(crate) async fn authorize(
     if auth.token.is_none() || !path.starts_with("/api/") || path == "/api/openapi.json" {
         return next.run(request).await;
     }
+    // Validating a config is a POST that changes nothing: a read.
     let write = !matches!(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
-    );
+    ) && !is_validation(path);
     if (!write && !auth.protect_reads) || auth.bearer_ok(&request) {
         return next.run(request).await;
     }
@@ -227,5 +250,9 @@ mod tests {
         assert_eq!(feed_scope("/api/runs/abc/events"), Some("abc"));
         assert_eq!(feed_scope("/api/events"), Some("*"));
         assert_eq!(feed_scope("/api/runs/abc/logs"), None);
+        assert!(is_validation("/api/experiments/sweep/validate"));
+        assert!(!is_validation("/api/experiments//validate"));
+        assert!(!is_validation("/api/experiments/a/b/validate"));
+        assert!(!is_validation("/api/runs/validate"));
     }
 }

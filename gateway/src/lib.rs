@@ -53,6 +53,12 @@ pub struct GatewayConfig {
     pub hub_idle: Duration,
     /// Frames a viewer may fall behind its hub before it is resynced.
     pub hub_buffer: usize,
+    /// A viewer reading a batch this much older than the newest one sent (it fell
+    /// behind: a slow link, a stalled page) skips ahead: `resync` and a fresh snapshot.
+    #[serde(with = "humantime_serde")]
+    pub max_viewer_lag: Duration,
+    /// …or this many bytes of frames behind the newest.
+    pub max_viewer_lag_bytes: u64,
     /// How often a hub with nothing new checks the database for a status the stream
     /// does not carry (`lost`).
     #[serde(with = "humantime_serde")]
@@ -80,6 +86,8 @@ impl Default for GatewayConfig {
             tail_lines: 1000,
             hub_idle: Duration::from_secs(30),
             hub_buffer: 1024,
+            max_viewer_lag: Duration::from_secs(5),
+            max_viewer_lag_bytes: 8 << 20,
             status_poll: Duration::from_secs(2),
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,
             api_token: None,
@@ -91,13 +99,16 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// Port 0 and short intervals.
+    /// Port 0 and short intervals; viewers skip ahead only when far behind (a loaded
+    /// test machine is slow; the tests of skipping ahead set their own bounds).
     pub fn for_tests() -> Self {
         GatewayConfig {
             http_addr: "127.0.0.1:0".into(),
             keep_alive: Duration::from_secs(1),
             hub_idle: Duration::from_secs(2),
             status_poll: Duration::from_millis(500),
+            max_viewer_lag: Duration::from_secs(60),
+            max_viewer_lag_bytes: 1 << 30,
             ..Default::default()
         }
     }
@@ -120,6 +131,8 @@ pub enum Error {
         addr: String,
         source: std::io::Error,
     },
+    #[error("cannot serve MCP: {0}")]
+    Mcp(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -297,10 +310,15 @@ impl Gateway {
             addr.ip().is_loopback(),
             config.max_body_bytes,
             shutdown.clone(),
-        );
-        let app = router(state, &config).merge(
+        )
+        .map_err(Error::Mcp)?;
+        let app = router(state.clone(), &config).merge(
             Router::new()
                 .route_service("/mcp", mcp)
+                .layer(axum::middleware::from_fn_with_state(
+                    Arc::new(state),
+                    auth::authorize_mcp,
+                ))
                 .layer(axum::middleware::map_response(mcp_refusal_as_json)),
         );
         let task = tokio::spawn(async move {

@@ -4,8 +4,11 @@
 //! A viewer sends a `snapshot` and then the hub's frames; a viewer resuming with
 //! `Last-Event-ID: n` gets batches `n..` instead — replayed from JetStream when the hub
 //! is past `n` (after a reconnect to another gateway, or a restart), then the hub's
-//! frames. A viewer that lags behind the hub's bounded channel is sent `resync` and a
-//! fresh snapshot. Every feed ends on the run's `status`, or when the gateway stops.
+//! frames. A viewer that lags — past the hub's bounded channel, or more than
+//! `max_viewer_lag` or `max_viewer_lag_bytes` behind the newest frame — is sent `resync`
+//! and a fresh snapshot, and goes on live from there. Every feed ends on the run's
+//! `status`, or when the gateway stops. Feeds are compressed (zstd or gzip) when the
+//! client accepts it, each frame compressed once for all viewers (`hub::frame`).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -30,7 +33,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::api::AppStateRef;
 use crate::error::{ApiError, ApiResult};
-use crate::hub::{Frame, Hub, Hubs, Joined};
+use crate::hub::{Encoding, Frame, GzipStream, Hub, Hubs, Joined};
 
 /// How long a catch-up waits for the next batch before giving up and resyncing.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
@@ -50,26 +53,44 @@ pub(crate) struct FeedQuery {
 /// Most bytes joined into one write when a viewer finds several frames waiting.
 const MAX_WRITE: usize = 64 << 10;
 
-/// An SSE response of `frames` (see [`Writes`]).
+/// An SSE response of `frames` (see [`Writes`]), compressed as `accept` (the request's
+/// `Accept-Encoding`) allows.
 fn sse_response(
     frames: impl Stream<Item = Arc<Frame>> + Send + 'static,
     keep_alive: Duration,
+    accept: &HeaderMap,
 ) -> Response {
-    let body = Body::from_stream(Writes::new(frames, keep_alive).map(Ok::<_, Infallible>));
-    (
+    let encoding = Encoding::negotiate(
+        accept
+            .get(header::ACCEPT_ENCODING)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let body =
+        Body::from_stream(Writes::new(frames, keep_alive, encoding).map(Ok::<_, Infallible>));
+    let mut response = (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::VARY, "accept-encoding"),
         ],
         body,
     )
-        .into_response()
+        .into_response();
+    if let Some(coding) = encoding.header() {
+        response.headers_mut().insert(
+            header::CONTENT_ENCODING,
+            header::HeaderValue::from_static(coding),
+        );
+    }
+    response
 }
 
 /// The writes of one SSE response. A frame that is alone is written as the hub encoded
-/// it (a reference count, not a copy). Frames already waiting when the connection is
-/// ready — a viewer that fell behind — are copied into one write of at most
-/// [`MAX_WRITE`] bytes: one chunk and one poll for all of them.
+/// (or compressed) it: a reference count, not a copy. Frames already waiting when the
+/// connection is ready — a viewer that fell behind — are copied into one write of at
+/// most [`MAX_WRITE`] bytes: one chunk and one poll for all of them. Compressed, each
+/// frame is its shared piece (`hub::frame`); a gzip stream gets its header first and
+/// its trailer when the frames end.
 ///
 /// After `interval` without a write it sends a comment (`:`), so that proxies and
 /// clients see a live connection (a zero interval sends none). A write only notes the
@@ -80,20 +101,33 @@ struct Writes<S> {
     /// A frame that did not fit in the previous write.
     held: Option<Arc<Frame>>,
     ended: bool,
+    encoding: Encoding,
+    /// The gzip stream, until its trailer is written.
+    gzip: Option<GzipStream>,
     interval: Duration,
     last_write: tokio::time::Instant,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl<S> Writes<S> {
-    fn new(frames: S, interval: Duration) -> Self {
+    fn new(frames: S, interval: Duration, encoding: Encoding) -> Self {
         Writes {
             frames: Box::pin(frames),
             held: None,
             ended: false,
+            encoding,
+            gzip: (encoding == Encoding::Gzip).then(GzipStream::default),
             interval,
             last_write: tokio::time::Instant::now(),
             timer: Box::pin(tokio::time::sleep(interval)),
+        }
+    }
+
+    /// `frame` as this connection writes it.
+    fn piece(&mut self, frame: &Frame) -> Bytes {
+        match &mut self.gzip {
+            Some(gzip) => gzip.piece(frame),
+            None => frame.encoded(self.encoding).clone(),
         }
     }
 }
@@ -114,18 +148,20 @@ impl<S: Stream<Item = Arc<Frame>>> Writes<S> {
 
     /// `first` and the frames waiting behind it, up to `MAX_WRITE` bytes.
     fn join_waiting(&mut self, cx: &mut Context<'_>, first: Arc<Frame>) -> Bytes {
+        let first = self.piece(&first);
         let mut joined: Option<BytesMut> = None;
         while let Poll::Ready(Some(frame)) = self.poll_frame(cx) {
-            let size = joined.as_ref().map_or(first.wire.len(), |j| j.len());
-            if size + frame.wire.len() > MAX_WRITE {
+            let size = joined.as_ref().map_or(first.len(), |j| j.len());
+            if size + frame.encoded(self.encoding).len() > MAX_WRITE {
                 self.held = Some(frame);
                 break;
             }
+            let piece = self.piece(&frame);
             joined
-                .get_or_insert_with(|| BytesMut::from(&first.wire[..]))
-                .extend_from_slice(&frame.wire);
+                .get_or_insert_with(|| BytesMut::from(&first[..]))
+                .extend_from_slice(&piece);
         }
-        joined.map_or_else(|| first.wire.clone(), BytesMut::freeze)
+        joined.map_or(first, BytesMut::freeze)
     }
 }
 
@@ -139,7 +175,7 @@ impl<S: Stream<Item = Arc<Frame>>> Stream for Writes<S> {
                 self.last_write = tokio::time::Instant::now();
                 return Poll::Ready(Some(write));
             }
-            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Ready(None) => return Poll::Ready(self.gzip.take().map(GzipStream::finish)),
             Poll::Pending if self.interval.is_zero() => return Poll::Pending,
             Poll::Pending => {}
         }
@@ -154,7 +190,7 @@ impl<S: Stream<Item = Arc<Frame>>> Stream for Writes<S> {
             self.last_write = tokio::time::Instant::now();
             let next = self.last_write + self.interval;
             self.timer.as_mut().reset(next);
-            return Poll::Ready(Some(Bytes::from_static(b":\n\n")));
+            return Poll::Ready(Some(self.piece(&Frame::keep_alive())));
         }
     }
 }
@@ -219,7 +255,7 @@ pub(crate) async fn run_events(
         let frame = viewer.next().await?;
         Some((frame, viewer))
     });
-    Ok(sse_response(frames, hubs.config.keep_alive))
+    Ok(sse_response(frames, hubs.config.keep_alive, &headers))
 }
 
 /// One viewer of a run's feed.
@@ -296,6 +332,26 @@ impl Viewer {
         }
     }
 
+    /// Why this viewer should skip ahead rather than send `frame`, the oldest it has not
+    /// sent: newer frames are waiting, and `frame` was made longer ago than
+    /// `max_viewer_lag` or that many bytes were sent after it. (A slow link or a stalled
+    /// page holds up only its own connection; without this it would work through
+    /// minutes of old lines before showing the present.)
+    fn behind(&self, frame: &Frame) -> Option<String> {
+        if self.rx.is_empty() {
+            return None;
+        }
+        let config = &self.hubs.config;
+        let age = frame.at.elapsed();
+        let bytes = self.hub.sent.after(frame);
+        (age > config.max_viewer_lag || bytes > config.max_viewer_lag_bytes).then(|| {
+            format!(
+                "this viewer fell {:.1} s and {bytes} bytes behind",
+                age.as_secs_f64()
+            )
+        })
+    }
+
     /// Replaces this viewer's place with a fresh snapshot.
     fn resync(&mut self, reason: &str) {
         let (joined, snapshot) = self.hub.join_with_snapshot();
@@ -340,6 +396,10 @@ impl Viewer {
                                 continue;
                             }
                             if id == self.have + 1 {
+                                if let Some(behind) = self.behind(&frame) {
+                                    self.resync(&behind);
+                                    continue;
+                                }
                                 self.have = id;
                                 return Some(frame);
                             }
@@ -422,7 +482,7 @@ impl Viewer {
         (status = 200, description = "text/event-stream of Lifecycle and Resync",
             content_type = "text/event-stream", body = crate::openapi::LifecycleFeedEvent),
     ))]
-pub(crate) async fn lifecycle_events(State(state): AppStateRef) -> Response {
+pub(crate) async fn lifecycle_events(State(state): AppStateRef, headers: HeaderMap) -> Response {
     let rx = state.lifecycle.subscribe();
     let shutdown = state.hubs.shutdown.clone();
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -436,7 +496,7 @@ pub(crate) async fn lifecycle_events(State(state): AppStateRef) -> Response {
         Some((frame, rx))
     })
     .take_until(shutdown.cancelled_owned());
-    sse_response(stream, state.hubs.config.keep_alive)
+    sse_response(stream, state.hubs.config.keep_alive, &headers)
 }
 
 /// Relays `athanor.lifecycle.*` into `tx` until shutdown, and pokes the hub of a run
@@ -478,7 +538,9 @@ mod tests {
 
     async fn writes(frames: Vec<Arc<Frame>>) -> Vec<Bytes> {
         let stream = futures::stream::iter(frames);
-        Writes::new(stream, Duration::from_secs(15)).collect().await
+        Writes::new(stream, Duration::from_secs(15), Encoding::Identity)
+            .collect()
+            .await
     }
 
     #[tokio::test]
@@ -519,14 +581,65 @@ mod tests {
     #[tokio::test]
     async fn a_silent_feed_gets_a_comment_per_interval_and_none_when_zero() {
         let silent = futures::stream::pending::<Arc<Frame>>();
-        let mut feed = Writes::new(silent, Duration::from_millis(50));
+        let mut feed = Writes::new(silent, Duration::from_millis(50), Encoding::Identity);
         for _ in 0..2 {
             let comment = tokio::time::timeout(Duration::from_secs(10), feed.next()).await;
             assert_eq!(comment.unwrap().unwrap(), Bytes::from_static(b":\n\n"));
         }
         let silent = futures::stream::pending::<Arc<Frame>>();
-        let mut feed = Writes::new(silent, Duration::ZERO);
+        let mut feed = Writes::new(silent, Duration::ZERO, Encoding::Identity);
         let nothing = tokio::time::timeout(Duration::from_millis(300), feed.next()).await;
         assert!(nothing.is_err(), "no keep-alive with a zero interval");
+    }
+
+    /// A compressed feed is the same bytes: frames joined or alone, keep-alives, and
+    /// the end (gzip's trailer, checked by the decoder).
+    #[tokio::test]
+    async fn a_compressed_feed_decodes_to_the_plain_one() {
+        use std::io::Read;
+        let mut frames: Vec<_> = (1..=3).map(|n| frame(n, 40 << 10)).collect();
+        frames.extend((4..=50).map(|n| frame(n, 100)));
+        let plain = concat(&frames);
+        let keep_alive = Frame::keep_alive();
+        for encoding in [Encoding::Gzip, Encoding::Zstd] {
+            // A pause after the first frames, long enough for a keep-alive.
+            let (first, rest) = frames.split_at(10);
+            let stream = futures::stream::iter(first.to_vec()).chain(
+                futures::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(120)).await;
+                    futures::stream::iter(rest.to_vec())
+                })
+                .flatten(),
+            );
+            let out: Vec<Bytes> = Writes::new(stream, Duration::from_millis(50), encoding)
+                .collect()
+                .await;
+            let body = out.concat();
+            let mut decoded = Vec::new();
+            match encoding {
+                Encoding::Gzip => {
+                    flate2::read::GzDecoder::new(&body[..])
+                        .read_to_end(&mut decoded)
+                        .unwrap();
+                }
+                _ => decoded = zstd::stream::decode_all(&body[..]).unwrap(),
+            }
+            let text = String::from_utf8(decoded).unwrap();
+            assert!(
+                text.contains(":\n\n"),
+                "{encoding:?}: a keep-alive was sent"
+            );
+            assert_eq!(
+                text.replace(std::str::from_utf8(&keep_alive.wire).unwrap(), ""),
+                String::from_utf8(plain.clone()).unwrap(),
+                "{encoding:?}"
+            );
+            assert!(
+                body.len() * 5 < plain.len(),
+                "{encoding:?}: {} of {}",
+                body.len(),
+                plain.len()
+            );
+        }
     }
 }

@@ -282,16 +282,14 @@ async fn two_hundred_viewers_share_one_upstream_consumer_and_see_the_same_run() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_viewer_is_resynced_and_holds_up_neither_viewers_nor_the_pipeline() {
-    // The stalled viewer must fall behind whatever the machine's speed. It absorbs at
-    // most the kernel's socket buffers (bytes: tcp_wmem's maximum, 4 MiB by default,
-    // a fifth of this run's ~20 MB) plus `hub_buffer` events. With 20 ms flushes the
-    // run is cut into ~100 events; a loaded machine that skips flush ticks makes fewer,
-    // bigger ones, and with 8 in the ring that once left too few events past the
-    // buffers (seen failing on a clean clone). With 2 in the ring, even five times
-    // fewer events than planned overflow it.
+    // The stalled viewer's connection holds at most its socket buffers (a 4 KiB receive
+    // window, and a send buffer the kernel grows up to tcp_wmem's maximum, 4 MiB by
+    // default) of this run's ~20 MB. When it reads again, after the run has ended, the
+    // oldest batch it takes from the hub was made seconds before, with newer frames
+    // behind it: past the 100 ms bound, so it skips ahead whatever the machine's speed.
     let gateway = GatewayConfig {
         tail_lines: 200_000,
-        hub_buffer: 2,
+        max_viewer_lag: Duration::from_millis(100),
         ..GatewayConfig::for_tests()
     };
     let worker = WorkerConfig {
@@ -306,24 +304,7 @@ async fn a_stalled_viewer_is_resynced_and_holds_up_neither_viewers_nor_the_pipel
     )
     .await;
     // A viewer with a tiny receive window that reads nothing until the end.
-    let stalled = {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let addr = stack.base.trim_start_matches("http://").parse().unwrap();
-        let mut stream = socket.connect(addr).await.unwrap();
-        use tokio::io::AsyncWriteExt;
-        stream
-            .write_all(
-                format!(
-                    "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                    events_path(&id)
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-        stream
-    };
+    let stalled = stalled_viewer(&stack, &id).await;
     let mut reader = Feed::open(&stack.base, &events_path(&id), None).await;
     let mut viewed = Viewed::default();
     read_to_end(&mut reader, &mut viewed).await;
@@ -334,28 +315,50 @@ async fn a_stalled_viewer_is_resynced_and_holds_up_neither_viewers_nor_the_pipel
     assert_eq!(run["lines"], 80_001);
 
     // Now the stalled viewer reads: it was told to resync, and ends complete.
-    let mut stalled_text = Vec::new();
-    use tokio::io::AsyncReadExt;
-    let mut stalled = stalled;
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        stalled.read_to_end(&mut stalled_text),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    let text = String::from_utf8(stalled_text).unwrap();
-    let body = text.split_once("\r\n\r\n").unwrap().1;
-    let body = dechunk(body);
-    let mut decoder = athanor_client::sse::SseDecoder::new();
-    let mut late = Viewed::default();
-    for event in decoder.push(body.as_bytes()) {
-        late.apply(&event);
-    }
+    let late = read_stalled(stalled).await;
     assert!(late.resyncs >= 1, "the stalled viewer was not resynced");
     assert_eq!(late.seqs(), expected);
     assert_eq!(late.status, viewed.status);
     stack.stop().await;
+}
+
+/// A viewer of the run's feed with a 4 KiB receive window, that reads nothing until
+/// [`read_stalled`].
+async fn stalled_viewer(stack: &Stack, id: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr = stack.base.trim_start_matches("http://").parse().unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                events_path(id)
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    stream
+}
+
+/// What a stalled viewer receives once it reads, to the end of its feed.
+async fn read_stalled(mut stalled: tokio::net::TcpStream) -> Viewed {
+    use tokio::io::AsyncReadExt;
+    let mut text = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stalled.read_to_end(&mut text))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(text).unwrap();
+    let body = dechunk(text.split_once("\r\n\r\n").unwrap().1);
+    let mut decoder = athanor_client::sse::SseDecoder::new();
+    let mut viewed = Viewed::default();
+    for event in decoder.push(body.as_bytes()) {
+        viewed.apply(&event);
+    }
+    viewed
 }
 
 /// The body of an HTTP/1.1 chunked response.
@@ -688,5 +691,124 @@ async fn a_quiet_feed_gets_keep_alive_comments_and_a_busy_one_none() {
     assert!(comments(&busy[started..]) <= 2, "{busy:?}");
     let batches = busy.iter().filter(|b| b.starts_with("event: batch\n"));
     assert!(batches.count() >= 20, "{busy:?}");
+    stack.stop().await;
+}
+
+/// The whole body of a feed, read with `accept_encoding`, decoded; and the bytes that
+/// came over the wire.
+async fn raw_feed(base: &str, id: &str, accept_encoding: &str) -> (String, usize, Option<String>) {
+    use std::io::Read;
+    let response = reqwest::Client::new()
+        .get(format!("{base}{}", events_path(id)))
+        .header("accept-encoding", accept_encoding)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let coding = response
+        .headers()
+        .get("content-encoding")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = tokio::time::timeout(Duration::from_secs(60), response.bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut text = Vec::new();
+    match coding.as_deref() {
+        None => text = body.to_vec(),
+        Some("gzip") => {
+            flate2::read::GzDecoder::new(&body[..])
+                .read_to_end(&mut text)
+                .expect("one gzip stream, its CRC and length right");
+        }
+        Some("zstd") => text = zstd::stream::decode_all(&body[..]).unwrap(),
+        Some(other) => panic!("unexpected content-encoding {other}"),
+    }
+    (String::from_utf8(text).unwrap(), body.len(), coding)
+}
+
+/// A feed is compressed when the client accepts it (zstd first, then gzip), and
+/// decodes to the same events as the plain feed; the bytes saved are printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_is_compressed_for_a_client_that_accepts_it() {
+    let stack = Stack::start().await;
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 20000, "duration_ms": 1000, "line_bytes": 180}),
+    )
+    .await;
+    stack.wait_status(&id, "completed").await;
+    // After the end: each feed is the snapshot and the status (tail of 1 000 lines).
+    let events = |text: &str| -> Vec<String> {
+        text.split("\n\n")
+            .filter(|e| !e.is_empty() && !e.starts_with(':'))
+            .map(str::to_string)
+            .collect()
+    };
+    let (plain, plain_bytes, coding) = raw_feed(&stack.base, &id, "identity").await;
+    assert_eq!(coding, None);
+    assert_eq!(events(&plain).len(), 2);
+    for (accept, expected) in [
+        ("gzip, deflate", "gzip"),
+        ("gzip, deflate, br, zstd", "zstd"),
+    ] {
+        let (text, bytes, coding) = raw_feed(&stack.base, &id, accept).await;
+        assert_eq!(coding.as_deref(), Some(expected));
+        assert_eq!(events(&text), events(&plain), "{expected}");
+        println!(
+            "{expected}: {bytes} bytes for {plain_bytes} ({:.1}x)",
+            plain_bytes as f64 / bytes as f64
+        );
+        assert!(
+            bytes * 4 < plain_bytes,
+            "{expected}: {bytes} of {plain_bytes}"
+        );
+    }
+
+    // Live: a viewer taking gzip follows a whole run, every line once.
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 10000, "duration_ms": 1000}),
+    )
+    .await;
+    let (text, bytes, coding) = raw_feed(&stack.base, &id, "gzip").await;
+    assert_eq!(coding.as_deref(), Some("gzip"));
+    let mut viewed = Viewed::default();
+    let mut decoder = athanor_client::sse::SseDecoder::new();
+    for event in decoder.push(text.as_bytes()) {
+        viewed.apply(&event);
+    }
+    assert_eq!(viewed.seqs(), (0..10_001).collect::<Vec<_>>());
+    assert_eq!(viewed.status.as_ref().unwrap().status.as_str(), "completed");
+    println!("live gzip: {bytes} bytes for {} decoded", text.len());
+    stack.stop().await;
+}
+
+/// A viewer that falls more than `max_viewer_lag_bytes` behind skips ahead: `resync`,
+/// a fresh snapshot, and live from there, without losing its place in the run's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_far_behind_in_bytes_skips_ahead_to_a_snapshot() {
+    let gateway = GatewayConfig {
+        tail_lines: 100_000,
+        max_viewer_lag_bytes: 64 << 10,
+        ..GatewayConfig::for_tests()
+    };
+    let stack = Stack::start_with(WorkerConfig::for_tests(), gateway).await;
+    let id = start_run(
+        &stack,
+        "log_storm",
+        json!({"lines_per_second": 20000, "duration_ms": 2000, "line_bytes": 200}),
+    )
+    .await;
+    // Joins, then reads nothing until the run has ended (past its socket buffers, a
+    // 4 KiB window and at most 4 MiB sent, of ~10 MB): the batches it has not sent are
+    // then far more than 64 KiB behind the newest.
+    let stalled = stalled_viewer(&stack, &id).await;
+    stack.wait_status(&id, "completed").await;
+    let viewed = read_stalled(stalled).await;
+    assert!(viewed.resyncs >= 1, "the viewer never skipped ahead");
+    assert_eq!(viewed.seqs(), (0..40_001).collect::<Vec<_>>());
     stack.stop().await;
 }

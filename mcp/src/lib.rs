@@ -15,11 +15,9 @@
 
 mod tools;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use athanor_client::Client;
-use parking_lot::Mutex;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::ServiceExt;
@@ -27,48 +25,35 @@ use tokio_util::sync::CancellationToken;
 
 pub use tools::{
     Athanor, DEFAULT_LOG_LINES, DEFAULT_WAIT_SECONDS, INLINE_RESULT_BYTES, MAX_LINE_CHARS,
-    MAX_LOG_LINES, MAX_WAIT_SECONDS,
+    MAX_LOG_LINES, MAX_RESULTS, MAX_WAIT_SECONDS,
 };
 
-/// The gateway's API as one caller sees it: the client with that caller's token.
+/// The gateway's API as one caller sees it.
 #[derive(Clone)]
 pub(crate) enum Gateway {
     /// `athanor mcp`: one client, with the token given on the command line.
     Fixed(Client),
-    /// The gateway's `/mcp`: its own API at `base`, with the bearer token of each
-    /// MCP request (none: none), one client per token.
-    Forwarding {
-        base: String,
-        clients: Arc<Mutex<HashMap<Option<String>, Client>>>,
-    },
+    /// The gateway's `/mcp`: its own API, with the bearer token of each MCP request
+    /// (none: none); one connection pool for all callers.
+    Forwarding(Client),
 }
-
-/// Distinct tokens a forwarding gateway keeps a client for before starting afresh.
-const MAX_CLIENTS: usize = 64;
 
 impl Gateway {
     /// The client for a request carrying `authorization` (its header, if any).
     pub(crate) fn client(&self, authorization: Option<&str>) -> Result<Client, String> {
         match self {
             Gateway::Fixed(client) => Ok(client.clone()),
-            Gateway::Forwarding { base, clients } => {
+            Gateway::Forwarding(client) => {
                 let token = authorization.map(|header| {
-                    header
-                        .strip_prefix("Bearer ")
-                        .unwrap_or(header)
-                        .trim()
-                        .to_string()
+                    let header = header.trim();
+                    match header.split_once(' ') {
+                        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => {
+                            token.trim()
+                        }
+                        _ => header,
+                    }
                 });
-                let mut clients = clients.lock();
-                if let Some(client) = clients.get(&token) {
-                    return Ok(client.clone());
-                }
-                let client = Client::new(base, token.as_deref()).map_err(|e| e.to_string())?;
-                if clients.len() >= MAX_CLIENTS {
-                    clients.clear();
-                }
-                clients.insert(token, client.clone());
-                Ok(client)
+                client.with_token(token).map_err(|e| e.to_string())
             }
         }
     }
@@ -87,11 +72,8 @@ pub fn http_service(
     loopback_only: bool,
     max_body_bytes: usize,
     shutdown: CancellationToken,
-) -> StreamableHttpService<Athanor, LocalSessionManager> {
-    let gateway = Gateway::Forwarding {
-        base: base.trim_end_matches('/').to_string(),
-        clients: Arc::default(),
-    };
+) -> Result<StreamableHttpService<Athanor, LocalSessionManager>, String> {
+    let gateway = Gateway::Forwarding(Client::new(base, None).map_err(|e| e.to_string())?);
     let mut config = StreamableHttpServerConfig::default()
         .with_allowed_origins(origins.iter().map(|o| o.trim_end_matches('/').to_string()))
         .enforce_origin_validation()
@@ -100,12 +82,20 @@ pub fn http_service(
     if !loopback_only {
         config = config.disable_allowed_hosts();
     }
-    StreamableHttpService::new(
+    // A session idle this long is closed; a call in progress does not count as activity,
+    // so the longest `wait_for_run` must fit.
+    let mut sessions = LocalSessionManager::default();
+    sessions.session_config.keep_alive = Some(SESSION_IDLE);
+    Ok(StreamableHttpService::new(
         move || Ok(Athanor::new(gateway.clone())),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(sessions),
         config,
-    )
+    ))
 }
+
+/// How long a session (legacy protocol versions) may go without a message.
+const SESSION_IDLE: std::time::Duration =
+    std::time::Duration::from_secs(tools::MAX_WAIT_SECONDS + 120);
 
 /// Serves the tools on stdin/stdout until the client closes them, calling the gateway
 /// through `client`.

@@ -29,6 +29,8 @@ pub const MAX_LOG_LINES: u64 = 1000;
 pub const MAX_LINE_CHARS: usize = 2000;
 /// A result value with more JSON than this is shown as a preview in lists.
 pub const INLINE_RESULT_BYTES: usize = 2000;
+/// Result keys a list shows (the rest are counted).
+pub const MAX_RESULTS: usize = 200;
 /// `wait_for_run`'s wait when the call does not say, and the longest it waits.
 pub const DEFAULT_WAIT_SECONDS: u64 = 120;
 pub const MAX_WAIT_SECONDS: u64 = 600;
@@ -595,7 +597,7 @@ impl Athanor {
     }
 
     #[tool(
-        description = "A run's results: each key with its newest value. A value over 2000 bytes of JSON is shown as a preview; `get_result` gives it whole.",
+        description = "A run's results: each key with its newest value, the first 200 keys. A value over 2000 bytes of JSON is shown as a preview; `get_result` gives it whole.",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_results(
@@ -693,7 +695,8 @@ impl Athanor {
             .clamp(1, MAX_WAIT_SECONDS);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
         let progress_token = ctx.meta.get_progress_token();
-        let mut told = None;
+        // Progress notifications must increase: sent when `current` grows.
+        let mut told: Option<u64> = None;
         let mut pause = Duration::from_millis(100);
         let run = loop {
             let run = match api.run(&args.id).await {
@@ -701,8 +704,7 @@ impl Athanor {
                 Err(e) => return Ok(refused(e)),
             };
             if let (Some(token), Some(progress)) = (&progress_token, &run.progress) {
-                let now = (progress.current, progress.total, progress.message.clone());
-                if told.as_ref() != Some(&now) {
+                if told.is_none_or(|told| progress.current > told) {
                     let mut note =
                         ProgressNotificationParam::new(token.clone(), progress.current as f64)
                             .with_total(progress.total as f64);
@@ -710,7 +712,7 @@ impl Athanor {
                         note = note.with_message(message.clone());
                     }
                     let _ = ctx.peer.notify_progress(note).await;
-                    told = Some(now);
+                    told = Some(progress.current);
                 }
             }
             let now = tokio::time::Instant::now();
@@ -740,13 +742,14 @@ impl Athanor {
             Err(e) => return Ok(refused(e)),
         };
         Ok(structured(json!({
+            "id": run.id,
             "ended": ended,
             "timed_out": !ended,
-            "waited_seconds_max": wait,
             "status": run.status,
             "error": run.error,
             "progress": run.progress,
-            "run": run,
+            "started_at": run.started_at,
+            "finished_at": run.finished_at,
             "total_lines": total,
             "tail": lines,
             "results": results,
@@ -806,10 +809,9 @@ fn refused(error: ClientError) -> CallToolResult {
 }
 
 fn answer<T: Serialize>(result: Result<T, ClientError>) -> ToolResult {
-    Ok(match result {
-        Ok(value) => structured(serde_json::to_value(value).unwrap_or_else(
-            |e| json!({ "error": format!("the answer could not be encoded: {e}") }),
-        )),
+    Ok(match result.map(serde_json::to_value) {
+        Ok(Ok(value)) => structured(value),
+        Ok(Err(e)) => failed(json!({ "error": format!("the answer could not be encoded: {e}") })),
         Err(e) => refused(e),
     })
 }
@@ -838,31 +840,47 @@ async fn tail(
     Ok((page.status, page.total, cut_lines(page.lines)))
 }
 
-/// Lines with messages over [`MAX_LINE_CHARS`] cut, saying how much was left out.
+/// Lines with messages over [`MAX_LINE_CHARS`] cut, saying how much was left out, and
+/// metadata over that much JSON replaced by its cut text.
 fn cut_lines(mut lines: Vec<LogLine>) -> Vec<LogLine> {
     for line in &mut lines {
-        let chars = line.message.chars().count();
-        if chars > MAX_LINE_CHARS {
-            let end = line
-                .message
-                .char_indices()
-                .nth(MAX_LINE_CHARS)
-                .map_or(line.message.len(), |(i, _)| i);
-            line.message.truncate(end);
-            line.message.push_str(&format!(
-                " … [cut: {} more characters]",
-                chars - MAX_LINE_CHARS
-            ));
+        cut(&mut line.message);
+        if let Some(metadata) = &mut line.metadata {
+            let mut text = metadata.to_string();
+            if text.chars().count() > MAX_LINE_CHARS {
+                cut(&mut text);
+                *metadata = Value::String(text);
+            }
         }
     }
     lines
 }
 
-/// Results with values over [`INLINE_RESULT_BYTES`] of JSON replaced by a preview and
-/// how to get the whole value.
+/// `text` cut to [`MAX_LINE_CHARS`] characters with a marker saying how many more
+/// there were.
+fn cut(text: &mut String) {
+    let chars = text.chars().count();
+    if chars > MAX_LINE_CHARS {
+        let end = text
+            .char_indices()
+            .nth(MAX_LINE_CHARS)
+            .map_or(text.len(), |(i, _)| i);
+        text.truncate(end);
+        text.push_str(&format!(
+            " … [cut: {} more characters]",
+            chars - MAX_LINE_CHARS
+        ));
+    }
+}
+
+/// The first [`MAX_RESULTS`] results (by key), values over [`INLINE_RESULT_BYTES`] of
+/// JSON replaced by a preview and how to get the whole value; a last entry says how
+/// many more keys there are.
 fn summarised(run: &str, results: Vec<ResultRecord>) -> Vec<Value> {
-    results
+    let more = results.len().saturating_sub(MAX_RESULTS);
+    let mut out: Vec<Value> = results
         .into_iter()
+        .take(MAX_RESULTS)
         .map(|record| {
             let text = record.value.to_string();
             if text.len() <= INLINE_RESULT_BYTES {
@@ -884,7 +902,14 @@ fn summarised(run: &str, results: Vec<ResultRecord>) -> Vec<Value> {
                 ),
             })
         })
-        .collect()
+        .collect();
+    if more > 0 {
+        out.push(json!({
+            "more_keys": more,
+            "note": format!("{more} more result keys not shown; get_result with id={run:?} and a key reads any one"),
+        }));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -932,6 +957,36 @@ mod tests {
             out[1]["note"],
             "value cut for size; get_result with id=\"r1\" key=\"big\" returns it whole"
         );
+    }
+
+    #[test]
+    fn a_list_of_results_shows_at_most_max_results_keys_and_counts_the_rest() {
+        let records: Vec<ResultRecord> = (0..MAX_RESULTS + 5)
+            .map(|i| ResultRecord {
+                seq: i as u64,
+                key: format!("k{i:04}"),
+                value: json!(i),
+                ts: 0,
+            })
+            .collect();
+        let out = summarised("r", records);
+        assert_eq!(out.len(), MAX_RESULTS + 1);
+        assert_eq!(out[MAX_RESULTS]["more_keys"], 5);
+    }
+
+    #[test]
+    fn large_metadata_is_cut_to_text() {
+        let line = LogLine {
+            seq: 0,
+            ts: 0,
+            level: athanor_schemas::Level::Info,
+            message: "m".into(),
+            metadata: Some(json!({"blob": "x".repeat(MAX_LINE_CHARS * 2)})),
+        };
+        let cut = cut_lines(vec![line]);
+        let text = cut[0].metadata.as_ref().unwrap().as_str().unwrap();
+        assert!(text.starts_with("{\"blob\":\"xxx"), "{text}");
+        assert!(text.ends_with(" … [cut: 2011 more characters]"), "{text}");
     }
 
     /// Every tool's input schema refuses unknown arguments and carries examples.

@@ -1,7 +1,8 @@
 """An agent's session with Athanor's MCP server, through the official Python MCP SDK.
 
-    agent.py http  <gateway base URL> <token>
-    agent.py stdio <athanor binary> <gateway base URL> <token>
+    agent.py http      <gateway base URL> <token>
+    agent.py stdio     <athanor binary> <gateway base URL> <token>
+    agent.py protected <gateway base URL> <token>   (a gateway with protect_reads)
 
 Over streamable HTTP it connects to <base>/mcp (with and without the bearer token);
 over stdio it launches `athanor mcp --url <base> [--token <token>]`. The gateway has
@@ -84,7 +85,9 @@ async def refused_without_token(client):
         assert error and body["status"] == 401, (name, body)
     error, body, _ = await call(client, "list_experiments", {})
     assert not error, body
-    step("without the token: delete_instance, cancel_run, start_run, create_instance refused (401); reads answer")
+    error, body, _ = await call(client, "validate_config", {"experiment": "sweep", "config": {"iterations": 2}})
+    assert not error and body["config"] == {"iterations": 2, "delay_ms": 100}, body
+    step("without the token: delete_instance, cancel_run, start_run, create_instance refused (401); reads and validation answer")
 
 
 async def experiments_and_configs(client):
@@ -192,7 +195,24 @@ async def instances(client):
     step("instance created, refused a bad config, updated, run (runs 1, last run completed), deleted; its run stays")
 
 
+async def protected(base, token):
+    """A gateway with `protect_reads`: /mcp itself needs the token."""
+    hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "agent", "version": "1"}}}
+    headers = {"Accept": "application/json, text/event-stream"}
+    response = httpx2.post(f"{base}/mcp", json=hello, headers=headers)
+    assert response.status_code == 401, response
+    assert response.json()["error"].startswith("this gateway requires"), response.text
+    async with connect("http", [base], token) as client:
+        error, body, _ = await call(client, "list_runs", {"limit": 1})
+        assert not error and body["total"] >= 0, body
+    step("protected reads: /mcp without the token 401, with it the tools answer")
+    step("all checks passed")
+
+
 async def main():
+    if sys.argv[1] == "protected":
+        return await protected(sys.argv[2], sys.argv[3])
     mode, args, token = sys.argv[1], sys.argv[2:-1], sys.argv[-1]
     async with connect(mode, args, None) as client:
         await tools_are_described(client)

@@ -48,7 +48,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-pub(crate) use self::frame::Frame;
+pub(crate) use self::frame::{Broadcast, Encoding, Frame, GzipStream};
 use self::ordering::{Bootstrap, Checked, Sequencer, Skipped, Stored, SNAPSHOT_BUCKETS};
 use crate::error::{ApiError, ApiResult};
 use crate::GatewayConfig;
@@ -217,6 +217,7 @@ impl Hubs {
             run_id: run_id.clone(),
             state: Mutex::new(sequencer),
             tx,
+            sent: Broadcast::default(),
             stop: self.shutdown.child_token(),
             poke: Notify::new(),
         });
@@ -292,6 +293,8 @@ pub(crate) struct Hub {
     state: Mutex<Sequencer>,
     /// Every frame after the state, in order; bounded: a viewer that lags is resynced.
     tx: broadcast::Sender<Arc<Frame>>,
+    /// The bytes sent on `tx`, stamped on each frame: how far behind a viewer is.
+    pub sent: Broadcast,
     /// Cancelled when the hub stops following: terminal, idle, evicted or shutdown.
     pub stop: CancellationToken,
     /// Wakes the hub to check the database for a status it cannot see on the stream
@@ -361,6 +364,7 @@ impl Hub {
             warn!(run_id = %self.run_id, missing, resumed_at, "batches missing from the stream; skipping them");
         }
         for frame in applied.frames {
+            self.sent.stamp(&frame);
             // No receivers is not an error: the frame is in the state for later viewers.
             let _ = self.tx.send(frame);
         }
@@ -493,6 +497,7 @@ async fn check_database(hubs: &Hubs, hub: &Hub) {
         // Sent under the lock, like every frame: the frames on a joining viewer's
         // receiver start after the state it joined.
         Checked::Ended(frame) => {
+            hub.sent.stamp(&frame);
             let _ = hub.tx.send(frame);
         }
     }
