@@ -184,6 +184,7 @@ mod tests {
                 progress: None,
                 status: None,
                 error: None,
+                at: 0,
             }),
         }
     }
@@ -205,6 +206,7 @@ mod tests {
                 lines,
                 batches,
                 metrics: BTreeMap::new(),
+                at: 0,
             })),
         }
     }

@@ -276,6 +276,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 header::CONTENT_TYPE,
                 header::HeaderName::from_static("last-event-id"),
             ])
+            .expose_headers([header::HeaderName::from_static(sse::KEEP_ALIVE_HEADER)])
             .max_age(Duration::from_secs(600)),
     )
 }

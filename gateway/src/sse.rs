@@ -50,6 +50,9 @@ pub(crate) struct FeedQuery {
     token: Option<String>,
 }
 
+/// The response header giving the keep-alive interval in milliseconds (0: none).
+pub(crate) const KEEP_ALIVE_HEADER: &str = "athanor-keep-alive-ms";
+
 /// Most bytes joined into one write when a viewer finds several frames waiting.
 const MAX_WRITE: usize = 64 << 10;
 
@@ -76,6 +79,12 @@ fn sse_response(
         body,
     )
         .into_response();
+    // How often a live connection writes at least a comment: silence for much longer
+    // means it is gone (the web UI reconnects after twice this).
+    response.headers_mut().insert(
+        header::HeaderName::from_static(KEEP_ALIVE_HEADER),
+        header::HeaderValue::from(keep_alive.as_millis() as u64),
+    );
     if let Some(coding) = encoding.header() {
         response.headers_mut().insert(
             header::CONTENT_ENCODING,

@@ -43,7 +43,7 @@ pub(crate) async fn compare() -> Response {
     index().await
 }
 
-/// A file of the web UI: `app.js`, `dom.js`, `charts.js`, `app.css`, `favicon.svg`, and
+/// A file of the web UI: `app.js`, `dom.js`, `feed.js`, `charts.js`, `app.css`, `favicon.svg`, and
 /// uPlot's `uPlot.iife.min.js`, `uPlot.min.css` and `uPlot.LICENSE`.
 #[utoipa::path(get, path = "/ui/{name}", tag = "ui",
     params(("name" = String, Path, description = "The file's name")),
@@ -60,6 +60,7 @@ pub(crate) async fn file(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "app.js" => asset("text/javascript; charset=utf-8", include_str!("ui/app.js")),
         "dom.js" => asset("text/javascript; charset=utf-8", include_str!("ui/dom.js")),
+        "feed.js" => asset("text/javascript; charset=utf-8", include_str!("ui/feed.js")),
         "charts.js" => asset(
             "text/javascript; charset=utf-8",
             include_str!("ui/charts.js"),

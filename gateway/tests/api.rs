@@ -382,6 +382,7 @@ async fn the_ui_files_and_the_vendored_licence_are_served_from_the_binary() {
     for (name, media) in [
         ("app.js", "text/javascript; charset=utf-8"),
         ("dom.js", "text/javascript; charset=utf-8"),
+        ("feed.js", "text/javascript; charset=utf-8"),
         ("charts.js", "text/javascript; charset=utf-8"),
         ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
         ("uPlot.min.css", "text/css; charset=utf-8"),

@@ -69,6 +69,9 @@ pub struct Snapshot {
     /// every bucket's minimum, maximum and last point.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metrics: BTreeMap<String, MetricSeries>,
+    /// When the gateway made it (µs since the epoch, its clock), as on `batch` events.
+    #[serde(default)]
+    pub at: i64,
 }
 
 /// One batch of a run, as it was published (its `batch_seq` is the event's `id` - 1).
@@ -90,11 +93,16 @@ pub struct BatchEvent {
     pub status: Option<RunState>,
     #[serde(default)]
     pub error: Option<String>,
+    /// When the gateway made the event (µs since the epoch, its clock): a viewer
+    /// comparing it with its own clock sees how far behind it is.
+    #[serde(default)]
+    pub at: i64,
 }
 
 impl BatchEvent {
     pub fn of(batch: &Batch) -> Self {
         BatchEvent {
+            at: crate::now_micros(),
             batch_seq: batch.batch_seq,
             logs: batch.logs.clone(),
             results: batch.results.clone(),

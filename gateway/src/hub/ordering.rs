@@ -316,6 +316,7 @@ impl Sequencer {
                     .iter()
                     .map(|(name, sketch)| (name.clone(), sketch.series(name)))
                     .collect(),
+                at: athanor_schemas::now_micros(),
             },
         );
         self.snapshot = Some(frame.clone());

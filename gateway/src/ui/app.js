@@ -10,6 +10,7 @@
 
 import { h } from './dom.js';
 import { ChartPanel, MetricChart, PALETTE, Series, chartControls, loadView, swatch } from './charts.js';
+import { Feed } from './feed.js';
 
 const ROW_HEIGHT = 18;          // px, matches .line in app.css
 const OVERSCAN = 12;            // rows rendered above and below the visible ones
@@ -513,15 +514,17 @@ function runPage(app, runId) {
     if (state.auto) viewport.scrollTop = viewport.scrollHeight;
     const top = viewport.scrollTop;
     const visible = Math.ceil(viewport.clientHeight / ROW_HEIGHT) + 1;
-    const first = Math.max(0, Math.floor(top / ROW_HEIGHT) - OVERSCAN);
-    const last = Math.min(n, first + visible + 2 * OVERSCAN);
+    // The scroll position may still be that of a longer view (a filter or a snapshot
+    // just shortened it): never start past the end.
+    const first = Math.max(0, Math.min(Math.floor(top / ROW_HEIGHT) - OVERSCAN, n - visible - OVERSCAN));
+    const last = Math.max(first, Math.min(n, first + visible + 2 * OVERSCAN));
     while (pool.length < last - first) {
       const el = h('div', { class: 'line' }, h('span', { class: 'seq' }), h('span', { class: 'ts' }), h('span', { class: 'lvl' }), h('span', { class: 'msg' }));
       pool.push(el);
     }
     rows.style.transform = `translateY(${first * ROW_HEIGHT}px)`;
     const wanted = last - first;
-    while (rows.childElementCount > wanted) rows.lastElementChild.remove();
+    while (rows.childElementCount > wanted) rows.lastElementChild?.remove();
     for (let i = 0; i < wanted; i++) {
       const line = state.view[first + i];
       const el = pool[i];
@@ -675,36 +678,31 @@ function runPage(app, runId) {
     if (result.status === 202) { cancel.disabled = true; cancel.textContent = 'Cancelling…'; }
   });
 
-  // --- the feed (EventSource resumes by itself with Last-Event-ID; when the server
-  // refuses a reconnect — an expired feed token — it is opened again from `lastId`)
-  const feedPath = `/api/runs/${encodeURIComponent(runId)}/events`;
-  const tokenPath = `/api/runs/${encodeURIComponent(runId)}/feed-token`;
-  let events = null;
-  let lastId = null;
-  let closed = false;
-  const setConn = (text, cls) => { conn.textContent = text; conn.className = `conn ${cls}`; };
-  const track = (handler) => (e) => { if (e.lastEventId) lastId = e.lastEventId; handler(e); };
-  async function connect() {
-    const url = await feedUrl(feedPath, tokenPath, lastId);
-    if (closed) return;
-    events = new EventSource(url);
-    events.onopen = () => { if (!state.ended) setConn('live', 'live'); };
-    events.onerror = () => {
-      if (state.ended) return;
-      if (events.readyState !== EventSource.CLOSED) { setConn('reconnecting…', 'reconnecting'); return; }
-      setConn('reconnecting…', 'reconnecting');
-      api('GET', `/api/runs/${encodeURIComponent(runId)}`).then((r) => {
-        if (r.status === 404) { errorText.textContent = r.body?.error || 'run not found'; setConn('no such run', 'ended'); }
-        else if (!closed) setTimeout(connect, 1000);
-      });
-    };
-    events.addEventListener('snapshot', track(onSnapshot));
-    events.addEventListener('batch', track(onBatch));
-    events.addEventListener('resync', () => setConn('resyncing…', 'reconnecting'));
-    events.addEventListener('status', track(onStatus));
+  // --- the feed (feed.js: resumes with Last-Event-ID, reconnects after a silence of
+  // twice the keep-alive, skips ahead to a fresh snapshot when far behind)
+  const setConn = (text, cls) => {
+    if (state.ended && cls !== 'ended') return;
+    conn.textContent = text;
+    conn.className = `conn ${cls}`;
+  };
+  let feed = null;
+  const onFeedState = (text, cls, status) => {
+    if (cls !== 'error') return setConn(text, cls);
+    if (status === 401) {
+      askForToken(text);
+      return setConn('needs the API token', 'reconnecting');
+    }
+    if (status === 404) errorText.textContent = text;
+    setConn(status === 404 ? 'no such run' : text, 'ended');
+  };
+  function connect() {
+    feed = new Feed(`/api/runs/${encodeURIComponent(runId)}/events`, {
+      handlers: { snapshot: onSnapshot, batch: onBatch, status: onStatus },
+      onState: onFeedState,
+      headers: () => (token() ? { authorization: `Bearer ${token()}` } : {}),
+    });
   }
-  function onSnapshot(e) {
-    const snap = JSON.parse(e.data);
+  function onSnapshot(snap) {
     state.run = snap.run;
     state.total = snap.lines;
     state.all = snap.tail;
@@ -716,8 +714,7 @@ function runPage(app, runId) {
     renderHeader();
     tickElapsed();
   }
-  function onBatch(e) {
-    const batch = JSON.parse(e.data);
+  function onBatch(batch) {
     const run = state.run;
     state.total += batch.logs.length;
     for (const line of batch.logs) state.all.push(line);
@@ -736,17 +733,16 @@ function runPage(app, runId) {
     }
     schedule();
   }
-  function onStatus(e) {
-    const end = JSON.parse(e.data);
+  function onStatus(end) {
     state.ended = true;
-    events.close();
     if (state.run) {
       state.run.status = end.status;
       state.run.error = end.error;
       state.run.finished_at = end.finished_at || state.run.finished_at || Date.now() * 1000;
     }
     state.total = end.lines;
-    setConn('ended', 'ended');
+    conn.textContent = 'ended';
+    conn.className = 'conn ended';
     renderHeader();
     tickElapsed();
     schedule();
@@ -756,8 +752,7 @@ function runPage(app, runId) {
   const onResize = () => schedule();
   window.addEventListener('resize', onResize);
   return () => {
-    closed = true;
-    events?.close();
+    feed?.close();
     clearInterval(ticker);
     window.removeEventListener('resize', onResize);
     if (frame) cancelAnimationFrame(frame);

@@ -74,6 +74,23 @@ test('level toggles and search filter the log', async () => {
   await page.close();
 });
 
+test('searching or toggling a level at the end of a long finished log draws the rows without an error', async () => {
+  // Found by a user: with the view scrolled to the end of 10 001 lines, a search that
+  // matches a few lines asked for a negative number of rows ("reading 'remove'").
+  const id = await startRun(athanor.url, 'log_storm', { lines_per_second: 10_000, duration_ms: 1000 });
+  const { page, problems } = await openPage(`#/runs/${id}`);
+  await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
+  await page.locator('[data-role=search]').fill('zzzz-no-such-text');
+  await waitFor('no rows', async () => (await page.locator('.viewport .line').count()) === 0);
+  await page.locator('[data-role=search]').fill('');
+  await waitFor('rows again', async () => (await page.locator('.viewport .line').count()) > 0);
+  await page.locator('button[data-level=info]').click();
+  await page.locator('button[data-level=info]').click();
+  await waitFor('rows again', async () => (await page.locator('.viewport .line').count()) > 0);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test('the cancel button cancels a running run', async () => {
   const id = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
   const { page, problems } = await openPage(`#/runs/${id}`);
@@ -157,7 +174,7 @@ test('screenshots of the run page in both themes', async () => {
   }
 });
 
-test('with an API token required, the page asks for it and then works (feeds with feed tokens)', async () => {
+test('with an API token required, the page asks for it and then works (the run feed with the token, the runs list with feed tokens)', async () => {
   const guarded = await up({ ATHANOR__GATEWAY__API_TOKEN: 's3cret', ATHANOR__GATEWAY__PROTECT_READS: 'true' });
   try {
     const response = await fetch(`${guarded.url}/api/runs`, {
