@@ -129,9 +129,14 @@ fn delay_columns(sorted: &[i64]) -> String {
     )
 }
 
-/// A run's feed from its start, through `athanor-client`.
+/// A run's feed from its start, through `athanor-client` (compressed: zstd).
 async fn feed(base: &str, id: &str) -> EventStream {
-    athanor_client::Client::new(base, None)
+    feed_with(base, id, true).await
+}
+
+/// A run's feed from its start, compressed or not.
+async fn feed_with(base: &str, id: &str, compressed: bool) -> EventStream {
+    athanor_client::Client::with_compression(base, None, compressed)
         .unwrap()
         .events(id, None)
         .await
@@ -209,8 +214,9 @@ async fn latency() {
     let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
     let (http, base) = (&stack.http, &stack.base);
     println!("\n## Latency: log() → SSE client (worker flush every 100 ms)\n");
-    println!("| runs | lines/s per run | lines received | p50 ms | p99 ms | max ms |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("Each run has two viewers side by side: one taking the feed plain, one compressed (zstd).\n");
+    println!("| runs | lines/s per run | lines received | p50 ms | p99 ms | max ms | compressed: p50 ms | p99 ms | max ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for (runs, rate) in [(1, 1_000), (1, 10_000), (100, 1_000), (100, 10_000)] {
         let duration_ms = 5000;
         let mut viewers = Vec::new();
@@ -221,19 +227,29 @@ async fn latency() {
                 json!({"lines_per_second": rate, "duration_ms": duration_ms, "line_bytes": 100}),
             )
             .await;
-            let feed = feed(base, &id).await;
             let until = Instant::now() + Duration::from_millis(duration_ms + 30_000);
-            viewers.push(tokio::spawn(delays(feed, until)));
+            for compressed in [false, true] {
+                let feed = feed_with(base, &id, compressed).await;
+                viewers.push((compressed, tokio::spawn(delays(feed, until))));
+            }
         }
-        let mut all = Vec::new();
-        for viewer in viewers {
-            all.extend(viewer.await.unwrap());
+        let (mut plain, mut compressed) = (Vec::new(), Vec::new());
+        for (is_compressed, viewer) in viewers {
+            let delays = viewer.await.unwrap();
+            if is_compressed {
+                &mut compressed
+            } else {
+                &mut plain
+            }
+            .extend(delays);
         }
-        all.sort_unstable();
+        plain.sort_unstable();
+        compressed.sort_unstable();
         println!(
-            "| {runs} | {rate} | {} | {} |",
-            all.len(),
-            delay_columns(&all)
+            "| {runs} | {rate} | {} | {} | {} |",
+            plain.len(),
+            delay_columns(&plain),
+            delay_columns(&compressed)
         );
     }
     stack.stop().await;

@@ -74,21 +74,32 @@ pub struct Client {
 
 impl Client {
     /// A client of the gateway at `url` (`http://host:port`), sending `token` as a
-    /// bearer token when given.
+    /// bearer token when given. Feeds and answers come compressed (zstd or gzip).
     pub fn new(url: &str, token: Option<&str>) -> ClientResult<Self> {
+        Client::with_compression(url, token, true)
+    }
+
+    /// As [`new`](Self::new), asking for compressed answers or not.
+    pub fn with_compression(
+        url: &str,
+        token: Option<&str>,
+        compressed: bool,
+    ) -> ClientResult<Self> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(value) = bearer(token)? {
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
         let base = url.trim_end_matches('/').to_string();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|source| ClientError::Unreachable {
-                base: base.clone(),
-                source,
-            })?;
+            .connect_timeout(Duration::from_secs(10));
+        if !compressed {
+            builder = builder.no_gzip().no_zstd();
+        }
+        let http = builder.build().map_err(|source| ClientError::Unreachable {
+            base: base.clone(),
+            source,
+        })?;
         Ok(Client {
             base,
             http,
