@@ -72,12 +72,14 @@ const pad = (n, w = 2) => String(n).padStart(w, '0');
 /** µs since the epoch → local `HH:MM:SS.mmm`. */
 function clock(micros) {
   const d = new Date(micros / 1000);
+  if (!Number.isFinite(d.getTime())) return '--:--:--.---';
   return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
 
 function dateTime(micros) {
   if (!micros) return '';
   const d = new Date(micros / 1000);
+  if (!Number.isFinite(d.getTime())) return '';
   return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())} ${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}`;
 }
 
@@ -95,11 +97,32 @@ function badge(status) {
 
 const fmt = new Intl.NumberFormat('en-US');
 
+/** `1 line`, `2 lines`, `10,001 lines`. */
+const lineCount = (n) => `${fmt.format(n)} ${n === 1 ? 'line' : 'lines'}`;
+
 /**
  * ANSI SGR colours → spans with classes. Other escape sequences are dropped. The text
  * itself only ever becomes text nodes.
  */
+/** OSC sequences (hyperlinks, titles) — `ESC ]` … `BEL` or `ESC \\`: dropped, their
+ * visible text kept. */
+const OSC = /\u001b\][^\u0007\u001b]*(?:\u0007|\u001b\\)/g;
+
+/** What a terminal would show of a line that redraws itself with `\r` (a progress bar):
+ * its newest state. */
+function newestState(text) {
+  if (!text.includes('\r')) return text;
+  return text.split('\n').map((part) => {
+    const states = part.replace(/\r$/, '').split('\r');
+    return states[states.length - 1];
+  }).join('\n');
+}
+
+/** Text without terminal escapes, for places that show plain text. */
+const plain = (text) => newestState(text).replace(OSC, '').replace(/\u001b\[[0-9;?]*[A-Za-z]/g, '');
+
 function ansi(text) {
+  text = newestState(text).replace(OSC, '');
   const frag = document.createDocumentFragment();
   if (!text.includes('\u001b')) {
     frag.append(text);
@@ -426,7 +449,7 @@ function runPage(app, runId) {
 
   // --- header
   const title = h('h1', { class: 'mono' }, runId);
-  const status = h('span', {});
+  const status = h('span', { tabindex: '-1' });
   const elapsed = h('span', { class: 'muted', dataset: { role: 'elapsed' } });
   const barFill = h('div', {});
   const progressText = h('span', { class: 'muted', dataset: { role: 'progress' } });
@@ -443,7 +466,9 @@ function runPage(app, runId) {
   const rows = h('div', { class: 'rows' });
   const viewport = h('div', { class: 'viewport', dataset: { role: 'viewport' } }, spacerY, rows);
   const jump = h('button', { class: 'jump primary', hidden: true }, '↓ newest');
-  const detail = h('div', { class: 'detail', dataset: { role: 'detail' } });
+  const detailText = h('div', {});
+  const detailClose = h('button', { class: 'close', 'aria-label': 'Close details', title: 'Close (Esc)' }, '×');
+  const detail = h('div', { class: 'detail', dataset: { role: 'detail' }, hidden: true }, detailClose, detailText);
   // --- side
   const info = h('dl', { class: 'kv' });
   const rawToggle = h('button', { class: 'toggle' }, 'raw JSON');
@@ -486,11 +511,18 @@ function runPage(app, runId) {
     const p = run.progress;
     if (p && p.total > 0) {
       barFill.style.width = `${Math.min(100, (100 * p.current) / p.total).toFixed(1)}%`;
-      progressText.textContent = `${fmt.format(p.current)}/${fmt.format(p.total)}${p.message ? ` · ${p.message}` : ''}`;
+      progressText.textContent = `${fmt.format(p.current)}/${fmt.format(p.total)}${p.message ? ` · ${plain(p.message)}` : ''}`;
     } else if (p) {
-      progressText.textContent = p.message || '';
+      progressText.textContent = plain(p.message || '');
     }
-    cancel.disabled = TERMINAL.has(run.status);
+    if (TERMINAL.has(run.status)) {
+      // Keep focus on the page's header rather than losing it with the button.
+      if (document.activeElement === cancel) status.focus();
+      cancel.disabled = true;
+      cancel.textContent = run.status === 'cancelled' ? 'Cancelled' : 'Cancel';
+    } else if (cancel.textContent !== 'Cancelling…') {
+      cancel.disabled = false;
+    }
     errorText.textContent = run.error || '';
     title.textContent = `${run.experiment || '…'} · ${run.id}`;
     info.replaceChildren(
@@ -540,8 +572,8 @@ function runPage(app, runId) {
     }
     jump.hidden = state.auto;
     totalText.textContent = filtered()
-      ? `${fmt.format(state.view.length)} matching · ${fmt.format(state.total)} lines`
-      : `${fmt.format(state.total)} lines`;
+      ? `${fmt.format(state.view.length)} matching · ${lineCount(state.total)}`
+      : lineCount(state.total);
   }
 
   function render() {
@@ -578,7 +610,8 @@ function runPage(app, runId) {
   function renderResults() {
     const sorted = [...state.results.values()].sort((a, b) => a.key.localeCompare(b.key, 'en', { numeric: true }));
     if (raw) {
-      const obj = {};
+      // A null-prototype object: a key named `__proto__` is a key like any other.
+      const obj = Object.create(null);
       for (const r of sorted) obj[r.key] = r.value;
       resultsBox.replaceChildren(h('pre', { class: 'raw' }, JSON.stringify(obj, null, 2)));
     } else if (sorted.length === 0) {
@@ -654,9 +687,14 @@ function runPage(app, runId) {
     const el = e.target.closest('.line');
     if (!el || !el._line) return;
     const line = el._line;
-    detail.textContent = `#${line.seq} ${clock(line.ts)} ${line.level.toUpperCase()}\n${line.message}`
+    detailText.textContent = `#${line.seq} ${clock(line.ts)} ${line.level.toUpperCase()}\n${line.message}`
       + (line.metadata !== undefined && line.metadata !== null ? `\n${JSON.stringify(line.metadata, null, 2)}` : '');
+    detail.hidden = false;
   });
+  const closeDetail = () => { detail.hidden = true; };
+  detailClose.addEventListener('click', closeDetail);
+  const onKey = (e) => { if (e.key === 'Escape' && !detail.hidden) closeDetail(); };
+  document.addEventListener('keydown', onKey);
   for (const b of levelButtons) {
     b.addEventListener('click', () => {
       const l = b.dataset.level;
@@ -675,7 +713,7 @@ function runPage(app, runId) {
     const result = await api('POST', `/api/runs/${encodeURIComponent(runId)}/cancel`);
     if (result.status === 202) cancelMsg.textContent = '';
     else cancelMsg.textContent = result.body?.error || `the gateway answered ${result.status}`;
-    if (result.status === 202) { cancel.disabled = true; cancel.textContent = 'Cancelling…'; }
+    if (result.status === 202) { status.focus(); cancel.disabled = true; cancel.textContent = 'Cancelling…'; }
   });
 
   // --- the feed (feed.js: resumes with Last-Event-ID, reconnects after a silence of
@@ -753,6 +791,7 @@ function runPage(app, runId) {
   window.addEventListener('resize', onResize);
   return () => {
     feed?.close();
+    document.removeEventListener('keydown', onKey);
     clearInterval(ticker);
     window.removeEventListener('resize', onResize);
     if (frame) cancelAnimationFrame(frame);

@@ -100,6 +100,9 @@ test('the cancel button cancels a running run', async () => {
   // The page runs ahead of the database; the database follows.
   await waitFor('cancelled in the database', async () => (await runStatus(athanor.url, id)).status === 'cancelled');
   assert.equal(await page.locator('[data-role=cancel]').isDisabled(), true);
+  // Found by a user: it kept saying "Cancelling…", and focus fell to the page body.
+  await waitFor('the button to say so', async () => (await page.locator('[data-role=cancel]').textContent()) === 'Cancelled');
+  assert.notEqual(await page.evaluate(() => document.activeElement?.tagName), 'BODY');
   assert.deepEqual(problems, []);
   await page.close();
 });
@@ -134,12 +137,12 @@ test('a reload mid-run shows the same state', async () => {
     lines: await page.locator('.viewport .line .msg').allTextContents(),
     results: await page.locator('[data-role=results]').textContent(),
   });
-  await waitFor('the first iteration', async () => (await page.locator('[data-role=total]').textContent()) === '1 lines');
+  await waitFor('the first iteration', async () => (await page.locator('[data-role=total]').textContent()) === '1 line');
   const before = await state();
   assert.equal(before.status, 'running');
   assert.equal(before.progress, '1/3 · iteration 1 of 3');
   await page.reload();
-  await waitFor('the page to load the run', async () => (await page.locator('[data-role=total]').textContent()) === '1 lines');
+  await waitFor('the page to load the run', async () => (await page.locator('[data-role=total]').textContent()) === '1 line');
   await waitFor('the results', async () => (await page.locator('[data-role=results]').textContent()).includes('iteration_0'));
   assert.deepEqual(await state(), before);
   assert.deepEqual(problems, []);
