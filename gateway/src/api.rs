@@ -570,7 +570,22 @@ pub(crate) async fn logs(
     }))
 }
 
-/// The whole stored log as text (`time LEVEL message` per line); works while the run is going.
+/// `message` with each of its own line breaks (`\n`, `\r\n`, `\r`) written as a newline
+/// and two spaces: a line of the download that starts with a space continues the record
+/// above, so no message can forge a record of its own.
+fn push_continued(text: &mut String, message: &str) {
+    let mut rest = message;
+    while let Some(at) = rest.find(['\n', '\r']) {
+        text.push_str(&rest[..at]);
+        text.push_str("\n  ");
+        let skip = if rest[at..].starts_with("\r\n") { 2 } else { 1 };
+        rest = &rest[at + skip..];
+    }
+    text.push_str(rest);
+}
+
+/// The whole stored log as text (`time LEVEL message` per line, a message's own line
+/// breaks continuing on lines indented by two spaces); works while the run is going.
 ///
 /// Streamed page by page, as an attachment named `<id>.log`: what is stored so far.
 #[utoipa::path(get, path = "/api/runs/{id}/logs.txt", tag = "runs", params(RunId), responses(
@@ -605,7 +620,7 @@ pub(crate) async fn logs_txt(
                 text.push(' ');
                 text.push_str(&line.level.to_uppercase());
                 text.push(' ');
-                text.push_str(&line.message);
+                push_continued(&mut text, &line.message);
                 text.push('\n');
             }
             Ok(Some((text, (state, id, last, done))))

@@ -139,6 +139,45 @@ async fn log_paging_level_filter_and_search() {
     stack.stop().await;
 }
 
+/// Found by a user: a message holding a newline could forge a record of its own in the
+/// download. Its own line breaks now continue on indented lines: one stored line, one
+/// record (a line that starts with a timestamp).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_text_download_keeps_one_record_per_stored_line() {
+    let stack = Stack::start().await;
+    let forged = "real\n2026-01-01T00:00:00.000000Z ERROR forged\r\nthird\rfourth";
+    let (_, created) = stack
+        .post(
+            "/api/runs",
+            &json!({"experiment": "echo", "config": {"message": forged, "count": 2}}).to_string(),
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    stack.wait_status(&id, "completed").await;
+    let text = stack
+        .http
+        .get(format!("{}/api/runs/{id}/logs.txt", stack.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let records: Vec<&str> = text.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(records.len(), 2, "{text}");
+    let first: Vec<&str> = text.lines().take(4).collect();
+    assert!(first[0].ends_with(" INFO real"), "{text}");
+    assert_eq!(
+        &first[1..],
+        [
+            "  2026-01-01T00:00:00.000000Z ERROR forged",
+            "  third",
+            "  fourth"
+        ]
+    );
+    stack.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_json_errors() {
     let stack = Stack::start().await;
