@@ -208,8 +208,11 @@ window.addEventListener('DOMContentLoaded', route);
 
 // ---------------------------------------------------------------- experiments
 
-function fieldInput(name, schema) {
-  const common = { name, id: `f-${name}` };
+/** The id of a form field: one per experiment and field (several forms share a page). */
+const fieldId = (experiment, name) => `f-${experiment}-${name}`;
+
+function fieldInput(id, name, schema) {
+  const common = { name, id };
   if (Array.isArray(schema.enum)) {
     return h('select', common, schema.enum.map((v) => h('option', { value: v, selected: v === schema.default }, v)));
   }
@@ -263,9 +266,9 @@ function experimentCard(exp, onInstancesChanged) {
     const bounds = [field.minimum !== undefined ? `min ${field.minimum}` : null, field.maximum !== undefined ? `max ${field.maximum}` : null]
       .filter(Boolean).join(', ');
     return h('div', { class: 'form-row' },
-      h('label', { for: `f-${name}` }, name, required.has(name) ? ' *' : ''),
+      h('label', { for: fieldId(exp.name, name) }, name, required.has(name) ? ' *' : ''),
       h('div', {},
-        fieldInput(name, field),
+        fieldInput(fieldId(exp.name, name), name, field),
         h('div', { class: 'hint' }, [field.description, bounds].filter(Boolean).join(' · ')),
         h('div', { class: 'field-error', dataset: { errorFor: name } })));
   });
@@ -394,6 +397,11 @@ function runsPage(app) {
       return row;
     }));
     count.textContent = result.status === 200 ? `${runs.length} of ${result.body.total}` : (result.body?.error || '');
+    // A first visit: no runs at all. Say where runs come from.
+    if (result.status === 200 && result.body.total === 0 && !status.value && !experiment.value.trim()) {
+      body.replaceChildren(h('tr', {}, h('td', { colspan: '8', class: 'muted', dataset: { role: 'empty' } },
+        'No runs yet. ', h('a', { href: '#/experiments' }, 'Start one from Experiments →'))));
+    }
   };
   const reload = () => { clearTimeout(timer); timer = setTimeout(load, 250); };
   status.addEventListener('change', load);
@@ -514,6 +522,8 @@ function runPage(app, runId) {
       progressText.textContent = `${fmt.format(p.current)}/${fmt.format(p.total)}${p.message ? ` · ${plain(p.message)}` : ''}`;
     } else if (p) {
       progressText.textContent = plain(p.message || '');
+    } else if (run.status === 'pending') {
+      progressText.textContent = 'waiting for a worker to take it';
     }
     if (TERMINAL.has(run.status)) {
       // Keep focus on the page's header rather than losing it with the button.
@@ -752,6 +762,7 @@ function runPage(app, runId) {
     renderHeader();
     tickElapsed();
   }
+  let nextRunFetch = 0;
   function onBatch(batch) {
     const run = state.run;
     state.total += batch.logs.length;
@@ -766,6 +777,17 @@ function runPage(app, runId) {
         run.status = batch.status;
         if (batch.error) run.error = batch.error;
       } else if (run.status === 'pending') run.status = 'running';
+      // Started after the page opened: the feed does not carry the worker; ask once.
+      if (!run.worker_id && Date.now() > nextRunFetch) {
+        nextRunFetch = Date.now() + 2000;
+        api('GET', `/api/runs/${encodeURIComponent(runId)}`).then((r) => {
+          if (r.status === 200 && state.run && r.body.worker_id) {
+            state.run.worker_id = r.body.worker_id;
+            state.run.started_at = state.run.started_at || r.body.started_at;
+            renderHeader();
+          }
+        });
+      }
       if (!run.started_at && batch.status === 'running') run.started_at = Date.now() * 1000;
       renderHeader();
     }

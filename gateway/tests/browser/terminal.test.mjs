@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { up, browser, startRun, waitFor } from './harness.mjs';
+import { up, browser, startRun, runStatus, waitFor } from './harness.mjs';
 
 const SCRIPT = String.raw`
 import json, os, sys
@@ -35,10 +35,43 @@ before(async () => {
     'command = ["python3", "terminal.py"]',
     '',
   ].join('\n'));
-  athanor = await up({}, join(dir, 'athanor.toml'));
+  // One run at a time: a second run waits, pending.
+  athanor = await up({ ATHANOR__WORKER__MAX_CONCURRENT_RUNS: '1' }, join(dir, 'athanor.toml'));
   chromium = await browser();
 });
 after(async () => { await chromium?.close(); await athanor?.stop(); rmSync(dir, { recursive: true, force: true }); });
+
+test('a first visit points from the empty runs list to Experiments, whose forms have unique field ids', async () => {
+  const page = await chromium.newPage({ viewport: { width: 1280, height: 900 } });
+  await page.goto(`${athanor.url}/#/runs`);
+  const empty = page.locator('[data-role=empty]');
+  await empty.waitFor();
+  assert.equal(await empty.textContent(), 'No runs yet. Start one from Experiments →');
+  await empty.getByRole('link').click();
+  await page.locator('form[data-experiment=sleepy]').waitFor();
+  const ids = await page.locator('form input[id], form select[id]').evaluateAll((els) => els.map((e) => e.id));
+  assert.equal(new Set(ids).size, ids.length, `duplicate ids: ${ids}`);
+  // A label focuses its own experiment's field.
+  await page.locator('form[data-experiment=sleepy] label', { hasText: 'duration_ms' }).click();
+  assert.equal(await page.evaluate(() => document.activeElement.closest('form').dataset.experiment), 'sleepy');
+  await page.close();
+});
+
+test('a pending run says it waits for a worker, then shows the worker that took it', async () => {
+  const busy = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
+  await waitFor('the slot taken', async () => (await runStatus(athanor.url, busy)).status === 'running');
+  const id = await startRun(athanor.url, 'sweep', { iterations: 2, delay_ms: 100 });
+  const page = await chromium.newPage({ viewport: { width: 1280, height: 900 } });
+  await page.goto(`${athanor.url}/#/runs/${id}`);
+  await waitFor('pending', async () => (await page.locator('.run-head .badge').textContent()) === 'pending');
+  assert.equal(await page.locator('[data-role=progress]').textContent(), 'waiting for a worker to take it');
+  await fetch(`${athanor.url}/api/runs/${busy}/cancel`, { method: 'POST' });
+  await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
+  const worker = (await runStatus(athanor.url, id)).worker_id;
+  assert.ok(worker);
+  await waitFor('the worker shown', async () => (await page.locator('.kv').textContent()).includes(worker));
+  await page.close();
+});
 
 test('terminal output is shown as a terminal shows it', async () => {
   const id = await startRun(athanor.url, 'terminal', {});
