@@ -247,6 +247,17 @@ impl ConfigSchema {
                 required: required.contains(&name.as_str()),
             });
         }
+        // In the declared order (`x-order`) where the schema gives it; the rest after.
+        let order: Vec<&str> = schema
+            .get("x-order")
+            .and_then(Value::as_array)
+            .map_or_else(Vec::new, |o| o.iter().filter_map(Value::as_str).collect());
+        fields.sort_by_key(|f| {
+            order
+                .iter()
+                .position(|n| *n == f.name)
+                .unwrap_or(order.len())
+        });
         Some(ConfigSchema { fields })
     }
 
@@ -282,12 +293,15 @@ impl ConfigSchema {
             .filter(|f| f.required)
             .map(|f| f.name.as_str())
             .collect();
+        // JSON objects have no order; `x-order` keeps the declared one (forms, listings).
+        let order: Vec<&str> = self.fields.iter().map(|f| f.name.as_str()).collect();
         json!({
             "$schema": "https://json-schema.org/draft/2020-12/schema",
             "type": "object",
             "properties": properties,
             "required": required,
             "additionalProperties": false,
+            "x-order": order,
         })
     }
 }
@@ -370,10 +384,9 @@ mod tests {
 
     #[test]
     fn json_schema_reads_back() {
+        // In the declared order, not the JSON object's (alphabetical).
         let back = ConfigSchema::from_json_schema(&schema().to_json_schema()).unwrap();
-        let mut fields = schema().fields;
-        fields.sort_by(|a, b| a.name.cmp(&b.name));
-        assert_eq!(back.fields, fields);
+        assert_eq!(back.fields, schema().fields);
     }
 
     #[test]

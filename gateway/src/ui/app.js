@@ -208,6 +208,20 @@ window.addEventListener('DOMContentLoaded', route);
 
 // ---------------------------------------------------------------- experiments
 
+/** A config schema's fields in their declared order (`x-order`), else as listed. */
+function ordered(schema) {
+  const entries = Object.entries(schema.properties || {});
+  const order = Array.isArray(schema['x-order']) ? schema['x-order'] : [];
+  const rank = (name) => { const i = order.indexOf(name); return i < 0 ? order.length : i; };
+  return entries.sort(([a], [b]) => rank(a) - rank(b));
+}
+
+/** A description with `code` spans shown as code (as text: never markup). */
+function described(text) {
+  return text.split(/(`[^`]+`)/).filter(Boolean)
+    .map((part) => (part.length > 2 && part.startsWith('`') && part.endsWith('`') ? h('code', {}, part.slice(1, -1)) : part));
+}
+
 /** The id of a form field: one per experiment and field (several forms share a page). */
 const fieldId = (experiment, name) => `f-${experiment}-${name}`;
 
@@ -262,14 +276,14 @@ function showErrors(form, result) {
 function experimentCard(exp, onInstancesChanged) {
   const schema = exp.config_schema || {};
   const required = new Set(schema.required || []);
-  const rows = Object.entries(schema.properties || {}).map(([name, field]) => {
+  const rows = ordered(schema).map(([name, field]) => {
     const bounds = [field.minimum !== undefined ? `min ${field.minimum}` : null, field.maximum !== undefined ? `max ${field.maximum}` : null]
       .filter(Boolean).join(', ');
     return h('div', { class: 'form-row' },
       h('label', { for: fieldId(exp.name, name) }, name, required.has(name) ? ' *' : ''),
       h('div', {},
         fieldInput(fieldId(exp.name, name), name, field),
-        h('div', { class: 'hint' }, [field.description, bounds].filter(Boolean).join(' · ')),
+        h('div', { class: 'hint' }, described([field.description, bounds].filter(Boolean).join(' · '))),
         h('div', { class: 'field-error', dataset: { errorFor: name } })));
   });
   const instanceName = h('input', { type: 'text', placeholder: 'instance name', name: '__instance_name' });
@@ -278,7 +292,7 @@ function experimentCard(exp, onInstancesChanged) {
     h('div', { class: 'toolbar' },
       h('strong', { class: 'mono' }, exp.name),
       h('span', { class: 'muted' }, `${exp.workers} worker${exp.workers === 1 ? '' : 's'}`)),
-    h('div', { class: 'muted' }, exp.description),
+    h('div', { class: 'muted' }, described(exp.description || '')),
     rows,
     h('div', { class: 'form-error' }),
     h('div', { class: 'toolbar' },
@@ -762,7 +776,26 @@ function runPage(app, runId) {
     renderHeader();
     tickElapsed();
   }
-  let nextRunFetch = 0;
+  // A run that started after the page opened: the feed does not carry its worker; ask
+  // the API (again each second until it knows, at most until shortly after the end).
+  let askingWorker = false;  // a request or its retry is pending
+  function fillWorker(tries = 30) {
+    if (askingWorker || state.run?.worker_id) return;
+    askingWorker = true;
+    const ask = (left) => api('GET', `/api/runs/${encodeURIComponent(runId)}`).then((r) => {
+      if (r.status === 200 && state.run && r.body.worker_id) {
+        state.run.worker_id = r.body.worker_id;
+        state.run.started_at = state.run.started_at || r.body.started_at;
+        renderHeader();
+        askingWorker = false;
+      } else if (left > 1) {
+        setTimeout(() => ask(left - 1), 1000);
+      } else {
+        askingWorker = false;
+      }
+    });
+    ask(tries);
+  }
   function onBatch(batch) {
     const run = state.run;
     state.total += batch.logs.length;
@@ -777,17 +810,7 @@ function runPage(app, runId) {
         run.status = batch.status;
         if (batch.error) run.error = batch.error;
       } else if (run.status === 'pending') run.status = 'running';
-      // Started after the page opened: the feed does not carry the worker; ask once.
-      if (!run.worker_id && Date.now() > nextRunFetch) {
-        nextRunFetch = Date.now() + 2000;
-        api('GET', `/api/runs/${encodeURIComponent(runId)}`).then((r) => {
-          if (r.status === 200 && state.run && r.body.worker_id) {
-            state.run.worker_id = r.body.worker_id;
-            state.run.started_at = state.run.started_at || r.body.started_at;
-            renderHeader();
-          }
-        });
-      }
+      if (!run.worker_id) fillWorker();
       if (!run.started_at && batch.status === 'running') run.started_at = Date.now() * 1000;
       renderHeader();
     }
@@ -795,6 +818,7 @@ function runPage(app, runId) {
   }
   function onStatus(end) {
     state.ended = true;
+    if (state.run && !state.run.worker_id) fillWorker(3);
     if (state.run) {
       state.run.status = end.status;
       state.run.error = end.error;

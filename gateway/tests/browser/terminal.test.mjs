@@ -51,6 +51,13 @@ test('a first visit points from the empty runs list to Experiments, whose forms 
   await page.locator('form[data-experiment=sleepy]').waitFor();
   const ids = await page.locator('form input[id], form select[id]').evaluateAll((els) => els.map((e) => e.id));
   assert.equal(new Set(ids).size, ids.length, `duplicate ids: ${ids}`);
+  // Fields in the declared order, descriptions' `code` as code (echo: message, count,
+  // level, repeat, as builtin/echo.rs declares them).
+  const echo = page.locator('form[data-experiment=echo]');
+  assert.deepEqual(await echo.locator('input[name], select[name]').evaluateAll((els) => els.map((e) => e.name).filter((n) => !n.startsWith('__'))),
+    ['message', 'count', 'level', 'repeat']);
+  assert.ok(await echo.locator('.muted code').count() >= 1, 'the description\'s `message` as code');
+  assert.ok(!(await echo.locator('.muted').first().textContent()).includes('`'));
   // A label focuses its own experiment's field.
   await page.locator('form[data-experiment=sleepy] label', { hasText: 'duration_ms' }).click();
   assert.equal(await page.evaluate(() => document.activeElement.closest('form').dataset.experiment), 'sleepy');
