@@ -173,7 +173,7 @@ async fn no_request_makes_a_worker_run_a_command_line() {
         (
             json!({"experiment": "echo", "config": {"command": "touch /tmp/athanor-pwned"}}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "config field `command` is not a field of this experiment (fields: count, level, message, repeat)",
+            "config field `command` is not a field of this experiment (fields: message, count, level, repeat)",
         ),
         (
             json!({"experiment": "echo", "command": ["touch", "/tmp/athanor-pwned"]}),
