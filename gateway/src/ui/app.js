@@ -28,7 +28,7 @@ const token = () => localStorage.getItem('athanor-token') || '';
 function askForToken(message) {
   const slot = document.querySelector('[data-role=token]');
   if (!slot || slot.childElementCount) return;
-  const input = h('input', { type: 'password', placeholder: 'API token', value: token() });
+  const input = h('input', { type: 'password', placeholder: 'API token', 'aria-label': 'API token', value: token() });
   slot.append(h('span', { class: 'field-error' }, message, ' '), input, ' ',
     h('button', { onclick: () => { localStorage.setItem('athanor-token', input.value.trim()); slot.replaceChildren(); route(); } }, 'Use token'));
 }
@@ -286,7 +286,7 @@ function experimentCard(exp, onInstancesChanged) {
         h('div', { class: 'hint' }, described([field.description, bounds].filter(Boolean).join(' · '))),
         h('div', { class: 'field-error', dataset: { errorFor: name } })));
   });
-  const instanceName = h('input', { type: 'text', placeholder: 'instance name', name: '__instance_name' });
+  const instanceName = h('input', { type: 'text', placeholder: 'instance name', 'aria-label': 'instance name', name: '__instance_name' });
   // novalidate: the API checks the config and its message is shown next to the field.
   const form = h('form', { class: 'card', novalidate: true, dataset: { experiment: exp.name } },
     h('div', { class: 'toolbar' },
@@ -362,9 +362,9 @@ function experimentsPage(app) {
 
 function runsPage(app) {
   const params = new URLSearchParams((location.hash.split('?')[1]) || '');
-  const status = h('select', { name: 'status' }, h('option', { value: '' }, 'any status'),
+  const status = h('select', { name: 'status', 'aria-label': 'status' }, h('option', { value: '' }, 'any status'),
     ['pending', 'running', 'completed', 'failed', 'cancelled', 'lost'].map((s) => h('option', { value: s, selected: params.get('status') === s }, s)));
-  const experiment = h('input', { type: 'text', name: 'experiment', placeholder: 'experiment', value: params.get('experiment') || '' });
+  const experiment = h('input', { type: 'text', name: 'experiment', placeholder: 'experiment', 'aria-label': 'experiment', value: params.get('experiment') || '' });
   const body = h('tbody', {});
   const count = h('span', { class: 'muted' });
   const conn = h('span', { class: 'conn' });
@@ -474,6 +474,9 @@ function runPage(app, runId) {
   const status = h('span', { tabindex: '-1' });
   const elapsed = h('span', { class: 'muted', dataset: { role: 'elapsed' } });
   const barFill = h('div', {});
+  const progressBar = h('div', { class: 'bar', role: 'progressbar', 'aria-label': 'progress', 'aria-valuemin': '0' }, barFill);
+  // Status changes are announced (the badge is redrawn only when the status changes).
+  const announce = h('span', { class: 'sr-only', 'aria-live': 'polite', dataset: { role: 'announce' } });
   const progressText = h('span', { class: 'muted', dataset: { role: 'progress' } });
   const conn = h('span', { class: 'conn', dataset: { role: 'conn' } });
   const cancel = h('button', { class: 'danger', disabled: true, dataset: { role: 'cancel' } }, 'Cancel');
@@ -481,8 +484,8 @@ function runPage(app, runId) {
   const errorText = h('div', { class: 'field-error', dataset: { role: 'error' } });
   // --- log toolbar
   const totalText = h('span', { class: 'mono', dataset: { role: 'total' } });
-  const levelButtons = LEVELS.map((l) => h('button', { class: `toggle on l-${l}`, dataset: { level: l } }, l));
-  const search = h('input', { type: 'search', placeholder: 'search', dataset: { role: 'search' } });
+  const levelButtons = LEVELS.map((l) => h('button', { class: `toggle on l-${l}`, 'aria-pressed': 'true', dataset: { level: l } }, l));
+  const search = h('input', { type: 'search', placeholder: 'search', 'aria-label': 'search the log', dataset: { role: 'search' } });
   const download = h('a', { href: `/api/runs/${encodeURIComponent(runId)}/logs.txt`, download: `${runId}.log` }, 'download');
   const spacerY = h('div', { class: 'spacer-y' });
   const rows = h('div', { class: 'rows' });
@@ -501,8 +504,8 @@ function runPage(app, runId) {
   app.append(h('div', { class: 'run' },
     h('div', { class: 'run-head' },
       h('a', { href: '#/runs' }, '← runs'), title, status, elapsed,
-      h('div', { class: 'progress' }, h('div', { class: 'bar' }, barFill), progressText),
-      conn, cancel, cancelMsg),
+      h('div', { class: 'progress' }, progressBar, progressText),
+      conn, cancel, cancelMsg, announce),
     errorText,
     charts.el,
     h('div', { class: 'run-body' },
@@ -529,10 +532,16 @@ function runPage(app, runId) {
   function renderHeader() {
     const run = state.run;
     if (!run) return;
-    status.replaceChildren(badge(run.status));
+    if (status.dataset.shown !== run.status) {
+      status.dataset.shown = run.status;
+      status.replaceChildren(badge(run.status));
+      announce.textContent = `run ${run.status}`;
+    }
     const p = run.progress;
     if (p && p.total > 0) {
       barFill.style.width = `${Math.min(100, (100 * p.current) / p.total).toFixed(1)}%`;
+      progressBar.setAttribute('aria-valuemax', String(p.total));
+      progressBar.setAttribute('aria-valuenow', String(Math.min(p.current, p.total)));
       progressText.textContent = `${fmt.format(p.current)}/${fmt.format(p.total)}${p.message ? ` · ${plain(p.message)}` : ''}`;
     } else if (p) {
       progressText.textContent = plain(p.message || '');
@@ -575,7 +584,7 @@ function runPage(app, runId) {
     const first = Math.max(0, Math.min(Math.floor(top / ROW_HEIGHT) - OVERSCAN, n - visible - OVERSCAN));
     const last = Math.max(first, Math.min(n, first + visible + 2 * OVERSCAN));
     while (pool.length < last - first) {
-      const el = h('div', { class: 'line' }, h('span', { class: 'seq' }), h('span', { class: 'ts' }), h('span', { class: 'lvl' }), h('span', { class: 'msg' }));
+      const el = h('div', { class: 'line', tabindex: '0' }, h('span', { class: 'seq' }), h('span', { class: 'ts' }), h('span', { class: 'lvl' }), h('span', { class: 'msg' }));
       pool.push(el);
     }
     rows.style.transform = `translateY(${first * ROW_HEIGHT}px)`;
@@ -614,7 +623,7 @@ function runPage(app, runId) {
       const entries = Array.isArray(value) ? value.map((v, i) => [i, v]) : Object.entries(value);
       const open = expanded.has(path);
       const li = h('li', {});
-      const twisty = h('span', { class: 'twisty' }, open ? '▾' : '▸');
+      const twisty = h('span', { class: 'twisty', role: 'button', tabindex: '0', 'aria-expanded': String(open), 'aria-label': open ? 'collapse' : 'expand' }, open ? '▾' : '▸');
       const summary = Array.isArray(value) ? `[${entries.length}]` : `{${entries.length}}`;
       return { twisty, summary, children: open ? h('ul', { class: 'tree' }, entries.map(([k, v]) => treeItem(String(k), v, `${path}/${k}`))) : null, li };
     }
@@ -625,10 +634,14 @@ function runPage(app, runId) {
     const node = valueNode(value, path);
     if (node.leaf) return h('li', {}, h('span', { class: 'leaf' }), h('span', { class: 'k' }, key), ': ', node.leaf);
     const li = h('li', {}, node.twisty, h('span', { class: 'k' }, key), ': ', h('span', { class: 'muted' }, node.summary), node.children);
-    node.twisty.addEventListener('click', () => {
+    const toggle = () => {
       if (expanded.has(path)) expanded.delete(path); else expanded.add(path);
-      li.replaceWith(treeItem(key, value, path));
-    });
+      const next = treeItem(key, value, path);
+      li.replaceWith(next);
+      next.querySelector('.twisty')?.focus();
+    };
+    node.twisty.addEventListener('click', toggle);
+    node.twisty.addEventListener('keydown', (e) => { if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); toggle(); } });
     return li;
   }
   function renderResults() {
@@ -707,6 +720,9 @@ function runPage(app, runId) {
     schedule();
   }, { passive: true });
   jump.addEventListener('click', () => { state.auto = true; schedule(); });
+  rows.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && e.target.closest('.line')) e.target.closest('.line').click();
+  });
   rows.addEventListener('click', (e) => {
     const el = e.target.closest('.line');
     if (!el || !el._line) return;
@@ -724,6 +740,7 @@ function runPage(app, runId) {
       const l = b.dataset.level;
       if (state.filter.levels.has(l)) state.filter.levels.delete(l); else state.filter.levels.add(l);
       b.classList.toggle('on', state.filter.levels.has(l));
+      b.setAttribute('aria-pressed', String(state.filter.levels.has(l)));
       applyFilter();
     });
   }
