@@ -9,7 +9,6 @@ use athanor_connections::db::stmt;
 use athanor_schemas::api::{
     Instance, InstanceChange, InstanceList, LastRun, NewInstance, RunCreated, RunOverrides,
 };
-use athanor_schemas::batch::UnknownRunState;
 use athanor_schemas::entities::instances;
 use athanor_schemas::{names, now_micros};
 use axum::body::Bytes;
@@ -76,12 +75,11 @@ async fn with_runs(
         let ids = chunk.iter().map(|i| i.id.as_str().into()).collect();
         for row in state.db.query_all(stmt(backend, &sql, ids)).await? {
             let instance: String = row.try_get("", "instance_id")?;
+            let id: String = row.try_get("", "id")?;
             let status: String = row.try_get("", "status")?;
             let last = LastRun {
-                id: row.try_get("", "id")?,
-                status: status.parse().map_err(|e: UnknownRunState| {
-                    ApiError::Unavailable(format!("the database holds an {e}"))
-                })?,
+                status: crate::hub::stored_state(&status, &id)?,
+                id,
                 created_at: row.try_get("", "created_at")?,
             };
             let n: i64 = row.try_get("", "n")?;

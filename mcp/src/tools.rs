@@ -67,6 +67,17 @@ impl Athanor {
     }
 }
 
+/// The caller's client, or the tool's answer that there is none (a token a header
+/// cannot hold).
+macro_rules! api {
+    ($tools:expr, $ctx:expr) => {
+        match $tools.api(&$ctx) {
+            Ok(api) => api,
+            Err(refusal) => return Ok(refusal),
+        }
+    };
+}
+
 // ---------------------------------------------------------------- arguments
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -274,10 +285,7 @@ impl Athanor {
         Parameters(NoArgs {}): Parameters<NoArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(
             api.experiments()
                 .await
@@ -294,10 +302,7 @@ impl Athanor {
         Parameters(args): Parameters<ExperimentArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let experiments = match api.experiments().await {
             Ok(list) => list,
             Err(e) => return Ok(refused(e)),
@@ -328,10 +333,7 @@ impl Athanor {
         Parameters(args): Parameters<ValidateArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(
             api.validate_config(&args.experiment, object(args.config))
                 .await,
@@ -347,10 +349,7 @@ impl Athanor {
         Parameters(args): Parameters<ListInstancesArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(
             api.instances(args.experiment.as_deref())
                 .await
@@ -367,10 +366,7 @@ impl Athanor {
         Parameters(args): Parameters<IdArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(api.instance(&args.id).await)
     }
 
@@ -388,10 +384,7 @@ impl Athanor {
         Parameters(args): Parameters<CreateInstanceArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let instance = NewInstance {
             name: args.name,
             experiment: args.experiment,
@@ -414,10 +407,7 @@ impl Athanor {
         Parameters(args): Parameters<UpdateInstanceArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let change = InstanceChange {
             name: args.name,
             config: args.config.map(Value::Object),
@@ -439,10 +429,7 @@ impl Athanor {
         Parameters(args): Parameters<IdArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(
             api.delete_instance(&args.id)
                 .await
@@ -459,10 +446,7 @@ impl Athanor {
         Parameters(args): Parameters<ListRunsArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let filter = RunFilter {
             status: args.status,
             experiment: args.experiment,
@@ -481,10 +465,7 @@ impl Athanor {
         Parameters(args): Parameters<IdArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(api.run(&args.id).await)
     }
 
@@ -502,10 +483,7 @@ impl Athanor {
         Parameters(args): Parameters<StartRunArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         match (args.experiment, args.instance_id) {
             (Some(experiment), None) => {
                 answer(api.start_run(&experiment, object(args.config)).await)
@@ -536,10 +514,7 @@ impl Athanor {
         Parameters(args): Parameters<IdArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(api.cancel(&args.id).await)
     }
 
@@ -552,10 +527,7 @@ impl Athanor {
         Parameters(args): Parameters<LogsArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let query = LogQuery {
             after: args.after,
             before: args.before,
@@ -583,10 +555,7 @@ impl Athanor {
         Parameters(args): Parameters<TailArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(
             tail(&api, &args.id, bounded_lines(args.lines))
                 .await
@@ -605,10 +574,7 @@ impl Athanor {
         Parameters(args): Parameters<IdArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(api.results(&args.id).await.map(
             |list| json!({ "run_id": list.run_id, "results": summarised(&args.id, list.results) }),
         ))
@@ -623,10 +589,7 @@ impl Athanor {
         Parameters(args): Parameters<ResultArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let list = match api.results(&args.id).await {
             Ok(list) => list,
             Err(e) => return Ok(refused(e)),
@@ -648,10 +611,7 @@ impl Athanor {
         Parameters(args): Parameters<IdArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         answer(api.metrics(&args.id).await)
     }
 
@@ -664,10 +624,7 @@ impl Athanor {
         Parameters(args): Parameters<SeriesArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let query = SeriesQuery {
             max_points: Some(args.max_points.unwrap_or(100).clamp(1, 1000)),
             from_step: args.from_step,
@@ -685,10 +642,7 @@ impl Athanor {
         Parameters(args): Parameters<WaitArgs>,
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
-        let api = match self.api(&ctx) {
-            Ok(api) => api,
-            Err(e) => return Ok(e),
-        };
+        let api = api!(self, ctx);
         let wait = args
             .timeout_seconds
             .unwrap_or(DEFAULT_WAIT_SECONDS)

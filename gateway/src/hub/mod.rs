@@ -506,8 +506,13 @@ async fn check_database(hubs: &Hubs, hub: &Hub) {
 /// The run's status as the database holds it (the same text as [`RunState`]'s JSON);
 /// a text that is no state is an error naming the run, not a status passed on.
 pub(crate) fn run_state(run: &runs::Model) -> ApiResult<RunState> {
-    run.status.parse().map_err(|e: UnknownRunState| {
-        ApiError::Unavailable(format!("the database holds an {e} for run {}", run.id))
+    stored_state(&run.status, &run.id)
+}
+
+/// [`run_state`] of a run's `status` column read on its own.
+pub(crate) fn stored_state(status: &str, run_id: &str) -> ApiResult<RunState> {
+    status.parse().map_err(|e: UnknownRunState| {
+        ApiError::Unavailable(format!("the database holds an {e} for run {run_id}"))
     })
 }
 

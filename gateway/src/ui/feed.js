@@ -73,6 +73,7 @@ export class Feed {
     this.headers = headers;
     this.lastId = null;
     this.closed = false;
+    this.ended = false;      // the run's status arrived
     this.controller = null;
     this.lastByte = Date.now();
     this.keepAliveMs = 15000;
