@@ -127,6 +127,20 @@ fn assert_gapless(out: &RunOutput) {
         .eq(0..final_.batches));
 }
 
+/// Cancels the run, waits for it to end `cancelled`, and reads what it published.
+async fn cancel_and_read(
+    js: &async_nats::jetstream::Context,
+    control: &async_nats::jetstream::kv::Store,
+    handle: &mut athanor_workers::RunHandle,
+) -> RunOutput {
+    control
+        .put(names::cancel_key(&handle.run_id), "{}".into())
+        .await
+        .unwrap();
+    assert_eq!(handle.finished().await, RunState::Cancelled);
+    read_run(js, &handle.run_id, READ_TIMEOUT).await.unwrap()
+}
+
 fn test_python() -> PathBuf {
     // The test tools' Python (scripts/setup-test-tools), which has tqdm.
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/test-python/bin/python3");
@@ -640,12 +654,7 @@ async fn cancel_stops_the_whole_process_tree_and_keeps_its_output() {
             .await
             .unwrap();
         assert!(alive(grandchild));
-        control
-            .put(names::cancel_key(&handle.run_id), "{}".into())
-            .await
-            .unwrap();
-        assert_eq!(handle.finished().await, RunState::Cancelled);
-        let out = read_run(&js, &handle.run_id, READ_TIMEOUT).await.unwrap();
+        let out = cancel_and_read(&js, &control, &mut handle).await;
         assert_eq!(
             status(&out),
             (RunState::Cancelled, Some("cancelled on request".into()))
@@ -754,4 +763,108 @@ async fn a_process_that_left_the_group_cannot_hold_the_run_open() {
         std::fs::remove_file(&pid_file).unwrap();
     }
     worker.stop().await;
+}
+
+/// The Python helper and the environment a Python child gets: its `print` streams live
+/// though stdout is a pipe (`PYTHONUNBUFFERED=1`, unless the declaration sets it), and
+/// `athanor.cancelled()` lets it stop cleanly on cancel, its last words stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_child_streams_unbuffered_and_stops_cleanly_when_cancelled() {
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
+    // Printed (not flushed), then 1 s later a line over the events pipe: stdout held in
+    // Python's buffer would arrive after it, at exit.
+    let script = r#"
+import os, time, athanor
+print("unbuffered=" + os.environ.get("PYTHONUNBUFFERED", "<unset>"))
+time.sleep(1)
+athanor.cancelled()  # from here SIGTERM asks rather than kills
+athanor.log("waiting for cancel", level="debug")
+while not athanor.cancelled():
+    time.sleep(0.02)
+print("stopping cleanly")
+athanor.result("stopped", True)
+"#;
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let control = js.get_key_value(names::CONTROL_BUCKET).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let worker = TestWorker::start(
+        &nats,
+        WorkerConfig::for_tests(),
+        dir.path(),
+        json!([
+            {"name": "py", "command": ["python3", "-c", script],
+             "env": {"PYTHONPATH": helper}},
+            {"name": "declared", "command": ["python3", "-c", "import os; print(os.environ['PYTHONUNBUFFERED'])"],
+             "env": {"PYTHONUNBUFFERED": "declared"}},
+        ]),
+    )
+    .await;
+    let mut handle = worker.start_run("py", json!({})).await;
+    // The newest batch holds the line the child writes once it listens for cancel.
+    athanor_testkit::wait_for("the child waiting for cancel", READ_TIMEOUT, || async {
+        let last = js
+            .get_stream(names::RUNS_STREAM)
+            .await
+            .ok()?
+            .get_last_raw_message_by_subject(&names::run_subject(&handle.run_id))
+            .await
+            .ok()?;
+        let batch =
+            athanor_schemas::decode(&last.payload, athanor_schemas::DEFAULT_DECODE_LIMIT).ok()?;
+        batch
+            .logs
+            .iter()
+            .any(|l| l.message == "waiting for cancel")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let out = cancel_and_read(&js, &control, &mut handle).await;
+    assert_eq!(
+        messages(&out),
+        ["unbuffered=1", "waiting for cancel", "stopping cleanly"]
+    );
+    assert_eq!(results(&out), [("stopped".to_string(), json!(true))]);
+    assert_eq!(
+        status(&out),
+        (RunState::Cancelled, Some("cancelled on request".into()))
+    );
+    let (state, out) = worker.run(&nats, "declared", json!({})).await;
+    assert_eq!(
+        (state, messages(&out)),
+        (RunState::Completed, vec!["declared".to_string()])
+    );
+    worker.stop().await;
+}
+
+/// Run by hand (not under Athanor), the helper prints what it would have sent, and
+/// `config()` gives the defaults.
+#[test]
+fn the_python_helper_prints_when_not_run_by_athanor() {
+    let helper = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
+    let script = r#"
+import athanor
+print(athanor.under_athanor(), athanor.config({"lr": 0.1}), athanor.cancelled(), flush=True)
+athanor.log("by hand", level="warn")
+athanor.result("accuracy", 0.5)
+athanor.progress(1, 2, "half")
+athanor.metric("loss", 0.3)
+athanor.fail("no data")
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("PYTHONPATH", helper)
+        .env_remove("ATHANOR_EVENTS_FD")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "False {'lr': 0.1} False\n"
+    );
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        "[warn] by hand\nresult accuracy = 0.5\nprogress 1/2 half\nfailed: no data\n"
+    );
 }
