@@ -1,10 +1,13 @@
 //! The dead-letter stream: messages that cannot be decoded are copied to
-//! `athanor.dlq.<reason>` with their original headers and the reason, then
-//! terminated so they are never redelivered.
+//! `athanor.dlq.<reason>` with their original headers and the reason, recorded as a
+//! known gap of their run (so it still ends, saying which batch was rejected and why),
+//! then terminated so they are never redelivered.
 
 use async_nats::jetstream::{self, AckKind};
+use athanor_schemas::names;
 use tracing::{error, warn};
 
+use crate::store::{self, Rejected};
 use crate::Shared;
 
 pub const REASON_HEADER: &str = "Athanor-Dlq-Reason";
@@ -37,6 +40,21 @@ pub(crate) async fn dead_letter(
     match copied.await {
         Ok(_) => {
             warn!(subject = %message.subject, stream_seq, kind, reason, "batch dead-lettered");
+            if let Some(rejected) = rejected(message, stream_seq, reason) {
+                match store::record_rejected(&shared.db, &rejected).await {
+                    Ok(change) => {
+                        crate::lifecycle::announce(shared, change.as_slice()).await;
+                    }
+                    Err(e) => {
+                        // Not terminated: it comes back, is dead-lettered again (the
+                        // copy is deduplicated by its Nats-Msg-Id) and recorded then.
+                        warn!(stream_seq, error = %e, "could not record a dead-lettered batch as a gap of its run; it will be retried");
+                        return;
+                    }
+                }
+            } else {
+                warn!(subject = %message.subject, stream_seq, "a dead-lettered message names no run and batch: no gap recorded");
+            }
             shared
                 .stats
                 .dead_lettered
@@ -49,4 +67,39 @@ pub(crate) async fn dead_letter(
             error!(stream_seq, error = %e, "could not dead-letter a message; leaving it for redelivery")
         }
     }
+}
+
+/// The run and batch a rejected message held, from its headers (`Athanor-Run`,
+/// `Athanor-Batch`, `Athanor-Lines`, `Athanor-Final`), else its subject and its
+/// `Nats-Msg-Id` (`<run_id>.<batch_seq>`): what the payload said cannot be trusted.
+fn rejected(message: &jetstream::Message, stream_seq: u64, reason: &str) -> Option<Rejected> {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
+    let number = |name: &str| header(name).and_then(|v| v.parse::<u64>().ok());
+    let run_id = names::run_of_subject(message.subject.as_str())?.to_string();
+    if header(names::headers::RUN).is_some_and(|r| r != run_id) {
+        return None;
+    }
+    let batch_seq = number(names::headers::BATCH).or_else(|| {
+        header(names::headers::MSG_ID)?
+            .strip_prefix(&format!("{run_id}."))?
+            .parse()
+            .ok()
+    })?;
+    if batch_seq > i64::MAX as u64 {
+        return None;
+    }
+    Some(Rejected {
+        run_id,
+        batch_seq,
+        stream_seq,
+        lines: number(names::headers::LINES),
+        final_batches: number(names::headers::FINAL).filter(|&n| n == batch_seq + 1),
+        reason: reason.chars().take(500).collect(),
+    })
 }

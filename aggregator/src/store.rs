@@ -126,8 +126,11 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         let inserted = txn
             .execute(stmt(
                 backend,
+                // A batch recorded as rejected (a gap) is replaced by a good copy of it.
                 "INSERT INTO run_batches (run_id, batch_seq, stream_seq, lines, stored_at) VALUES (?, ?, ?, ?, ?) \
-                 ON CONFLICT (run_id, batch_seq) DO NOTHING",
+                 ON CONFLICT (run_id, batch_seq) DO UPDATE SET stream_seq = excluded.stream_seq, \
+                 lines = excluded.lines, stored_at = excluded.stored_at, rejected = NULL \
+                 WHERE run_batches.rejected IS NOT NULL",
                 vec![
                     run_id.clone().into(),
                     (batch.batch_seq as i64).into(),
@@ -340,6 +343,88 @@ async fn update_run(
         .await?;
     }
     advance(txn, backend, run_id, now).await
+}
+
+/// A batch the aggregator dead-lettered, as far as its message tells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub run_id: String,
+    pub batch_seq: u64,
+    pub stream_seq: u64,
+    /// Lines it held, when known (its `Athanor-Lines` header).
+    pub lines: Option<u64>,
+    /// The run's number of batches, when this was its final batch (`Athanor-Final`).
+    pub final_batches: Option<u64>,
+    pub reason: String,
+}
+
+/// The longest `runs.warning` grows to; later rejections are not appended.
+const MAX_WARNING_CHARS: i64 = 2000;
+
+/// Records a dead-lettered batch as a known gap of its run: a `run_batches` row with
+/// the reason (so the watermark moves past it and the run can end) and a line in the
+/// run's `warning`. A rejected final batch ends the run `failed`, saying why. Returns
+/// the run's terminal change, if this made it end. Recording it again does nothing.
+pub async fn record_rejected(
+    db: &DatabaseConnection,
+    rejected: &Rejected,
+) -> Result<Option<Lifecycle>, DbErr> {
+    let backend = db.get_database_backend();
+    let _turn = athanor_connections::db::write_turn(db).await;
+    let now = now_micros();
+    let run_id = rejected.run_id.as_str();
+    let txn = db.begin().await?;
+    txn.execute(stmt(
+        backend,
+        "INSERT INTO runs (id, experiment, config, status, created_at, updated_at, lines, results, batches) \
+         VALUES (?, '', '{}', 'running', ?, ?, 0, 0, 0) ON CONFLICT (id) DO NOTHING",
+        vec![run_id.into(), now.into(), now.into()],
+    ))
+    .await?;
+    let reason = stored_text(backend, rejected.reason.clone());
+    let inserted = txn
+        .execute(stmt(
+            backend,
+            "INSERT INTO run_batches (run_id, batch_seq, stream_seq, lines, stored_at, rejected) VALUES (?, ?, ?, 0, ?, ?) \
+             ON CONFLICT (run_id, batch_seq) DO NOTHING",
+            vec![
+                run_id.into(),
+                (rejected.batch_seq as i64).into(),
+                (rejected.stream_seq as i64).into(),
+                now.into(),
+                reason.clone().into(),
+            ],
+        ))
+        .await?
+        .rows_affected();
+    if inserted == 0 {
+        txn.commit().await?;
+        return Ok(None);
+    }
+    let held = rejected.lines.map_or(String::new(), |n| {
+        format!(" ({n} {})", if n == 1 { "line" } else { "lines" })
+    });
+    let note = format!("batch {}{held} was rejected: {reason}", rejected.batch_seq);
+    txn.execute(stmt(
+        backend,
+        "UPDATE runs SET warning = CASE WHEN warning IS NULL THEN ? \
+         WHEN length(warning) < ? THEN warning || '; ' || ? ELSE warning END, updated_at = ? WHERE id = ?",
+        vec![note.clone().into(), MAX_WARNING_CHARS.into(), note.clone().into(), now.into(), run_id.into()],
+    ))
+    .await?;
+    if let Some(batches) = rejected.final_batches {
+        let error = format!("its final {note}");
+        txn.execute(stmt(
+            backend,
+            "UPDATE runs SET final_batches = COALESCE(final_batches, ?), final_status = COALESCE(final_status, 'failed'), \
+             final_error = COALESCE(final_error, ?), final_at = COALESCE(final_at, ?) WHERE id = ?",
+            vec![(batches as i64).into(), error.into(), now.into(), run_id.into()],
+        ))
+        .await?;
+    }
+    let change = advance(&txn, backend, run_id, now).await?;
+    txn.commit().await?;
+    Ok(change)
 }
 
 /// Moves the run's contiguous watermark (`last_batch_seq`, `last_stream_seq`) over the

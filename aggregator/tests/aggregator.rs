@@ -438,6 +438,33 @@ async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>, m
         .unwrap();
 }
 
+/// The aggregator's durable consumer of `ATHANOR_RUNS`.
+async fn aggregator_consumer(js: &jetstream::Context) -> jetstream::consumer::PullConsumer {
+    js.get_stream(names::RUNS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer("aggregator")
+        .await
+        .unwrap()
+}
+
+/// Waits until the consumer has nothing pending or unacknowledged (and its ack floor is
+/// `floor`, when given).
+async fn wait_settled(consumer: &jetstream::consumer::PullConsumer, floor: Option<u64>) {
+    wait_for("every message settled", DEADLINE, || {
+        let consumer = consumer.clone();
+        async move {
+            let info = consumer.clone().info().await.unwrap().clone();
+            (info.num_ack_pending == 0
+                && info.num_pending == 0
+                && floor.is_none_or(|f| info.ack_floor.stream_sequence == f))
+            .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// Everything the database says about a run, without its id.
 async fn snapshot(db: &DatabaseConnection, run_id: &str) -> serde_json::Value {
     let run = runs::Entity::find_by_id(run_id.to_string())
@@ -636,25 +663,8 @@ async fn corrupt_messages_are_dead_lettered_and_the_rest_is_stored() {
         .await
         .unwrap()
         .is_none());
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(names::RUNS_STREAM)
-        .await
-        .unwrap()
-        .get_consumer("aggregator")
-        .await
-        .unwrap();
-    wait_for("every message settled", DEADLINE, || {
-        let consumer = consumer.clone();
-        async move {
-            let info = consumer.clone().info().await.unwrap().clone();
-            (info.num_ack_pending == 0
-                && info.num_pending == 0
-                && info.ack_floor.stream_sequence == 11)
-                .then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    let consumer = aggregator_consumer(&js).await;
+    wait_settled(&consumer, Some(11)).await;
     aggregator.stop().await;
     db.close().await;
 }
@@ -776,13 +786,7 @@ async fn database_unavailable_then_back_nothing_acked_early_nothing_lost() {
     })
     .await
     .unwrap();
-    let consumer: jetstream::consumer::PullConsumer = js
-        .get_stream(names::RUNS_STREAM)
-        .await
-        .unwrap()
-        .get_consumer("aggregator")
-        .await
-        .unwrap();
+    let consumer = aggregator_consumer(&js).await;
     let info = consumer.clone().info().await.unwrap().clone();
     assert_eq!(
         info.ack_floor.stream_sequence, 0,
@@ -795,15 +799,7 @@ async fn database_unavailable_then_back_nothing_acked_early_nothing_lost() {
         (run.status.as_str(), run.lines, run.batches),
         ("failed", 300, 6)
     );
-    wait_for("acks", DEADLINE, || {
-        let consumer = consumer.clone();
-        async move {
-            let info = consumer.clone().info().await.unwrap().clone();
-            (info.num_ack_pending == 0 && info.ack_floor.stream_sequence == 6).then_some(())
-        }
-    })
-    .await
-    .unwrap();
+    wait_settled(&consumer, Some(6)).await;
     aggregator.stop().await;
     db.close().await;
 }
@@ -1394,5 +1390,283 @@ async fn metrics_of_several_runs_in_one_transaction() {
             "{run}"
         );
     }
+    db.close().await;
+}
+
+/// A tmpfs of `size` mounted on a temp folder (the tests run as root), unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount -t tmpfs failed (the tests run as root)"
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Fills the filesystem up to `room` bytes short of full; returns the filler's path.
+    fn fill_leaving(&self, room: u64) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x5a_u8; 1 << 20];
+        let mut written = 0u64;
+        while let Ok(n) = file.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+        }
+        file.set_len(written.saturating_sub(room)).unwrap();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Found by a user: SQLite on a disk that fills up. A COMMIT that failed with "database
+/// or disk is full" was rolled back by SQLite, the pooled connection was reused with
+/// the driver still counting that transaction, and from then on each "commit" only
+/// released a savepoint while the aggregator acknowledged: 47 984 of 150 001 lines gone
+/// for good. Now: every acknowledged batch is stored, without a gap, once space returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_loses_no_acknowledged_batch() {
+    if std::env::var("ATHANOR_TEST_DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
+        return; // a SQLite file on a tmpfs; the SQLite pass runs it
+    }
+    athanor_testkit::init_tracing();
+    use athanor_migrations::MigratorTrait;
+    let disk = Tmpfs::mount("256m");
+    let config = athanor_connections::db::DatabaseConfig {
+        url: Some(format!(
+            "sqlite://{}",
+            disk.path().join("athanor.db").display()
+        )),
+        busy_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let db = athanor_connections::db::connect(&config).await.unwrap();
+    athanor_migrations::Migrator::up(&db, None).await.unwrap();
+    let filler = disk.fill_leaving(4 << 20);
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let stop = CancellationToken::new();
+    let aggregator = Aggregator::start(
+        AggregatorConfig::for_tests(),
+        nats.config(),
+        db.clone(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let (worker, worker_stop) = start_worker(&nats).await;
+    let request = request(
+        "log_storm",
+        json!({"lines_per_second": 50_000, "duration_ms": 3000}),
+    );
+    let run_id = request.run_id.clone();
+    let mut handle = worker.start_run(request).await.unwrap();
+    let stats = aggregator.stats().clone();
+    wait_for("writes failing on the full disk", DEADLINE, || async {
+        (AggregatorStats::get(&stats.retries) >= 3).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(handle.finished().await, RunState::Completed);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::remove_file(&filler).unwrap();
+    let run = wait_terminal(&db, &run_id).await;
+    assert_eq!((run.status.as_str(), run.lines), ("completed", 150_001));
+    let consumer = aggregator_consumer(&js).await;
+    wait_settled(&consumer, None).await;
+    let seqs: Vec<i64> = logs_of(&db, &run_id).await.iter().map(|l| l.seq).collect();
+    assert_eq!(
+        seqs.len(),
+        150_001,
+        "acknowledged lines missing from the database"
+    );
+    assert!(
+        seqs.iter().copied().eq(0..150_001),
+        "a gap in the stored log"
+    );
+    worker_stop.cancel();
+    worker.wait().await;
+    stop.cancel();
+    aggregator.wait().await;
+}
+
+async fn publish_with(
+    js: &jetstream::Context,
+    run_id: &str,
+    payload: Vec<u8>,
+    headers: &[(&str, String)],
+) {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers {
+        map.insert(*name, value.as_str());
+    }
+    js.publish_with_headers(names::run_subject(run_id), map, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+/// The headers a worker puts on batch `batch_seq` of `run_id`.
+fn worker_headers(
+    run_id: &str,
+    batch_seq: u64,
+    lines: u64,
+    final_batches: Option<u64>,
+) -> Vec<(&'static str, String)> {
+    let mut headers = vec![
+        (
+            names::headers::MSG_ID,
+            names::batch_msg_id(run_id, batch_seq),
+        ),
+        (names::headers::RUN, run_id.to_string()),
+        (names::headers::BATCH, batch_seq.to_string()),
+        (names::headers::LINES, lines.to_string()),
+    ];
+    if let Some(n) = final_batches {
+        headers.push((names::headers::FINAL, n.to_string()));
+    }
+    headers
+}
+
+async fn run_row(db: &DatabaseConnection, run_id: &str) -> runs::Model {
+    runs::Entity::find_by_id(run_id.to_string())
+        .one(db)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// Found by a user: one batch the aggregator dead-lettered left its run `running`
+/// forever, the watermark waiting for it. Now it is a known gap: the run ends, its
+/// `warning` says which batch was rejected and why; a rejected final batch ends the
+/// run `failed`; a good copy arriving later fills the gap. A lone surrogate escape
+/// (as Python's json.dumps writes one) is no reason to reject a batch at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_batch_is_a_known_gap_and_its_run_still_ends() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    // Batch 1 of 4 is garbage.
+    let batches = synthetic_run("gappy", 4);
+    for batch in &batches {
+        let payload = if batch.batch_seq == 1 {
+            b"not a batch".to_vec()
+        } else {
+            codec::encode(batch).payload
+        };
+        let last = (batch.batch_seq == 3).then_some(4);
+        publish_with(
+            &js,
+            "gappy",
+            payload,
+            &worker_headers("gappy", batch.batch_seq, 50, last),
+        )
+        .await;
+    }
+    let run = wait_terminal(&db.db, "gappy").await;
+    let reason =
+        "batch 1 (50 lines) was rejected: not a zstd frame: 11 bytes without the zstd magic number";
+    assert_eq!(
+        (
+            run.status.as_str(),
+            run.error.as_deref(),
+            run.lines,
+            run.warning.as_deref()
+        ),
+        ("failed", Some("it broke"), 150, Some(reason))
+    );
+    let seqs: Vec<i64> = logs_of(&db.db, "gappy")
+        .await
+        .iter()
+        .map(|l| l.seq)
+        .collect();
+    assert_eq!(seqs, (0..50).chain(100..200).collect::<Vec<i64>>());
+    // A good copy of it, later (another message id): the gap is filled.
+    publish_with(
+        &js,
+        "gappy",
+        codec::encode(&batches[1]).payload,
+        &[(names::headers::MSG_ID, "gappy.1.again".into())],
+    )
+    .await;
+    wait_for("the gap filled", DEADLINE, || async {
+        (run_row(&db.db, "gappy").await.lines == 200).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(logs_of(&db.db, "gappy").await.len(), 200);
+
+    // The final batch is garbage: the run ends failed, saying so.
+    for batch in synthetic_run("cut-short", 3) {
+        let (payload, last) = if batch.batch_seq == 2 {
+            (b"\x28\xb5\x2f\xfd garbage".to_vec(), Some(3))
+        } else {
+            (codec::encode(&batch).payload, None)
+        };
+        publish_with(
+            &js,
+            "cut-short",
+            payload,
+            &worker_headers("cut-short", batch.batch_seq, 50, last),
+        )
+        .await;
+    }
+    let run = wait_terminal(&db.db, "cut-short").await;
+    assert_eq!((run.status.as_str(), run.lines), ("failed", 100));
+    let error = run.error.unwrap();
+    assert!(
+        error.starts_with("its final batch 2 (50 lines) was rejected: "),
+        "{error}"
+    );
+    assert_eq!(run.warning.as_deref(), error.strip_prefix("its final "));
+
+    // A lone surrogate: stored, as U+FFFD.
+    let mut lone = synthetic_run("lone", 1).remove(0);
+    lone.logs[3].message = "PLACEHOLDER".into();
+    let json = serde_json::to_string(&lone)
+        .unwrap()
+        .replace("PLACEHOLDER", r"bad \ud800 char");
+    publish_with(
+        &js,
+        "lone",
+        zstd::bulk::compress(json.as_bytes(), 3).unwrap(),
+        &worker_headers("lone", 0, 50, Some(1)),
+    )
+    .await;
+    let run = wait_terminal(&db.db, "lone").await;
+    assert_eq!((run.lines, run.warning), (50, None));
+    assert_eq!(
+        logs_of(&db.db, "lone").await[3].message,
+        "bad \u{fffd} char"
+    );
+    assert_eq!(AggregatorStats::get(&aggregator.stats().dead_lettered), 2);
+    aggregator.stop().await;
     db.close().await;
 }

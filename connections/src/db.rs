@@ -110,6 +110,7 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
         let pool = sqlx::sqlite::SqlitePoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(30))
+            .after_release(|conn, _| Box::pin(reusable::<sqlx::Sqlite>(conn)))
             .connect_with(options)
             .await
             .map_err(|e| open(e.into()))?;
@@ -120,6 +121,7 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(config.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10))
+            .after_release(|conn, _| Box::pin(reusable::<sqlx::Postgres>(conn)))
             .connect_with(options)
             .await
             .map_err(|e| open(e.into()))?;
@@ -127,6 +129,26 @@ pub async fn connect(config: &DatabaseConfig) -> Result<DatabaseConnection, DbEr
     } else {
         Err(DbError::UnknownScheme { url: url.into() })
     }
+}
+
+/// Whether a connection given back to the pool may be handed out again: only when
+/// it holds no transaction. A COMMIT that fails (SQLite: "database or disk is full")
+/// can leave the driver counting a transaction the database already rolled back; the
+/// connection's next transaction would then begin with a SAVEPOINT, and its "commit"
+/// would only release that savepoint while the caller acknowledged what it wrote —
+/// lost for good. Such a connection is closed, never reused. The ping first runs
+/// the rollback a dropped transaction queued, so the count read after it is current.
+async fn reusable<DB: sqlx::Database>(conn: &mut DB::Connection) -> Result<bool, sqlx::Error> {
+    use sqlx::{Connection, TransactionManager};
+    conn.ping().await?;
+    let depth = DB::TransactionManager::get_transaction_depth(conn);
+    if depth != 0 {
+        tracing::warn!(
+            depth,
+            "a database connection still counts a transaction after its end (a failed COMMIT or ROLLBACK): closed, not reused"
+        );
+    }
+    Ok(depth == 0)
 }
 
 /// SQLite has one writer at a time, and a connection that finds the database locked

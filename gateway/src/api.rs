@@ -101,6 +101,7 @@ pub(crate) struct Hosted {
     description: String,
     config_schema: Value,
     workers: usize,
+    busy: usize,
 }
 
 pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hosted>> {
@@ -121,15 +122,16 @@ pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hoste
         let Ok(info) = serde_json::from_slice::<WorkerInfo>(&value) else {
             continue;
         };
+        let busy = usize::from(info.running.len() >= info.max_concurrent_runs);
         for e in info.experiments {
-            hosted
-                .entry(e.name)
-                .and_modify(|h| h.workers += 1)
-                .or_insert(Hosted {
-                    description: e.description,
-                    config_schema: e.config_schema,
-                    workers: 1,
-                });
+            let h = hosted.entry(e.name).or_insert(Hosted {
+                description: e.description,
+                config_schema: e.config_schema,
+                workers: 0,
+                busy: 0,
+            });
+            h.workers += 1;
+            h.busy += busy;
         }
     }
     Ok(hosted)
@@ -149,6 +151,7 @@ pub(crate) async fn experiments(State(state): AppStateRef) -> ApiResult<Json<Exp
             description: h.description,
             config_schema: h.config_schema,
             workers: h.workers,
+            busy: h.busy,
         })
         .collect();
     Ok(Json(ExperimentList { experiments }))
@@ -499,6 +502,10 @@ pub(crate) struct LogQuery {
     level: Option<String>,
     /// Case-insensitive text the message contains.
     q: Option<String>,
+    /// Also count every stored line the request matches (`matching`): a search's
+    /// total over the whole log, not only this page. Costs a scan of the range.
+    #[param(default = false)]
+    count: Option<bool>,
 }
 
 /// A page of stored log lines.
@@ -550,6 +557,11 @@ pub(crate) async fn logs(
     }
     // Only `before`: the newest lines before it (scrolling up); otherwise oldest first.
     let newest_first = q.before.is_some() && q.after.is_none();
+    let matching = if q.count == Some(true) {
+        Some(find.clone().count(&state.db).await? as i64)
+    } else {
+        None
+    };
     let find = if newest_first {
         find.order_by_desc(run_logs::Column::Seq)
     } else {
@@ -566,6 +578,7 @@ pub(crate) async fn logs(
         lines: lines.into_iter().map(crate::hub::log_line).collect(),
         more,
         total: run.lines,
+        matching,
         status: run_state(&run)?,
     }))
 }

@@ -128,6 +128,35 @@ async fn log_paging_level_filter_and_search() {
         .get(&format!("/api/runs/{id}/logs?level=info,warn&after=22"))
         .await;
     assert_eq!(seqs(&page), [23, 24]);
+    assert!(page.get("matching").is_none(), "counted only when asked");
+    // A search's count covers the whole range asked for, not only the page it returns.
+    let (_, page) = stack
+        .get(&format!(
+            "/api/runs/{id}/logs?q=line%202&limit=2&count=true"
+        ))
+        .await;
+    assert_eq!(
+        (seqs(&page), page["matching"].as_i64()),
+        (vec![2, 20], Some(6))
+    );
+    assert_eq!(page["more"], true);
+    let (_, page) = stack
+        .get(&format!(
+            "/api/runs/{id}/logs?q=line%202&before=22&limit=1&count=true"
+        ))
+        .await;
+    assert_eq!(
+        (seqs(&page), page["matching"].as_i64()),
+        (vec![21], Some(3))
+    );
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?level=warn&count=true"))
+        .await;
+    assert_eq!((seqs(&page), page["matching"].as_i64()), (vec![], Some(0)));
+    let (_, page) = stack
+        .get(&format!("/api/runs/{id}/logs?after=9&count=true"))
+        .await;
+    assert_eq!(page["matching"].as_i64(), Some(15));
     let (status, body) = stack.get(&format!("/api/runs/{id}/logs?level=loud")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(

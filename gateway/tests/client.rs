@@ -18,7 +18,7 @@ async fn every_call_of_the_client_against_a_real_gateway() {
 
     let experiments = api.experiments().await.unwrap();
     let sweep = experiments.iter().find(|e| e.name == "sweep").unwrap();
-    assert_eq!(sweep.workers, 1);
+    assert_eq!((sweep.workers, sweep.busy), (1, 0));
     assert!(sweep.config_schema["properties"]["iterations"].is_object());
 
     // Start a run and follow it to its end, folding the feed.

@@ -519,7 +519,7 @@ impl Athanor {
     }
 
     #[tool(
-        description = "A page of a run's stored log, oldest first: lines after (or before) a seq, filtered by level and search text; with `total` (lines stored) and `more` (more lines match). Page forward with after = the last seq returned. Messages over 2000 characters are cut with a marker.",
+        description = "A page of a run's stored log, oldest first: lines after (or before) a seq, filtered by level and search text; with `total` (lines stored), `more` (more lines match) and, on a filtered request without after/before, `matching` (how many lines of the whole log match). Page forward with after = the last seq returned. Messages over 2000 characters are cut with a marker.",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn get_run_logs(
@@ -528,18 +528,23 @@ impl Athanor {
         ctx: RequestContext<RoleServer>,
     ) -> ToolResult {
         let api = api!(self, ctx);
+        // A search's total over the whole log, once: on its first page.
+        let filtered = args.level.is_some() || args.search.is_some();
+        let count = filtered && args.after.is_none() && args.before.is_none();
         let query = LogQuery {
             after: args.after,
             before: args.before,
             limit: Some(bounded_lines(args.limit)),
             level: args.level,
             q: args.search,
+            count: count.then_some(true),
         };
         answer(api.logs(&args.id, &query).await.map(|page| {
             json!({
                 "run_id": page.run_id,
                 "status": page.status,
                 "total": page.total,
+                "matching": page.matching,
                 "more": page.more,
                 "lines": cut_lines(page.lines),
             })

@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m0001_initial;
 mod m0002_metrics;
 mod m0003_instance_runs;
+mod m0004_rejected_batches;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0001_initial::Migration),
             Box::new(m0002_metrics::Migration),
             Box::new(m0003_instance_runs::Migration),
+            Box::new(m0004_rejected_batches::Migration),
         ]
     }
 }

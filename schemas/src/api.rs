@@ -20,6 +20,10 @@ pub struct Experiment {
     pub config_schema: Value,
     /// Live workers hosting it.
     pub workers: usize,
+    /// Of those, how many are running as many runs as they take (a new run waits for
+    /// one of them, or for another worker).
+    #[serde(default)]
+    pub busy: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +141,9 @@ pub struct LogQuery {
     /// Case-insensitive text search in the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub q: Option<String>,
+    /// Also count every line the request matches (not only this page): `matching`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<bool>,
 }
 
 /// A page of a run's stored log.
@@ -149,6 +156,10 @@ pub struct LogPage {
     pub more: bool,
     /// Lines stored for the run.
     pub total: i64,
+    /// With `count=true`: how many stored lines match the whole request (its `after`,
+    /// `before`, `level` and `q`), of which this page holds at most `limit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matching: Option<i64>,
     pub status: RunState,
 }
 

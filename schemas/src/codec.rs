@@ -168,7 +168,11 @@ fn from_json(json: &[u8]) -> Result<Batch, DecodeError> {
     let unknown = |v: &serde_json::Value| DecodeError::UnknownVersion {
         found: v.as_str().map_or_else(|| v.to_string(), str::to_string),
     };
-    match serde_json::from_slice::<Batch>(json) {
+    let parsed = serde_json::from_slice::<Batch>(json).or_else(|e| match repair_surrogates(json) {
+        Some(repaired) => serde_json::from_slice::<Batch>(&repaired),
+        None => Err(e),
+    });
+    match parsed {
         Ok(batch) if batch.major() == Some(SCHEMA_MAJOR) => check_ranges(batch),
         Ok(batch) => Err(unknown(&serde_json::Value::String(batch.v))),
         Err(e) => match serde_json::from_slice::<VersionProbe>(json) {
@@ -178,6 +182,47 @@ fn from_json(json: &[u8]) -> Result<Batch, DecodeError> {
             _ => Err(DecodeError::Malformed(e.to_string())),
         },
     }
+}
+
+/// JSON text whose `\uD800`–`\uDFFF` escapes that are not a surrogate pair (a lone
+/// half, which Python's `json.dumps` writes for such a string) are each written as
+/// `\uFFFD`, the replacement character; `None` when there is none. Rust strings cannot
+/// hold a lone surrogate, so without this one bad character would refuse a whole batch
+/// from a producer in another language. Backslashes occur only inside JSON strings, so
+/// no string tracking is needed.
+fn repair_surrogates(json: &[u8]) -> Option<Vec<u8>> {
+    fn escape_at(json: &[u8], at: usize) -> Option<u32> {
+        let hex = json.get(at..at + 6)?;
+        if hex[0] != b'\\' || hex[1] != b'u' {
+            return None;
+        }
+        u32::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    }
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let width = match escape_at(json, i) {
+            Some(0xD800..=0xDBFF) if matches!(escape_at(json, i + 6), Some(0xDC00..=0xDFFF)) => 12,
+            Some(0xD800..=0xDFFF) => {
+                let out = out.get_or_insert_with(|| Vec::with_capacity(json.len()));
+                out.extend_from_slice(&json[copied..i]);
+                out.extend_from_slice(b"\\ufffd");
+                copied = i + 6;
+                6
+            }
+            Some(_) => 6,
+            None => 2,
+        };
+        i += width;
+    }
+    let mut out = out?;
+    out.extend_from_slice(&json[copied.min(json.len())..]);
+    Some(out)
 }
 
 /// Refuses what parses but cannot be stored: metric steps over [`MAX_STEP`]
@@ -196,6 +241,31 @@ fn check_ranges(batch: Batch) -> Result<Batch, DecodeError> {
 mod tests {
     use super::*;
     use crate::batch::{Level, LogLine};
+
+    #[test]
+    fn a_lone_surrogate_becomes_the_replacement_character_and_a_pair_stays() {
+        let repair =
+            |s: &str| repair_surrogates(s.as_bytes()).map(|v| String::from_utf8(v).unwrap());
+        assert_eq!(
+            repair(r#"{"m":"a\ud800b"}"#).as_deref(),
+            Some(r#"{"m":"a\ufffdb"}"#)
+        );
+        assert_eq!(
+            repair(r#"{"m":"\udc00\ud83d"}"#).as_deref(),
+            Some(r#"{"m":"\ufffd\ufffd"}"#)
+        );
+        assert_eq!(repair(r#"{"m":"\ud83d\ude42 \\ud800 \n"}"#), None);
+        // A whole batch as another language's producer writes it: stored, not refused.
+        let mut batch = sample();
+        batch.logs[1].message = "PLACEHOLDER".into();
+        let json = serde_json::to_string(&batch)
+            .unwrap()
+            .replace("PLACEHOLDER", r"x\ud800y");
+        let payload = zstd::encode_all(json.as_bytes(), 3).unwrap();
+        let decoded = decode(&payload, DEFAULT_DECODE_LIMIT).unwrap();
+        assert_eq!(decoded.logs[1].message, "x\u{fffd}y");
+        assert_eq!(decoded.logs[2], batch.logs[2]);
+    }
 
     fn sample() -> Batch {
         let mut b = Batch::new("run-1", 3, "w1");

@@ -50,6 +50,10 @@ pub struct RunView {
     pub lines: i64,
     pub results: i64,
     pub batches: i64,
+    /// Batches of the run the aggregator had to reject (dead-letter), and why: their
+    /// lines are missing from the stored log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// The first event of a feed, and the one after a `resync`.

@@ -31,6 +31,14 @@ pub fn run_subject(run_id: &str) -> String {
     format!("athanor.run.{run_id}.batch")
 }
 
+/// The run whose batches `subject` carries (the inverse of [`run_subject`]).
+pub fn run_of_subject(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix("athanor.run.")?
+        .strip_suffix(".batch")
+        .filter(|run| is_valid_token(run))
+}
+
 /// The subject requests for `experiment` are published on.
 pub fn request_subject(experiment: &str) -> String {
     format!("athanor.request.{experiment}")
@@ -60,6 +68,9 @@ pub mod headers {
     pub const RUN: &str = "Athanor-Run";
     pub const BATCH: &str = "Athanor-Batch";
     pub const LINES: &str = "Athanor-Lines";
+    /// On a run's final batch: the run's number of batches (so a final batch that
+    /// cannot be decoded still ends its run).
+    pub const FINAL: &str = "Athanor-Final";
 }
 
 /// Run ids and experiment names become subject tokens: they may hold only

@@ -246,6 +246,11 @@ impl RunBuffer {
         }
     }
 
+    /// The longest message a line keeps (longer ones are cut with a marker).
+    pub fn max_line_bytes(&self) -> usize {
+        self.max_line_bytes
+    }
+
     pub fn log(&self, level: Level, message: String, metadata: Option<Value>) {
         if self.closed.load(Ordering::Relaxed) {
             return;

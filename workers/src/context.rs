@@ -76,6 +76,12 @@ impl RunContext {
         self.shared.config.get(field).and_then(Value::as_str)
     }
 
+    /// The longest message a line keeps; a longer one is cut, with a marker. An
+    /// experiment building a message from its config builds no more than this.
+    pub fn max_line_bytes(&self) -> usize {
+        self.shared.buffer.max_line_bytes()
+    }
+
     /// Appends a line to the run's log. Blocks only when the worker's unpublished
     /// output is over `worker.max_pending_bytes` (see [`crate::buffer::WhenFull`]).
     pub fn log(&self, level: Level, message: impl Into<String>) {

@@ -59,6 +59,8 @@ pub struct PublishStats {
 struct Outgoing {
     batch_seq: u64,
     lines: usize,
+    /// The run's number of batches, on its final batch.
+    final_batches: Option<u64>,
     json_len: usize,
     payload: Vec<u8>,
 }
@@ -198,6 +200,9 @@ impl Publisher {
         headers.insert(names::headers::RUN, self.run_id.as_str());
         headers.insert(names::headers::BATCH, batch.batch_seq.to_string().as_str());
         headers.insert(names::headers::LINES, batch.lines.to_string().as_str());
+        if let Some(batches) = batch.final_batches {
+            headers.insert(names::headers::FINAL, batches.to_string().as_str());
+        }
         let payload = Bytes::from(batch.payload);
         let wire = payload.len() as u64;
         // Never gives up: the run's output exists only in this batch now.
@@ -330,6 +335,7 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
     out.push(Outgoing {
         batch_seq: batch.batch_seq,
         lines: batch.logs.len(),
+        final_batches: batch.final_.as_ref().map(|f| f.batches),
         json_len: encoded.json_len,
         payload: encoded.payload,
     });

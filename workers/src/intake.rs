@@ -245,6 +245,7 @@ impl WorkerShared {
         }
         info!(run_id = %run_id, experiment = %request.experiment, "run started");
         self.runs_started.fetch_add(1, Ordering::Relaxed);
+        self.runs_changed.notify_one();
         self.tasks.spawn(supervise(
             self.clone(),
             run,

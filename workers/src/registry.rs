@@ -1,5 +1,5 @@
 //! The worker's registration in `athanor_workers`: refreshed every heartbeat, so the
-//! bucket's TTL removes a worker that died.
+//! bucket's TTL removes a worker that died, and whenever a run starts or ends.
 
 use std::sync::Arc;
 
@@ -15,13 +15,13 @@ pub(crate) async fn heartbeat(worker: Arc<WorkerShared>, bucket: kv::Store) {
     loop {
         tokio::select! {
             _ = worker.deregister.cancelled() => break,
-            _ = interval.tick() => {
-                let info = serde_json::to_vec(&worker.info()).expect("worker info serialises");
-                match bucket.put(&worker.id, info.into()).await {
-                    Ok(revision) => debug!(worker_id = %worker.id, revision, "heartbeat"),
-                    Err(error) => warn!(worker_id = %worker.id, %error, "heartbeat failed"),
-                }
-            }
+            _ = interval.tick() => {}
+            _ = worker.runs_changed.notified() => {}
+        }
+        let info = serde_json::to_vec(&worker.info()).expect("worker info serialises");
+        match bucket.put(&worker.id, info.into()).await {
+            Ok(revision) => debug!(worker_id = %worker.id, revision, "heartbeat"),
+            Err(error) => warn!(worker_id = %worker.id, %error, "heartbeat failed"),
         }
     }
     if let Err(error) = bucket.delete(&worker.id).await {

@@ -154,6 +154,7 @@ pub(crate) async fn supervise(
         )
         .await;
     worker.runs.lock().remove(&run.run_id);
+    worker.runs_changed.notify_one();
     drop(slot);
     match &error {
         Some(error) if state == RunState::Failed => {

@@ -36,6 +36,9 @@ pub(crate) struct WorkerShared {
     pub(crate) budget: Arc<Budget>,
     /// Runs executing now, by id: the cancel watcher looks them up here.
     pub(crate) runs: Mutex<HashMap<String, Arc<RunShared>>>,
+    /// Told when a run starts or ends: the registration is refreshed at once, so
+    /// `running` (how busy the worker is) is current, not a heartbeat old.
+    pub(crate) runs_changed: tokio::sync::Notify,
     /// One permit per concurrently executing run (`max_concurrent_runs`).
     pub(crate) slots: Arc<Semaphore>,
     pub(crate) stats: Arc<PublishStats>,
@@ -111,6 +114,7 @@ impl Worker {
                 .map(|e| (e.name().to_string(), e))
                 .collect(),
             runs: Mutex::new(HashMap::new()),
+            runs_changed: tokio::sync::Notify::new(),
             stats: Arc::new(PublishStats::default()),
             runs_started: AtomicU64::new(0),
             runs_stream,

@@ -540,6 +540,7 @@ pub(crate) fn run_view(run: runs::Model) -> ApiResult<RunView> {
         lines: run.lines,
         results: run.results,
         batches: run.batches,
+        warning: run.warning,
     })
 }
 

@@ -349,6 +349,7 @@ mod tests {
             lines: 0,
             results: 0,
             batches: 0,
+            warning: None,
         }
     }
 

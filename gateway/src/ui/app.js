@@ -52,21 +52,6 @@ async function api(method, path, body) {
   return { status: response.status, body: json };
 }
 
-/**
- * The URL of a feed: with a fresh feed token when a token is in use (EventSource cannot
- * send headers), and resuming after `lastId` when given.
- */
-async function feedUrl(path, tokenPath, lastId) {
-  const q = new URLSearchParams();
-  if (token()) {
-    const r = await api('POST', tokenPath);
-    if (r.body?.token) q.set('token', r.body.token);
-  }
-  if (lastId) q.set('last_event_id', lastId);
-  const qs = q.toString();
-  return qs ? `${path}?${qs}` : path;
-}
-
 const pad = (n, w = 2) => String(n).padStart(w, '0');
 
 /** µs since the epoch → local `HH:MM:SS.mmm`. */
@@ -420,32 +405,35 @@ function runsPage(app) {
   const reload = () => { clearTimeout(timer); timer = setTimeout(load, 250); };
   status.addEventListener('change', load);
   experiment.addEventListener('input', reload);
-  let events = null;
-  let closed = false;
-  const connect = async () => {
-    const url = await feedUrl('/api/events', '/api/events/feed-token');
-    if (closed) return;
-    events = new EventSource(url);
-    events.onopen = () => { conn.textContent = 'live'; conn.className = 'conn live'; };
-    events.onerror = () => {
-      conn.textContent = 'reconnecting…'; conn.className = 'conn reconnecting';
-      // Refused (an expired feed token): open it again; a network error retries by itself.
-      if (events.readyState === EventSource.CLOSED) setTimeout(() => { if (!closed) { reload(); connect(); } }, 1000);
-    };
-    events.addEventListener('run', onRun);
-    events.addEventListener('resync', reload);
+  // The lifecycle feed (feed.js: reconnects after a silence of twice the keep-alive).
+  // It has no replay: after any gap in the connection the list is loaded again.
+  let live = false;
+  let connectedBefore = false;
+  const onFeedState = (text, cls, code) => {
+    if (cls === 'error' && code === 401) askForToken(text);
+    conn.textContent = cls === 'error' && code === 401 ? 'needs the API token' : text;
+    conn.className = `conn ${cls === 'error' ? 'reconnecting' : cls}`;
+    if (cls === 'live' && !live) {
+      if (connectedBefore) reload();
+      connectedBefore = true;
+    }
+    live = cls === 'live' || cls === 'behind';
   };
-  const onRun = (e) => {
-    const change = JSON.parse(e.data);
+  const onRun = (change) => {
     const row = rowsById.get(change.run_id);
     if (row && (!status.value || status.value === change.status)) {
       row.children[3].replaceChildren(badge(change.status));
       if (TERMINAL.has(change.status)) reload();
     } else reload();
   };
-  connect();
+  const feed = new Feed('/api/events', {
+    handlers: { run: onRun, resync: reload },
+    onState: onFeedState,
+    headers: () => (token() ? { authorization: `Bearer ${token()}` } : {}),
+    measureLag: false,
+  });
   load();
-  return () => { closed = true; events?.close(); clearTimeout(timer); };
+  return () => { feed.close(); clearTimeout(timer); };
 }
 
 // ---------------------------------------------------------------- run page
@@ -459,6 +447,11 @@ function runPage(app, runId) {
     view: [],                 // what the log shows: `all`, or the lines matching the filter
     viewHasOlder: false,
     filter: { levels: new Set(LEVELS), q: '' },
+    // A filter's count over the whole log: the stored lines before `all` that match (the
+    // gateway counts them; null until it answers), plus those seen from `all` onwards.
+    matchedBefore: null,
+    matchedAfter: 0,
+    filterGeneration: 0,      // bumped by each change of filter: late answers are dropped
     results: new Map(),       // key → {seq, key, value, ts}
     auto: true,               // follow the newest line
     loadingOlder: false,
@@ -482,6 +475,8 @@ function runPage(app, runId) {
   const cancel = h('button', { class: 'danger', disabled: true, dataset: { role: 'cancel' } }, 'Cancel');
   const cancelMsg = h('span', { class: 'field-error' });
   const errorText = h('div', { class: 'field-error', dataset: { role: 'error' } });
+  // Batches the aggregator rejected: lines missing from the stored log, and why.
+  const warningText = h('div', { class: 'run-warning', dataset: { role: 'warning' } });
   // --- log toolbar
   const totalText = h('span', { class: 'mono', dataset: { role: 'total' } });
   const levelButtons = LEVELS.map((l) => h('button', { class: `toggle on l-${l}`, 'aria-pressed': 'true', dataset: { level: l } }, l));
@@ -507,6 +502,7 @@ function runPage(app, runId) {
       h('div', { class: 'progress' }, progressBar, progressText),
       conn, cancel, cancelMsg, announce),
     errorText,
+    warningText,
     charts.el,
     h('div', { class: 'run-body' },
       h('div', { class: 'logs', style: undefined },
@@ -546,7 +542,8 @@ function runPage(app, runId) {
     } else if (p) {
       progressText.textContent = plain(p.message || '');
     } else if (run.status === 'pending') {
-      progressText.textContent = 'waiting for a worker to take it';
+      progressText.textContent = waiting;
+      watchWorkers();
     }
     if (TERMINAL.has(run.status)) {
       // Keep focus on the page's header rather than losing it with the button.
@@ -557,6 +554,7 @@ function runPage(app, runId) {
       cancel.disabled = false;
     }
     errorText.textContent = run.error || '';
+    warningText.textContent = run.warning || '';
     title.textContent = `${run.experiment || '…'} · ${run.id}`;
     info.replaceChildren(
       h('dt', {}, 'created'), h('dd', {}, dateTime(run.created_at)),
@@ -564,6 +562,29 @@ function runPage(app, runId) {
       h('dt', {}, 'finished'), h('dd', {}, dateTime(run.finished_at)),
       h('dt', {}, 'worker'), h('dd', {}, run.worker_id || ''),
       h('dt', {}, 'config'), h('dd', { title: JSON.stringify(run.config) }, JSON.stringify(run.config)));
+  }
+
+  // A pending run: how many of the workers that host its experiment are busy, asked
+  // again every 2 s until the run starts.
+  let closed = false;        // the page was left
+  let waiting = 'waiting for a worker to take it';
+  let watchingWorkers = null;
+  function watchWorkers() {
+    if (watchingWorkers) return;
+    const ask = async () => {
+      const run = state.run;
+      if (!run || run.status !== 'pending' || closed) { watchingWorkers = null; return; }
+      const result = await api('GET', '/api/experiments');
+      if (result.status === 200) {
+        const hosting = (result.body.experiments || []).find((e) => e.name === run.experiment);
+        waiting = !hosting
+          ? `waiting for a worker: no live worker hosts ${run.experiment}`
+          : `waiting for a worker: ${hosting.busy} of ${hosting.workers} hosting it ${hosting.busy === 1 ? 'is' : 'are'} busy`;
+        if (state.run?.status === 'pending') progressText.textContent = waiting;
+      }
+      watchingWorkers = setTimeout(ask, 2000);
+    };
+    watchingWorkers = setTimeout(ask, 0);
   }
 
   function tickElapsed() {
@@ -605,7 +626,7 @@ function runPage(app, runId) {
     }
     jump.hidden = state.auto;
     totalText.textContent = filtered()
-      ? `${fmt.format(state.view.length)} matching · ${lineCount(state.total)}`
+      ? `${state.matchedBefore === null ? '…' : fmt.format(state.matchedBefore + state.matchedAfter)} matching · ${lineCount(state.total)}`
       : lineCount(state.total);
   }
 
@@ -676,10 +697,20 @@ function runPage(app, runId) {
       if (!state.auto) viewport.scrollTop -= drop * ROW_HEIGHT;
     }
   }
+  const filterQuery = (q) => {
+    if (state.filter.levels.size !== LEVELS.length) q.set('level', [...state.filter.levels].join(','));
+    if (state.filter.q) q.set('q', state.filter.q);
+    return q;
+  };
   function applyFilter() {
+    state.filterGeneration += 1;
+    state.loadingOlder = false;
     if (filtered()) {
       state.view = state.all.filter(matches);
       state.viewHasOlder = state.allHasOlder;
+      state.matchedAfter = state.view.length;
+      state.matchedBefore = state.allHasOlder ? null : 0;
+      if (state.allHasOlder) countEarlier();
     } else {
       state.view = state.all;
       state.viewHasOlder = state.allHasOlder;
@@ -687,17 +718,35 @@ function runPage(app, runId) {
     state.auto = true;
     schedule();
   }
+  // The matches before the lines in memory: counted by the gateway over the whole stored
+  // log, and the newest page of them shown at once (scrolling up pages in the rest).
+  async function countEarlier() {
+    const generation = state.filterGeneration;
+    const boundary = state.all.length ? state.all[0].seq : state.total;
+    const q = filterQuery(new URLSearchParams({ before: String(boundary), limit: String(PAGE), count: 'true' }));
+    const result = await api('GET', `/api/runs/${encodeURIComponent(runId)}/logs?${q}`);
+    if (generation !== state.filterGeneration) return;
+    if (result.status !== 200) {
+      totalText.title = result.body?.error || `the gateway answered ${result.status}`;
+      return;
+    }
+    state.matchedBefore = result.body.matching;
+    const older = result.body.lines || [];
+    state.view = older.concat(state.view);
+    state.viewHasOlder = result.body.more;
+    if (!state.auto) viewport.scrollTop += older.length * ROW_HEIGHT;
+    schedule();
+  }
   async function loadOlder() {
     if (state.loadingOlder || !state.viewHasOlder) return;
     state.loadingOlder = true;
     const firstSeq = Math.min(state.view.length ? state.view[0].seq : Infinity, state.all.length ? state.all[0].seq : Infinity);
     const q = new URLSearchParams({ before: String(Number.isFinite(firstSeq) ? firstSeq : state.total), limit: String(PAGE) });
-    if (filtered()) {
-      if (state.filter.levels.size !== LEVELS.length) q.set('level', [...state.filter.levels].join(','));
-      if (state.filter.q) q.set('q', state.filter.q);
-    }
+    if (filtered()) filterQuery(q);
+    const generation = state.filterGeneration;
     const viewBefore = state.view;
     const result = await api('GET', `/api/runs/${encodeURIComponent(runId)}/logs?${q}`);
+    if (generation !== state.filterGeneration) return;
     state.loadingOlder = false;
     if (result.status !== 200 || state.view !== viewBefore) return;
     const older = result.body.lines || [];
@@ -754,7 +803,12 @@ function runPage(app, runId) {
     const result = await api('POST', `/api/runs/${encodeURIComponent(runId)}/cancel`);
     if (result.status === 202) cancelMsg.textContent = '';
     else cancelMsg.textContent = result.body?.error || `the gateway answered ${result.status}`;
-    if (result.status === 202) { status.focus(); cancel.disabled = true; cancel.textContent = 'Cancelling…'; }
+    if (result.status === 202) {
+      status.focus();
+      cancel.disabled = true;
+      // The run's end may have arrived before this answer did.
+      if (!TERMINAL.has(state.run?.status)) cancel.textContent = 'Cancelling…';
+    }
   });
 
   // --- the feed (feed.js: resumes with Last-Event-ID, reconnects after a silence of
@@ -817,7 +871,9 @@ function runPage(app, runId) {
     const run = state.run;
     state.total += batch.logs.length;
     for (const line of batch.logs) state.all.push(line);
-    if (state.view !== state.all) for (const line of batch.logs) if (matches(line)) state.view.push(line);
+    if (state.view !== state.all) {
+      for (const line of batch.logs) if (matches(line)) { state.view.push(line); state.matchedAfter += 1; }
+    }
     trimFront();
     for (const r of batch.results) setResult(r);
     if (batch.metrics) charts.records(batch.metrics);
@@ -853,6 +909,8 @@ function runPage(app, runId) {
   const onResize = () => schedule();
   window.addEventListener('resize', onResize);
   return () => {
+    closed = true;
+    clearTimeout(watchingWorkers);
     feed?.close();
     document.removeEventListener('keydown', onKey);
     clearInterval(ticker);

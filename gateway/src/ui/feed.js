@@ -66,8 +66,11 @@ function parseBlock(block) {
  * `reconnecting…`, `resyncing…`, or an error.
  */
 export class Feed {
-  constructor(path, { handlers, onState, headers }) {
+  constructor(path, { handlers, onState, headers, measureLag = true }) {
     this.path = path;
+    // Only where `at` is the gateway's clock (a run's feed); a lifecycle change's `at`
+    // is its worker's, which may be set apart from any other's.
+    this.measureLag = measureLag;
     this.handlers = handlers;
     this.onState = onState;
     this.headers = headers;
@@ -166,7 +169,9 @@ export class Feed {
   async dispatch(event) {
     if (event.id !== null && event.id !== '') this.lastId = event.id;
     if (event.event === 'resync') {
-      this.onState('resyncing…', 'reconnecting');
+      // A run's feed: a fresh snapshot follows. A list (the lifecycle feed) reloads.
+      if (this.handlers.resync) this.handlers.resync();
+      else this.onState('resyncing…', 'reconnecting');
       return;
     }
     let data = null;
@@ -183,7 +188,7 @@ export class Feed {
       return;
     }
     handler?.(data);
-    if (typeof data.at === 'number' && data.at > 0) this.lag(data.at);
+    if (this.measureLag && typeof data?.at === 'number' && data.at > 0) this.lag(data.at);
   }
 
   /** How far behind the gateway this page is, from the gateway's time on an event. */

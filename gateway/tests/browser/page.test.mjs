@@ -91,6 +91,38 @@ test('searching or toggling a level at the end of a long finished log draws the 
   await page.close();
 });
 
+test('a search counts and pages through the whole log, not only the lines in memory', async () => {
+  // Found by a user: "196 matching · 10,001 lines" where the API found 2 111 — the
+  // count covered the 1 000-line tail the page holds.
+  const id = await startRun(athanor.url, 'log_storm', { lines_per_second: 10_000, duration_ms: 1000 });
+  const { page, problems } = await openPage(`#/runs/${id}`);
+  await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
+  const logs = async (q) => (await fetch(`${athanor.url}/api/runs/${id}/logs?${q}`)).json();
+  // Everything but warn: thousands of lines, most of them before the tail in memory.
+  const wanted = await logs('level=trace,debug,info,error&count=true&limit=1');
+  const inTail = await logs('level=trace,debug,info,error&count=true&limit=1&after=9000');
+  assert.ok(wanted.matching > inTail.matching + 2000, `${wanted.matching} matching, ${inTail.matching} in the tail`);
+  await page.locator('button[data-level=warn]').click();
+  const expected = `${new Intl.NumberFormat('en-US').format(wanted.matching)} matching · 10,001 lines`;
+  await waitFor('the whole log counted', async () => (await page.locator('[data-role=total]').textContent()) === expected);
+  // Scrolling up pages the older matches in, down to the first.
+  const firstSeq = wanted.lines[0].seq;
+  const viewport = page.locator('[data-role=viewport]');
+  await waitFor('the first match paged in', async () => {
+    await viewport.evaluate((el) => { el.scrollTop = 0; el.dispatchEvent(new Event('scroll')); });
+    return Number(await page.locator('.viewport .line').first().getAttribute('data-seq')) === firstSeq;
+  });
+  const shown = await page.locator('.viewport .line .lvl').allTextContents();
+  assert.ok(shown.length > 10 && shown.every((l) => l !== 'WARN'), shown.join(' '));
+  // A search and a level together, counted by the gateway as well.
+  await page.locator('[data-role=search]').fill('step');
+  const both = await logs('level=trace,debug,info,error&q=step&count=true&limit=1');
+  await waitFor('the search counted', async () => (await page.locator('[data-role=total]').textContent())
+    === `${new Intl.NumberFormat('en-US').format(both.matching)} matching · 10,001 lines`);
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
 test('the cancel button cancels a running run', async () => {
   const id = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
   const { page, problems } = await openPage(`#/runs/${id}`);

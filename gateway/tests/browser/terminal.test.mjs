@@ -64,14 +64,16 @@ test('a first visit points from the empty runs list to Experiments, whose forms 
   await page.close();
 });
 
-test('a pending run says it waits for a worker, then shows the worker that took it', async () => {
+test('a pending run says it waits for a worker and how many are busy, then shows the worker that took it', async () => {
   const busy = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
   await waitFor('the slot taken', async () => (await runStatus(athanor.url, busy)).status === 'running');
   const id = await startRun(athanor.url, 'sweep', { iterations: 2, delay_ms: 100 });
   const page = await chromium.newPage({ viewport: { width: 1280, height: 900 } });
   await page.goto(`${athanor.url}/#/runs/${id}`);
   await waitFor('pending', async () => (await page.locator('.run-head .badge').textContent()) === 'pending');
-  assert.equal(await page.locator('[data-role=progress]').textContent(), 'waiting for a worker to take it');
+  // How busy the workers that host it are (one worker, its one slot taken).
+  await waitFor('how busy the workers are', async () => (await page.locator('[data-role=progress]').textContent())
+    === 'waiting for a worker: 1 of 1 hosting it is busy');
   await fetch(`${athanor.url}/api/runs/${busy}/cancel`, { method: 'POST' });
   await waitFor('the run to end', async () => (await page.locator('[data-role=conn]').textContent()) === 'ended');
   const worker = (await runStatus(athanor.url, id)).worker_id;

@@ -14,6 +14,10 @@ pub struct Model {
     pub stream_seq: i64,
     pub lines: i64,
     pub stored_at: i64,
+    /// Set for a batch the aggregator dead-lettered: why. A known gap — its lines are
+    /// not stored, and the run's watermark moves past it.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub rejected: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -46,6 +46,9 @@ pub struct Model {
     pub final_error: Option<String>,
     /// When the worker ended the run (its terminal status time).
     pub final_at: Option<i64>,
+    /// Which batches of the run were rejected (dead-lettered) and why; none: null.
+    #[sea_orm(column_type = "Text", nullable)]
+    pub warning: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -39,7 +39,11 @@ impl Experiment for Echo {
 
     fn run(&self, ctx: &RunContext) -> Result<(), RunError> {
         let repeat = ctx.config_i64("repeat").unwrap_or(1).max(1) as usize;
-        let message = ctx.config_str("message").unwrap_or("hello").repeat(repeat);
+        let message = repeated(
+            ctx.config_str("message").unwrap_or("hello"),
+            repeat,
+            ctx.max_line_bytes(),
+        );
         let count = ctx.config_i64("count").unwrap_or(1).max(1) as u64;
         let level = match ctx.config_str("level").unwrap_or("info") {
             "trace" => Level::Trace,
@@ -61,5 +65,36 @@ impl Experiment for Echo {
         );
         ctx.result(message.chars().take(200).collect::<String>(), count);
         Ok(())
+    }
+}
+
+/// `text` repeated `times` times, but never longer than `limit` bytes (cut at a
+/// character boundary): a line is cut there anyway, and the product of two config
+/// values must not size an allocation (a 100 kB message × 16 777 216 asked for 1.6 TB).
+fn repeated(text: &str, times: usize, limit: usize) -> String {
+    let whole = (limit / text.len().max(1)).min(times);
+    let mut out = text.repeat(whole);
+    if whole < times && out.len() < limit {
+        let mut end = limit - out.len();
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.push_str(&text[..end]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repeated;
+
+    #[test]
+    fn a_repeated_message_is_built_no_longer_than_a_line_keeps() {
+        assert_eq!(repeated("ab", 3, 100), "ababab");
+        assert_eq!(repeated("ab", 3, 5), "ababa");
+        assert_eq!(repeated("é", 10, 5), "éé");
+        assert_eq!(repeated("", 10, 5), "");
+        let huge = repeated(&"x".repeat(100_000), 16_777_216, 64 << 10);
+        assert_eq!(huge.len(), 64 << 10);
     }
 }
