@@ -123,6 +123,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = config::load(cli.config.as_deref())?;
     init_logging(&config.log);
+    raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -274,6 +275,29 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         }
     }
     std::process::exit(130);
+}
+
+/// Raises the soft limit of open files to the hard one (often 1 024 against 524 288):
+/// every SSE viewer is a socket, and at the soft limit a gateway stops accepting
+/// anything, a plain API request included.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return; // unlimited
+    };
+    if soft >= hard {
+        tracing::debug!(open_files = soft, "open-files limit");
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-files limit"),
+        Err(error) => tracing::warn!(soft, hard, %error, "could not raise the open-files limit"),
+    }
 }
 
 fn init_logging(log: &config::LogConfig) {

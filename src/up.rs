@@ -22,9 +22,12 @@ pub async fn run(
         Some(_) => None,
         None => {
             let (bin, store) = (config.nats.server_bin.clone(), data_dir.join("nats"));
+            let sync_always = config.nats.sync_always;
             // Waits (blocking) until the server listens.
-            let server =
-                tokio::task::spawn_blocking(move || EmbeddedServer::start(&bin, &store)).await??;
+            let server = tokio::task::spawn_blocking(move || {
+                EmbeddedServer::start_with(&bin, &store, sync_always)
+            })
+            .await??;
             config.nats.url = Some(server.url());
             Some(server)
         }

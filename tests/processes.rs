@@ -1,5 +1,7 @@
 //! The `athanor` binary as separate processes, killed without warning.
 
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -192,4 +194,144 @@ async fn a_worker_killed_with_sigkill_leaves_no_child_process_running() {
     )
     .await
     .unwrap();
+}
+
+/// Found by a user: `athanor up` killed with SIGKILL (as the OOM killer does) left its
+/// nats-server running, the next start spawned a second one on the same store, and
+/// every further crash leaked another. Now the server dies with `athanor up`, and a
+/// start stops a server an earlier one left on its store before spawning its own.
+#[test]
+fn the_embedded_nats_server_dies_with_athanor_up_and_a_stale_one_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("nats/nats-server.pid");
+    let server_pid = || -> u32 {
+        std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (mut up, _) = common::up(dir.path());
+    let server = server_pid();
+    assert!(alive(server));
+    // Durable by default: JetStream fsyncs every write.
+    let conf = std::fs::read_to_string(dir.path().join("nats/nats-server.conf")).unwrap();
+    assert!(conf.contains("sync_interval: always"), "{conf}");
+    up.kill().unwrap(); // SIGKILL
+    up.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(server) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server {server} outlived athanor up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A server left behind by a crash before this fix: started by hand on the store's
+    // configuration, its pid in the file.
+    let mut stale = Command::new(athanor_testkit::server_bin())
+        .arg("-c")
+        .arg(dir.path().join("nats/nats-server.conf"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::fs::write(&pid_file, stale.id().to_string()).unwrap();
+    let (mut up, url) = common::up(dir.path());
+    assert!(!alive(stale.id()), "the stale server still runs");
+    stale.wait().unwrap();
+    let server = server_pid();
+    assert_ne!(server, stale.id());
+    common::wait_for_worker(&url);
+    common::stop(&mut up);
+    assert!(!alive(server));
+}
+
+/// The status code of a bare HTTP/1.1 GET of `path` on `stream` (left open).
+fn http_status(stream: &mut std::net::TcpStream, host: &str, path: &str) -> u16 {
+    use std::io::{BufRead, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {line:?}"))
+}
+
+/// Found by a user: under the usual 1 024 open files the gateway served ~1 000 feeds,
+/// then a plain `GET /api/runs` got no answer and nothing was logged; and connections
+/// trickling their headers stayed open forever. Now feeds stop at the open-files limit
+/// less a reserve (503 with `Retry-After`), the API keeps answering, and a connection
+/// that does not send a request head within `gateway.header_read_timeout` is closed.
+#[test]
+fn feeds_past_the_open_files_reserve_get_503_and_slow_headers_are_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, url) = common::up_wrapped(
+        &["prlimit", "--nofile=1024:1024", "--"],
+        dir.path(),
+        &[
+            ("ATHANOR__GATEWAY__HEADER_READ_TIMEOUT", "1s"),
+            ("ATHANOR__GATEWAY__KEEP_ALIVE", "500ms"),
+        ],
+    );
+    let host = url.trim_start_matches("http://").to_string();
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&host).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        stream
+    };
+    // 1 024 open files, 256 kept for the rest: 768 feeds, the next one refused.
+    let mut feeds = Vec::new();
+    for _ in 0..768 {
+        let mut feed = connect();
+        assert_eq!(http_status(&mut feed, &host, "/api/events"), 200);
+        feeds.push(feed);
+    }
+    let mut refused = connect();
+    assert_eq!(http_status(&mut refused, &host, "/api/events"), 503);
+    assert_eq!(http_status(&mut connect(), &host, "/api/runs"), 200);
+    // A feed outlives the header timeout: it still streams (keep-alive comments).
+    // Read for 3 s (three times the header timeout): never the end of the stream.
+    let feed = &mut feeds[0];
+    feed.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut streamed = [0u8; 4096];
+    while std::time::Instant::now() < until {
+        match std::io::Read::read(feed, &mut streamed) {
+            Ok(0) => panic!("the feed was closed"),
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}"),
+        }
+    }
+    drop(feeds);
+    // 200 connections that never finish their request head: closed after 1 s.
+    let slow: Vec<_> = (0..200)
+        .map(|_| {
+            use std::io::Write;
+            let mut stream = connect();
+            stream
+                .write_all(b"GET /api/runs HTTP/1.1\r\nHost: ")
+                .unwrap();
+            stream
+        })
+        .collect();
+    assert_eq!(http_status(&mut connect(), &host, "/api/runs"), 200);
+    for mut stream in slow {
+        use std::io::{ErrorKind, Read};
+        // Closed by the gateway: the end of the stream (or a reset), not our 30 s
+        // read timeout.
+        let mut rest = Vec::new();
+        let read = stream.read_to_end(&mut rest);
+        assert!(
+            !matches!(&read, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+            "a connection trickling its headers was left open: {read:?}"
+        );
+    }
+    common::stop(&mut up);
 }

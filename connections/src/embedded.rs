@@ -2,10 +2,19 @@
 //!
 //! Starting and restarting block the calling thread until the server listens (at most
 //! 20 s): async code calls them through `tokio::task::spawn_blocking`.
+//!
+//! The server dies with us however we end: it gets a parent-death signal (SIGKILL),
+//! tied to a thread of ours that lives as long as the server handle (the signal
+//! follows the thread that started the child, and a blocking-pool thread comes and
+//! goes). Its pid is kept in `nats-server.pid` in the store folder, so a start finds
+//! and stops a server an earlier process left on the same store before spawning.
 
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The oldest nats-server this project runs against.
@@ -44,6 +53,8 @@ pub struct EmbeddedServer {
     /// Appended to the generated server configuration (e.g. an `authorization` block).
     extra_config: String,
     child: Option<Child>,
+    /// Ends the thread the child's parent-death signal is tied to, once dropped.
+    keeper: Option<mpsc::Sender<()>>,
 }
 
 impl EmbeddedServer {
@@ -80,7 +91,9 @@ impl EmbeddedServer {
             sync_always,
             extra_config: extra_config.to_string(),
             child: None,
+            keeper: None,
         };
+        server.stop_stale();
         server.spawn()?;
         Ok(server)
     }
@@ -107,6 +120,47 @@ impl EmbeddedServer {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            let _ = std::fs::remove_file(self.pid_path());
+        }
+        self.keeper.take();
+    }
+
+    fn pid_path(&self) -> PathBuf {
+        self.store_dir.join("nats-server.pid")
+    }
+
+    /// Stops a server that an earlier process started on this store and left running
+    /// (it was killed before it could stop it): the pid in `nats-server.pid`, if that
+    /// process still runs this store's configuration. SIGTERM, then SIGKILL after 5 s.
+    fn stop_stale(&self) {
+        let Some(pid) = std::fs::read_to_string(self.pid_path())
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        else {
+            return;
+        };
+        let conf = self.store_dir.join("nats-server.conf");
+        let ours = |pid: i32| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                cmdline
+                    .split(|&b| b == 0)
+                    .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == conf)
+            })
+        };
+        let Some(process) = rustix::process::Pid::from_raw(pid).filter(|_| ours(pid)) else {
+            return;
+        };
+        tracing::warn!(pid, store = %self.store_dir.display(), "a nats-server left running on this store by an earlier start: stopping it");
+        let _ = rustix::process::kill_process(process, rustix::process::Signal::TERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ours(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if ours(pid) {
+            let _ = rustix::process::kill_process(process, rustix::process::Signal::KILL);
+            while ours(pid) && Instant::now() < deadline + Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -137,15 +191,19 @@ impl EmbeddedServer {
             .append(true)
             .open(self.log_path())
             .map_err(io("cannot open the server log"))?;
-        let child = Command::new(&self.bin)
+        let mut command = Command::new(&self.bin);
+        command
             .arg("-c")
             .arg(&conf)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(io(format!("cannot start {}", self.bin.display())))?;
+            .stderr(log);
+        let (child, keeper) =
+            spawn_kept(command).map_err(io(format!("cannot start {}", self.bin.display())))?;
+        std::fs::write(self.pid_path(), child.id().to_string())
+            .map_err(io("cannot write the server's pid file"))?;
         self.child = Some(child);
+        self.keeper = Some(keeper);
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -167,6 +225,42 @@ impl Drop for EmbeddedServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Starts `command` from a thread of its own that stays until the returned sender is
+/// dropped, with SIGKILL as the child's parent-death signal: the child dies when that
+/// thread ends, and so when this process dies, however it dies.
+fn spawn_kept(mut command: Command) -> std::io::Result<(Child, mpsc::Sender<()>)> {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the child between fork and exec and makes only
+    // system calls (no allocation, no locks).
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent) {
+                // The parent died between fork and prctl.
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let (started_tx, started_rx) = mpsc::channel();
+    let (keep_tx, keep_rx) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("nats-server-parent".into())
+        .spawn(move || {
+            let spawned = command.spawn();
+            let ok = spawned.is_ok();
+            let _ = started_tx.send(spawned);
+            if ok {
+                // Until the sender is dropped (recv then fails).
+                let _ = keep_rx.recv();
+            }
+        })?;
+    let child = started_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawning thread ended early"))??;
+    Ok((child, keep_tx))
 }
 
 fn free_port() -> Result<u16, ServerError> {

@@ -20,6 +20,12 @@ pub struct NatsConfig {
     /// The `nats-server` binary `athanor up` spawns: a path, or a name looked up on
     /// `PATH` (the first one that is at least 2.11 wins).
     pub server_bin: String,
+    /// The server `athanor up` spawns fsyncs every JetStream write
+    /// (`sync_interval: always`), so an acknowledged batch survives a power loss; off,
+    /// it syncs every 2 minutes (NATS's default), and a power cut can lose what it
+    /// acknowledged since. A server of your own: set it in its configuration (see
+    /// `deploy/nats-server.conf`).
+    pub sync_always: bool,
     /// JetStream replicas of every stream and bucket (3 in a cluster).
     pub replicas: usize,
     /// How long `ATHANOR_RUNS` keeps batches.
@@ -60,6 +66,7 @@ impl Default for NatsConfig {
         NatsConfig {
             url: None,
             server_bin: "nats-server".into(),
+            sync_always: true,
             replicas: 1,
             runs_max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(120),

@@ -23,6 +23,9 @@ pub enum ApiError {
     Nats(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Too busy for this now (503 with `Retry-After`); not a failure to log.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl ApiError {
@@ -49,10 +52,19 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::InvalidConfig { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Database(_) | ApiError::Nats(_) | ApiError::Unavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Database(_)
+            | ApiError::Nats(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
+        if let ApiError::Busy(message) = &self {
+            let mut response = (status, Json(ErrorBody::new(message.clone()))).into_response();
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+            return response;
+        }
         if status.is_server_error() {
             tracing::warn!(error = %self, "request failed");
         }

@@ -25,7 +25,6 @@ use athanor_connections::db::DatabaseConfig;
 use athanor_connections::nats::{NatsConfig, NatsError};
 use athanor_schemas::names;
 use axum::extract::DefaultBodyLimit;
-use axum::serve::ListenerExt;
 use axum::Router;
 use sea_orm::DatabaseConnection;
 use serde::{Deserialize, Serialize};
@@ -75,6 +74,14 @@ pub struct GatewayConfig {
     pub feed_token_ttl: Duration,
     /// Origins allowed to call the API from a browser (CORS); empty: same origin only.
     pub cors_origins: Vec<String>,
+    /// Live feeds (SSE viewers) served at once; a feed over it gets 503 with
+    /// `Retry-After`. Lowered at start to leave 256 of the process's open-files limit
+    /// to API requests, the database and NATS.
+    pub max_viewers: usize,
+    /// A connection that has not sent a whole request head within this is closed
+    /// (a client trickling headers would otherwise hold a socket forever).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -94,6 +101,8 @@ impl Default for GatewayConfig {
             protect_reads: false,
             feed_token_ttl: Duration::from_secs(300),
             cors_origins: Vec::new(),
+            max_viewers: 10_000,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -257,6 +266,55 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
     router.with_state(state)
 }
 
+/// Serves `app` on `listener` until shutdown, then lets each connection finish its
+/// response (feeds end at shutdown). Each connection gets `header_read_timeout` to send
+/// a request head. Every connection shares the one router (cloning it is a reference
+/// count; building it per connection held ~10 KiB per SSE viewer, measured).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let tcp = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(error) => {
+                    // Out of file descriptors (EMFILE) or a connection reset while
+                    // queued: wait a moment rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Events are small writes that must go out at once, not wait for an ack.
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
 /// CORS for the configured origins (none: no CORS headers, same origin only).
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::{header, HeaderValue, Method};
@@ -322,20 +380,7 @@ impl Gateway {
                 ))
                 .layer(axum::middleware::map_response(mcp_refusal_as_json)),
         );
-        let task = tokio::spawn(async move {
-            // Events are small writes that must go out at once, not wait for an ack.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            // A make-service builds the routes once; `serve(listener, router)` would rebuild
-            // them for every connection (~10 KiB held by each SSE viewer, measured).
-            if let Err(error) = axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-            {
-                tracing::error!(%error, "HTTP server failed");
-            }
-        });
+        let task = tokio::spawn(serve(listener, app, config.header_read_timeout, shutdown));
         tracing::info!(%addr, "gateway listening");
         Ok(Gateway { addr, task })
     }

@@ -221,7 +221,7 @@ impl<S: Stream<Item = Arc<Frame>>> Stream for Writes<S> {
             content_type = "text/event-stream", body = crate::openapi::RunFeedEvent),
         (status = 400, description = "Last-Event-ID is not a watermark of this feed, or an unknown parameter", body = crate::error::ErrorBody),
         (status = 404, description = "No such run", body = crate::error::ErrorBody),
-        (status = 503, description = "The database or NATS is unavailable", body = crate::error::ErrorBody),
+        (status = 503, description = "The database or NATS is unavailable, or every live feed is taken (`gateway.max_viewers`; see `Retry-After`)", body = crate::error::ErrorBody),
     ))]
 pub(crate) async fn run_events(
     State(state): AppStateRef,
@@ -251,6 +251,7 @@ pub(crate) async fn run_events(
         .transpose()?;
     let have = from_header.or(from_query);
     let hubs = state.hubs.clone();
+    let slot = hubs.admit()?;
     let hub = hubs.get(&id).await?;
     if let (Some(have), Some(batches)) = (have, hub.ended_with()) {
         if have > batches {
@@ -260,9 +261,10 @@ pub(crate) async fn run_events(
         }
     }
     let viewer = Viewer::new(hubs.clone(), hub, have);
-    let frames = futures::stream::unfold(viewer, |mut viewer| async move {
+    // The slot lives as long as the feed.
+    let frames = futures::stream::unfold((viewer, slot), |(mut viewer, slot)| async move {
         let frame = viewer.next().await?;
-        Some((frame, viewer))
+        Some((frame, (viewer, slot)))
     });
     Ok(sse_response(frames, hubs.config.keep_alive, &headers))
 }
@@ -490,11 +492,16 @@ impl Viewer {
     responses(
         (status = 200, description = "text/event-stream of Lifecycle and Resync",
             content_type = "text/event-stream", body = crate::openapi::LifecycleFeedEvent),
+        (status = 503, description = "Every live feed is taken (`gateway.max_viewers`; see `Retry-After`)", body = crate::error::ErrorBody),
     ))]
-pub(crate) async fn lifecycle_events(State(state): AppStateRef, headers: HeaderMap) -> Response {
+pub(crate) async fn lifecycle_events(
+    State(state): AppStateRef,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let slot = state.hubs.admit()?;
     let rx = state.lifecycle.subscribe();
     let shutdown = state.hubs.shutdown.clone();
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
+    let stream = futures::stream::unfold((rx, slot), |(mut rx, slot)| async move {
         let frame = match rx.recv().await {
             Ok(frame) => frame,
             Err(RecvError::Lagged(missed)) => {
@@ -502,10 +509,10 @@ pub(crate) async fn lifecycle_events(State(state): AppStateRef, headers: HeaderM
             }
             Err(RecvError::Closed) => return None,
         };
-        Some((frame, rx))
+        Some((frame, (rx, slot)))
     })
     .take_until(shutdown.cancelled_owned());
-    sse_response(stream, state.hubs.config.keep_alive, &headers)
+    Ok(sse_response(stream, state.hubs.config.keep_alive, &headers))
 }
 
 /// Relays `athanor.lifecycle.*` into `tx` until shutdown, and pokes the hub of a run

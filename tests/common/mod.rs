@@ -14,7 +14,26 @@ pub fn up(data_dir: &std::path::Path) -> (Child, String) {
 
 /// As [`up`], with `env` (`ATHANOR__…` settings) on top.
 pub fn up_with(data_dir: &std::path::Path, env: &[(&str, &str)]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_athanor"))
+    up_wrapped(&[], data_dir, env)
+}
+
+/// As [`up_with`], started through `wrapper` (e.g. `prlimit --nofile=…`), which runs
+/// the command line after it.
+pub fn up_wrapped(
+    wrapper: &[&str],
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Child, String) {
+    let bin = env!("CARGO_BIN_EXE_athanor");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(bin);
+            command
+        }
+        None => Command::new(bin),
+    };
+    let mut child = command
         .args(["up", "--http-addr", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .env("ATHANOR__NATS__SERVER_BIN", athanor_testkit::server_bin())

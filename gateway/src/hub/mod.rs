@@ -61,6 +61,21 @@ pub(crate) struct Hubs {
     cache: moka::future::Cache<String, Arc<Hub>>,
     /// Cancelled when the gateway stops: hubs stop following, feeds end.
     pub shutdown: CancellationToken,
+    /// Live feeds now (run feeds and the lifecycle feed), and how many may be.
+    viewers: Arc<std::sync::atomic::AtomicUsize>,
+    max_viewers: usize,
+}
+
+/// Open files left to everything but feeds: API requests, the database, NATS, logs.
+const FD_RESERVE: u64 = 256;
+
+/// A feed's place among [`Hubs`]' viewers, given back when the feed ends.
+pub(crate) struct ViewerSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ViewerSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Hubs {
@@ -74,13 +89,44 @@ impl Hubs {
             .time_to_idle(config.hub_idle)
             .eviction_listener(|_run, hub: Arc<Hub>, _cause| hub.stop.cancel())
             .build();
+        let open_files = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let max_viewers = match open_files {
+            Some(limit) => config
+                .max_viewers
+                .min(limit.saturating_sub(FD_RESERVE) as usize),
+            None => config.max_viewers,
+        };
+        if max_viewers < config.max_viewers {
+            tracing::warn!(
+                configured = config.max_viewers,
+                max_viewers,
+                open_files,
+                "fewer live feeds than gateway.max_viewers: the open-files limit keeps {FD_RESERVE} for everything else"
+            );
+        }
         Arc::new(Hubs {
             db,
             js,
             config,
             cache,
             shutdown,
+            viewers: Arc::default(),
+            max_viewers,
         })
+    }
+
+    /// A place for one more live feed, or 503 (`Retry-After`) when all are taken.
+    pub fn admit(&self) -> ApiResult<ViewerSlot> {
+        use std::sync::atomic::Ordering;
+        let taken = self.viewers.fetch_add(1, Ordering::Relaxed);
+        let slot = ViewerSlot(self.viewers.clone());
+        if taken >= self.max_viewers {
+            return Err(ApiError::Busy(format!(
+                "this gateway serves {} live feeds at most, all taken; retry shortly",
+                self.max_viewers
+            )));
+        }
+        Ok(slot)
     }
 
     /// The hub of `run_id`, opened (once, however many viewers ask at the same time)
