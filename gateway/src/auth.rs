@@ -171,6 +171,56 @@ pub(crate) async fn authorize(
     })
 }
 
+/// A change under `/api` takes a JSON body or none: a `Content-Type` other than
+/// `application/json`, or a body without one, is refused (415). What an HTML form or
+/// a `text/plain` post from another site's page sends — which a browser sends without
+/// asking the gateway first — cannot then start, cancel or change anything.
+pub(crate) async fn json_bodies_only(request: Request, next: Next) -> Response {
+    let read = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if read || !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let refused = match headers.get(header::CONTENT_TYPE) {
+        Some(given) => {
+            let essence = given
+                .to_str()
+                .unwrap_or("")
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            (essence != "application/json").then(|| {
+                format!(
+                    "a change takes a JSON body (Content-Type: application/json) or none, not {:?}",
+                    given.to_str().unwrap_or("?")
+                )
+            })
+        }
+        None => {
+            let length = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+            (chunked || length.is_some_and(|n| n > 0))
+                .then(|| "a body needs Content-Type: application/json".to_string())
+        }
+    };
+    match refused {
+        Some(message) => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(ErrorBody::new(message)),
+        )
+            .into_response(),
+        None => next.run(request).await,
+    }
+}
+
 fn unauthorized(message: &str) -> Response {
     (
         StatusCode::UNAUTHORIZED,

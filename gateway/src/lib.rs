@@ -255,6 +255,7 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
     let router = router
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(axum::middleware::from_fn(auth::json_bodies_only))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,

@@ -195,3 +195,68 @@ async fn no_request_makes_a_worker_run_a_command_line() {
     }
     stack.stop().await;
 }
+
+/// Found by a user: `POST /api/instances/{id}/runs` took `text/plain` and empty form
+/// posts, so without a token any web page could start runs through its visitor's
+/// browser (such posts need no CORS preflight). Every change now takes a JSON body or
+/// none: 415 otherwise, and nothing happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_takes_a_json_body_or_none_never_a_form_post() {
+    let stack = Stack::start().await;
+    let http = &stack.http;
+    let url = |p: &str| format!("{}{p}", stack.base);
+    let (status, instance) = stack
+        .post(
+            "/api/instances",
+            r#"{"name":"csrf","experiment":"sweep","config":{"iterations":1,"delay_ms":0}}"#,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{instance}");
+    let runs = format!("/api/instances/{}/runs", instance["id"].as_str().unwrap());
+    for (content_type, body) in [
+        ("text/plain", r#"{"config":{}}"#),
+        ("application/x-www-form-urlencoded", ""),
+        ("multipart/form-data; boundary=x", "--x--"),
+    ] {
+        let (status, answer) = send(
+            http.post(url(&runs))
+                .header("content-type", content_type)
+                .body(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"),
+            "{answer}"
+        );
+    }
+    let (status, _) = send(http.post(url(&runs)).body("{}")).await;
+    assert_eq!(
+        status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "a body without a type"
+    );
+    let (_, listed) = stack.get("/api/runs").await;
+    assert_eq!(listed["total"], 0, "a refused post started a run");
+    // JSON, or nothing at all, works.
+    let (status, _) = send(http.post(url(&runs))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, created) = send(
+        http.post(url(&runs))
+            .json(&json!({"config": {"iterations": 2}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = created["id"].as_str().unwrap();
+    let (status, _) = send(
+        http.post(url(&format!("/api/runs/{id}/cancel")))
+            .header("content-type", "text/plain")
+            .body("x"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    stack.stop().await;
+}
