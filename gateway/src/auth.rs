@@ -221,6 +221,31 @@ pub(crate) async fn json_bodies_only(request: Request, next: Next) -> Response {
     }
 }
 
+/// A NUL character (`%00`) in a path or query parameter under `/api` is refused with
+/// 400 naming where: no database stores it as text (PostgreSQL refuses it, which
+/// surfaced as a 503 "the database is unavailable").
+pub(crate) async fn no_nul_characters(request: Request, next: Next) -> Response {
+    let uri = request.uri();
+    if !uri.path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let nul = |s: &str| s.to_ascii_lowercase().contains("%00");
+    let refused = if nul(uri.path()) {
+        Some("the path holds a NUL character (%00)".to_string())
+    } else {
+        uri.query().and_then(|query| {
+            query.split('&').find(|pair| nul(pair)).map(|pair| {
+                let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+                format!("query parameter `{name}` holds a NUL character (%00)")
+            })
+        })
+    };
+    match refused {
+        Some(message) => (StatusCode::BAD_REQUEST, Json(ErrorBody::new(message))).into_response(),
+        None => next.run(request).await,
+    }
+}
+
 fn unauthorized(message: &str) -> Response {
     (
         StatusCode::UNAUTHORIZED,

@@ -115,6 +115,9 @@ async fn one_with_runs(state: &crate::AppState, instance: instances::Model) -> A
 
 fn checked_name(name: &str) -> ApiResult<String> {
     let name = name.trim();
+    if name.contains('\0') {
+        return Err(ApiError::BadRequest("`name` holds a NUL character".into()));
+    }
     if name.is_empty() || name.chars().count() > 200 {
         return Err(ApiError::BadRequest(
             "`name` must hold 1 to 200 characters".into(),

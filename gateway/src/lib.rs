@@ -256,6 +256,7 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(axum::middleware::from_fn(auth::json_bodies_only))
+        .layer(axum::middleware::from_fn(auth::no_nul_characters))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::authorize,

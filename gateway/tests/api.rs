@@ -165,6 +165,39 @@ async fn log_paging_level_filter_and_search() {
     );
     let (status, _) = stack.get(&format!("/api/runs/{id}/logs?after=abc")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    // Found by a user: on PostgreSQL a NUL in a parameter was a 503 "the database is
+    // unavailable". Refused up front, on either database, naming where.
+    for (path, error) in [
+        (
+            "/api/runs?experiment=a%00b",
+            "query parameter `experiment` holds a NUL character (%00)",
+        ),
+        (
+            &format!("/api/runs/{id}/logs?q=x%00"),
+            "query parameter `q` holds a NUL character (%00)",
+        ),
+        ("/api/runs/a%00b", "the path holds a NUL character (%00)"),
+    ] {
+        let (status, body) = stack.get(path).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(error)),
+            "{path}"
+        );
+    }
+    let (status, body) = stack
+        .post(
+            "/api/instances",
+            r#"{"name":"a\u0000b","experiment":"flaky","config":{}}"#,
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (
+            StatusCode::BAD_REQUEST,
+            Some("`name` holds a NUL character")
+        )
+    );
     stack.stop().await;
 }
 
