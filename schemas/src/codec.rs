@@ -225,9 +225,29 @@ fn repair_surrogates(json: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Refuses what parses but cannot be stored: metric steps over [`MAX_STEP`]
-/// (the database holds signed 64-bit steps).
+/// Refuses what parses but cannot be stored: a `batch_seq`, `seq`, final count or
+/// metric step over [`MAX_STEP`] (the database holds signed 64-bit integers).
 fn check_ranges(batch: Batch) -> Result<Batch, DecodeError> {
+    // Sequence numbers are stored as signed 64-bit integers, and consumers add one to
+    // them: a larger one on the wire is refused here, not trusted there.
+    let too_large = |what: &str, n: u64| {
+        DecodeError::Malformed(format!("{what} {n} is over the largest {MAX_STEP}"))
+    };
+    if batch.batch_seq > MAX_STEP {
+        return Err(too_large("batch_seq", batch.batch_seq));
+    }
+    if let Some(line) = batch.logs.iter().find(|l| l.seq > MAX_STEP) {
+        return Err(too_large("log line seq", line.seq));
+    }
+    if let Some(result) = batch.results.iter().find(|r| r.seq > MAX_STEP) {
+        return Err(too_large("result seq", result.seq));
+    }
+    if let Some(record) = batch.metrics.iter().find(|r| r.seq > MAX_STEP) {
+        return Err(too_large("metric record seq", record.seq));
+    }
+    if let Some(f) = batch.final_.as_ref().filter(|f| f.batches > MAX_STEP) {
+        return Err(too_large("final batches", f.batches));
+    }
     if let Some(record) = batch.metrics.iter().find(|r| r.step > MAX_STEP) {
         return Err(DecodeError::Malformed(format!(
             "metric record {} has step {}, over the largest step {MAX_STEP}",
@@ -241,6 +261,30 @@ fn check_ranges(batch: Batch) -> Result<Batch, DecodeError> {
 mod tests {
     use super::*;
     use crate::batch::{Level, LogLine};
+
+    #[test]
+    fn sequence_numbers_over_i64_max_are_refused() {
+        let refused = |batch: &Batch| {
+            let payload = encode(batch).payload;
+            match decode(&payload, DEFAULT_DECODE_LIMIT) {
+                Err(DecodeError::Malformed(m)) => m,
+                other => panic!("not refused: {other:?}"),
+            }
+        };
+        let mut b = sample();
+        b.batch_seq = u64::MAX;
+        assert_eq!(
+            refused(&b),
+            format!("batch_seq {} is over the largest {MAX_STEP}", u64::MAX)
+        );
+        let mut b = sample();
+        b.logs[5].seq = MAX_STEP + 1;
+        assert!(refused(&b).starts_with("log line seq"));
+        let mut b = sample();
+        b.batch_seq = MAX_STEP;
+        b.logs[5].seq = MAX_STEP;
+        assert!(decode(&encode(&b).payload, DEFAULT_DECODE_LIMIT).is_ok());
+    }
 
     #[test]
     fn a_lone_surrogate_becomes_the_replacement_character_and_a_pair_stays() {
