@@ -2,8 +2,11 @@
 //! is no longer in `athanor_workers` (its heartbeat TTL expired) and has been seen
 //! missing there for a whole TTL more (so a NATS outage, which expires every
 //! registration at once, does not make live runs `lost`), and from which
-//! nothing was stored for a TTL, becomes `lost` with a reason. Its stored output is
-//! kept; if its final batch still arrives, the run takes the final status.
+//! nothing was stored for a TTL, becomes `lost` with a reason. So does such a run
+//! whose worker *is* registered but does not list it among the runs it executes: a
+//! worker restarted with the same `worker.id` (a deployment that pins ids) is a new
+//! process that knows nothing of its predecessor's runs. Its stored output is kept;
+//! if its final batch still arrives, the run takes the final status.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -12,6 +15,7 @@ use std::time::Instant;
 
 use athanor_connections::db::{stmt, write_turn};
 use athanor_schemas::events::Lifecycle;
+use athanor_schemas::requests::WorkerInfo;
 use athanor_schemas::{names, now_micros, RunState};
 use futures::TryStreamExt;
 use sea_orm::ConnectionTrait;
@@ -70,7 +74,10 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
         .try_collect()
         .await
         .map_err(|e| keys(e.into()))?;
-    absent.retain(|worker, _| !live.contains(worker));
+    // Seen missing this round; an entry of a worker with no quiet run left goes.
+    let mut missing: HashSet<String> = HashSet::new();
+    // The registrations read this round (what each live worker says it executes).
+    let mut registered: HashMap<String, Option<WorkerInfo>> = HashMap::new();
     let backend = shared.db.get_database_backend();
     let now = now_micros();
     let quiet_since = now - shared.nats.workers_ttl.as_micros() as i64;
@@ -87,20 +94,42 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
         let id: String = row.try_get("", "id")?;
         let worker: Option<String> = row.try_get("", "worker_id")?;
         let key = worker.clone().unwrap_or_default();
-        if live.contains(&key) {
+        let reason = if live.contains(&key) {
+            if !registered.contains_key(&key) {
+                let info = bucket
+                    .get(&key)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| serde_json::from_slice::<WorkerInfo>(&v).ok());
+                registered.insert(key.clone(), info);
+            }
+            // A registration that cannot be read counts as running it: when unsure,
+            // a run is not declared lost.
+            let abandoned = registered[&key]
+                .as_ref()
+                .is_some_and(|info| !info.running.contains(&id));
+            if !abandoned {
+                continue;
+            }
+            format!("worker {key} was restarted; its new process does not run this run")
+        } else {
+            missing.insert(key.clone());
+            let missing_for = absent.entry(key).or_insert_with(Instant::now).elapsed();
+            if missing_for < shared.nats.workers_ttl {
+                // Not seen missing for long enough.
+                continue;
+            }
+            format!(
+                "worker {} stopped heartbeating",
+                worker.as_deref().unwrap_or("(unknown)")
+            )
+        };
+        if lagging(shared, &id).await {
+            // JetStream holds output of this run the database does not have yet: the
+            // aggregators are behind and the worker may well have finished.
             continue;
         }
-        let missing_for = absent.entry(key).or_insert_with(Instant::now).elapsed();
-        if missing_for < shared.nats.workers_ttl || lagging(shared, &id).await {
-            // Not seen missing for long enough, or JetStream holds output of this run
-            // the database does not have yet: the aggregators are behind and the worker
-            // may well have finished.
-            continue;
-        }
-        let reason = format!(
-            "worker {} stopped heartbeating",
-            worker.as_deref().unwrap_or("(unknown)")
-        );
         let turn = write_turn(&shared.db).await;
         let changed = shared
             .db
@@ -131,6 +160,7 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
             announce(shared, &[change]).await;
         }
     }
+    absent.retain(|worker, _| missing.contains(worker));
     Ok(())
 }
 

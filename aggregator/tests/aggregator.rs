@@ -1670,3 +1670,62 @@ async fn a_dead_lettered_batch_is_a_known_gap_and_its_run_still_ends() {
     aggregator.stop().await;
     db.close().await;
 }
+
+/// Found by a user: a worker restarted with the same `worker.id` (a deployment that
+/// pins ids) left the runs it had been running `running` forever — the lost-run check
+/// asked only whether that id was alive. Now a quiet run its live worker does not list
+/// among the runs it executes becomes `lost`; one it lists stays `running`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_its_restarted_worker_does_not_run_becomes_lost() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    // The new process of worker w-synthetic: registered, running "held" only.
+    let workers = js.get_key_value(names::WORKERS_BUCKET).await.unwrap();
+    let registration = athanor_schemas::requests::WorkerInfo {
+        worker_id: "w-synthetic".into(),
+        hostname: "host".into(),
+        pid: 2,
+        started_at: now_micros(),
+        heartbeat_at: now_micros(),
+        max_concurrent_runs: 4,
+        experiments: Vec::new(),
+        running: vec!["held".into()],
+    };
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            let value = serde_json::to_vec(&registration).unwrap();
+            workers.put("w-synthetic", value.into()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    // Two runs its previous process started (batches from w-synthetic, no final).
+    for run_id in ["abandoned", "held"] {
+        for batch in synthetic_run(run_id, 3).into_iter().take(2) {
+            let msg_id = names::batch_msg_id(run_id, batch.batch_seq);
+            publish_raw(
+                &js,
+                &names::run_subject(run_id),
+                codec::encode(&batch).payload,
+                &msg_id,
+            )
+            .await;
+        }
+    }
+    let run = wait_terminal(&db.db, "abandoned").await;
+    assert_eq!(
+        (run.status.as_str(), run.error.as_deref(), run.lines),
+        (
+            "lost",
+            Some("worker w-synthetic was restarted; its new process does not run this run"),
+            100
+        )
+    );
+    // Another round of checks later, the run the worker lists is still running.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(run_row(&db.db, "held").await.status, "running");
+    heartbeat.abort();
+    aggregator.stop().await;
+    db.close().await;
+}
