@@ -109,9 +109,11 @@ pub async fn runs(
         "ID", "EXPERIMENT", "STATUS", "LINES", "CREATED"
     );
     for run in &list.runs {
+        // A pending run says why it waits where a finished one says why it failed.
         let error: String = run
             .error
             .as_deref()
+            .or(run.waiting.as_deref())
             .unwrap_or("")
             .chars()
             .take(60)

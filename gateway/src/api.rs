@@ -102,6 +102,9 @@ pub(crate) struct Hosted {
     config_schema: Value,
     workers: usize,
     busy: usize,
+    /// Run slots (`max_concurrent_runs`) of the hosting workers, and how many are taken.
+    slots: usize,
+    taken: usize,
 }
 
 pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hosted>> {
@@ -129,9 +132,13 @@ pub(crate) async fn hosted(state: &AppState) -> ApiResult<BTreeMap<String, Hoste
                 config_schema: e.config_schema,
                 workers: 0,
                 busy: 0,
+                slots: 0,
+                taken: 0,
             });
             h.workers += 1;
             h.busy += busy;
+            h.slots += info.max_concurrent_runs;
+            h.taken += info.running.len().min(info.max_concurrent_runs);
         }
     }
     Ok(hosted)
@@ -399,15 +406,55 @@ pub(crate) async fn list_runs(
         .offset(offset)
         .all(&state.db)
         .await?;
+    let mut runs: Vec<RunView> = rows
+        .into_iter()
+        .map(crate::hub::run_view)
+        .collect::<ApiResult<_>>()?;
+    say_why_pending(&state, &mut runs).await;
     Ok(Json(RunList {
-        runs: rows
-            .into_iter()
-            .map(crate::hub::run_view)
-            .collect::<ApiResult<_>>()?,
+        runs,
         total,
         limit,
         offset,
     }))
+}
+
+/// Fills in why each pending run of `views` waits, from the live workers'
+/// registrations (read once, and only when there is a pending run). Left out when
+/// NATS cannot be read: the run itself is still answered.
+async fn say_why_pending(state: &AppState, views: &mut [RunView]) {
+    if !views.iter().any(|v| v.status == RunState::Pending) {
+        return;
+    }
+    let Ok(hosted) = hosted(state).await else {
+        return;
+    };
+    for view in views.iter_mut().filter(|v| v.status == RunState::Pending) {
+        view.waiting = Some(why_pending(hosted.get(&view.experiment), &view.experiment));
+    }
+}
+
+fn why_pending(hosting: Option<&Hosted>, experiment: &str) -> String {
+    let Some(h) = hosting else {
+        return format!("no live worker hosts {experiment}");
+    };
+    let workers = if h.workers == 1 {
+        "the worker".to_string()
+    } else {
+        format!("the {} workers", h.workers)
+    };
+    if h.taken >= h.slots {
+        format!(
+            "every run slot ({}) of {workers} hosting {experiment} is taken",
+            h.slots
+        )
+    } else {
+        format!(
+            "queued: {} of {} run slots free on {workers} hosting {experiment}",
+            h.slots - h.taken,
+            h.slots
+        )
+    }
 }
 
 /// A `limit` parameter: `default` when absent, else 1..=`max`.
@@ -438,7 +485,10 @@ pub(crate) async fn get_run(
     State(state): AppStateRef,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RunView>> {
-    Ok(Json(crate::hub::run_view(find_run(&state, &id).await?)?))
+    let mut view = [crate::hub::run_view(find_run(&state, &id).await?)?];
+    say_why_pending(&state, &mut view).await;
+    let [view] = view;
+    Ok(Json(view))
 }
 
 /// The `{id}` of a run's paths.

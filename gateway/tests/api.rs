@@ -510,3 +510,47 @@ async fn the_ui_files_and_the_vendored_licence_are_served_from_the_binary() {
     assert_eq!(body["error"], "no UI file \"uPlot.js\"");
     stack.stop().await;
 }
+
+/// A pending run says why it waits, in the run and in the list (issue 18: such a run
+/// sat `pending` with no word to anyone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_run_says_why_it_waits() {
+    let stack = Stack::start_with(
+        athanor_workers::WorkerConfig {
+            max_concurrent_runs: 1,
+            ..athanor_workers::WorkerConfig::for_tests()
+        },
+        athanor_gateway::GatewayConfig::for_tests(),
+    )
+    .await;
+    let (_, busy) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sleepy","config":{"duration_ms":60000}}"#,
+        )
+        .await;
+    let busy = busy["id"].as_str().unwrap().to_string();
+    stack.wait_status(&busy, "running").await;
+    let (_, queued) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sweep","config":{"iterations":1,"delay_ms":0}}"#,
+        )
+        .await;
+    let queued = queued["id"].as_str().unwrap().to_string();
+    let why = "every run slot (1) of the worker hosting sweep is taken";
+    let waiting = |run: &Value| run["waiting"].as_str().map(str::to_string);
+    // The registration says so as soon as the first run started (not a heartbeat later).
+    let (_, run) = stack.get(&format!("/api/runs/{queued}")).await;
+    assert_eq!(
+        (run["status"].as_str(), waiting(&run).as_deref()),
+        (Some("pending"), Some(why))
+    );
+    let (_, list) = stack.get("/api/runs?status=pending").await;
+    assert_eq!(waiting(&list["runs"][0]).as_deref(), Some(why));
+    let (_, running) = stack.get(&format!("/api/runs/{busy}")).await;
+    assert_eq!(running.get("waiting"), None, "only a pending run waits");
+    stack.post(&format!("/api/runs/{busy}/cancel"), "").await;
+    stack.wait_status(&queued, "completed").await;
+    stack.stop().await;
+}

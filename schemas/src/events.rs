@@ -54,6 +54,10 @@ pub struct RunView {
     /// lines are missing from the stored log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Why a pending run waits (no live worker hosts its experiment, or every run slot
+    /// of those that do is taken). In the REST views only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// The first event of a feed, and the one after a `resync`.

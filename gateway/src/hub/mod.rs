@@ -587,6 +587,7 @@ pub(crate) fn run_view(run: runs::Model) -> ApiResult<RunView> {
         results: run.results,
         batches: run.batches,
         warning: run.warning,
+        waiting: None,
     })
 }
 

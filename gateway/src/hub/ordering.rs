@@ -350,6 +350,7 @@ mod tests {
             results: 0,
             batches: 0,
             warning: None,
+            waiting: None,
         }
     }
 
