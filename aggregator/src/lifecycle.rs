@@ -61,8 +61,57 @@ pub(crate) async fn watch_lost(shared: Arc<Shared>) {
     }
 }
 
+/// What one round of the lost check knows about the workers.
+struct Workers {
+    bucket: async_nats::jetstream::kv::Store,
+    live: HashSet<String>,
+    /// The registrations read this round (what each live worker says it executes).
+    registered: HashMap<String, Option<WorkerInfo>>,
+    /// Workers seen missing this round.
+    missing: HashSet<String>,
+}
+
+impl Workers {
+    /// Why `worker` no longer runs `run_id`, if it does not: its process was replaced
+    /// (registered, but not listing the run), or it has been missing from
+    /// `athanor_workers` for a whole TTL (tracked in `absent` across rounds).
+    async fn gone(
+        &mut self,
+        worker: &str,
+        run_id: &str,
+        absent: &mut HashMap<String, Instant>,
+        ttl: std::time::Duration,
+    ) -> Option<&'static str> {
+        if self.live.contains(worker) {
+            if !self.registered.contains_key(worker) {
+                let info = self
+                    .bucket
+                    .get(worker)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| serde_json::from_slice::<WorkerInfo>(&v).ok());
+                self.registered.insert(worker.to_string(), info);
+            }
+            // A registration that cannot be read counts as running it: when unsure,
+            // a run is not declared lost.
+            let replaced = self.registered[worker]
+                .as_ref()
+                .is_some_and(|info| !info.running.iter().any(|r| r == run_id));
+            return replaced.then_some("was restarted; its new process does not run this run");
+        }
+        self.missing.insert(worker.to_string());
+        let missing_for = absent
+            .entry(worker.to_string())
+            .or_insert_with(Instant::now)
+            .elapsed();
+        (missing_for >= ttl).then_some("stopped heartbeating")
+    }
+}
+
 async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Result<()> {
     let bucket = athanor_connections::nats::bucket(&shared.js, names::WORKERS_BUCKET).await?;
+    let control = athanor_connections::nats::bucket(&shared.js, names::CONTROL_BUCKET).await?;
     let keys = |source: async_nats::Error| Error::Keys {
         bucket: names::WORKERS_BUCKET,
         source,
@@ -74,73 +123,72 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
         .try_collect()
         .await
         .map_err(|e| keys(e.into()))?;
-    // Seen missing this round; an entry of a worker with no quiet run left goes.
-    let mut missing: HashSet<String> = HashSet::new();
-    // The registrations read this round (what each live worker says it executes).
-    let mut registered: HashMap<String, Option<WorkerInfo>> = HashMap::new();
+    let mut workers = Workers {
+        bucket,
+        live,
+        registered: HashMap::new(),
+        missing: HashSet::new(),
+    };
+    let ttl = shared.nats.workers_ttl;
     let backend = shared.db.get_database_backend();
     let now = now_micros();
-    let quiet_since = now - shared.nats.workers_ttl.as_micros() as i64;
+    let quiet_since = now - ttl.as_micros() as i64;
+    // Running runs quiet for a TTL, and pending runs older than that: a pending run
+    // whose request a worker took (`taken.<run_id>`, put before its ack) and that the
+    // worker then dropped (it died before its first batch) is as lost as a running one.
     let candidates = shared
         .db
         .query_all(stmt(
             backend,
-            "SELECT id, worker_id FROM runs WHERE status = 'running' AND final_batches IS NULL AND updated_at < ? \
-             ORDER BY updated_at LIMIT 1000",
+            "SELECT id, worker_id, status FROM runs WHERE status IN ('running', 'pending') \
+             AND final_batches IS NULL AND updated_at < ? ORDER BY updated_at LIMIT 1000",
             vec![quiet_since.into()],
         ))
         .await?;
     for row in candidates {
         let id: String = row.try_get("", "id")?;
-        let worker: Option<String> = row.try_get("", "worker_id")?;
-        let key = worker.clone().unwrap_or_default();
-        let reason = if live.contains(&key) {
-            if !registered.contains_key(&key) {
-                let info = bucket
-                    .get(&key)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|v| serde_json::from_slice::<WorkerInfo>(&v).ok());
-                registered.insert(key.clone(), info);
-            }
-            // A registration that cannot be read counts as running it: when unsure,
-            // a run is not declared lost.
-            let abandoned = registered[&key]
-                .as_ref()
-                .is_some_and(|info| !info.running.contains(&id));
-            if !abandoned {
+        let status: String = row.try_get("", "status")?;
+        let worker = if status == "pending" {
+            // Not taken yet (still queued, or no worker hosts it): nothing to check.
+            let Ok(Some(taker)) = control.get(names::taken_key(&id)).await else {
                 continue;
-            }
-            format!("worker {key} was restarted; its new process does not run this run")
+            };
+            String::from_utf8_lossy(&taker).into_owned()
         } else {
-            missing.insert(key.clone());
-            let missing_for = absent.entry(key).or_insert_with(Instant::now).elapsed();
-            if missing_for < shared.nats.workers_ttl {
-                // Not seen missing for long enough.
-                continue;
-            }
-            format!(
-                "worker {} stopped heartbeating",
-                worker.as_deref().unwrap_or("(unknown)")
-            )
+            let worker: Option<String> = row.try_get("", "worker_id")?;
+            worker.unwrap_or_default()
+        };
+        let Some(why) = workers.gone(&worker, &id, absent, ttl).await else {
+            continue;
         };
         if lagging(shared, &id).await {
             // JetStream holds output of this run the database does not have yet: the
             // aggregators are behind and the worker may well have finished.
             continue;
         }
+        let shown = if worker.is_empty() {
+            "(unknown)"
+        } else {
+            worker.as_str()
+        };
+        let reason = if status == "pending" {
+            format!("worker {shown} took it and {why} before starting it")
+        } else {
+            format!("worker {shown} {why}")
+        };
         let turn = write_turn(&shared.db).await;
         let changed = shared
             .db
             .execute(stmt(
                 backend,
-                "UPDATE runs SET status = 'lost', error = ?, finished_at = ? \
-                 WHERE id = ? AND status = 'running' AND final_batches IS NULL AND updated_at < ?",
+                "UPDATE runs SET status = 'lost', error = ?, finished_at = ?, worker_id = COALESCE(worker_id, ?) \
+                 WHERE id = ? AND status = ? AND final_batches IS NULL AND updated_at < ?",
                 vec![
                     reason.clone().into(),
                     now.into(),
+                    worker.clone().into(),
                     id.clone().into(),
+                    status.into(),
                     quiet_since.into(),
                 ],
             ))
@@ -160,7 +208,8 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
             announce(shared, &[change]).await;
         }
     }
-    absent.retain(|worker, _| missing.contains(worker));
+    // An entry of a worker with no quiet run left goes.
+    absent.retain(|worker, _| workers.missing.contains(worker));
     Ok(())
 }
 

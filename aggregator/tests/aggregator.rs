@@ -1729,3 +1729,48 @@ async fn a_run_its_restarted_worker_does_not_run_becomes_lost() {
     aggregator.stop().await;
     db.close().await;
 }
+
+/// Found by reading the code: a worker that died between acknowledging a request and
+/// publishing the run's first batch left the run `pending` forever. A worker records
+/// `taken.<run_id>` before its ack; a pending run so taken, whose worker is gone (or
+/// restarted without it), becomes `lost`. One still queued stays `pending`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_taken_by_a_worker_that_died_before_starting_it_becomes_lost() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    for id in ["taken-then-dropped", "still-queued"] {
+        db.db
+            .execute(athanor_connections::db::stmt(
+                db.db.get_database_backend(),
+                "INSERT INTO runs (id, experiment, config, status, created_at, updated_at, lines, results, batches) \
+                 VALUES (?, 'sweep', '{}', 'pending', ?, ?, 0, 0, 0)",
+                vec![id.into(), now_micros().into(), now_micros().into()],
+            ))
+            .await
+            .unwrap();
+    }
+    let control = js.get_key_value(names::CONTROL_BUCKET).await.unwrap();
+    control
+        .put(names::taken_key("taken-then-dropped"), "w-gone".into())
+        .await
+        .unwrap();
+    let run = wait_terminal(&db.db, "taken-then-dropped").await;
+    assert_eq!(
+        (
+            run.status.as_str(),
+            run.error.as_deref(),
+            run.worker_id.as_deref()
+        ),
+        (
+            "lost",
+            Some("worker w-gone took it and stopped heartbeating before starting it"),
+            Some("w-gone")
+        )
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(run_row(&db.db, "still-queued").await.status, "pending");
+    aggregator.stop().await;
+    db.close().await;
+}

@@ -54,6 +54,12 @@ pub fn cancel_key(run_id: &str) -> String {
     format!("cancel.{run_id}")
 }
 
+/// The control key a worker sets (to its id) when it takes a run's request, before
+/// acknowledging it: a run whose worker dies before its first batch is then known.
+pub fn taken_key(run_id: &str) -> String {
+    format!("taken.{run_id}")
+}
+
 /// The `Nats-Msg-Id` of a batch: the broker deduplicates on it.
 pub fn batch_msg_id(run_id: &str, batch_seq: u64) -> String {
     format!("{run_id}.{batch_seq}")

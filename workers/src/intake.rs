@@ -228,6 +228,17 @@ impl WorkerShared {
         {
             return Err(Error::DuplicateRun(run_id));
         }
+        // Said before the ack: if this process dies before the run's first batch, the
+        // lost-run check knows who took it.
+        if request_message.is_some() {
+            if let Err(error) = self
+                .control
+                .put(names::taken_key(&run_id), self.id.clone().into())
+                .await
+            {
+                warn!(run_id = %run_id, %error, "could not record taking the run");
+            }
+        }
         if let Err(e) = acknowledge(request_message).await {
             self.runs.lock().remove(&run_id);
             return Err(e);
