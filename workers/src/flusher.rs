@@ -312,7 +312,9 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
     batch.sent_at = athanor_schemas::now_micros();
     let encoded = codec::encode(&batch);
     let fits = encoded.payload.len() <= max_payload && encoded.json_len <= MAX_BATCH_JSON_BYTES;
-    if !fits {
+    let batch = if fits {
+        batch
+    } else {
         match split(batch) {
             Ok((left, right)) => {
                 encode_fitting(left, max_payload, next, out);
@@ -320,17 +322,33 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
                 return;
             }
             Err(single) => {
-                // One line (or result) too large even alone: cut it down to size. Every
-                // field is then at most max_payload / 8, so this recursion ends here.
-                if let Some(shrunk) = shrink(*single, (max_payload / 8).max(256)) {
-                    encode_fitting(shrunk, max_payload, next, out);
-                } else {
-                    unreachable!("a batch that shrink() left unchanged fits");
+                // One line (or result) too large even alone: cut its fields down to
+                // max_payload / 8 bytes each, or — when every field is that small
+                // already and together they still do not fit — to half as much, and so
+                // on. Each round cuts something, so this ends; a batch with nothing
+                // left to cut goes out as it is (the server says why it refuses it).
+                let mut single = *single;
+                let mut keep = (max_payload / 8).max(256);
+                loop {
+                    if shrink(&mut single, keep) {
+                        encode_fitting(single, max_payload, next, out);
+                        return;
+                    }
+                    if keep <= MIN_KEEP {
+                        break;
+                    }
+                    keep = (keep / 2).max(MIN_KEEP);
                 }
-                return;
+                tracing::warn!(
+                    run_id = %single.run_id,
+                    bytes = encoded.payload.len(),
+                    max_payload,
+                    "a batch cut to its minimum still exceeds max_payload"
+                );
+                single
             }
         }
-    }
+    };
     *next += 1;
     out.push(Outgoing {
         batch_seq: batch.batch_seq,
@@ -388,7 +406,7 @@ fn split(mut batch: Batch) -> Result<(Batch, Batch), Box<Batch>> {
 
 /// Cuts every oversized field of a batch of one line or one result down to `keep`
 /// bytes, with a visible marker. Returns `None` when nothing was over `keep`.
-fn shrink(mut batch: Batch, keep: usize) -> Option<Batch> {
+fn shrink(batch: &mut Batch, keep: usize) -> bool {
     let mut changed = false;
     for line in &mut batch.logs {
         changed |= cut_text(&mut line.message, keep);
@@ -412,8 +430,24 @@ fn shrink(mut batch: Batch, keep: usize) -> Option<Batch> {
         }
         changed |= cut_json(&mut run.config, keep);
     }
-    changed.then_some(batch)
+    for record in &mut batch.metrics {
+        if record.values.keys().any(|name| name.len() > keep) {
+            let values = std::mem::take(&mut record.values);
+            record.values = values
+                .into_iter()
+                .map(|(mut name, value)| {
+                    cut_text(&mut name, keep);
+                    (name, value)
+                })
+                .collect();
+            changed = true;
+        }
+    }
+    changed
 }
+
+/// The smallest a field is cut to (plus its marker) when a batch must be made to fit.
+const MIN_KEEP: usize = 16;
 
 /// Truncates `text` to `keep` bytes plus a marker; true when it did.
 fn cut_text(text: &mut String, keep: usize) -> bool {
@@ -572,6 +606,64 @@ mod tests {
         assert!(b.logs[0]
             .message
             .ends_with(" …[truncated 295904 of 300000 bytes]"));
+    }
+
+    /// From a code review: a one-line batch whose fields are each just under
+    /// max_payload / 8 but together over what a batch may hold reached `unreachable!`
+    /// (a panic in the run's supervisor: the run never ended). Now they are cut further.
+    #[test]
+    fn a_batch_of_many_fields_each_under_the_cut_still_fits() {
+        // A server allowing 9 MiB messages: fields of almost 1.2 MiB each, ten of them
+        // unsplittable in one batch, are over the 8 MiB of JSON a batch may hold.
+        let max_payload = 9 << 20;
+        let field = |n: u64| lines(1, max_payload / 8 - 64).remove(0).message + &n.to_string();
+        let mut head = Batch::new("r", 0, "w");
+        head.logs = lines(1, 10);
+        head.logs[0].message = field(0);
+        head.logs[0].metadata = Some(serde_json::json!(field(1)));
+        head.results = vec![athanor_schemas::ResultRecord {
+            seq: 0,
+            key: field(2),
+            value: serde_json::json!(field(3)),
+            ts: 0,
+        }];
+        head.progress = Some(athanor_schemas::Progress {
+            current: 1,
+            total: 2,
+            message: Some(field(4)),
+            ts: 0,
+        });
+        head.status = Some(Status {
+            state: RunState::Failed,
+            error: Some(field(5)),
+            at: 0,
+        });
+        head.run = Some(RunInfo {
+            experiment: "x".into(),
+            config: serde_json::json!({ "a": field(6), "b": field(7) }),
+            instance_id: Some(field(8)),
+            started_at: 0,
+        });
+        head.metrics = vec![athanor_schemas::MetricRecord {
+            seq: 0,
+            step: 0,
+            ts: 0,
+            values: (0..20)
+                .map(|i| (field(10 + i), athanor_schemas::MetricValue(1.0)))
+                .collect(),
+        }];
+        let mut next = 0;
+        let mut out = Vec::new();
+        encode_fitting(head, max_payload, &mut next, &mut out);
+        assert!(!out.is_empty());
+        for piece in &out {
+            assert!(
+                piece.payload.len() <= max_payload,
+                "{} bytes",
+                piece.payload.len()
+            );
+            codec::decode(&piece.payload, 1 << 30).unwrap();
+        }
     }
 
     /// Huge text outside the logs (a giant error, a giant config) is cut too, instead
