@@ -66,6 +66,9 @@ pub(crate) struct Hubs {
     max_viewers: usize,
 }
 
+/// Hubs held at most (see [`Hubs::new`]).
+const MAX_HUBS: u64 = 10_000;
+
 /// Open files left to everything but feeds: API requests, the database, NATS, logs.
 const FD_RESERVE: u64 = 256;
 
@@ -86,6 +89,10 @@ impl Hubs {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let cache = moka::future::Cache::builder()
+            // Each hub follows its run with a JetStream consumer: however many run ids
+            // readers open, at most this many hubs (the least used one goes first, its
+            // viewers reconnect to a new one).
+            .max_capacity(MAX_HUBS)
             .time_to_idle(config.hub_idle)
             .eviction_listener(|_run, hub: Arc<Hub>, _cause| hub.stop.cancel())
             .build();

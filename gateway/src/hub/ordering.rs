@@ -8,7 +8,8 @@
 //! * applies batches in `batch_seq` order, each exactly once: a batch below the
 //!   watermark (a redelivery) is dropped, one above it is held until the batches before
 //!   it arrive;
-//! * gives up on the oldest gap when more than [`MAX_EARLY`] batches wait behind it
+//! * gives up on the oldest gap when more than [`MAX_EARLY`] batches (or about
+//!   [`MAX_EARLY_BYTES`] of them) wait behind it
 //!   ([`Applied::skipped`]), so viewers resync on the jump rather than wait forever;
 //! * ends with the run's `status` frame once its final batch's count of batches has
 //!   been applied, or when the database says the run ended ([`Sequencer::check`]);
@@ -27,6 +28,26 @@ use super::frame::Frame;
 /// Early batches held at most; past it the oldest gap is given up on (its viewers
 /// resync on the jump).
 pub(crate) const MAX_EARLY: usize = 1024;
+
+/// …or about this many bytes of them (a batch may hold up to 32 MiB decoded: a count
+/// alone would let a hub hold gigabytes).
+pub(crate) const MAX_EARLY_BYTES: usize = 64 << 20;
+
+/// About what a decoded batch holds in memory: its text, plus a little per record.
+fn approx_bytes(batch: &Batch) -> usize {
+    let lines: usize = batch
+        .logs
+        .iter()
+        .map(|l| 64 + l.message.len() + l.metadata.as_ref().map_or(0, |_| 64))
+        .sum();
+    let results: usize = batch.results.iter().map(|r| 64 + r.key.len()).sum();
+    let metrics: usize = batch
+        .metrics
+        .iter()
+        .map(|m| m.values.keys().map(|k| 32 + k.len()).sum::<usize>())
+        .sum();
+    256 + lines + results + metrics
+}
 
 /// Buckets a snapshot's series hold about (between this and twice this): enough for a
 /// chart as wide as a screen, small enough for a snapshot of a dozen metrics.
@@ -103,8 +124,10 @@ pub(crate) struct Sequencer {
     metrics: BTreeMap<String, SeriesSketch>,
     /// Batches applied: `0..next`.
     next: u64,
-    /// Batches that arrived before a missing one, by `batch_seq`.
+    /// Batches that arrived before a missing one, by `batch_seq`, and about how many
+    /// bytes they hold.
     early: BTreeMap<u64, Batch>,
+    early_bytes: usize,
     final_batches: Option<u64>,
     /// The `status` frame, once the run has ended.
     terminal: Option<Arc<Frame>>,
@@ -125,6 +148,7 @@ impl Sequencer {
             metrics: from.metrics,
             next: from.covered,
             early: BTreeMap::new(),
+            early_bytes: 0,
             final_batches: from.final_batches,
             terminal: None,
             snapshot: None,
@@ -161,8 +185,11 @@ impl Sequencer {
         if batch.batch_seq < self.next || self.terminal.is_some() {
             return applied;
         }
-        self.early.insert(batch.batch_seq, batch);
-        if self.early.len() > MAX_EARLY {
+        self.early_bytes += approx_bytes(&batch);
+        if let Some(replaced) = self.early.insert(batch.batch_seq, batch) {
+            self.early_bytes -= approx_bytes(&replaced);
+        }
+        if self.early.len() > MAX_EARLY || self.early_bytes > MAX_EARLY_BYTES {
             let first = *self.early.keys().next().expect("not empty");
             applied.skipped = Some(Skipped {
                 missing: self.next,
@@ -171,6 +198,7 @@ impl Sequencer {
             self.next = first;
         }
         while let Some(batch) = self.early.remove(&self.next) {
+            self.early_bytes -= approx_bytes(&batch);
             applied.frames.push(Frame::batch(&batch));
             self.take(batch);
             if self.final_batches.is_some_and(|n| self.next >= n) {
@@ -547,6 +575,31 @@ mod tests {
             assert!(frames(&seq.apply(batch(n))).is_empty(), "batch {n} covered");
         }
         assert_eq!(frames(&seq.apply(batch(5))), vec![batch_frame(5)]);
+    }
+
+    #[test]
+    fn too_many_bytes_behind_a_gap_give_it_up() {
+        // From a code review: the early batches were bounded by count alone (1 024 of
+        // up to 32 MiB each). Batches of 4 MiB: the 17th behind the gap passes 64 MiB.
+        let big = |n: u64| {
+            let mut b = batch(n);
+            b.logs[0].message = "x".repeat(4 << 20);
+            b
+        };
+        let mut seq = fresh();
+        for n in 1..=15 {
+            assert!(seq.apply(big(n)).skipped.is_none());
+        }
+        let applied = seq.apply(big(16));
+        assert_eq!(
+            applied.skipped,
+            Some(Skipped {
+                missing: 0,
+                resumed_at: 1
+            })
+        );
+        assert_eq!(applied.frames.len(), 16);
+        assert_eq!(seq.early_bytes, 0);
     }
 
     #[test]
