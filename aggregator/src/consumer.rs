@@ -111,8 +111,20 @@ async fn decode_all(shared: &Shared, messages: Vec<jetstream::Message>) -> Decod
         messages: Vec::with_capacity(messages.len()),
         incoming: Vec::with_capacity(messages.len()),
     };
-    for message in messages {
-        match decode(shared, &message) {
+    // Decompressing and parsing is CPU work: off the async threads, which meanwhile
+    // ack, pull and keep the consumer's heartbeats going.
+    let limit = shared.config.decode_limit;
+    let payloads: Vec<bytes::Bytes> = messages.iter().map(|m| m.payload.clone()).collect();
+    let batches = tokio::task::spawn_blocking(move || {
+        payloads
+            .iter()
+            .map(|p| athanor_schemas::decode(p, limit))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("decoding does not panic");
+    for (message, batch) in messages.into_iter().zip(batches) {
+        match checked(&message, batch) {
             Ok(batch) => {
                 decoded.incoming.push(Incoming {
                     batch,
@@ -293,13 +305,12 @@ async fn write_with_retry(
     }
 }
 
-/// Decodes and checks a message: the batch must belong to the run of its subject.
-fn decode(
-    shared: &Shared,
+/// A message's decoded batch, checked: it must belong to the run of its subject.
+fn checked(
     message: &jetstream::Message,
+    batch: Result<athanor_schemas::Batch, athanor_schemas::DecodeError>,
 ) -> Result<athanor_schemas::Batch, (&'static str, String)> {
-    let batch = athanor_schemas::decode(&message.payload, shared.config.decode_limit)
-        .map_err(|e| (e.kind(), e.to_string()))?;
+    let batch = batch.map_err(|e| (e.kind(), e.to_string()))?;
     if message.subject.as_str() != names::run_subject(&batch.run_id)
         || !names::is_valid_token(&batch.run_id)
     {
