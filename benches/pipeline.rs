@@ -550,7 +550,7 @@ async fn raw_viewer(
         return Vec::new();
     };
     let request =
-        format!("GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n");
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
         return Vec::new();
     }
@@ -703,7 +703,7 @@ fn startup() {
             use std::io::{Read, Write};
             stream
                 .write_all(
-                    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
                         .as_bytes(),
                 )
                 .ok()?;

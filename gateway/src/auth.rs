@@ -31,6 +31,9 @@ pub(crate) struct Auth {
     protect_reads: bool,
     feed_key: Option<hmac::Key>,
     feed_ttl: Duration,
+    /// Listening on loopback without a token: `/api` answers only these `Host` names
+    /// (lowercase, no port) and loopback ones.
+    hosts: Option<Vec<String>>,
 }
 
 impl Auth {
@@ -48,7 +51,17 @@ impl Auth {
             protect_reads,
             feed_key,
             feed_ttl,
+            hosts: None,
         }
+    }
+
+    /// Checks `Host` when the gateway listens on loopback and has no token: only
+    /// loopback names and `allowed` are answered under `/api`.
+    pub fn with_hosts(mut self, loopback: bool, allowed: &[String]) -> Self {
+        if loopback && self.token.is_none() {
+            self.hosts = Some(allowed.iter().map(|h| h.to_ascii_lowercase()).collect());
+        }
+        self
     }
 
     fn bearer_ok(&self, request: &Request) -> bool {
@@ -221,6 +234,62 @@ pub(crate) async fn json_bodies_only(request: Request, next: Next) -> Response {
     }
 }
 
+/// The host name of a `Host` header value (`localhost:8080`, `[::1]:8080`), lowercase.
+fn host_name(value: &str) -> String {
+    let value = value.trim();
+    let name = match value.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => value
+            .rsplit_once(':')
+            .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(value, |(name, _)| name),
+    };
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+fn is_loopback_name(name: &str) -> bool {
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// DNS rebinding: a page on another site points a name of its own at 127.0.0.1, and
+/// its scripts then reach a gateway listening there, with that name as `Host`. A
+/// gateway on loopback without an API token answers `/api` only for loopback names and
+/// `gateway.allowed_hosts` (403 otherwise).
+pub(crate) async fn known_hosts_only(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(allowed) = &state.auth.hosts else {
+        return next.run(request).await;
+    };
+    if !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let Some(host) = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return next.run(request).await;
+    };
+    let name = host_name(host);
+    if is_loopback_name(&name) || allowed.contains(&name) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::FORBIDDEN,
+        Json(ErrorBody::new(format!(
+            "this gateway listens on loopback without an API token and answers only loopback host names, not {name:?} (add it to gateway.allowed_hosts, or set an API token)"
+        ))),
+    )
+        .into_response()
+}
+
 /// A NUL character (`%00`) in a path or query parameter under `/api` is refused with
 /// 400 naming where: no database stores it as text (PostgreSQL refuses it, which
 /// surfaced as a 503 "the database is unavailable").
@@ -325,6 +394,16 @@ mod tests {
         assert_eq!(feed_scope("/api/runs/abc/events"), Some("abc"));
         assert_eq!(feed_scope("/api/events"), Some("*"));
         assert_eq!(feed_scope("/api/runs/abc/logs"), None);
+        assert_eq!(host_name("LocalHost:8080"), "localhost");
+        assert_eq!(host_name("[::1]:8080"), "::1");
+        assert_eq!(host_name("127.0.0.1"), "127.0.0.1");
+        assert_eq!(host_name("evil.example.:80"), "evil.example");
+        assert!(
+            is_loopback_name("127.0.0.2")
+                && is_loopback_name("::1")
+                && is_loopback_name("app.localhost")
+        );
+        assert!(!is_loopback_name("127.0.0.1.nip.io") && !is_loopback_name("evil.example"));
         assert!(is_validation("/api/experiments/sweep/validate"));
         assert!(!is_validation("/api/experiments//validate"));
         assert!(!is_validation("/api/experiments/a/b/validate"));

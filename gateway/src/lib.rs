@@ -82,6 +82,10 @@ pub struct GatewayConfig {
     /// (a client trickling headers would otherwise hold a socket forever).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Host names (besides loopback ones) a gateway listening on loopback without an
+    /// API token answers under `/api`: it refuses any other `Host`, so a web page that
+    /// points a name of its own at 127.0.0.1 (DNS rebinding) cannot use the API.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for GatewayConfig {
@@ -103,6 +107,7 @@ impl Default for GatewayConfig {
             cors_origins: Vec::new(),
             max_viewers: 10_000,
             header_read_timeout: Duration::from_secs(10),
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -196,11 +201,17 @@ impl AppState {
             max_body_bytes: config.max_body_bytes,
             hubs,
             lifecycle,
-            auth: Arc::new(auth::Auth::new(
-                config.api_token.clone(),
-                config.protect_reads,
-                config.feed_token_ttl,
-            )),
+            auth: Arc::new(
+                auth::Auth::new(
+                    config.api_token.clone(),
+                    config.protect_reads,
+                    config.feed_token_ttl,
+                )
+                .with_hosts(
+                    listens_on_loopback(&config.http_addr),
+                    &config.allowed_hosts,
+                ),
+            ),
         })
     }
 }
@@ -259,6 +270,10 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
         .layer(axum::middleware::from_fn(auth::no_nul_characters))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            auth::known_hosts_only,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             auth::authorize,
         ));
     let router = match cors(&config.cors_origins) {
@@ -315,6 +330,17 @@ async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Whether `http_addr` (`127.0.0.1:8080`, `[::1]:0`, `localhost:8080`) is a loopback
+/// address.
+fn listens_on_loopback(http_addr: &str) -> bool {
+    match http_addr.parse::<SocketAddr>() {
+        Ok(addr) => addr.ip().is_loopback(),
+        Err(_) => http_addr
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
 }
 
 /// CORS for the configured origins (none: no CORS headers, same origin only).

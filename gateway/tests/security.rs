@@ -260,3 +260,53 @@ async fn a_change_takes_a_json_body_or_none_never_a_form_post() {
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
     stack.stop().await;
 }
+
+/// DNS rebinding: a page on another site points a name of its own at 127.0.0.1 and its
+/// scripts reach the gateway with that name as `Host`. On loopback without a token,
+/// `/api` answers only loopback names and `gateway.allowed_hosts`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_loopback_without_a_token_only_known_host_names_reach_the_api() {
+    let stack = Stack::start_with(
+        WorkerConfig::for_tests(),
+        GatewayConfig {
+            allowed_hosts: vec!["Athanor.LAN".into()],
+            ..GatewayConfig::for_tests()
+        },
+    )
+    .await;
+    let http = &stack.http;
+    let port = stack.base.rsplit(':').next().unwrap().to_string();
+    let with_host = |host: &str| {
+        http.get(format!("{}/api/runs", stack.base))
+            .header("host", host.replace("PORT", &port))
+    };
+    for host in [
+        "127.0.0.1:PORT",
+        "localhost:PORT",
+        "athanor.lan:PORT",
+        "[::1]:PORT",
+    ] {
+        let (status, _) = send(with_host(host)).await;
+        assert_eq!(status, StatusCode::OK, "{host}");
+    }
+    for host in ["rebind.example:PORT", "127.0.0.1.nip.io:PORT"] {
+        let (status, answer) = send(with_host(host)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{host}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .contains("gateway.allowed_hosts"),
+            "{answer}"
+        );
+    }
+    // The page itself is no secret: only the API is guarded.
+    let response = http
+        .get(format!("{}/", stack.base))
+        .header("host", "rebind.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    stack.stop().await;
+}

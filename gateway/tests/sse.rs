@@ -328,12 +328,12 @@ async fn stalled_viewer(stack: &Stack, id: &str) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let addr = stack.base.trim_start_matches("http://").parse().unwrap();
-    let mut stream = socket.connect(addr).await.unwrap();
+    let host = stack.base.trim_start_matches("http://");
+    let mut stream = socket.connect(host.parse().unwrap()).await.unwrap();
     stream
         .write_all(
             format!(
-                "GET {} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                "GET {} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
                 events_path(id)
             )
             .as_bytes(),

@@ -470,12 +470,14 @@ impl RunBuffer {
         let original = message.len();
         let cut = message.floor_char_boundary(self.max_line_bytes);
         message.truncate(cut);
-        message.push_str(&format!(
-            " …[truncated {} of {original} bytes]",
-            original - cut
-        ));
+        message.push_str(&truncation_marker(original - cut, original));
         message
     }
+}
+
+/// What ends a message cut short: ` …[truncated <dropped> of <total> bytes]`.
+pub(crate) fn truncation_marker(dropped: usize, total: usize) -> String {
+    format!(" …[truncated {dropped} of {total} bytes]")
 }
 
 /// A metric name cut to [`MAX_NAME_BYTES`] (at a character boundary).
