@@ -242,6 +242,23 @@ fn the_embedded_nats_server_dies_with_athanor_up_and_a_stale_one_is_stopped() {
     stale.wait().unwrap();
     let server = server_pid();
     assert_ne!(server, stale.id());
+    // Another start on the same store while this one runs is refused, and leaves the
+    // running server alone (a review found it would have stopped it as stale).
+    let refused = Command::new(env!("CARGO_BIN_EXE_athanor"))
+        .args(["up", "--http-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("ATHANOR__NATS__SERVER_BIN", athanor_testkit::server_bin())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("is in use by another running athanor"),
+        "{said}"
+    );
+    assert!(alive(server));
     common::wait_for_worker(&url);
     common::stop(&mut up);
     assert!(!alive(server));

@@ -136,24 +136,36 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
     // Running runs quiet for a TTL, and pending runs older than that: a pending run
     // whose request a worker took (`taken.<run_id>`, put before its ack) and that the
     // worker then dropped (it died before its first batch) is as lost as a running one.
-    let candidates = shared
-        .db
-        .query_all(stmt(
-            backend,
-            "SELECT id, worker_id, status FROM runs WHERE status IN ('running', 'pending') \
-             AND final_batches IS NULL AND updated_at < ? ORDER BY updated_at LIMIT 1000",
-            vec![quiet_since.into()],
-        ))
-        .await?;
+    // Each status on its own, so a queue of pending runs cannot crowd out the check
+    // of running ones.
+    let mut candidates = Vec::new();
+    for status in ["running", "pending"] {
+        candidates.extend(
+            shared
+                .db
+                .query_all(stmt(
+                    backend,
+                    "SELECT id, worker_id, status FROM runs WHERE status = ? \
+                     AND final_batches IS NULL AND updated_at < ? ORDER BY updated_at LIMIT 1000",
+                    vec![status.into(), quiet_since.into()],
+                ))
+                .await?,
+        );
+    }
     for row in candidates {
         let id: String = row.try_get("", "id")?;
         let status: String = row.try_get("", "status")?;
         let worker = if status == "pending" {
-            // Not taken yet (still queued, or no worker hosts it): nothing to check.
-            let Ok(Some(taker)) = control.get(names::taken_key(&id)).await else {
+            // Not taken (still queued, or no worker hosts it), or taken less than a TTL
+            // ago (its worker's registration may not list it yet): nothing to check.
+            let Ok(Some(taken)) = control.entry(names::taken_key(&id)).await else {
                 continue;
             };
-            String::from_utf8_lossy(&taker).into_owned()
+            let taken_at = (taken.created.unix_timestamp_nanos() / 1000) as i64;
+            if taken_at > quiet_since {
+                continue;
+            }
+            String::from_utf8_lossy(&taken.value).into_owned()
         } else {
             let worker: Option<String> = row.try_get("", "worker_id")?;
             worker.unwrap_or_default()
@@ -186,7 +198,7 @@ async fn mark_lost(shared: &Shared, absent: &mut HashMap<String, Instant>) -> Re
                 vec![
                     reason.clone().into(),
                     now.into(),
-                    worker.clone().into(),
+                    Some(worker.clone()).filter(|w| !w.is_empty()).into(),
                     id.clone().into(),
                     status.into(),
                     quiet_since.into(),

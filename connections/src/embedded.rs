@@ -34,6 +34,8 @@ pub enum ServerError {
     },
     #[error("nats-server did not listen on port {port} within 20 s")]
     NotListening { port: u16 },
+    #[error("{store} is in use by another running athanor (pid {pid}); stop it first, or give this one another data directory")]
+    InUse { store: PathBuf, pid: i32 },
     #[error("no nats-server >= {}.{} found for {name:?} ({seen}); run `scripts/setup` (installs it under .tools/) or set nats.server_bin", MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1)]
     NotFound { name: String, seen: String },
 }
@@ -93,7 +95,7 @@ impl EmbeddedServer {
             child: None,
             keeper: None,
         };
-        server.stop_stale();
+        server.stop_stale()?;
         server.spawn()?;
         Ok(server)
     }
@@ -132,12 +134,14 @@ impl EmbeddedServer {
     /// Stops a server that an earlier process started on this store and left running
     /// (it was killed before it could stop it): the pid in `nats-server.pid`, if that
     /// process still runs this store's configuration. SIGTERM, then SIGKILL after 5 s.
-    fn stop_stale(&self) {
+    /// A server whose parent is a live `athanor` (this same program) is not stale: the
+    /// store is in use, and starting is refused.
+    fn stop_stale(&self) -> Result<(), ServerError> {
         let Some(pid) = std::fs::read_to_string(self.pid_path())
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
         else {
-            return;
+            return Ok(());
         };
         let conf = self.store_dir.join("nats-server.conf");
         let ours = |pid: i32| {
@@ -148,8 +152,14 @@ impl EmbeddedServer {
             })
         };
         let Some(process) = rustix::process::Pid::from_raw(pid).filter(|_| ours(pid)) else {
-            return;
+            return Ok(());
         };
+        if let Some(parent) = live_owner(pid) {
+            return Err(ServerError::InUse {
+                store: self.store_dir.clone(),
+                pid: parent,
+            });
+        }
         tracing::warn!(pid, store = %self.store_dir.display(), "a nats-server left running on this store by an earlier start: stopping it");
         let _ = rustix::process::kill_process(process, rustix::process::Signal::TERM);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -162,6 +172,7 @@ impl EmbeddedServer {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        Ok(())
     }
 
     /// Starts the server again on the same port with the same store.
@@ -225,6 +236,21 @@ impl Drop for EmbeddedServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The parent of process `pid` when that parent is a live instance of this program
+/// (an `athanor` that owns the server), from `/proc`.
+fn live_owner(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ppid: i32 = stat
+        .rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let exe = std::fs::read_link(format!("/proc/{ppid}/exe")).ok()?;
+    (ppid > 1 && std::env::current_exe().ok()? == exe).then_some(ppid)
 }
 
 /// Starts `command` from a thread of its own that stays until the returned sender is

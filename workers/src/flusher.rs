@@ -311,9 +311,10 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
     }
     batch.sent_at = athanor_schemas::now_micros();
     let encoded = codec::encode(&batch);
-    let fits = encoded.payload.len() <= max_payload && encoded.json_len <= MAX_BATCH_JSON_BYTES;
-    let batch = if fits {
-        batch
+    let fitting =
+        |e: &codec::Encoded| e.payload.len() <= max_payload && e.json_len <= MAX_BATCH_JSON_BYTES;
+    let (batch, encoded) = if fitting(&encoded) {
+        (batch, encoded)
     } else {
         match split(batch) {
             Ok((left, right)) => {
@@ -323,29 +324,30 @@ fn encode_fitting(mut batch: Batch, max_payload: usize, next: &mut u64, out: &mu
             }
             Err(single) => {
                 // One line (or result) too large even alone: cut its fields down to
-                // max_payload / 8 bytes each, or — when every field is that small
-                // already and together they still do not fit — to half as much, and so
-                // on. Each round cuts something, so this ends; a batch with nothing
-                // left to cut goes out as it is (the server says why it refuses it).
+                // max_payload / 8 bytes each, and while that still does not fit, to
+                // half as much, down to MIN_KEEP (a loop, not a recursion: a field cut
+                // to `keep` keeps its marker, so cutting it again at the same `keep`
+                // would never end). Still too large there: it goes out as it is (the
+                // server says why it refuses it).
                 let mut single = *single;
                 let mut keep = (max_payload / 8).max(256);
                 loop {
-                    if shrink(&mut single, keep) {
-                        encode_fitting(single, max_payload, next, out);
-                        return;
+                    shrink(&mut single, keep);
+                    let encoded = codec::encode(&single);
+                    if fitting(&encoded) {
+                        break (single, encoded);
                     }
                     if keep <= MIN_KEEP {
-                        break;
+                        tracing::warn!(
+                            run_id = %single.run_id,
+                            bytes = encoded.payload.len(),
+                            max_payload,
+                            "a batch cut to its minimum still exceeds max_payload"
+                        );
+                        break (single, encoded);
                     }
                     keep = (keep / 2).max(MIN_KEEP);
                 }
-                tracing::warn!(
-                    run_id = %single.run_id,
-                    bytes = encoded.payload.len(),
-                    max_payload,
-                    "a batch cut to its minimum still exceeds max_payload"
-                );
-                single
             }
         }
     };
@@ -405,7 +407,7 @@ fn split(mut batch: Batch) -> Result<(Batch, Batch), Box<Batch>> {
 }
 
 /// Cuts every oversized field of a batch of one line or one result down to `keep`
-/// bytes, with a visible marker. Returns `None` when nothing was over `keep`.
+/// bytes, with a visible marker. Returns whether it cut anything.
 fn shrink(batch: &mut Batch, keep: usize) -> bool {
     let mut changed = false;
     for line in &mut batch.logs {
@@ -619,7 +621,10 @@ mod tests {
         let field = |n: u64| lines(1, max_payload / 8 - 64).remove(0).message + &n.to_string();
         let mut head = Batch::new("r", 0, "w");
         head.logs = lines(1, 10);
-        head.logs[0].message = field(0);
+        // One field just over the cut, the others just under: a first cut at
+        // max_payload / 8 still leaves the batch too large (a review found that
+        // cutting again at the same size recursed forever).
+        head.logs[0].message = field(0) + &"y".repeat(200);
         head.logs[0].metadata = Some(serde_json::json!(field(1)));
         head.results = vec![athanor_schemas::ResultRecord {
             seq: 0,

@@ -724,8 +724,12 @@ function runPage(app, runId) {
     const generation = state.filterGeneration;
     const boundary = state.all.length ? state.all[0].seq : state.total;
     const q = filterQuery(new URLSearchParams({ before: String(boundary), limit: String(PAGE), count: 'true' }));
+    // This fetches the page before the boundary too: scrolling waits for it, or
+    // the same lines would be prepended twice.
+    state.loadingOlder = true;
     const result = await api('GET', `/api/runs/${encodeURIComponent(runId)}/logs?${q}`);
     if (generation !== state.filterGeneration) return;
+    state.loadingOlder = false;
     if (result.status !== 200) {
       totalText.title = result.body?.error || `the gateway answered ${result.status}`;
       return;
