@@ -407,30 +407,29 @@ fn split(mut batch: Batch) -> Result<(Batch, Batch), Box<Batch>> {
 }
 
 /// Cuts every oversized field of a batch of one line or one result down to `keep`
-/// bytes, with a visible marker. Returns whether it cut anything.
-fn shrink(batch: &mut Batch, keep: usize) -> bool {
-    let mut changed = false;
+/// bytes, with a visible marker.
+fn shrink(batch: &mut Batch, keep: usize) {
     for line in &mut batch.logs {
-        changed |= cut_text(&mut line.message, keep);
+        cut_text(&mut line.message, keep);
         if let Some(meta) = line.metadata.as_mut() {
-            changed |= cut_json(meta, keep);
+            cut_json(meta, keep);
         }
     }
     for result in &mut batch.results {
-        changed |= cut_text(&mut result.key, keep);
-        changed |= cut_json(&mut result.value, keep);
+        cut_text(&mut result.key, keep);
+        cut_json(&mut result.value, keep);
     }
     if let Some(m) = batch.progress.as_mut().and_then(|p| p.message.as_mut()) {
-        changed |= cut_text(m, keep);
+        cut_text(m, keep);
     }
     if let Some(e) = batch.status.as_mut().and_then(|s| s.error.as_mut()) {
-        changed |= cut_text(e, keep);
+        cut_text(e, keep);
     }
     if let Some(run) = batch.run.as_mut() {
         if let Some(id) = run.instance_id.as_mut() {
-            changed |= cut_text(id, keep);
+            cut_text(id, keep);
         }
-        changed |= cut_json(&mut run.config, keep);
+        cut_json(&mut run.config, keep);
     }
     for record in &mut batch.metrics {
         if record.values.keys().any(|name| name.len() > keep) {
@@ -442,35 +441,31 @@ fn shrink(batch: &mut Batch, keep: usize) -> bool {
                     (name, value)
                 })
                 .collect();
-            changed = true;
         }
     }
-    changed
 }
 
 /// The smallest a field is cut to (plus its marker) when a batch must be made to fit.
 const MIN_KEEP: usize = 16;
 
-/// Truncates `text` to `keep` bytes plus a marker; true when it did.
-fn cut_text(text: &mut String, keep: usize) -> bool {
+/// Truncates `text` to `keep` bytes plus a marker.
+fn cut_text(text: &mut String, keep: usize) {
     if text.len() <= keep {
-        return false;
+        return;
     }
     let total = text.len();
     let cut = text.floor_char_boundary(keep);
     text.truncate(cut);
-    text.push_str(&format!(" …[truncated {} of {total} bytes]", total - cut));
-    true
+    text.push_str(&crate::buffer::truncation_marker(total - cut, total));
 }
 
-/// Replaces a JSON value larger than `keep` bytes by a marker; true when it did.
-fn cut_json(value: &mut serde_json::Value, keep: usize) -> bool {
+/// Replaces a JSON value larger than `keep` bytes by a marker.
+fn cut_json(value: &mut serde_json::Value, keep: usize) {
     let size = value.to_string().len();
     if size <= keep {
-        return false;
+        return;
     }
     *value = serde_json::json!({ "truncated": true, "bytes": size });
-    true
 }
 
 #[cfg(test)]
