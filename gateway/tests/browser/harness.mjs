@@ -91,6 +91,44 @@ export async function waitFor(what, check, timeoutMs = 60_000) {
 }
 
 /**
+ * Traces the main thread of the renderer that will load `url` (call before `page.goto`):
+ * `stop()` ends the trace and resolves with that thread's tasks,
+ * [{ start, wall, cpu }] in ms (start since the trace began). `cpu` is the thread's own
+ * time: what the page's work blocks the main thread for, whatever else the machine runs
+ * (a long task's wall time also counts the moments the renderer waited for a core, and
+ * on a loaded two-core machine those reach a second).
+ */
+export async function traceMainThread(page, url) {
+  const cdp = await page.context().newCDPSession(page);
+  const events = [];
+  cdp.on('Tracing.dataCollected', ({ value }) => { for (const e of value) events.push(e); });
+  await cdp.send('Tracing.start', {
+    traceConfig: { includedCategories: ['toplevel', 'devtools.timeline', '__metadata'], recordMode: 'recordContinuously' },
+    transferMode: 'ReportEvents',
+  });
+  return {
+    async stop() {
+      const complete = new Promise((ok) => cdp.once('Tracing.tracingComplete', ok));
+      await cdp.send('Tracing.end');
+      await complete;
+      await cdp.detach();
+      const commit = events.find((e) => e.name === 'CommitLoad' && e.args?.data?.url?.startsWith(url));
+      if (!commit) throw new Error(`no renderer loaded ${url} in the trace`);
+      const main = events.find((e) => e.ph === 'M' && e.name === 'thread_name' && e.pid === commit.pid
+        && e.args.name === 'CrRendererMain');
+      const origin = events.reduce((min, e) => (e.ts > 0 && e.ts < min ? e.ts : min), Infinity);
+      return events
+        .filter((e) => e.ph === 'X' && e.name === 'ThreadControllerImpl::RunTask' && e.pid === commit.pid && e.tid === main.tid)
+        .map((e) => ({ start: (e.ts - origin) / 1000, wall: e.dur / 1000, cpu: (e.tdur ?? e.dur) / 1000 }));
+    },
+  };
+}
+
+/** "N ms CPU (M ms wall) at S s" for the tasks over `ms` of CPU or wall time. */
+export const describeTasks = (tasks, ms = 50) => tasks.filter((t) => t.cpu > ms || t.wall > ms)
+  .map((t) => `${t.cpu.toFixed(0)} ms CPU (${t.wall.toFixed(0)} ms wall) at ${(t.start / 1000).toFixed(1)} s`).join(', ');
+
+/**
  * Records the page's main-thread long tasks (over 50 ms) from its first script on;
  * read them with `longTasks(page)`.
  */
