@@ -1,4 +1,4 @@
-//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|throughput|fanout|startup|command|metrics]`.
+//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|throughput|fanout|startup|command|metrics|durability]`.
 //!
 //! * latency — from `log()` (the line's own timestamp) to an SSE client holding the
 //!   line, at 1 000 and 10 000 lines/s per run, with 1 and 100 concurrent runs: a worker,
@@ -15,6 +15,9 @@
 //! * command — a command experiment (a Python child printing lines that carry their
 //!   write time) beside an in-process experiment at the same rate: the delay from the
 //!   write (child) or `log()` (in-process) to an SSE client holding the line.
+//! * durability — the throughput and latency rows again under each durability setting,
+//!   side by side: JetStream without and with an fsync per write (`nats.sync_always`),
+//!   SQLite `synchronous` normal and full (`database.sqlite_synchronous`).
 //! * metrics — metric points from `metrics()` to an SSE client and their bytes on the
 //!   wire; a million-point series stored through the aggregator's store and read back
 //!   at max_points=1000 through the gateway (rollups), beside the same buckets computed
@@ -69,6 +72,9 @@ fn main() {
     if want("metrics") {
         rt.block_on(metrics());
     }
+    if want("durability") {
+        rt.block_on(durability());
+    }
 }
 
 /// The NATS settings every component of a benchmark gets.
@@ -95,12 +101,21 @@ impl Bench {
 
 /// A migrated SQLite database with the production settings (5 s busy timeout).
 async fn database(dir: &tempfile::TempDir) -> (DatabaseConfig, sea_orm::DatabaseConnection) {
+    database_with(dir, DatabaseConfig::default().sqlite_synchronous).await
+}
+
+/// As [`database`], with SQLite's `synchronous` set.
+async fn database_with(
+    dir: &tempfile::TempDir,
+    sync: athanor_connections::db::SqliteSync,
+) -> (DatabaseConfig, sea_orm::DatabaseConnection) {
     use athanor_migrations::MigratorTrait;
     let config = DatabaseConfig {
         url: Some(format!(
             "sqlite://{}",
             dir.path().join("bench.db").display()
         )),
+        sqlite_synchronous: sync,
         ..Default::default()
     };
     let db = athanor_connections::db::connect(&config).await.unwrap();
@@ -212,12 +227,23 @@ async fn latency() {
     let dir = tempfile::tempdir().unwrap();
     let (_, db) = database(&dir).await;
     let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
-    let (http, base) = (&stack.http, &stack.base);
     println!("\n## Latency: log() → SSE client (worker flush every 100 ms)\n");
     println!("Each run has two viewers side by side: one taking the feed plain, one compressed (zstd).\n");
     println!("| runs | lines/s per run | lines received | p50 ms | p99 ms | max ms | compressed: p50 ms | p99 ms | max ms |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (runs, rate) in [(1, 1_000), (1, 10_000), (100, 1_000), (100, 10_000)] {
+    latency_rows(
+        &stack,
+        "",
+        &[(1, 1_000), (1, 10_000), (100, 1_000), (100, 10_000)],
+    )
+    .await;
+    stack.stop().await;
+}
+
+/// One latency row per (runs, lines/s per run), each starting with `prefix`.
+async fn latency_rows(stack: &Stack, prefix: &str, rows: &[(usize, u64)]) {
+    let (http, base) = (&stack.http, &stack.base);
+    for &(runs, rate) in rows {
         let duration_ms = 5000;
         let mut viewers = Vec::new();
         for _ in 0..runs {
@@ -246,13 +272,49 @@ async fn latency() {
         plain.sort_unstable();
         compressed.sort_unstable();
         println!(
-            "| {runs} | {rate} | {} | {} | {} |",
+            "| {prefix}{runs} | {rate} | {} | {} | {} |",
             plain.len(),
             delay_columns(&plain),
             delay_columns(&compressed)
         );
     }
-    stack.stop().await;
+}
+
+// ---------------------------------------------------------------- durability
+
+/// Throughput and latency under each durability setting, side by side.
+async fn durability() {
+    use athanor_connections::db::SqliteSync;
+    const SETTINGS: [(bool, SqliteSync, &str); 4] = [
+        (false, SqliteSync::Normal, "no fsync per write, normal"),
+        (true, SqliteSync::Normal, "fsync per write, normal"),
+        (false, SqliteSync::Full, "no fsync per write, full"),
+        (true, SqliteSync::Full, "fsync per write, full (defaults)"),
+    ];
+    let offered: u64 = std::env::var("ATHANOR_BENCH_OFFERED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    println!("\n## Durability: JetStream sync_interval always, SQLite synchronous\n");
+    println!("Throughput as in the throughput table, at {offered} offered lines/s, on SQLite:\n");
+    println!("| JetStream, SQLite synchronous | offered lines/s | logged lines/s | stored lines/s | lag p50 ms | lag p99 ms | lag max ms | stored after last publish ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (sync_always, sqlite, label) in SETTINGS {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = database_with(&dir, sqlite).await;
+        throughput_row_on(&TestNats::start_with(sync_always), label, offered, db).await;
+    }
+    println!("\nLatency as in the latency table (plain and compressed viewers):\n");
+    println!("| JetStream, SQLite synchronous: runs | lines/s per run | lines received | p50 ms | p99 ms | max ms | compressed: p50 ms | p99 ms | max ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (sync_always, sqlite, label) in SETTINGS {
+        let nats_server = TestNats::start_with(sync_always);
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = database_with(&dir, sqlite).await;
+        let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
+        latency_rows(&stack, &format!("{label}: "), &[(1, 1_000), (100, 1_000)]).await;
+        stack.stop().await;
+    }
 }
 
 /// A worker, an aggregator and a gateway in this process, on `db`; or, given the
@@ -451,8 +513,17 @@ async fn drop_postgres_database(admin: &sea_orm::DatabaseConnection, name: &str)
 
 /// One offered rate on a fresh nats-server and an empty database.
 async fn throughput_row(database: &str, offered: u64, db: sea_orm::DatabaseConnection) {
-    let nats_server = TestNats::start();
-    let stack = Stack::start(&Bench::of(&nats_server), db, None).await;
+    throughput_row_on(&TestNats::start(), database, offered, db).await;
+}
+
+/// A throughput row on a given nats-server.
+async fn throughput_row_on(
+    nats_server: &TestNats,
+    database: &str,
+    offered: u64,
+    db: sea_orm::DatabaseConnection,
+) {
+    let stack = Stack::start(&Bench::of(nats_server), db, None).await;
     let per_run = offered / THROUGHPUT_RUNS;
     let t0 = Instant::now();
     let mut ids = Vec::new();

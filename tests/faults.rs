@@ -362,34 +362,11 @@ impl Rig {
 
 /// Lines and messages of a run that has no final batch, read until the stream is dry.
 async fn acked_without_final(js: &async_nats::jetstream::Context, run_id: &str) -> (u64, u64) {
-    use async_nats::jetstream::consumer;
-    use futures::StreamExt;
-    let stream = js
-        .get_stream(athanor_schemas::names::RUNS_STREAM)
-        .await
-        .unwrap();
-    let mut messages = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: athanor_schemas::names::run_subject(run_id),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .messages()
-        .await
-        .unwrap();
-    let mut batches = BTreeMap::new();
-    let mut count = 0;
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_secs(3), messages.next()).await
-    {
-        count += 1;
-        let batch =
-            athanor_schemas::decode(&message.payload, athanor_schemas::DEFAULT_DECODE_LIMIT)
-                .unwrap();
-        batches.insert(batch.batch_seq, batch.logs.len() as u64);
-    }
-    (batches.values().sum(), count)
+    let (batches, read) = athanor_testkit::batches_so_far(js, run_id).await.unwrap();
+    (
+        batches.values().map(|b| b.logs.len() as u64).sum(),
+        read as u64,
+    )
 }
 
 struct Tally {

@@ -17,9 +17,12 @@ pub struct DatabaseConfig {
     pub url: Option<String>,
     /// Pool size.
     pub max_connections: u32,
-    /// SQLite `synchronous`: `normal` (default; in WAL mode a commit survives a crash of
-    /// the process, but the last commits can roll back on power loss or an OS crash)
-    /// or `full` (every commit is fsynced; slower).
+    /// SQLite `synchronous`: `full` (default: every commit is fsynced before the
+    /// aggregator acknowledges its batches, so it survives a power loss) or `normal`
+    /// (in WAL mode a commit survives a crash of the process, but the commits since the
+    /// write-ahead log was last synced — the aggregator's checkpointer syncs it every
+    /// 25 ms — can roll back on power loss or an OS crash, after their batches were
+    /// acknowledged).
     pub sqlite_synchronous: SqliteSync,
     /// How long a SQLite writer waits for a lock before failing (and retrying).
     #[serde(with = "humantime_serde")]
@@ -38,7 +41,7 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             url: None,
             max_connections: 8,
-            sqlite_synchronous: SqliteSync::Normal,
+            sqlite_synchronous: SqliteSync::Full,
             busy_timeout: Duration::from_secs(5),
         }
     }

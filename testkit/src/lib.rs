@@ -12,6 +12,8 @@ use athanor_connections::nats::NatsConfig;
 use athanor_schemas::{names, Batch};
 use futures::StreamExt;
 
+pub mod lazyfs;
+
 /// A nats-server of our own, and its store directory (removed on drop).
 pub struct TestNats {
     pub server: EmbeddedServer,
@@ -342,6 +344,54 @@ pub async fn read_run(
     }
     out.batches = seen.into_values().collect();
     Ok(out)
+}
+
+/// A run's batches in `ATHANOR_RUNS` so far, by `batch_seq` (a duplicate kept once), and
+/// the messages read: up to the stream's last message at the call, or until none has
+/// come for 3 s. For a run without a final batch (a killed worker) or one still going.
+pub async fn batches_so_far(
+    js: &jetstream::Context,
+    run_id: &str,
+) -> anyhow::Result<(std::collections::BTreeMap<u64, Batch>, usize)> {
+    let mut stream = js
+        .get_stream(names::RUNS_STREAM)
+        .await
+        .context("get ATHANOR_RUNS")?;
+    let last = stream
+        .info()
+        .await
+        .context("stream info")?
+        .state
+        .last_sequence;
+    let mut messages = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: names::run_subject(run_id),
+            ..Default::default()
+        })
+        .await
+        .context("ordered consumer")?
+        .messages()
+        .await
+        .context("consume")?;
+    let mut batches = std::collections::BTreeMap::new();
+    let mut read = 0;
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_secs(3), messages.next()).await
+    {
+        let message = message.context("message")?;
+        read += 1;
+        let info = message
+            .info()
+            .map_err(|e| anyhow::anyhow!("message info: {e}"))?;
+        let (stream_seq, pending) = (info.stream_sequence, info.pending);
+        let batch =
+            athanor_schemas::decode(&message.payload, athanor_schemas::DEFAULT_DECODE_LIMIT)?;
+        batches.insert(batch.batch_seq, batch);
+        if stream_seq >= last || pending == 0 {
+            break;
+        }
+    }
+    Ok((batches, read))
 }
 
 /// Resident memory of a process, in KiB (`VmRSS` from `/proc/<pid>/status`).
