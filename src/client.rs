@@ -140,6 +140,34 @@ pub async fn mcp(api: Client) -> Outcome {
 }
 
 /// `athanor experiments`: what live workers host, with each config field.
+/// Deletes each run; says what went for each, and exits with the API failure code when
+/// any could not be deleted (the others still are).
+pub async fn rm(api: &Client, ids: &[String]) -> Outcome {
+    let mut failed = 0;
+    for id in ids {
+        match api.delete_run(id).await {
+            Ok(deleted) => println!(
+                "deleted {}: {} lines, {} results, {} metric points",
+                deleted.id,
+                deleted.removed.lines,
+                deleted.removed.results,
+                deleted.removed.metric_points
+            ),
+            Err(error) => {
+                eprintln!("athanor: {id}: {error}");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        return Err(Failure::api(format!(
+            "{failed} of {} runs not deleted",
+            ids.len()
+        )));
+    }
+    Ok(0)
+}
+
 pub async fn experiments(api: &Client) -> Outcome {
     let list = api.experiments().await?;
     if list.is_empty() {

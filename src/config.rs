@@ -83,6 +83,8 @@ pub fn load_from(
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("worker.experiments")
+            .with_list_parse_key("gateway.cors_origins")
+            .with_list_parse_key("gateway.allowed_hosts")
             .source(Some(env)),
     );
     let where_ = file.map_or_else(
@@ -103,6 +105,37 @@ pub fn load_from(
         spec.base_dir = Some(base.clone());
     }
     Ok(config)
+}
+
+/// `config` as TOML, with every secret masked: what `athanor config check` prints.
+pub fn effective(config: &AppConfig) -> anyhow::Result<String> {
+    let mut shown = config.clone();
+    let mask = |secret: &mut Option<String>| {
+        if secret.is_some() {
+            *secret = Some("********".into());
+        }
+    };
+    mask(&mut shown.nats.password);
+    mask(&mut shown.nats.token);
+    mask(&mut shown.gateway.api_token);
+    if let Some(url) = shown.database.url.as_mut() {
+        *url = without_password(url);
+    }
+    toml::to_string(&shown).context("cannot print the configuration")
+}
+
+/// A URL with its password (`user:password@`) masked.
+fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:********@{host}")
+        }
+        _ => url.to_string(),
+    }
 }
 
 #[cfg(test)]

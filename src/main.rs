@@ -4,6 +4,7 @@
 mod client;
 mod config;
 mod up;
+mod validate;
 
 use std::path::PathBuf;
 
@@ -83,6 +84,14 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayUrl,
     },
+    /// Deletes finished runs with their logs, results and metrics (a pending or running
+    /// one is refused: cancel it first).
+    Rm {
+        #[arg(required = true)]
+        run_ids: Vec<String>,
+        #[command(flatten)]
+        gateway: GatewayUrl,
+    },
     /// Lists the experiments live workers host, with their config fields.
     Experiments {
         #[command(flatten)]
@@ -94,6 +103,18 @@ enum Command {
         #[command(flatten)]
         gateway: GatewayUrl,
     },
+    /// The configuration (defaults, then the file, then ATHANOR__* variables).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Prints the effective configuration as TOML (secrets masked), or each setting
+    /// that is wrong with what is allowed (exit status 2).
+    Check,
 }
 
 #[derive(clap::Args)]
@@ -121,7 +142,30 @@ impl GatewayUrl {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = config::load(cli.config.as_deref())?;
+    let config = match config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("athanor: {error:#}");
+            std::process::exit(validate::EXIT_STATUS);
+        }
+    };
+    let problems = validate::check(&config);
+    if let Command::Config {
+        action: ConfigAction::Check,
+    } = cli.command
+    {
+        if problems.is_empty() {
+            print!("{}", config::effective(&config)?);
+            return Ok(());
+        }
+    }
+    if !problems.is_empty() {
+        eprintln!("athanor: invalid configuration:");
+        for problem in &problems {
+            eprintln!("  {problem}");
+        }
+        std::process::exit(validate::EXIT_STATUS);
+    }
     init_logging(&config.log);
     raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -177,6 +221,9 @@ fn main() -> anyhow::Result<()> {
                 }
                 .await,
             ),
+            Command::Rm { run_ids, gateway } => {
+                Some(async { client::rm(&gateway.client(&config)?, run_ids).await }.await)
+            }
             Command::Experiments { gateway } => {
                 Some(async { client::experiments(&gateway.client(&config)?).await }.await)
             }
@@ -205,7 +252,9 @@ fn main() -> anyhow::Result<()> {
             | Command::Runs { .. }
             | Command::Metrics { .. }
             | Command::Experiments { .. }
-            | Command::Mcp { .. } => unreachable!("answered above"),
+            | Command::Rm { .. }
+            | Command::Mcp { .. }
+            | Command::Config { .. } => unreachable!("answered above"),
             Command::Up {
                 data_dir,
                 http_addr,
@@ -214,7 +263,17 @@ fn main() -> anyhow::Result<()> {
                 if let Some(addr) = http_addr {
                     config.gateway.http_addr = addr;
                 }
-                up::run(config, data_dir, shutdown).await
+                let outcome = up::run(config, data_dir, shutdown).await;
+                if let Err(error) = &outcome {
+                    if error
+                        .downcast_ref::<athanor_workers::Error>()
+                        .is_some_and(athanor_workers::Error::is_configuration)
+                    {
+                        eprintln!("athanor: invalid configuration: {error}");
+                        std::process::exit(validate::EXIT_STATUS);
+                    }
+                }
+                outcome
             }
             Command::Gateway => {
                 Ok(
@@ -223,10 +282,20 @@ fn main() -> anyhow::Result<()> {
                 )
             }
             Command::Worker => {
-                Ok(
-                    athanor_workers::run(config.worker, &config.experiments, config.nats, shutdown)
-                        .await?,
+                match athanor_workers::run(
+                    config.worker,
+                    &config.experiments,
+                    config.nats,
+                    shutdown,
                 )
+                .await
+                {
+                    Err(error) if error.is_configuration() => {
+                        eprintln!("athanor: invalid configuration: {error}");
+                        std::process::exit(validate::EXIT_STATUS);
+                    }
+                    other => Ok(other?),
+                }
             }
             Command::Aggregator => Ok(athanor_aggregator::run(
                 config.aggregator,

@@ -45,7 +45,7 @@ pub async fn run(
     // aggregator (after it has stored what is in flight) and the gateway, then NATS.
     let rest_stop = CancellationToken::new();
     let aggregator = athanor_aggregator::Aggregator::start(
-        config.aggregator,
+        config.aggregator.clone(),
         config.nats.clone(),
         db.clone(),
         rest_stop.clone(),
@@ -65,7 +65,18 @@ pub async fn run(
     );
     let worker =
         athanor_workers::run(config.worker, &config.experiments, config.nats, shutdown).await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The worker has stopped: its runs ended, their last batches acknowledged by
+    // JetStream. Store all of it before stopping the rest (feeds end with the runs').
+    let drain = config.aggregator.drain_timeout;
+    match aggregator.drain(drain).await {
+        (0, 0) => tracing::info!("stopping: every batch is stored"),
+        (pending, unacked) => tracing::warn!(
+            pending,
+            unacked,
+            ?drain,
+            "stopping with batches not yet stored: they stay in ATHANOR_RUNS and are stored at the next start"
+        ),
+    }
     rest_stop.cancel();
     aggregator.wait().await;
     gateway.wait().await;

@@ -163,6 +163,142 @@ fn the_cli_against_athanor_up() {
     let failed_only = athanor(&["runs", "--status", "failed", "--url", &url]);
     assert_eq!(text(&failed_only.stdout).lines().count(), 2);
 
+    // `rm`: the failed run goes; a run that does not exist is named, and the exit
+    // status says not everything was deleted.
+    let failed_id = text(&failed_only.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let removed = athanor(&["rm", &failed_id, "no-such-run", "--url", &url]);
+    assert_eq!(removed.status.code(), Some(2), "{}", text(&removed.stderr));
+    assert!(
+        text(&removed.stdout).starts_with(&format!("deleted {failed_id}: ")),
+        "{}",
+        text(&removed.stdout)
+    );
+    let said = text(&removed.stderr);
+    assert!(
+        said.contains("no-such-run: run \"no-such-run\" not found"),
+        "{said}"
+    );
+    assert!(said.contains("1 of 2 runs not deleted"), "{said}");
+    let runs = athanor(&["runs", "--url", &url]);
+    assert_eq!(
+        text(&runs.stdout).lines().count(),
+        1 + 2,
+        "{}",
+        text(&runs.stdout)
+    );
+
     // SIGTERM: an orderly stop.
     stop(&mut child);
+}
+
+/// `athanor config check` prints the effective configuration with its secrets masked;
+/// a bad setting stops every command before anything starts, with its key, its value
+/// and what is allowed, and exit status 2 — no panic, whatever the value.
+#[test]
+fn a_bad_configuration_is_refused_at_load_with_status_two() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("athanor.toml");
+    std::fs::write(
+        &file,
+        "[gateway]\napi_token = \"s3cret\"\n[nats]\nworkers_ttl = \"20s\"\n[database]\nurl = \"postgres://athanor:pw@db:5432/athanor\"\n",
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let checked = athanor(&["--config", file, "config", "check"]);
+    let printed = text(&checked.stdout);
+    assert!(checked.status.success(), "{}", text(&checked.stderr));
+    assert!(printed.contains("api_token = \"********\""), "{printed}");
+    assert!(printed.contains("workers_ttl = \"20s\""), "{printed}");
+    assert!(
+        printed.contains("url = \"postgres://athanor:********@db:5432/athanor\""),
+        "{printed}"
+    );
+    assert!(
+        !printed.contains("s3cret") && !printed.contains(":pw@"),
+        "{printed}"
+    );
+
+    let refused = |env: &[(&str, &str)], command: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_athanor"))
+            .args(command)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "warn")
+            .env("ATHANOR__NATS__SERVER_BIN", athanor_testkit::server_bin())
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{command:?} {env:?}: {}",
+            text(&out.stderr)
+        );
+        let said = text(&out.stderr);
+        assert!(!said.contains("panicked"), "{said}");
+        said
+    };
+    let said = refused(
+        &[
+            ("ATHANOR__WORKER__FLUSH_INTERVAL", "0s"),
+            ("ATHANOR__GATEWAY__API_TOKEN", ""),
+            (
+                "ATHANOR__GATEWAY__CORS_ORIGINS",
+                "https://ok.example,not an origin",
+            ),
+            ("ATHANOR__WORKER__ID", "w.1"),
+        ],
+        &["config", "check"],
+    );
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        vec![
+            "athanor: invalid configuration:",
+            "  worker.id = \"w.1\": a NATS subject token: letters, digits, '-' and '_' (no '.', '*', '>', spaces)",
+            "  worker.flush_interval = 0s: a duration from 1ms to 10 years",
+            "  gateway.api_token = \"\": a non-empty token (an empty one would turn authentication off), or the key left out",
+            "  gateway.cors_origins[1] = \"not an origin\": an origin: scheme://host[:port], no path (e.g. https://lab.example.org)",
+        ]
+    );
+    // Every command refuses it before it starts anything; durations too long for a timer
+    // and sizes that do not parse are refused the same way.
+    for command in [
+        &["worker"][..],
+        &["aggregator"],
+        &["gateway"],
+        &["up", "--data-dir", "d"],
+    ] {
+        refused(&[("ATHANOR__GATEWAY__HUB_BUFFER", "0")], command);
+    }
+    let said = refused(
+        &[("ATHANOR__WORKER__HEARTBEAT_INTERVAL", "99999999999years")],
+        &["worker"],
+    );
+    assert!(said.contains("worker.heartbeat_interval"), "{said}");
+    let said = refused(&[("ATHANOR__WORKER__MAX_LINE_BYTES", "-1")], &["worker"]);
+    assert!(said.contains("max_line_bytes"), "{said}");
+    assert!(
+        !dir.path().join("d").exists(),
+        "athanor up started on a bad configuration"
+    );
+    // A limit that contradicts the NATS server: found when the worker connects (here the
+    // embedded server of `athanor up`, on SQLite: the file above is gone).
+    std::fs::remove_file(dir.path().join("athanor.toml")).unwrap();
+    let said = refused(
+        &[("ATHANOR__WORKER__MAX_LINE_BYTES", "2000000")],
+        &["up", "--data-dir", "d2", "--http-addr", "127.0.0.1:0"],
+    );
+    assert!(
+        said.contains(
+            "worker.max_line_bytes = 2000000: at most the NATS server's max_payload (1048576)"
+        ),
+        "{said}"
+    );
 }

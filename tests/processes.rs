@@ -149,6 +149,7 @@ async fn a_worker_killed_with_sigkill_leaves_no_child_process_running() {
         .arg("worker")
         .env("ATHANOR__NATS__URL", nats.url())
         .env("ATHANOR__NATS__WORKERS_TTL", "3s")
+        .env("ATHANOR__WORKER__HEARTBEAT_INTERVAL", "500ms")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -351,4 +352,127 @@ fn feeds_past_the_open_files_reserve_get_503_and_slow_headers_are_cut_off() {
         );
     }
     common::stop(&mut up);
+}
+
+/// SIGTERM to `athanor up` while three runs log 20 000 lines/s each: it stops in order
+/// without a fixed pause — the worker ends the runs and JetStream acknowledges their
+/// last batches, the aggregator stores all of it, then the rest stops. After it exits,
+/// each run is `cancelled` with every line it logged stored, and the aggregator's
+/// durable consumer (read from the same store by a new nats-server) has nothing
+/// pending or unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_athanor_up_under_load_stores_every_line_before_it_exits() {
+    athanor_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, url) = common::up(dir.path());
+    common::wait_for_worker(&url);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let response = http
+            .post(format!("{url}/api/runs"))
+            .json(&json!({
+                "experiment": "log_storm",
+                // ~2 KB lines: more than SQLite stores here, so the aggregator is
+                // behind when the signal comes (a fixed pause before stopping it
+                // left those batches unstored).
+                "config": { "lines_per_second": 20_000, "duration_ms": 600_000, "line_bytes": 2000 },
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let body: serde_json::Value = response.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    wait_for("every run logging", Duration::from_secs(60), || async {
+        for id in &ids {
+            let run: serde_json::Value = http
+                .get(format!("{url}/api/runs/{id}"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            if run["lines"].as_u64().unwrap_or(0) < 20_000 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    let mut stored_at_signal = 0;
+    for id in &ids {
+        let run: serde_json::Value = http
+            .get(format!("{url}/api/runs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        stored_at_signal += run["lines"].as_u64().unwrap();
+    }
+    let signalled = std::time::Instant::now();
+    common::stop(&mut up);
+    let stopping = signalled.elapsed();
+
+    let db = sea_orm::Database::connect(format!(
+        "sqlite://{}",
+        dir.path().join("athanor.db").display()
+    ))
+    .await
+    .unwrap();
+    for id in &ids {
+        let run = runs::Entity::find_by_id(id.as_str())
+            .one(&db)
+            .await
+            .unwrap()
+            .unwrap();
+        let stored = run_logs::Entity::find()
+            .filter(run_logs::Column::RunId.eq(id.as_str()))
+            .count(&db)
+            .await
+            .unwrap();
+        assert_eq!(run.status, "cancelled", "{run:?}");
+        assert_eq!(
+            run.final_batches,
+            Some(run.batches),
+            "every batch stored: {run:?}"
+        );
+        assert_eq!(stored as i64, run.lines, "{run:?}");
+        assert!(run.lines >= 20_000, "{run:?}");
+    }
+    let total: i64 = {
+        let mut n = 0;
+        for id in &ids {
+            n += runs::Entity::find_by_id(id.as_str())
+                .one(&db)
+                .await
+                .unwrap()
+                .unwrap()
+                .lines;
+        }
+        n
+    };
+    eprintln!("stored when signalled: {stored_at_signal} lines; at exit: {total}; stopping took {stopping:?}");
+    db.close().await.unwrap();
+    let server = athanor_connections::embedded::EmbeddedServer::start_with(
+        &athanor_testkit::server_bin(),
+        &dir.path().join("nats"),
+        true,
+    )
+    .unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let info = js
+        .get_stream(names::RUNS_STREAM)
+        .await
+        .unwrap()
+        .consumer_info("aggregator")
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
 }

@@ -269,6 +269,10 @@ async fn write_with_retry(
                     .fetch_add(written.duplicates, Ordering::Relaxed);
                 shared
                     .stats
+                    .of_deleted_runs
+                    .fetch_add(written.of_deleted_runs, Ordering::Relaxed);
+                shared
+                    .stats
                     .lines
                     .fetch_add(written.lines, Ordering::Relaxed);
                 shared
@@ -278,6 +282,7 @@ async fn write_with_retry(
                 debug!(
                     batches = written.batches,
                     duplicates = written.duplicates,
+                    of_deleted_runs = written.of_deleted_runs,
                     lines = written.lines,
                     metrics = written.metrics,
                     "stored"
@@ -294,7 +299,11 @@ async fn write_with_retry(
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
                 tokio::select! {
-                    _ = shared.shutdown.cancelled() => return Outcome::Shutdown,
+                    _ = shared.abandon.cancelled() => {
+                        warn!(messages = messages.len(), drain_timeout = ?shared.config.drain_timeout,
+                            "stopping: the batches still cannot be written after the drain timeout; left unacknowledged for redelivery");
+                        return Outcome::Shutdown;
+                    }
                     _ = tokio::time::sleep(delay) => {}
                 }
                 // The failed attempt consumed the batches: decode them again (cheaper

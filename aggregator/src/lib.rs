@@ -57,6 +57,11 @@ pub struct AggregatorConfig {
     /// [`Backoff::STORE`](athanor_connections::retry::Backoff::STORE)).
     #[serde(with = "humantime_serde")]
     pub max_retry_delay: Duration,
+    /// At shutdown, how long the aggregator keeps storing what was already delivered
+    /// to it (retrying while the database fails) before it leaves the rest
+    /// unacknowledged for redelivery, and says so.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
 }
 
 impl Default for AggregatorConfig {
@@ -70,6 +75,7 @@ impl Default for AggregatorConfig {
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,
             lost_check_interval: Duration::from_secs(5),
             max_retry_delay: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -80,6 +86,7 @@ impl AggregatorConfig {
             lost_check_interval: Duration::from_millis(500),
             ack_wait: Duration::from_secs(3),
             max_retry_delay: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(1),
             ..Default::default()
         }
     }
@@ -128,6 +135,8 @@ pub struct AggregatorStats {
     pub batches: AtomicU64,
     /// Batches that were already stored (redeliveries, republished duplicates).
     pub duplicates: AtomicU64,
+    /// Batches of deleted runs, dropped (the run stays deleted).
+    pub of_deleted_runs: AtomicU64,
     pub lines: AtomicU64,
     /// Metric points of the batches written for the first time.
     pub metrics: AtomicU64,
@@ -154,9 +163,12 @@ pub(crate) struct Shared {
     pub(crate) db: DatabaseConnection,
     pub(crate) js: async_nats::jetstream::Context,
     pub(crate) stats: Arc<AggregatorStats>,
-    /// Cancelled to stop: the consumer stops fetching; a write in progress is finished
-    /// and acknowledged, a write being retried is abandoned unacknowledged.
+    /// Cancelled to stop: the consumer stops fetching; what it has fetched is written
+    /// and acknowledged, until `abandon`.
     pub(crate) shutdown: CancellationToken,
+    /// Cancelled `drain_timeout` after `shutdown`: a write still being retried is then
+    /// abandoned, its messages left unacknowledged for redelivery.
+    pub(crate) abandon: CancellationToken,
 }
 
 /// A running aggregator.
@@ -175,6 +187,16 @@ impl Aggregator {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let js = athanor_connections::nats::open(&nats, "athanor-aggregator").await?;
+        let abandon = CancellationToken::new();
+        tokio::spawn({
+            let (shutdown, abandon, drain) =
+                (shutdown.clone(), abandon.clone(), config.drain_timeout);
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain).await;
+                abandon.cancel();
+            }
+        });
         let shared = Arc::new(Shared {
             config,
             nats,
@@ -182,6 +204,7 @@ impl Aggregator {
             js,
             stats: Arc::new(AggregatorStats::default()),
             shutdown,
+            abandon,
         });
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(consumer::consume(shared.clone()));
@@ -198,6 +221,36 @@ impl Aggregator {
     /// Waits until the shutdown token is cancelled and the tasks have stopped.
     pub async fn wait(self) {
         self.tasks.wait().await;
+    }
+
+    /// Waits until the durable consumer has nothing left: every message of
+    /// `ATHANOR_RUNS` delivered, stored and acknowledged (by this aggregator or another
+    /// sharing the consumer), or `timeout` has passed. What `athanor up` does between
+    /// stopping its worker (whose last batches JetStream has acknowledged) and stopping
+    /// the aggregator. Returns what was left: (not yet delivered, delivered and not
+    /// acknowledged); (0, 0) when drained.
+    pub async fn drain(&self, timeout: Duration) -> (u64, u64) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut left = (u64::MAX, u64::MAX);
+        loop {
+            if let Ok(stream) = self
+                .shared
+                .js
+                .get_stream(athanor_schemas::names::RUNS_STREAM)
+                .await
+            {
+                if let Ok(info) = stream.consumer_info(&self.shared.config.consumer).await {
+                    left = (info.num_pending, info.num_ack_pending as u64);
+                    if left == (0, 0) {
+                        return left;
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Incoming {
 pub struct Written {
     pub batches: u64,
     pub duplicates: u64,
+    /// Batches of deleted runs (tombstoned in `deleted_runs`), dropped.
+    pub of_deleted_runs: u64,
     pub lines: u64,
     /// Metric points (values of metric records) of the new batches.
     pub metrics: u64,
@@ -111,8 +113,26 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     // Newest record per (run, key) in this transaction: one statement may not touch a
     // row twice.
     let mut results: BTreeMap<(String, String), athanor_schemas::ResultRecord> = BTreeMap::new();
+    // Runs deleted by a user: their batches, delivered again, must not bring them back.
+    let mut deleted: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for Incoming { batch, stream_seq } in incoming {
         let run_id = batch.run_id;
+        if !deltas.contains_key(&run_id) && !deleted.contains(&run_id) {
+            let tombstone = txn
+                .query_one(stmt(
+                    backend,
+                    "SELECT 1 AS deleted FROM deleted_runs WHERE run_id = ?",
+                    vec![run_id.clone().into()],
+                ))
+                .await?;
+            if tombstone.is_some() {
+                deleted.insert(run_id.clone());
+            }
+        }
+        if deleted.contains(&run_id) {
+            written.of_deleted_runs += 1;
+            continue;
+        }
         if !deltas.contains_key(&run_id) {
             txn.execute(stmt(
                 backend,

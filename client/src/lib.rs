@@ -13,8 +13,8 @@ use std::time::Duration;
 use athanor_schemas::api::{
     CancelRequested, CompareQuery, ConfigToCheck, CreateRun, ErrorBody, Experiment, ExperimentList,
     Instance, InstanceChange, InstanceList, LogPage, LogQuery, MetricComparison, MetricList,
-    NewInstance, ResultList, RunCreated, RunFilter, RunList, RunOverrides, RunSeries, SeriesQuery,
-    ValidConfig,
+    NewInstance, ResultList, RunCreated, RunDeleted, RunFilter, RunList, RunOverrides, RunSeries,
+    SeriesQuery, ValidConfig,
 };
 use athanor_schemas::events::RunView;
 use athanor_schemas::LogLine;
@@ -168,6 +168,13 @@ impl Client {
             None,
         )
         .await
+    }
+
+    /// Deletes a finished run with everything it stored (409 while it is pending or
+    /// running).
+    pub async fn delete_run(&self, id: &str) -> ClientResult<RunDeleted> {
+        self.send::<(), _>(Method::DELETE, &format!("/api/runs/{}", segment(id)), None)
+            .await
     }
 
     /// A page of the run's stored log.

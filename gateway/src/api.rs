@@ -6,7 +6,7 @@ use std::sync::Arc;
 use athanor_connections::db::write_turn;
 use athanor_schemas::api::{
     CancelRequested, ConfigToCheck, CreateRun, Experiment, ExperimentList, LogPage, ResultList,
-    RunCreated, RunList, ValidConfig,
+    RunCreated, RunDeleted, RunList, ValidConfig,
 };
 use athanor_schemas::batch::ResultRecord;
 use athanor_schemas::entities::{run_logs, run_results, runs};
@@ -534,6 +534,40 @@ pub(crate) async fn cancel_run(
             cancel: "requested".into(),
         }),
     ))
+}
+
+/// Delete a finished run, with its log, results and metrics.
+///
+/// Every row of the run goes in one transaction, and the run is remembered as deleted:
+/// its batches, still in `ATHANOR_RUNS` until the stream's age limit, do not bring it
+/// back when they are delivered again. A run that is pending or running answers 409:
+/// cancel it first.
+#[utoipa::path(delete, path = "/api/runs/{id}", tag = "runs", params(RunId), responses(
+    (status = 200, description = "Deleted; what was removed", body = RunDeleted),
+    (status = 404, description = "No such run", body = ErrorBody),
+    (status = 409, description = "The run is pending or running", body = ErrorBody),
+    (status = 503, description = "The database is unavailable", body = ErrorBody),
+))]
+pub(crate) async fn delete_run(
+    State(state): AppStateRef,
+    Path(id): Path<String>,
+) -> ApiResult<Json<RunDeleted>> {
+    let status = run_state(&find_run(&state, &id).await?)?;
+    if !status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "run {id} is {status}: cancel it first, then delete it"
+        )));
+    }
+    let removed = {
+        use sea_orm::TransactionTrait;
+        let _turn = write_turn(&state.db).await;
+        let txn = state.db.begin().await?;
+        let removed = athanor_schemas::entities::delete_run(&txn, &id, now_micros()).await?;
+        txn.commit().await?;
+        removed
+    };
+    tracing::info!(run_id = %id, lines = removed.lines, "run deleted");
+    Ok(Json(RunDeleted { id, removed }))
 }
 
 #[derive(Deserialize, IntoParams)]

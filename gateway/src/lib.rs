@@ -188,7 +188,7 @@ impl AppState {
         let hubs = hub::Hubs::new(db.clone(), js.clone(), config.clone(), shutdown);
         // Bounded: a lifecycle viewer that lags is told to reload.
         let (lifecycle, _) = tokio::sync::broadcast::channel(1024);
-        tokio::spawn(sse::relay_lifecycle(
+        hubs.tasks.spawn(sse::relay_lifecycle(
             hubs.clone(),
             subscriber,
             lifecycle.clone(),
@@ -240,7 +240,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(auth::lifecycle_feed_token))
         .routes(routes!(auth::run_feed_token))
         .routes(routes!(api::list_runs, api::create_run))
-        .routes(routes!(api::get_run))
+        .routes(routes!(api::get_run, api::delete_run))
         .routes(routes!(sse::run_events))
         .routes(routes!(api::cancel_run))
         .routes(routes!(api::logs))
@@ -371,6 +371,8 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 pub struct Gateway {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// The hubs' and the lifecycle relay's tasks.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Gateway {
@@ -381,6 +383,7 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Result<Self> {
         let state = AppState::connect(&nats, db, &config, shutdown.clone()).await?;
+        let tasks = state.hubs.tasks.clone();
         let listener = tokio::net::TcpListener::bind(&config.http_addr)
             .await
             .map_err(|source| Error::Listen {
@@ -410,11 +413,15 @@ impl Gateway {
         );
         let task = tokio::spawn(serve(listener, app, config.header_read_timeout, shutdown));
         tracing::info!(%addr, "gateway listening");
-        Ok(Gateway { addr, task })
+        Ok(Gateway { addr, task, tasks })
     }
 
+    /// Waits until shutdown has stopped the server (each connection's response
+    /// finished, feeds ended) and every background task.
     pub async fn wait(self) {
         let _ = self.task.await;
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 

@@ -554,3 +554,193 @@ async fn a_pending_run_says_why_it_waits() {
     stack.wait_status(&queued, "completed").await;
     stack.stop().await;
 }
+
+/// `DELETE /api/runs/{id}`: 409 while the run goes; once it has ended, every row of it
+/// goes in one transaction (log, results, metric points and series, batches, the run),
+/// `GET` says 404, and its batches delivered again from `ATHANOR_RUNS` do not bring it
+/// back (the tombstone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_run_is_deleted_with_every_row_and_stays_deleted_when_its_batches_return() {
+    use athanor_schemas::entities::{
+        run_batches, run_logs, run_metric_summaries, run_metrics, run_results, runs,
+    };
+    use sea_orm::{EntityTrait, PaginatorTrait};
+    let stack = Stack::start().await;
+    let delete = |id: String| {
+        let request = stack.http.delete(format!("{}/api/runs/{id}", stack.base));
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (_, created) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sleepy","config":{"duration_ms":60000}}"#,
+        )
+        .await;
+    let sleepy = created["id"].as_str().unwrap().to_string();
+    stack.wait_status(&sleepy, "running").await;
+    let (status, body) = delete(sleepy.clone()).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        body["error"],
+        format!("run {sleepy} is running: cancel it first, then delete it")
+    );
+    let (status, body) = delete("no-such-run".into()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    // Cancelled, it is left alone (and the counts below stand still).
+    stack.post(&format!("/api/runs/{sleepy}/cancel"), "").await;
+    stack.wait_status(&sleepy, "cancelled").await;
+
+    // A run with lines, results and metrics, and another that must be left alone.
+    let (_, created) = stack
+        .post(
+            "/api/runs",
+            r#"{"experiment":"sweep","config":{"iterations":40,"delay_ms":0}}"#,
+        )
+        .await;
+    let id = created["id"].as_str().unwrap().to_string();
+    let (_, other) = stack
+        .post("/api/runs", r#"{"experiment":"metric_storm","config":{"metrics":2,"steps":300,"steps_per_second":3000}}"#)
+        .await;
+    let other = other["id"].as_str().unwrap().to_string();
+    let run = stack.wait_status(&id, "completed").await;
+    stack.wait_status(&other, "completed").await;
+    let lines = run["lines"].as_u64().unwrap();
+    let results = run["results"].as_u64().unwrap();
+    assert!(lines > 0 && results > 0, "{run}");
+    // Rows of a table without an entity: the rollups of the run's series, and of all.
+    let db = &stack.db.db;
+    let rollups = |of_run: bool| {
+        let sql = if of_run {
+            format!("SELECT COUNT(*) AS n FROM run_metric_rollups r JOIN run_metric_summaries s ON s.id = r.series_id WHERE s.run_id = '{id}'")
+        } else {
+            "SELECT COUNT(*) AS n FROM run_metric_rollups".to_string()
+        };
+        async move {
+            use sea_orm::ConnectionTrait;
+            let backend = db.get_database_backend();
+            let row = db
+                .query_one(sea_orm::Statement::from_string(backend, sql))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap() as u64
+        }
+    };
+    let (run_rollups, all_rollups) = (rollups(true).await, rollups(false).await);
+    assert!(
+        run_rollups > 0 && all_rollups > run_rollups,
+        "{run_rollups} of {all_rollups}"
+    );
+    let count = || async {
+        (
+            runs::Entity::find().count(&stack.db.db).await.unwrap(),
+            run_logs::Entity::find().count(&stack.db.db).await.unwrap(),
+            run_results::Entity::find()
+                .count(&stack.db.db)
+                .await
+                .unwrap(),
+            run_metric_summaries::Entity::find()
+                .count(&stack.db.db)
+                .await
+                .unwrap(),
+            run_metrics::Entity::find()
+                .count(&stack.db.db)
+                .await
+                .unwrap(),
+            run_batches::Entity::find()
+                .count(&stack.db.db)
+                .await
+                .unwrap(),
+        )
+    };
+    let before = count().await;
+    let (status, body) = delete(id.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["id"], id.as_str());
+    let removed = &body["removed"];
+    assert_eq!(
+        (removed["lines"].as_u64(), removed["results"].as_u64()),
+        (Some(lines), Some(results)),
+        "{body}"
+    );
+    assert_eq!(
+        (
+            removed["metric_series"].as_u64(),
+            removed["metric_points"].as_u64()
+        ),
+        (Some(3), Some(120)),
+        "{body}"
+    );
+    let batches = run["batches"].as_u64().unwrap();
+    assert_eq!(removed["batches"].as_u64(), Some(batches), "{body}");
+    let after = count().await;
+    assert_eq!(
+        after,
+        (
+            before.0 - 1,
+            before.1 - lines,
+            before.2 - results,
+            before.3 - 3,
+            before.4 - 120,
+            before.5 - batches
+        )
+    );
+    assert_eq!(rollups(false).await, all_rollups - run_rollups);
+    assert_eq!(
+        stack.get(&format!("/api/runs/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        stack.get(&format!("/api/runs/{other}")).await.0,
+        StatusCode::OK
+    );
+    let (status, _) = delete(id.clone()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Its batches come back (republished under new message ids, past the duplicate
+    // window): the aggregator drops them, and the run stays deleted.
+    let js = stack.nats.jetstream().await;
+    let output = athanor_testkit::read_run(&js, &id, std::time::Duration::from_secs(20))
+        .await
+        .unwrap();
+    let dropped_before = stack
+        .aggregator
+        .stats()
+        .of_deleted_runs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    for batch in &output.batches {
+        let payload = athanor_schemas::encode(batch).payload;
+        js.publish(athanor_schemas::names::run_subject(&id), payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    athanor_testkit::wait_for(
+        "the returning batches dropped",
+        std::time::Duration::from_secs(30),
+        || async {
+            let dropped = stack
+                .aggregator
+                .stats()
+                .of_deleted_runs
+                .load(std::sync::atomic::Ordering::Relaxed);
+            (dropped - dropped_before >= output.batches.len() as u64).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        stack.get(&format!("/api/runs/{id}")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(count().await, after);
+    stack.stop().await;
+}

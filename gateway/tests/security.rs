@@ -44,6 +44,8 @@ async fn with_a_token_writes_need_it_and_reads_stay_open() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = send(http.delete(url("/api/instances/x"))).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = send(http.delete(url(&format!("/api/runs/{id}")))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Reads, feeds, the UI and the health checks need nothing.
     let (status, _) = send(http.get(url("/api/runs"))).await;
     assert_eq!(status, StatusCode::OK);

@@ -7,6 +7,7 @@ mod m0001_initial;
 mod m0002_metrics;
 mod m0003_instance_runs;
 mod m0004_rejected_batches;
+mod m0005_deleted_runs;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_metrics::Migration),
             Box::new(m0003_instance_runs::Migration),
             Box::new(m0004_rejected_batches::Migration),
+            Box::new(m0005_deleted_runs::Migration),
         ]
     }
 }

@@ -122,6 +122,26 @@ pub struct CancelRequested {
     pub cancel: String,
 }
 
+/// `DELETE /api/runs/{id}`: the run is gone, with everything it stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunDeleted {
+    pub id: String,
+    /// The rows removed.
+    pub removed: Removed,
+}
+
+/// The rows a run's deletion removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Removed {
+    pub lines: u64,
+    pub results: u64,
+    pub metric_points: u64,
+    pub metric_series: u64,
+    pub batches: u64,
+}
+
 /// The query of `GET /api/runs/{id}/logs`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -38,7 +38,7 @@ impl FlushTrigger {
 }
 
 /// Room left in `max_payload` for the headers and protocol framing of a message.
-const HEADER_SLACK: usize = 4 << 10;
+pub(crate) const HEADER_SLACK: usize = 4 << 10;
 
 /// Counters of what a worker published (all runs).
 #[derive(Debug, Default)]

@@ -62,6 +62,23 @@ pub enum Error {
     Ack(#[source] async_nats::Error),
     #[error("the worker is shutting down")]
     ShuttingDown,
+    /// A setting that contradicts the NATS server it connected to.
+    #[error("worker.max_line_bytes = {max_line_bytes}: at most the NATS server's max_payload ({max_payload}) less {slack} bytes of headers, or a line could never be published whole")]
+    LineOverPayload {
+        max_line_bytes: usize,
+        max_payload: usize,
+        slack: usize,
+    },
+}
+
+impl Error {
+    /// A configuration the worker refuses (`athanor` exits with status 2).
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            Error::LineOverPayload { .. } | Error::Declaration(_) | Error::UnknownExperiment { .. }
+        )
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -92,7 +92,17 @@ impl Worker {
     ) -> Result<Worker> {
         let id = config.id.clone().unwrap_or_else(default_worker_id);
         let js = open(&nats, &format!("athanor-worker {id}")).await?;
-        let max_payload = js.client().server_info().max_payload;
+        let max_payload = match js.client().server_info().max_payload {
+            0 => 1 << 20,
+            n => n,
+        };
+        if config.max_line_bytes + crate::flusher::HEADER_SLACK > max_payload {
+            return Err(Error::LineOverPayload {
+                max_line_bytes: config.max_line_bytes,
+                max_payload,
+                slack: crate::flusher::HEADER_SLACK,
+            });
+        }
         let control = athanor_connections::nats::bucket(&js, names::CONTROL_BUCKET).await?;
         let workers = athanor_connections::nats::bucket(&js, names::WORKERS_BUCKET).await?;
         let runs_stream =
@@ -118,11 +128,7 @@ impl Worker {
             stats: Arc::new(PublishStats::default()),
             runs_started: AtomicU64::new(0),
             runs_stream,
-            max_payload: if max_payload == 0 {
-                1 << 20
-            } else {
-                max_payload
-            },
+            max_payload,
             started_at: now_micros(),
             shutdown,
             deregister: CancellationToken::new(),

@@ -61,6 +61,9 @@ pub(crate) struct Hubs {
     cache: moka::future::Cache<String, Arc<Hub>>,
     /// Cancelled when the gateway stops: hubs stop following, feeds end.
     pub shutdown: CancellationToken,
+    /// The gateway's background tasks (hubs following runs, the lifecycle relay): the
+    /// gateway waits for them at shutdown, so none outlives it.
+    pub tasks: tokio_util::task::TaskTracker,
     /// Live feeds now (run feeds and the lifecycle feed), and how many may be.
     viewers: Arc<std::sync::atomic::AtomicUsize>,
     max_viewers: usize,
@@ -117,6 +120,7 @@ impl Hubs {
             config,
             cache,
             shutdown,
+            tasks: tokio_util::task::TaskTracker::new(),
             viewers: Arc::default(),
             max_viewers,
         })
@@ -275,7 +279,7 @@ impl Hubs {
             poke: Notify::new(),
         });
         if hub.state.lock().terminal().is_none() {
-            tokio::spawn(follow(self.clone(), hub.clone(), start));
+            self.tasks.spawn(follow(self.clone(), hub.clone(), start));
         } else {
             hub.stop.cancel();
         }

@@ -474,6 +474,12 @@ function runPage(app, runId) {
   const conn = h('span', { class: 'conn', dataset: { role: 'conn' } });
   const cancel = h('button', { class: 'danger', disabled: true, dataset: { role: 'cancel' } }, 'Cancel');
   const cancelMsg = h('span', { class: 'field-error' });
+  // Delete (a finished run): asks first, in place — "Delete for good" or "Keep".
+  const del = h('button', { class: 'danger', hidden: true, dataset: { role: 'delete' } }, 'Delete');
+  const confirmText = h('span', { dataset: { role: 'delete-question' } });
+  const confirmDel = h('button', { class: 'danger', dataset: { role: 'delete-confirm' } }, 'Delete for good');
+  const keep = h('button', { dataset: { role: 'delete-keep' } }, 'Keep');
+  const confirmBox = h('span', { class: 'confirm', role: 'group', 'aria-label': 'confirm deletion', hidden: true }, confirmText, confirmDel, keep);
   const errorText = h('div', { class: 'field-error', dataset: { role: 'error' } });
   // Batches the aggregator rejected: lines missing from the stored log, and why.
   const warningText = h('div', { class: 'run-warning', dataset: { role: 'warning' } });
@@ -500,7 +506,7 @@ function runPage(app, runId) {
     h('div', { class: 'run-head' },
       h('a', { href: '#/runs' }, '← runs'), title, status, elapsed,
       h('div', { class: 'progress' }, progressBar, progressText),
-      conn, cancel, cancelMsg, announce),
+      conn, cancel, del, confirmBox, cancelMsg, announce),
     errorText,
     warningText,
     charts.el,
@@ -550,6 +556,7 @@ function runPage(app, runId) {
       if (document.activeElement === cancel) status.focus();
       cancel.disabled = true;
       cancel.textContent = run.status === 'cancelled' ? 'Cancelled' : 'Cancel';
+      del.hidden = !confirmBox.hidden;
     } else if (cancel.textContent !== 'Cancelling…') {
       cancel.disabled = false;
     }
@@ -813,6 +820,31 @@ function runPage(app, runId) {
       // The run's end may have arrived before this answer did.
       if (!TERMINAL.has(state.run?.status)) cancel.textContent = 'Cancelling…';
     }
+  });
+
+  del.addEventListener('click', () => {
+    cancelMsg.textContent = '';
+    confirmText.textContent = `Delete this run, its ${lineCount(state.total)} and its results and metrics? This cannot be undone.`;
+    del.hidden = true;
+    confirmBox.hidden = false;
+    keep.focus();
+  });
+  keep.addEventListener('click', () => {
+    confirmBox.hidden = true;
+    del.hidden = false;
+    del.focus();
+  });
+  confirmDel.addEventListener('click', async () => {
+    confirmDel.disabled = true;
+    const result = await api('DELETE', `/api/runs/${encodeURIComponent(runId)}`);
+    confirmDel.disabled = false;
+    if (result.status === 200) {
+      location.hash = '#/runs';
+      return;
+    }
+    confirmBox.hidden = true;
+    del.hidden = false;
+    cancelMsg.textContent = result.body?.error || `the gateway answered ${result.status}`;
   });
 
   // --- the feed (feed.js: resumes with Last-Event-ID, reconnects after a silence of

@@ -1,5 +1,5 @@
 // The UI's pages against a real `athanor up`: run output shown as text, the cancel
-// button, the new-run form showing the API's message, a reload mid-run, the live runs
+// button, deleting a finished run, the new-run form showing the API's message, a reload mid-run, the live runs
 // list, and the screenshots of the run page in both themes.
 
 import { test, before, after } from 'node:test';
@@ -135,6 +135,40 @@ test('the cancel button cancels a running run', async () => {
   // Found by a user: it kept saying "Cancelling…", and focus fell to the page body.
   await waitFor('the button to say so', async () => (await page.locator('[data-role=cancel]').textContent()) === 'Cancelled');
   assert.notEqual(await page.evaluate(() => document.activeElement?.tagName), 'BODY');
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('a finished run is deleted from its page after a question in place; Keep keeps it', async () => {
+  const running = await startRun(athanor.url, 'sleepy', { duration_ms: 60_000 });
+  const id = await startRun(athanor.url, 'sweep', { iterations: 3, delay_ms: 0 });
+  const { page, problems } = await openPage(`#/runs/${running}`);
+  await waitFor('running', async () => (await status(page)) === 'running');
+  // No delete while it runs: cancel first.
+  assert.equal(await page.locator('[data-role=delete]').isVisible(), false);
+  await page.goto(`${athanor.url}/#/runs/${id}`);
+  await waitFor('completed', async () => (await status(page)) === 'completed');
+  const del = page.locator('[data-role=delete]');
+  await waitFor('the delete button', async () => del.isVisible());
+  await del.click();
+  const question = page.locator('[data-role=delete-question]');
+  await waitFor('the question', async () => question.isVisible());
+  assert.equal(await question.textContent(),
+    'Delete this run, its 3 lines and its results and metrics? This cannot be undone.');
+  // Keep: nothing happens, and focus goes back to the button.
+  assert.equal(await page.evaluate(() => document.activeElement?.dataset.role), 'delete-keep');
+  await page.locator('[data-role=delete-keep]').click();
+  assert.equal(await question.isVisible(), false);
+  assert.equal(await page.evaluate(() => document.activeElement?.dataset.role), 'delete');
+  assert.equal((await runStatus(athanor.url, id)).status, 'completed');
+  // Delete for good: back to the runs list, without it; the API says 404.
+  await del.click();
+  await page.locator('[data-role=delete-confirm]').click();
+  await waitFor('the runs list', async () => page.url().endsWith('#/runs'));
+  await page.locator(`tr[data-run="${running}"]`).waitFor();
+  assert.equal(await page.locator(`tr[data-run="${id}"]`).count(), 0);
+  assert.equal((await fetch(`${athanor.url}/api/runs/${id}`)).status, 404);
+  await fetch(`${athanor.url}/api/runs/${running}/cancel`, { method: 'POST' });
   assert.deepEqual(problems, []);
   await page.close();
 });
