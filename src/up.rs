@@ -44,6 +44,7 @@ pub async fn run(
     // Stopping order: the worker first (its final batches reach JetStream), then the
     // aggregator (after it has stored what is in flight) and the gateway, then NATS.
     let rest_stop = CancellationToken::new();
+    config.aggregator.retention = config.database.retention;
     let aggregator = athanor_aggregator::Aggregator::start(
         config.aggregator.clone(),
         config.nats.clone(),

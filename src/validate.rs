@@ -122,6 +122,9 @@ pub fn check(config: &AppConfig) -> Vec<Problem> {
         1000,
     );
     c.duration("database.busy_timeout", db.busy_timeout, Duration::ZERO);
+    if let Some(retention) = db.retention {
+        c.duration("database.retention", retention, Duration::from_secs(60));
+    }
 
     let worker = &config.worker;
     if let Some(id) = &worker.id {

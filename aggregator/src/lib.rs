@@ -13,6 +13,7 @@ mod checkpoint;
 mod consumer;
 mod dlq;
 mod lifecycle;
+mod retention;
 pub mod store;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,6 +63,10 @@ pub struct AggregatorConfig {
     /// unacknowledged for redelivery, and says so.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// `database.retention`, handed over by the binary (not a key of this section):
+    /// finished runs older than this are deleted in the background.
+    #[serde(skip)]
+    pub retention: Option<Duration>,
 }
 
 impl Default for AggregatorConfig {
@@ -76,6 +81,7 @@ impl Default for AggregatorConfig {
             lost_check_interval: Duration::from_secs(5),
             max_retry_delay: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
+            retention: None,
         }
     }
 }
@@ -137,6 +143,10 @@ pub struct AggregatorStats {
     pub duplicates: AtomicU64,
     /// Batches of deleted runs, dropped (the run stays deleted).
     pub of_deleted_runs: AtomicU64,
+    /// Runs deleted by `database.retention`, and the transactions that took (each
+    /// deletes at most `retention::CHUNK` rows of a table).
+    pub expired_runs: AtomicU64,
+    pub retention_transactions: AtomicU64,
     pub lines: AtomicU64,
     /// Metric points of the batches written for the first time.
     pub metrics: AtomicU64,
@@ -210,6 +220,9 @@ impl Aggregator {
         tasks.spawn(consumer::consume(shared.clone()));
         tasks.spawn(lifecycle::watch_lost(shared.clone()));
         tasks.spawn(checkpoint::run(shared.db.clone(), shared.shutdown.clone()));
+        if let Some(retention) = shared.config.retention {
+            tasks.spawn(retention::run(shared.clone(), retention));
+        }
         tasks.close();
         Ok(Aggregator { shared, tasks })
     }
@@ -262,6 +275,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let db = athanor_connections::db::connect(&database).await?;
+    let config = AggregatorConfig {
+        retention: database.retention,
+        ..config
+    };
     Aggregator::start(config, nats, db, shutdown)
         .await?
         .wait()

@@ -1774,3 +1774,121 @@ async fn a_run_taken_by_a_worker_that_died_before_starting_it_becomes_lost() {
     aggregator.stop().await;
     db.close().await;
 }
+
+/// `database.retention`: finished runs older than it are deleted in the background —
+/// every row, in chunks of at most 10 000 rows per transaction, leaving a tombstone —
+/// while a running run and a run that finished within the retention stay whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_past_the_retention_are_deleted_in_chunks_and_the_rest_stay() {
+    let nats = TestNats::start();
+    let db = TestDb::new().await;
+    let first = Running::start(&nats, &db).await;
+    let (worker, worker_stop) = start_worker(&nats).await;
+    let mut old_logs = worker
+        .start_run(request(
+            "log_storm",
+            json!({"lines_per_second": 100_000, "duration_ms": 250}),
+        ))
+        .await
+        .unwrap();
+    let mut old_metrics = worker
+        .start_run(request(
+            "metric_storm",
+            json!({"metrics": 2, "steps": 12_000, "steps_per_second": 100_000}),
+        ))
+        .await
+        .unwrap();
+    let mut recent = worker
+        .start_run(request("sweep", json!({"iterations": 3, "delay_ms": 0})))
+        .await
+        .unwrap();
+    for handle in [&mut old_logs, &mut old_metrics, &mut recent] {
+        assert_eq!(handle.finished().await, RunState::Completed);
+        wait_terminal(&db.db, &handle.run_id).await;
+    }
+    let running = worker
+        .start_run(request("sleepy", json!({"duration_ms": 600_000})))
+        .await
+        .unwrap();
+    wait_for("the sleepy run stored as running", DEADLINE, || async {
+        runs::Entity::find_by_id(running.run_id.clone())
+            .one(&db.db)
+            .await
+            .unwrap()
+            .filter(|r| r.status == "running")
+    })
+    .await
+    .unwrap();
+    assert_eq!(logs_of(&db.db, &old_logs.run_id).await.len(), 25_001);
+    first.stop().await;
+    // Two of them finished an hour ago.
+    for id in [&old_logs.run_id, &old_metrics.run_id] {
+        db.db
+            .execute(athanor_connections::db::stmt(
+                db.db.get_database_backend(),
+                "UPDATE runs SET finished_at = finished_at - 3600000000 WHERE id = ?",
+                vec![id.as_str().into()],
+            ))
+            .await
+            .unwrap();
+    }
+    let stop = CancellationToken::new();
+    let aggregator = Aggregator::start(
+        AggregatorConfig {
+            retention: Some(Duration::from_secs(60)),
+            ..AggregatorConfig::for_tests()
+        },
+        nats.config(),
+        db.db.clone(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let stats = aggregator.stats().clone();
+    wait_for("the two old runs deleted", DEADLINE, || async {
+        (stats
+            .expired_runs
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 2)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    for id in [&old_logs.run_id, &old_metrics.run_id] {
+        assert!(runs::Entity::find_by_id(id.clone())
+            .one(&db.db)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(logs_of(&db.db, id).await.is_empty());
+        assert!(points_of(&db.db, id).await.is_empty());
+        assert!(summaries_of(&db.db, id).await.is_empty());
+    }
+    let rollups = athanor_testkit::count(
+        &db.db,
+        "SELECT COUNT(*) AS n FROM run_metric_rollups WHERE series_id NOT IN (SELECT id FROM run_metric_summaries)",
+    )
+    .await;
+    assert_eq!(rollups, 0, "rollups of deleted series left behind");
+    let tombstones = athanor_testkit::count(&db.db, "SELECT COUNT(*) AS n FROM deleted_runs").await;
+    assert_eq!(tombstones, 2);
+    // 25 001 lines in three chunks and an empty one, 24 000 points in 2 × 2 chunks and
+    // their empty ones, and the rest: more than one transaction per run, none over a
+    // chunk.
+    let transactions = stats
+        .retention_transactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(transactions >= 4 + 2 * 3 + 2, "{transactions} transactions");
+    // The recent run and the running one are whole.
+    assert_eq!(logs_of(&db.db, &recent.run_id).await.len(), 3);
+    assert!(runs::Entity::find_by_id(running.run_id.clone())
+        .one(&db.db)
+        .await
+        .unwrap()
+        .is_some());
+    worker_stop.cancel();
+    worker.wait().await;
+    stop.cancel();
+    aggregator.wait().await;
+    db.close().await;
+}

@@ -27,6 +27,10 @@ pub struct DatabaseConfig {
     /// How long a SQLite writer waits for a lock before failing (and retrying).
     #[serde(with = "humantime_serde")]
     pub busy_timeout: Duration,
+    /// Finished runs older than this (since they finished) are deleted by the
+    /// aggregator in the background, in bounded chunks. Unset (the default): kept.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +47,7 @@ impl Default for DatabaseConfig {
             max_connections: 8,
             sqlite_synchronous: SqliteSync::Full,
             busy_timeout: Duration::from_secs(5),
+            retention: None,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use athanor_connections::db::write_turn;
 use athanor_schemas::api::{
     CancelRequested, ConfigToCheck, CreateRun, Experiment, ExperimentList, LogPage, ResultList,
-    RunCreated, RunDeleted, RunList, ValidConfig,
+    RunCreated, RunDeleted, RunList, Stats, ValidConfig,
 };
 use athanor_schemas::batch::ResultRecord;
 use athanor_schemas::entities::{run_logs, run_results, runs};
@@ -534,6 +534,47 @@ pub(crate) async fn cancel_run(
             cancel: "requested".into(),
         }),
     ))
+}
+
+/// What Athanor holds: runs, lines, the database's size, the run stream's size.
+#[utoipa::path(get, path = "/api/stats", tag = "meta", responses(
+    (status = 200, description = "Counts and sizes", body = Stats),
+    (status = 503, description = "The database or NATS is unavailable", body = ErrorBody),
+))]
+pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
+    use sea_orm::{ConnectionTrait, DatabaseBackend};
+    let backend = state.db.get_database_backend();
+    let number = |sql: &'static str, column: &'static str| {
+        let db = state.db.clone();
+        async move {
+            let row = db
+                .query_one(athanor_connections::db::stmt(backend, sql, vec![]))
+                .await?
+                .ok_or_else(|| sea_orm::DbErr::RecordNotFound(sql.into()))?;
+            Ok::<u64, sea_orm::DbErr>(row.try_get::<i64>("", column)?.max(0) as u64)
+        }
+    };
+    let counts =
+        "SELECT COUNT(*) AS runs, CAST(COALESCE(SUM(lines), 0) AS BIGINT) AS lines FROM runs";
+    let size = match backend {
+        DatabaseBackend::Postgres => "SELECT pg_database_size(current_database()) AS bytes",
+        _ => "SELECT p.page_count * s.page_size AS bytes FROM pragma_page_count() p, pragma_page_size() s",
+    };
+    let stream = state
+        .js
+        .get_stream(names::RUNS_STREAM)
+        .await
+        .map_err(|e| ApiError::Nats(e.to_string()))?
+        .cached_info()
+        .state
+        .clone();
+    Ok(Json(Stats {
+        runs: number(counts, "runs").await?,
+        lines: number(counts, "lines").await?,
+        database_bytes: number(size, "bytes").await?,
+        stream_bytes: stream.bytes,
+        stream_messages: stream.messages,
+    }))
 }
 
 /// Delete a finished run, with its log, results and metrics.

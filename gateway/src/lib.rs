@@ -227,6 +227,7 @@ fn routes() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(api::healthz))
         .routes(routes!(api::readyz))
         .routes(routes!(api::openapi))
+        .routes(routes!(api::stats))
         .routes(routes!(api::experiments))
         .routes(routes!(api::validate_config))
         .routes(routes!(instances::list, instances::create))

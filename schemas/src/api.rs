@@ -131,6 +131,20 @@ pub struct RunDeleted {
     pub removed: Removed,
 }
 
+/// `GET /api/stats`: what Athanor holds, for whoever watches the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Stats {
+    /// Runs in the database, and their stored log lines.
+    pub runs: u64,
+    pub lines: u64,
+    /// The database's size on disk (SQLite: its pages; PostgreSQL: the database).
+    pub database_bytes: u64,
+    /// `ATHANOR_RUNS`: bytes and messages JetStream keeps (until `nats.runs_max_age`).
+    pub stream_bytes: u64,
+    pub stream_messages: u64,
+}
+
 /// The rows a run's deletion removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -394,6 +394,20 @@ pub async fn batches_so_far(
     Ok((batches, read))
 }
 
+/// The `n` column of a one-row query, e.g. `SELECT COUNT(*) AS n FROM …`.
+pub async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait;
+    db.query_one(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        sql,
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    .unwrap_or_else(|| panic!("{sql}: no row"))
+    .try_get::<i64>("", "n")
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
 /// Resident memory of a process, in KiB (`VmRSS` from `/proc/<pid>/status`).
 ///
 /// Panics when it cannot be read: a memory bound checked against a measurement that

@@ -191,6 +191,23 @@ function route() {
 window.addEventListener('hashchange', route);
 window.addEventListener('DOMContentLoaded', route);
 
+// ---------------------------------------------------------------- footer: what is held
+
+const megabytes = (n) => `${(n / 1e6).toLocaleString('en-US', { maximumFractionDigits: 1 })} MB`;
+
+/** `GET /api/stats` in the footer: on every page change and every 30 s. */
+async function showStats() {
+  const foot = document.querySelector('[data-role=stats]');
+  if (!foot) return;
+  const result = await api('GET', '/api/stats');
+  if (result.status !== 200) { foot.textContent = ''; return; }
+  const s = result.body;
+  foot.textContent = `${fmt.format(s.runs)} ${s.runs === 1 ? 'run' : 'runs'} · ${lineCount(s.lines)} · `
+    + `database ${megabytes(s.database_bytes)} · stream ${megabytes(s.stream_bytes)} (${fmt.format(s.stream_messages)} batches)`;
+}
+window.addEventListener('hashchange', showStats);
+window.addEventListener('DOMContentLoaded', () => { showStats(); setInterval(showStats, 30_000); });
+
 // ---------------------------------------------------------------- experiments
 
 /** A config schema's fields in their declared order (`x-order`), else as listed. */

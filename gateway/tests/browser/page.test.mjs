@@ -167,6 +167,9 @@ test('a finished run is deleted from its page after a question in place; Keep ke
   await waitFor('the runs list', async () => page.url().endsWith('#/runs'));
   await page.locator(`tr[data-run="${running}"]`).waitFor();
   assert.equal(await page.locator(`tr[data-run="${id}"]`).count(), 0);
+  // The footer says what is held (GET /api/stats), as text.
+  await waitFor('the footer', async () => /^\d+ runs? · [\d,]+ lines? · database [\d.,]+ MB · stream [\d.,]+ MB \([\d,]+ batches\)$/
+    .test(await page.locator('[data-role=stats]').textContent()));
   assert.equal((await fetch(`${athanor.url}/api/runs/${id}`)).status, 404);
   await fetch(`${athanor.url}/api/runs/${running}/cancel`, { method: 'POST' });
   assert.deepEqual(problems, []);
