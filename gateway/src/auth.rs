@@ -34,6 +34,9 @@ pub(crate) struct Auth {
     /// Listening on loopback without a token: `/api` answers only these `Host` names
     /// (lowercase, no port) and loopback ones.
     hosts: Option<Vec<String>>,
+    /// Origins (lowercase, no trailing `/`) whose pages may make changes besides the
+    /// gateway's own: `gateway.cors_origins`.
+    origins: Vec<String>,
 }
 
 impl Auth {
@@ -52,7 +55,17 @@ impl Auth {
             feed_key,
             feed_ttl,
             hosts: None,
+            origins: Vec::new(),
         }
+    }
+
+    /// The origins (`gateway.cors_origins`) whose pages may make changes.
+    pub fn with_origins(mut self, origins: &[String]) -> Self {
+        self.origins = origins
+            .iter()
+            .map(|o| o.trim_end_matches('/').to_ascii_lowercase())
+            .collect();
+        self
     }
 
     /// Checks `Host` when the gateway listens on loopback and has no token: only
@@ -228,6 +241,56 @@ pub(crate) async fn json_bodies_only(request: Request, next: Next) -> Response {
         Some(message) => (
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Json(ErrorBody::new(message)),
+        )
+            .into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// A change under `/api` from another site's page is refused (403), whatever its body:
+/// a bodiless POST (`fetch(url, {method: 'POST', mode: 'no-cors'})`) is sent by the
+/// browser without asking first, and would otherwise cancel a run of a gateway without
+/// a token. A browser names the page in `Origin` (and `Sec-Fetch-Site`); the gateway's
+/// own page and `gateway.cors_origins` are allowed, and clients that send neither
+/// (the CLI, curl, scripts) are not browsers' pages.
+pub(crate) async fn same_site_changes(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let read = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    if read || !request.uri().path().starts_with("/api/") {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let refused = match text("origin") {
+        Some(origin) => {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            // Behind a reverse proxy that rewrites `Host`, the name the browser used
+            // arrives as `X-Forwarded-Host`.
+            let own = [text("host"), text("x-forwarded-host")]
+                .into_iter()
+                .flatten()
+                .any(|host| {
+                    let host = host.trim().to_ascii_lowercase();
+                    origin == format!("http://{host}") || origin == format!("https://{host}")
+                });
+            (!own && !state.auth.origins.contains(&origin)).then_some(origin)
+        }
+        // No `Origin`: a browser's cross-site request still says where it comes from.
+        None => matches!(text("sec-fetch-site"), Some("cross-site" | "same-site"))
+            .then(|| "another site".to_string()),
+    };
+    match refused {
+        Some(origin) => (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody::new(format!(
+                "a change from a page of {origin} is refused: only this gateway's own page and gateway.cors_origins may make changes"
+            ))),
         )
             .into_response(),
         None => next.run(request).await,

@@ -210,7 +210,8 @@ impl AppState {
                 .with_hosts(
                     listens_on_loopback(&config.http_addr),
                     &config.allowed_hosts,
-                ),
+                )
+                .with_origins(&config.cors_origins),
             ),
         })
     }
@@ -268,6 +269,10 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(axum::middleware::from_fn(auth::json_bodies_only))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::same_site_changes,
+        ))
         .layer(axum::middleware::from_fn(auth::no_nul_characters))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

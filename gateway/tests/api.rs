@@ -334,14 +334,7 @@ async fn bad_requests_get_clear_json_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_during_a_run_is_idempotent_and_a_finished_run_says_409() {
     let stack = Stack::start().await;
-    let (_, created) = stack
-        .post(
-            "/api/runs",
-            r#"{"experiment":"sleepy","config":{"duration_ms":60000}}"#,
-        )
-        .await;
-    let id = created["id"].as_str().unwrap().to_string();
-    stack.wait_status(&id, "running").await;
+    let id = stack.sleepy_running().await;
     for _ in 0..2 {
         let (status, body) = stack.post(&format!("/api/runs/{id}/cancel"), "").await;
         assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -577,14 +570,7 @@ async fn a_finished_run_is_deleted_with_every_row_and_stays_deleted_when_its_bat
             )
         }
     };
-    let (_, created) = stack
-        .post(
-            "/api/runs",
-            r#"{"experiment":"sleepy","config":{"duration_ms":60000}}"#,
-        )
-        .await;
-    let sleepy = created["id"].as_str().unwrap().to_string();
-    stack.wait_status(&sleepy, "running").await;
+    let sleepy = stack.sleepy_running().await;
     let (status, body) = delete(sleepy.clone()).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(

@@ -312,3 +312,66 @@ async fn on_loopback_without_a_token_only_known_host_names_reach_the_api() {
     assert_eq!(response.status(), StatusCode::OK);
     stack.stop().await;
 }
+
+/// A change from another site's page is refused whatever its body: a bodiless POST,
+/// which a browser sends without a preflight (`mode: 'no-cors'`), could otherwise cancel
+/// a run of a gateway without a token. The gateway's own page, an origin in
+/// `gateway.cors_origins`, and clients that are not pages (no `Origin`) still may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_from_another_sites_page_is_refused_even_without_a_body() {
+    let stack = Stack::start_with(
+        WorkerConfig::for_tests(),
+        GatewayConfig {
+            cors_origins: vec!["https://lab.example".into()],
+            ..GatewayConfig::for_tests()
+        },
+    )
+    .await;
+    let http = &stack.http;
+    let id = stack.sleepy_running().await;
+    let cancel = format!("{}/api/runs/{id}/cancel", stack.base);
+    for (header, value) in [
+        ("origin", "https://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+        ("sec-fetch-site", "same-site"),
+    ] {
+        let (status, answer) = send(http.post(&cancel).header(header, value)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{header}: {value}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("a change from a page of "),
+            "{answer}"
+        );
+    }
+    let (status, answer) = send(
+        http.delete(format!("{}/api/runs/{id}", stack.base))
+            .header("origin", "https://evil.example"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let (_, run) = stack.get(&format!("/api/runs/{id}")).await;
+    assert_eq!(run["status"], "running", "a refused change reached the run");
+    // Its own page (Origin = this gateway), a listed origin, and no Origin at all.
+    let own = stack.base.clone();
+    for origin in [Some(own.as_str()), Some("https://lab.example"), None] {
+        let mut request = http.post(&cancel).header("sec-fetch-site", "same-origin");
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let (status, answer) = send(request).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{origin:?}: {answer}");
+    }
+    // Behind a proxy that rewrites `Host`: the name the browser used, forwarded.
+    let (status, answer) = send(
+        http.post(&cancel)
+            .header("origin", "https://athanor.lab.example")
+            .header("x-forwarded-host", "athanor.lab.example"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    stack.wait_status(&id, "cancelled").await;
+    stack.stop().await;
+}

@@ -106,6 +106,19 @@ impl Stack {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Starts a `sleepy` run of a minute and waits until it runs; its id.
+    pub async fn sleepy_running(&self) -> String {
+        let (_, created) = self
+            .post(
+                "/api/runs",
+                r#"{"experiment":"sleepy","config":{"duration_ms":60000}}"#,
+            )
+            .await;
+        let id = created["id"].as_str().unwrap().to_string();
+        self.wait_status(&id, "running").await;
+        id
+    }
+
     pub async fn wait_status(&self, id: &str, status: &str) -> Value {
         wait_for(
             &format!("run {id} to be {status}"),
