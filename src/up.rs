@@ -70,17 +70,24 @@ pub async fn run(
     // JetStream. Store all of it before stopping the rest (feeds end with the runs').
     let drain = config.aggregator.drain_timeout;
     match aggregator.drain(drain).await {
-        (0, 0) => tracing::info!("stopping: every batch is stored"),
-        (pending, unacked) => tracing::warn!(
+        Some((0, 0)) => tracing::info!("stopping: every batch is stored"),
+        Some((pending, unacked)) => tracing::warn!(
             pending,
             unacked,
             ?drain,
             "stopping with batches not yet stored: they stay in ATHANOR_RUNS and are stored at the next start"
         ),
+        None => tracing::warn!(
+            ?drain,
+            "stopping without knowing whether every batch is stored (NATS does not answer); what is not stays in ATHANOR_RUNS for the next start"
+        ),
     }
     rest_stop.cancel();
     aggregator.wait().await;
     gateway.wait().await;
-    drop(embedded);
+    // Stopped, not killed: it writes out the consumer's last acknowledgements.
+    if let Some(server) = embedded {
+        tokio::task::spawn_blocking(move || server.stop()).await?;
+    }
     Ok(worker?)
 }

@@ -34,6 +34,10 @@ pub(crate) async fn consume(shared: Arc<Shared>) {
     pull_loop(&shared, to_writer).await;
     // The channel is closed: the writer finishes what it has, then stops.
     let _ = writer.await;
+    // Acknowledgements are buffered by the client: send the last ones before going.
+    if let Err(error) = shared.js.client().flush().await {
+        warn!(%error, "could not send the last acknowledgements; those batches will be delivered again (and absorbed)");
+    }
 }
 
 async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded>) {

@@ -241,10 +241,11 @@ impl Aggregator {
     /// sharing the consumer), or `timeout` has passed. What `athanor up` does between
     /// stopping its worker (whose last batches JetStream has acknowledged) and stopping
     /// the aggregator. Returns what was left: (not yet delivered, delivered and not
-    /// acknowledged); (0, 0) when drained.
-    pub async fn drain(&self, timeout: Duration) -> (u64, u64) {
+    /// acknowledged), `Some((0, 0))` when drained; `None` when the consumer could not
+    /// be read (NATS gone) until `timeout`.
+    pub async fn drain(&self, timeout: Duration) -> Option<(u64, u64)> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut left = (u64::MAX, u64::MAX);
+        let mut left = None;
         loop {
             if let Ok(stream) = self
                 .shared
@@ -253,8 +254,8 @@ impl Aggregator {
                 .await
             {
                 if let Ok(info) = stream.consumer_info(&self.shared.config.consumer).await {
-                    left = (info.num_pending, info.num_ack_pending as u64);
-                    if left == (0, 0) {
+                    left = Some((info.num_pending, info.num_ack_pending as u64));
+                    if left == Some((0, 0)) {
                         return left;
                     }
                 }

@@ -117,6 +117,37 @@ impl EmbeddedServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Stops the server as an operator would: SIGTERM, so that it writes out its state
+    /// (the consumers' acknowledgements among it) before it exits; SIGKILL if it has
+    /// not within 10 s. How `athanor up` stops it (dropping the server kills it).
+    pub fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = rustix::process::Pid::from_raw(child.id() as i32);
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    _ => {
+                        tracing::warn!(
+                            "nats-server did not stop within 10 s of SIGTERM: killing it"
+                        );
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(self.pid_path());
+        }
+        self.keeper.take();
+    }
+
     /// Kills the server with SIGKILL, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
