@@ -139,9 +139,8 @@ pub async fn mcp(api: Client) -> Outcome {
     Ok(0)
 }
 
-/// `athanor experiments`: what live workers host, with each config field.
-/// Deletes each run; says what went for each, and exits with the API failure code when
-/// any could not be deleted (the others still are).
+/// `athanor rm`: deletes each run; says what went for each, and exits with the API
+/// failure code when any could not be deleted (the others still are).
 pub async fn rm(api: &Client, ids: &[String]) -> Outcome {
     let mut failed = 0;
     for id in ids {
@@ -168,6 +167,7 @@ pub async fn rm(api: &Client, ids: &[String]) -> Outcome {
     Ok(0)
 }
 
+/// `athanor experiments`: what live workers host, with each config field.
 pub async fn experiments(api: &Client) -> Outcome {
     let list = api.experiments().await?;
     if list.is_empty() {

@@ -263,17 +263,7 @@ fn main() -> anyhow::Result<()> {
                 if let Some(addr) = http_addr {
                     config.gateway.http_addr = addr;
                 }
-                let outcome = up::run(config, data_dir, shutdown).await;
-                if let Err(error) = &outcome {
-                    if error
-                        .downcast_ref::<athanor_workers::Error>()
-                        .is_some_and(athanor_workers::Error::is_configuration)
-                    {
-                        eprintln!("athanor: invalid configuration: {error}");
-                        std::process::exit(validate::EXIT_STATUS);
-                    }
-                }
-                outcome
+                refused_configuration(up::run(config, data_dir, shutdown).await)
             }
             Command::Gateway => {
                 Ok(
@@ -281,22 +271,11 @@ fn main() -> anyhow::Result<()> {
                         .await?,
                 )
             }
-            Command::Worker => {
-                match athanor_workers::run(
-                    config.worker,
-                    &config.experiments,
-                    config.nats,
-                    shutdown,
-                )
-                .await
-                {
-                    Err(error) if error.is_configuration() => {
-                        eprintln!("athanor: invalid configuration: {error}");
-                        std::process::exit(validate::EXIT_STATUS);
-                    }
-                    other => Ok(other?),
-                }
-            }
+            Command::Worker => refused_configuration(
+                athanor_workers::run(config.worker, &config.experiments, config.nats, shutdown)
+                    .await
+                    .map_err(anyhow::Error::from),
+            ),
             Command::Aggregator => Ok(athanor_aggregator::run(
                 config.aggregator,
                 config.database,
@@ -320,6 +299,22 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// A worker that refused its configuration once connected (a limit over the server's
+/// `max_payload`, an experiment it does not host) exits as a configuration refused at
+/// load does: with its message and status 2.
+fn refused_configuration(outcome: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(error) = &outcome {
+        if error
+            .downcast_ref::<athanor_workers::Error>()
+            .is_some_and(athanor_workers::Error::is_configuration)
+        {
+            eprintln!("athanor: invalid configuration: {error}");
+            std::process::exit(validate::EXIT_STATUS);
+        }
+    }
+    outcome
 }
 
 /// Applies every pending migration.

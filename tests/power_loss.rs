@@ -124,17 +124,6 @@ fn kill9(child: &mut Child) {
     child.wait().unwrap();
 }
 
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 /// A `log_storm` run under `athanor up` on a LazyFs with `settings` on top of the
 /// defaults, the power cut mid-run, a restart, and the count.
 async fn cut_mid_run(settings: &[(&str, &str)]) -> Outcome {
@@ -182,7 +171,7 @@ async fn cut_mid_run(settings: &[(&str, &str)]) -> Outcome {
     // nats-server with `athanor up`), then what was never synced is gone.
     kill9(&mut up);
     wait_for("nats-server to die", Duration::from_secs(10), || async {
-        (!alive(server)).then_some(())
+        (!common::alive(server)).then_some(())
     })
     .await
     .unwrap();

@@ -113,19 +113,6 @@ async fn aggregator_killed_with_sigkill_mid_stream_loses_and_duplicates_nothing(
     db.close().await;
 }
 
-/// Whether a process is alive (a zombie waiting to be reaped counts as gone).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
-        !matches!(state, Some("Z") | Some("X") | None)
-    })
-}
-
 /// `kill -9` of a worker process running a command experiment whose shell has a
 /// child of its own: neither the shell nor its child outlives the worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,13 +172,13 @@ async fn a_worker_killed_with_sigkill_leaves_no_child_process_running() {
         })
         .await
         .unwrap();
-    assert!(alive(shell) && alive(sleeper));
+    assert!(common::alive(shell) && common::alive(sleeper));
     worker.kill().unwrap(); // SIGKILL
     worker.wait().unwrap();
     wait_for(
         "the shell and its child to end",
         Duration::from_secs(10),
-        || async { (!alive(shell) && !alive(sleeper)).then_some(()) },
+        || async { (!common::alive(shell) && !common::alive(sleeper)).then_some(()) },
     )
     .await
     .unwrap();
@@ -214,14 +201,14 @@ fn the_embedded_nats_server_dies_with_athanor_up_and_a_stale_one_is_stopped() {
     };
     let (mut up, _) = common::up(dir.path());
     let server = server_pid();
-    assert!(alive(server));
+    assert!(common::alive(server));
     // Durable by default: JetStream fsyncs every write.
     let conf = std::fs::read_to_string(dir.path().join("nats/nats-server.conf")).unwrap();
     assert!(conf.contains("sync_interval: always"), "{conf}");
     up.kill().unwrap(); // SIGKILL
     up.wait().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while alive(server) {
+    while common::alive(server) {
         assert!(
             std::time::Instant::now() < deadline,
             "nats-server {server} outlived athanor up"
@@ -239,7 +226,7 @@ fn the_embedded_nats_server_dies_with_athanor_up_and_a_stale_one_is_stopped() {
         .unwrap();
     std::fs::write(&pid_file, stale.id().to_string()).unwrap();
     let (mut up, url) = common::up(dir.path());
-    assert!(!alive(stale.id()), "the stale server still runs");
+    assert!(!common::alive(stale.id()), "the stale server still runs");
     stale.wait().unwrap();
     let server = server_pid();
     assert_ne!(server, stale.id());
@@ -259,10 +246,10 @@ fn the_embedded_nats_server_dies_with_athanor_up_and_a_stale_one_is_stopped() {
         said.contains("is in use by another running athanor"),
         "{said}"
     );
-    assert!(alive(server));
+    assert!(common::alive(server));
     common::wait_for_worker(&url);
     common::stop(&mut up);
-    assert!(!alive(server));
+    assert!(!common::alive(server));
 }
 
 /// The status code of a bare HTTP/1.1 GET of `path` on `stream` (left open).

@@ -117,7 +117,11 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     let mut deleted: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     for Incoming { batch, stream_seq } in incoming {
         let run_id = batch.run_id;
-        if !deltas.contains_key(&run_id) && !deleted.contains(&run_id) {
+        if deleted.contains(&run_id) {
+            written.of_deleted_runs += 1;
+            continue;
+        }
+        if !deltas.contains_key(&run_id) {
             let tombstone = txn
                 .query_one(stmt(
                     backend,
@@ -126,14 +130,10 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
                 ))
                 .await?;
             if tombstone.is_some() {
-                deleted.insert(run_id.clone());
+                written.of_deleted_runs += 1;
+                deleted.insert(run_id);
+                continue;
             }
-        }
-        if deleted.contains(&run_id) {
-            written.of_deleted_runs += 1;
-            continue;
-        }
-        if !deltas.contains_key(&run_id) {
             txn.execute(stmt(
                 backend,
                 "INSERT INTO runs (id, experiment, config, status, created_at, updated_at, lines, results, batches) \

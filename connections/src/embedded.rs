@@ -122,27 +122,19 @@ impl EmbeddedServer {
     /// not within 10 s. How `athanor up` stops it (dropping the server kills it).
     pub fn stop(mut self) {
         if let Some(mut child) = self.child.take() {
-            let pid = rustix::process::Pid::from_raw(child.id() as i32);
+            let pid = i32::try_from(child.id())
+                .ok()
+                .and_then(rustix::process::Pid::from_raw);
             if let Some(pid) = pid {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        tracing::warn!(
-                            "nats-server did not stop within 10 s of SIGTERM: killing it"
-                        );
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
+                let running = || matches!(child.try_wait(), Ok(None));
+                if terminate(pid, Duration::from_secs(10), running) {
+                    tracing::warn!("nats-server did not stop within 10 s of SIGTERM: killed it");
                 }
             }
+            // Gone by now (`terminate` waits for the exit); SIGKILL is for a pid that
+            // could not be signalled.
+            let _ = child.kill();
+            let _ = child.wait();
             let _ = std::fs::remove_file(self.pid_path());
         }
         self.keeper.take();
@@ -192,17 +184,7 @@ impl EmbeddedServer {
             });
         }
         tracing::warn!(pid, store = %self.store_dir.display(), "a nats-server left running on this store by an earlier start: stopping it");
-        let _ = rustix::process::kill_process(process, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ours(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if ours(pid) {
-            let _ = rustix::process::kill_process(process, rustix::process::Signal::KILL);
-            while ours(pid) && Instant::now() < deadline + Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        terminate(process, Duration::from_secs(5), || ours(pid));
         Ok(())
     }
 
@@ -267,6 +249,29 @@ impl Drop for EmbeddedServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// SIGTERM to `pid`, and SIGKILL if `running` still says so after `grace`; then waits
+/// (5 s at most) until it does not. True when SIGKILL was needed.
+fn terminate(
+    pid: rustix::process::Pid,
+    grace: Duration,
+    mut running: impl FnMut() -> bool,
+) -> bool {
+    use rustix::process::{kill_process, Signal};
+    let wait_until = |deadline: Instant, running: &mut dyn FnMut() -> bool| {
+        while running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let _ = kill_process(pid, Signal::TERM);
+    wait_until(Instant::now() + grace, &mut running);
+    if !running() {
+        return false;
+    }
+    let _ = kill_process(pid, Signal::KILL);
+    wait_until(Instant::now() + Duration::from_secs(5), &mut running);
+    true
 }
 
 /// The parent of process `pid` when that parent is a live instance of this program

@@ -544,22 +544,19 @@ pub(crate) async fn cancel_run(
 pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
     use sea_orm::{ConnectionTrait, DatabaseBackend};
     let backend = state.db.get_database_backend();
-    let number = |sql: &'static str, column: &'static str| {
-        let db = state.db.clone();
-        async move {
-            let row = db
-                .query_one(athanor_connections::db::stmt(backend, sql, vec![]))
-                .await?
-                .ok_or_else(|| sea_orm::DbErr::RecordNotFound(sql.into()))?;
-            Ok::<u64, sea_orm::DbErr>(row.try_get::<i64>("", column)?.max(0) as u64)
-        }
-    };
-    let counts =
-        "SELECT COUNT(*) AS runs, CAST(COALESCE(SUM(lines), 0) AS BIGINT) AS lines FROM runs";
     let size = match backend {
-        DatabaseBackend::Postgres => "SELECT pg_database_size(current_database()) AS bytes",
-        _ => "SELECT p.page_count * s.page_size AS bytes FROM pragma_page_count() p, pragma_page_size() s",
+        DatabaseBackend::Postgres => "pg_database_size(current_database())",
+        _ => "(SELECT page_count FROM pragma_page_count()) * (SELECT page_size FROM pragma_page_size())",
     };
+    let sql = format!(
+        "SELECT COUNT(*) AS runs, CAST(COALESCE(SUM(lines), 0) AS BIGINT) AS lines, {size} AS bytes FROM runs"
+    );
+    let row = state
+        .db
+        .query_one(athanor_connections::db::stmt(backend, &sql, vec![]))
+        .await?
+        .ok_or_else(|| sea_orm::DbErr::RecordNotFound(sql.clone()))?;
+    let number = |column: &str| row.try_get::<i64>("", column).map(|n| n.max(0) as u64);
     let stream = state
         .js
         .get_stream(names::RUNS_STREAM)
@@ -569,9 +566,9 @@ pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
         .state
         .clone();
     Ok(Json(Stats {
-        runs: number(counts, "runs").await?,
-        lines: number(counts, "lines").await?,
-        database_bytes: number(size, "bytes").await?,
+        runs: number("runs")?,
+        lines: number("lines")?,
+        database_bytes: number("bytes")?,
         stream_bytes: stream.bytes,
         stream_messages: stream.messages,
     }))

@@ -108,3 +108,16 @@ pub fn stop(child: &mut Child) {
     };
     assert!(status.success(), "{status}");
 }
+
+/// Whether a process is alive (a zombie waiting to be reaped counts as gone).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        !matches!(state, Some("Z") | Some("X") | None)
+    })
+}
