@@ -22,6 +22,7 @@ pub struct AppConfig {
     pub aggregator: AggregatorConfig,
     pub gateway: GatewayConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     /// Command experiments (`[[experiments]]`) the worker hosts beside the built-ins.
     pub experiments: Vec<CommandSpec>,
 }
@@ -33,6 +34,16 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter, used when `RUST_LOG` is unset.
     pub filter: String,
+}
+
+/// The `[metrics]` section: Prometheus metrics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Where a command serves `GET /metrics` (HOST:PORT; `--metrics-addr`): what
+    /// `athanor worker` and `athanor aggregator` need to be scraped. Off when unset; the
+    /// gateway (and so `athanor up`) always serves it at its own `/metrics`.
+    pub addr: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

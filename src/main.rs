@@ -8,6 +8,7 @@ mod validate;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -36,10 +37,16 @@ enum Command {
         http_addr: Option<String>,
     },
     /// A worker: runs the experiments requested on ATHANOR_REQUESTS.
-    Worker,
+    Worker {
+        #[command(flatten)]
+        metrics: MetricsAddr,
+    },
     /// An aggregator: persists run batches from ATHANOR_RUNS into the database.
-    Aggregator,
-    /// A gateway: the HTTP API.
+    Aggregator {
+        #[command(flatten)]
+        metrics: MetricsAddr,
+    },
+    /// A gateway: the HTTP API, the web UI, the live feeds and /metrics.
     Gateway,
     /// Applies the database migrations, declares the NATS streams and buckets, and exits.
     Migrate,
@@ -118,6 +125,14 @@ enum ConfigAction {
 }
 
 #[derive(clap::Args)]
+struct MetricsAddr {
+    /// Serve Prometheus metrics at http://<HOST:PORT>/metrics (default: metrics.addr;
+    /// off when neither is set).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
+}
+
+#[derive(clap::Args)]
 struct GatewayUrl {
     /// The gateway (default: http://<gateway.http_addr>, i.e. the local `athanor up`).
     #[arg(long, env = "ATHANOR_URL")]
@@ -143,7 +158,14 @@ impl GatewayUrl {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = match config::load(cli.config.as_deref()) {
-        Ok(config) => config,
+        Ok(mut config) => {
+            if let Command::Worker { metrics } | Command::Aggregator { metrics } = &cli.command {
+                if let Some(addr) = &metrics.metrics_addr {
+                    config.metrics.addr = Some(addr.clone());
+                }
+            }
+            config
+        }
         Err(error) => {
             eprintln!("athanor: {error:#}");
             std::process::exit(validate::EXIT_STATUS);
@@ -174,6 +196,22 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
+        if let (
+            Some(addr),
+            Command::Up { .. }
+            | Command::Worker { .. }
+            | Command::Aggregator { .. }
+            | Command::Gateway,
+        ) = (&config.metrics.addr, &cli.command)
+        {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on metrics.addr {addr}"))?;
+            tokio::spawn(athanor_connections::prometheus::serve(
+                listener,
+                shutdown.clone(),
+            ));
+        }
         let outcome = match &cli.command {
             Command::Run {
                 experiment,
@@ -271,12 +309,12 @@ fn main() -> anyhow::Result<()> {
                         .await?,
                 )
             }
-            Command::Worker => refused_configuration(
+            Command::Worker { .. } => refused_configuration(
                 athanor_workers::run(config.worker, &config.experiments, config.nats, shutdown)
                     .await
                     .map_err(anyhow::Error::from),
             ),
-            Command::Aggregator => Ok(athanor_aggregator::run(
+            Command::Aggregator { .. } => Ok(athanor_aggregator::run(
                 config.aggregator,
                 config.database,
                 config.nats,

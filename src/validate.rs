@@ -64,6 +64,16 @@ impl Checker {
         }
     }
 
+    /// A listening address: `HOST:PORT`.
+    fn addr(&mut self, key: &str, value: &str) {
+        if value
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            self.refuse(key, format!("{value:?}"), "HOST:PORT, e.g. 127.0.0.1:8080");
+        }
+    }
+
     /// A NATS subject token: what the worker puts in subjects and keys.
     fn token(&mut self, key: &str, value: &str) {
         if !athanor_schemas::names::is_valid_token(value) {
@@ -215,16 +225,9 @@ pub fn check(config: &AppConfig) -> Vec<Problem> {
     );
 
     let gw = &config.gateway;
-    if gw
-        .http_addr
-        .rsplit_once(':')
-        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-    {
-        c.refuse(
-            "gateway.http_addr",
-            format!("{:?}", gw.http_addr),
-            "HOST:PORT, e.g. 127.0.0.1:8080",
-        );
+    c.addr("gateway.http_addr", &gw.http_addr);
+    if let Some(addr) = &config.metrics.addr {
+        c.addr("metrics.addr", addr);
     }
     c.size("gateway.max_body_bytes", gw.max_body_bytes as u64, KIB, GIB);
     c.duration("gateway.keep_alive", gw.keep_alive, Duration::ZERO); // 0: none

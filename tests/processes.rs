@@ -15,16 +15,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 fn aggregator_process(nats: &TestNats, db: &TestDb) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_athanor"))
-        .arg("aggregator")
-        .env("ATHANOR__NATS__URL", nats.url())
-        .env("ATHANOR__DATABASE__URL", db.config.url())
-        .env("ATHANOR__AGGREGATOR__ACK_WAIT", "3s")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start athanor aggregator")
+    common::component(
+        &["aggregator"],
+        nats,
+        db,
+        &[("ATHANOR__AGGREGATOR__ACK_WAIT", "3s".into())],
+    )
 }
 
 /// SIGKILL the aggregator process twice while a run streams 160 000 lines; after each
@@ -356,21 +352,12 @@ async fn sigterm_to_athanor_up_under_load_stores_every_line_before_it_exits() {
     let http = reqwest::Client::new();
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let response = http
-            .post(format!("{url}/api/runs"))
-            .json(&json!({
-                "experiment": "log_storm",
-                // ~2 KB lines: more than SQLite stores here, so the aggregator is
-                // behind when the signal comes (a fixed pause before stopping it
-                // left those batches unstored).
-                "config": { "lines_per_second": 20_000, "duration_ms": 600_000, "line_bytes": 2000 },
-            }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let body: serde_json::Value = response.json().await.unwrap();
-        ids.push(body["id"].as_str().unwrap().to_string());
+        // ~2 KB lines: more than SQLite stores here, so the aggregator is behind when
+        // the signal comes (a fixed pause before stopping it left those batches
+        // unstored).
+        let config =
+            json!({ "lines_per_second": 20_000, "duration_ms": 600_000, "line_bytes": 2000 });
+        ids.push(common::start_run(&url, "log_storm", config).await);
     }
     wait_for("every run logging", Duration::from_secs(60), || async {
         for id in &ids {

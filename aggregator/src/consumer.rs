@@ -89,6 +89,14 @@ async fn pull_loop(shared: &Shared, to_writer: tokio::sync::mpsc::Sender<Decoded
                     Ok(None) | Err(_) => break,
                 }
             }
+            let redelivered = pending
+                .iter()
+                .filter(|m| m.info().is_ok_and(|i| i.delivered > 1))
+                .count();
+            shared
+                .stats
+                .redelivered
+                .fetch_add(redelivered as u64, Ordering::Relaxed);
             let started = Instant::now();
             let decoded = decode_all(shared, pending).await;
             shared
@@ -216,7 +224,7 @@ async fn write(shared: &Shared, decoded: Decoded) -> bool {
                         dlq::dead_letter(
                             shared,
                             &message,
-                            "store",
+                            dlq::STORE,
                             &format!("the database refused the batch: {error}"),
                         )
                         .await
@@ -257,12 +265,14 @@ async fn write_with_retry(
     loop {
         let started = Instant::now();
         let stored = store::store(&shared.db, std::mem::take(&mut incoming)).await;
+        let took = started.elapsed();
         shared
             .stats
             .write_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         match stored {
             Ok(written) => {
+                crate::instruments::transaction(took, &written);
                 shared
                     .stats
                     .batches
@@ -328,7 +338,7 @@ fn checked(
         || !names::is_valid_token(&batch.run_id)
     {
         return Err((
-            "wrong_subject",
+            dlq::WRONG_SUBJECT,
             format!(
                 "batch of run {:?} published on {}",
                 batch.run_id, message.subject

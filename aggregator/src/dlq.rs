@@ -10,6 +10,11 @@ use tracing::{error, warn};
 use crate::store::{self, Rejected};
 use crate::Shared;
 
+/// Dead-letter reasons besides a decode error's kind: a batch on another run's
+/// subject, and one the database refused alone.
+pub const WRONG_SUBJECT: &str = "wrong_subject";
+pub const STORE: &str = "store";
+
 pub const REASON_HEADER: &str = "Athanor-Dlq-Reason";
 pub const SUBJECT_HEADER: &str = "Athanor-Dlq-Subject";
 pub const STREAM_SEQ_HEADER: &str = "Athanor-Dlq-Stream-Seq";
@@ -19,7 +24,7 @@ pub const STREAM_SEQ_HEADER: &str = "Athanor-Dlq-Stream-Seq";
 pub(crate) async fn dead_letter(
     shared: &Shared,
     message: &jetstream::Message,
-    kind: &str,
+    kind: &'static str,
     reason: &str,
 ) {
     let mut headers = message.headers.clone().unwrap_or_default();
@@ -59,6 +64,7 @@ pub(crate) async fn dead_letter(
                 .stats
                 .dead_lettered
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::instruments::dead_lettered(kind);
             if let Err(error) = message.ack_with(AckKind::Term).await {
                 warn!(stream_seq, %error, "could not terminate a dead-lettered message; it will be dead-lettered again");
             }

@@ -12,6 +12,7 @@
 mod checkpoint;
 mod consumer;
 mod dlq;
+mod instruments;
 mod lifecycle;
 mod retention;
 pub mod store;
@@ -152,6 +153,13 @@ pub struct AggregatorStats {
     pub metrics: AtomicU64,
     /// Messages sent to `ATHANOR_DLQ`.
     pub dead_lettered: AtomicU64,
+    /// Messages fetched that JetStream had delivered before (to this aggregator or
+    /// another): an ack lost, a transaction abandoned, an aggregator killed.
+    pub redelivered: AtomicU64,
+    /// The durable consumer as last read from JetStream: messages not yet delivered,
+    /// and delivered but not acknowledged.
+    pub consumer_pending: AtomicU64,
+    pub consumer_ack_pending: AtomicU64,
     /// Transactions that failed and were retried.
     pub retries: AtomicU64,
     /// Runs marked `lost`.
@@ -181,6 +189,20 @@ pub(crate) struct Shared {
     pub(crate) abandon: CancellationToken,
 }
 
+impl Shared {
+    /// The durable consumer's (not yet delivered, delivered and not acknowledged)
+    /// messages, read from JetStream; `None` when it cannot be read.
+    pub(crate) async fn consumer_left(&self) -> Option<(u64, u64)> {
+        let stream = self
+            .js
+            .get_stream(athanor_schemas::names::RUNS_STREAM)
+            .await
+            .ok()?;
+        let info = stream.consumer_info(&self.config.consumer).await.ok()?;
+        Some((info.num_pending, info.num_ack_pending as u64))
+    }
+}
+
 /// A running aggregator.
 pub struct Aggregator {
     shared: Arc<Shared>,
@@ -196,6 +218,7 @@ impl Aggregator {
         db: DatabaseConnection,
         shutdown: CancellationToken,
     ) -> Result<Self> {
+        instruments::describe();
         let js = athanor_connections::nats::open(&nats, "athanor-aggregator").await?;
         let abandon = CancellationToken::new();
         tokio::spawn({
@@ -216,8 +239,10 @@ impl Aggregator {
             shutdown,
             abandon,
         });
+        athanor_connections::prometheus::export_on_render(&shared.stats, instruments::export);
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(consumer::consume(shared.clone()));
+        tasks.spawn(instruments::watch_lag(shared.clone()));
         tasks.spawn(lifecycle::watch_lost(shared.clone()));
         tasks.spawn(checkpoint::run(shared.db.clone(), shared.shutdown.clone()));
         if let Some(retention) = shared.config.retention {
@@ -247,17 +272,10 @@ impl Aggregator {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut left = None;
         loop {
-            if let Ok(stream) = self
-                .shared
-                .js
-                .get_stream(athanor_schemas::names::RUNS_STREAM)
-                .await
-            {
-                if let Ok(info) = stream.consumer_info(&self.shared.config.consumer).await {
-                    left = Some((info.num_pending, info.num_ack_pending as u64));
-                    if left == Some((0, 0)) {
-                        return left;
-                    }
+            if let Some(now) = self.shared.consumer_left().await {
+                left = Some(now);
+                if now == (0, 0) {
+                    return left;
                 }
             }
             if tokio::time::Instant::now() >= deadline {

@@ -169,7 +169,9 @@ pub(crate) async fn authorize(
 ) -> Response {
     let auth = &state.auth;
     let path = request.uri().path();
-    if auth.token.is_none() || !path.starts_with("/api/") || path == "/api/openapi.json" {
+    // `/metrics` is a read like the API's: open unless reads are protected.
+    let guarded = (path.starts_with("/api/") && path != "/api/openapi.json") || path == "/metrics";
+    if auth.token.is_none() || !guarded {
         return next.run(request).await;
     }
     // Validating a config is a POST that changes nothing: a read.

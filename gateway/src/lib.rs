@@ -11,6 +11,7 @@ mod auth;
 mod error;
 mod hub;
 mod instances;
+mod instruments;
 mod metrics;
 mod openapi;
 mod sse;
@@ -186,6 +187,7 @@ impl AppState {
         let workers = athanor_connections::nats::bucket(&js, names::WORKERS_BUCKET).await?;
         let control = athanor_connections::nats::bucket(&js, names::CONTROL_BUCKET).await?;
         let hubs = hub::Hubs::new(db.clone(), js.clone(), config.clone(), shutdown);
+        instruments::export_feeds(&hubs);
         // Bounded: a lifecycle viewer that lags is told to reload.
         let (lifecycle, _) = tokio::sync::broadcast::channel(1024);
         hubs.tasks.spawn(sse::relay_lifecycle(
@@ -266,6 +268,10 @@ pub fn router(state: AppState, config: &GatewayConfig) -> Router {
     let state = Arc::new(state);
     let (router, _) = routes().split_for_parts();
     let router = router
+        .route(
+            "/metrics",
+            axum::routing::get(instruments::render).head(instruments::render),
+        )
         .fallback(api::no_route)
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(axum::middleware::from_fn(auth::json_bodies_only))
@@ -408,15 +414,17 @@ impl Gateway {
             shutdown.clone(),
         )
         .map_err(Error::Mcp)?;
-        let app = router(state.clone(), &config).merge(
-            Router::new()
-                .route_service("/mcp", mcp)
-                .layer(axum::middleware::from_fn_with_state(
-                    Arc::new(state),
-                    auth::authorize_mcp,
-                ))
-                .layer(axum::middleware::map_response(mcp_refusal_as_json)),
-        );
+        let app = router(state.clone(), &config)
+            .merge(
+                Router::new()
+                    .route_service("/mcp", mcp)
+                    .layer(axum::middleware::from_fn_with_state(
+                        Arc::new(state),
+                        auth::authorize_mcp,
+                    ))
+                    .layer(axum::middleware::map_response(mcp_refusal_as_json)),
+            )
+            .layer(axum::middleware::from_fn(instruments::http));
         let task = tokio::spawn(serve(listener, app, config.header_read_timeout, shutdown));
         tracing::info!(%addr, "gateway listening");
         Ok(Gateway { addr, task, tasks })

@@ -60,9 +60,12 @@ const MAX_WRITE: usize = 64 << 10;
 /// `Accept-Encoding`) allows.
 fn sse_response(
     frames: impl Stream<Item = Arc<Frame>> + Send + 'static,
-    keep_alive: Duration,
+    hubs: &Arc<Hubs>,
     accept: &HeaderMap,
 ) -> Response {
+    let keep_alive = hubs.config.keep_alive;
+    let counted = hubs.clone();
+    let frames = frames.inspect(move |frame| counted.instruments.sent(frame));
     let encoding = Encoding::negotiate(
         accept
             .get(header::ACCEPT_ENCODING)
@@ -266,7 +269,7 @@ pub(crate) async fn run_events(
         let frame = viewer.next().await?;
         Some((frame, (viewer, slot)))
     });
-    Ok(sse_response(frames, hubs.config.keep_alive, &headers))
+    Ok(sse_response(frames, &hubs, &headers))
 }
 
 /// One viewer of a run's feed.
@@ -512,7 +515,7 @@ pub(crate) async fn lifecycle_events(
         Some((frame, (rx, slot)))
     })
     .take_until(shutdown.cancelled_owned());
-    Ok(sse_response(stream, state.hubs.config.keep_alive, &headers))
+    Ok(sse_response(stream, &state.hubs, &headers))
 }
 
 /// Relays `athanor.lifecycle.*` into `tx` until shutdown, and pokes the hub of a run

@@ -51,7 +51,13 @@ async fn with_a_token_writes_need_it_and_reads_stay_open() {
     assert_eq!(status, StatusCode::OK);
     let mut feed = Feed::open(&stack.base, &format!("/api/runs/{id}/events"), None).await;
     assert_eq!(feed.next().await.unwrap().event, "snapshot");
-    for open in ["/", "/ui/app.js", "/healthz", "/api/openapi.json"] {
+    for open in [
+        "/",
+        "/ui/app.js",
+        "/healthz",
+        "/api/openapi.json",
+        "/metrics",
+    ] {
         let response = http.get(url(open)).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{open}");
     }
@@ -75,6 +81,21 @@ async fn protected_reads_and_run_scoped_feed_tokens() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = send(http.get(url("/api/runs")).bearer_auth(TOKEN)).await;
     assert_eq!(status, StatusCode::OK);
+    // Prometheus metrics are a read like the others.
+    let (status, _) = send(http.get(url("/metrics"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let metrics = http
+        .get(url("/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    assert!(metrics
+        .text()
+        .await
+        .unwrap()
+        .contains("athanor_gateway_sse_viewers"));
     let body = json!({"experiment": "sweep", "config": {"iterations": 2, "delay_ms": 0}});
     let (_, created) = send(http.post(url("/api/runs")).bearer_auth(TOKEN).json(&body)).await;
     let id = created["id"].as_str().unwrap().to_string();

@@ -41,6 +41,15 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// A short, stable reason code for metrics and the dead-letter header.
+    /// Every [`kind`](Self::kind).
+    pub const KINDS: [&'static str; 5] = [
+        "garbage",
+        "truncated",
+        "too_large",
+        "unknown_version",
+        "malformed",
+    ];
+
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::Garbage(_) => "garbage",

@@ -109,6 +109,39 @@ pub fn stop(child: &mut Child) {
     assert!(status.success(), "{status}");
 }
 
+/// `athanor <args>` (a worker, an aggregator, a gateway) on `nats` and `db`, with
+/// `env` (`ATHANOR__…` settings) on top.
+pub fn component(
+    args: &[&str],
+    nats: &athanor_testkit::TestNats,
+    db: &athanor_testkit::TestDb,
+    env: &[(&str, String)],
+) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_athanor"))
+        .args(args)
+        .env("ATHANOR__NATS__URL", nats.url())
+        .env("ATHANOR__DATABASE__URL", db.config.url())
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start athanor")
+}
+
+/// Starts a run through the gateway at `url`; returns its id.
+pub async fn start_run(url: &str, experiment: &str, config: serde_json::Value) -> String {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/api/runs"))
+        .json(&serde_json::json!({ "experiment": experiment, "config": config }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["id"].as_str().unwrap().to_string()
+}
+
 /// Whether a process is alive (a zombie waiting to be reaped counts as gone).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

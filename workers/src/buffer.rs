@@ -48,6 +48,8 @@ pub struct Budget {
     freed: Condvar,
     /// How many `log()` calls had to wait, for metrics and tests.
     blocked_calls: AtomicU64,
+    /// How long each of them waited.
+    blocked_seconds: metrics::Histogram,
 }
 
 impl Budget {
@@ -61,6 +63,7 @@ impl Budget {
             lock: Mutex::new(()),
             freed: Condvar::new(),
             blocked_calls: AtomicU64::new(0),
+            blocked_seconds: metrics::histogram!(crate::instruments::BLOCKED_SECONDS),
         })
     }
 
@@ -123,6 +126,7 @@ impl Budget {
 
     fn block_until_room(&self, n: usize) {
         self.blocked_calls.fetch_add(1, Ordering::Relaxed);
+        let since = std::time::Instant::now();
         self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.lock.lock();
         while !self.try_take(n) {
@@ -131,6 +135,7 @@ impl Budget {
         }
         drop(guard);
         self.waiters.fetch_sub(1, Ordering::SeqCst);
+        self.blocked_seconds.record(since.elapsed());
     }
 
     fn note_peak(&self, now: usize) {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tracing::{debug, warn};
 
 use crate::buffer::{Budget, Drained};
+use crate::instruments;
 
 /// Why a batch was sent: a metric label and a log field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +208,7 @@ impl Publisher {
         let wire = payload.len() as u64;
         // Never gives up: the run's output exists only in this batch now.
         let mut retries = Backoff::PUBLISH.retries();
+        let since = std::time::Instant::now();
         loop {
             let attempt = async {
                 let ack = self
@@ -228,6 +230,9 @@ impl Publisher {
                     self.stats
                         .json_bytes
                         .fetch_add(batch.json_len as u64, Ordering::Relaxed);
+                    metrics::histogram!(instruments::PUBLISH_SECONDS).record(since.elapsed());
+                    metrics::counter!(instruments::BATCHES, "trigger" => trigger.as_str())
+                        .increment(1);
                     debug!(run_id = %self.run_id, batch_seq = batch.batch_seq, lines = batch.lines, bytes = wire,
                         trigger = trigger.as_str(), stream_seq = ack.sequence, "batch published");
                     return;

@@ -16,6 +16,7 @@ pub mod config;
 pub mod context;
 pub mod experiment;
 pub mod flusher;
+mod instruments;
 mod intake;
 mod registry;
 mod supervisor;

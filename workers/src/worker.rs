@@ -90,6 +90,7 @@ impl Worker {
         experiments: Vec<Arc<dyn Experiment>>,
         shutdown: CancellationToken,
     ) -> Result<Worker> {
+        crate::instruments::describe();
         let id = config.id.clone().unwrap_or_else(default_worker_id);
         let js = open(&nats, &format!("athanor-worker {id}")).await?;
         let max_payload = match js.client().server_info().max_payload {
@@ -134,6 +135,7 @@ impl Worker {
             deregister: CancellationToken::new(),
             tasks: TaskTracker::new(),
         });
+        athanor_connections::prometheus::export_on_render(&shared, crate::instruments::export);
         let heartbeat = tokio::spawn(registry::heartbeat(shared.clone(), workers));
         shared.tasks.spawn(watch_cancels(shared.clone(), control));
         for name in shared.experiments.keys() {

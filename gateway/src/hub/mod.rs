@@ -67,6 +67,8 @@ pub(crate) struct Hubs {
     /// Live feeds now (run feeds and the lifecycle feed), and how many may be.
     viewers: Arc<std::sync::atomic::AtomicUsize>,
     max_viewers: usize,
+    /// Events and resyncs sent to viewers, for `/metrics`.
+    pub instruments: crate::instruments::Instruments,
 }
 
 /// Hubs held at most (see [`Hubs::new`]).
@@ -123,7 +125,18 @@ impl Hubs {
             tasks: tokio_util::task::TaskTracker::new(),
             viewers: Arc::default(),
             max_viewers,
+            instruments: crate::instruments::Instruments::new(),
         })
+    }
+
+    /// Live feeds open now.
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hubs cached now (each following its run).
+    pub fn count(&self) -> u64 {
+        self.cache.entry_count()
     }
 
     /// A place for one more live feed, or 503 (`Retry-After`) when all are taken.
