@@ -22,10 +22,10 @@ pub async fn run(
         Some(_) => None,
         None => {
             let (bin, store) = (config.nats.server_bin.clone(), data_dir.join("nats"));
-            let sync_always = config.nats.sync_always;
+            let (sync_always, max_store) = (config.nats.sync_always, config.nats.store_needed());
             // Waits (blocking) until the server listens.
             let server = tokio::task::spawn_blocking(move || {
-                EmbeddedServer::start_with(&bin, &store, sync_always)
+                EmbeddedServer::start_bounded(&bin, &store, sync_always, max_store)
             })
             .await??;
             config.nats.url = Some(server.url());

@@ -103,6 +103,8 @@ pub fn check(config: &AppConfig) -> Vec<Problem> {
         Duration::from_secs(60),
     );
     c.duration("nats.duplicate_window", nats.duplicate_window, MS);
+    // At least a few of the largest batches; at most what a stream's limit can say.
+    c.size("nats.runs_max_bytes", nats.runs_max_bytes, 4 * MIB, 1 << 50);
     if nats.duplicate_window > nats.runs_max_age {
         c.refuse(
             "nats.duplicate_window",

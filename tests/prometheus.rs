@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use athanor_testkit::{wait_for, TestDb, TestNats};
-use sea_orm::{ConnectionTrait, TransactionTrait};
 use serde_json::{json, Value};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
@@ -201,18 +199,6 @@ async fn run_when_completed(url: &str, id: &str) -> Value {
     .unwrap()
 }
 
-/// Holds SQLite's write lock on `file` until dropped: the aggregator cannot commit.
-async fn hold_write_lock(file: &Path) -> sea_orm::DatabaseTransaction {
-    let db = sea_orm::Database::connect(format!("sqlite://{}", file.display()))
-        .await
-        .unwrap();
-    let tx = db.begin().await.unwrap();
-    tx.execute_unprepared("CREATE TABLE test_holds_the_write_lock (x INTEGER)")
-        .await
-        .unwrap();
-    tx
-}
-
 /// `athanor up` scraped by a real Prometheus while a run logs 60 001 lines with the
 /// database locked for a while: lines stored rise to exactly the run's count, and the
 /// consumer's lag, up while nothing can be written, returns to 0.
@@ -249,7 +235,7 @@ async fn prometheus_scrapes_athanor_up_while_a_run_logs() {
         json!({"lines_per_second": 20_000, "duration_ms": 3000, "line_bytes": 100}),
     )
     .await;
-    let lock = hold_write_lock(&dir.path().join("athanor.db")).await;
+    let lock = common::hold_write_lock(&dir.path().join("athanor.db")).await;
     let while_locked = prometheus
         .until("the lag to show batches not stored", lag, |v| v > 0.0)
         .await;

@@ -25,6 +25,7 @@ const DEAD_LETTERED: &str = "athanor_aggregator_dead_lettered_total";
 const DB_ERRORS: &str = "athanor_aggregator_database_errors_total";
 const RUNS_LOST: &str = "athanor_aggregator_runs_lost_total";
 const RUNS_EXPIRED: &str = "athanor_aggregator_runs_expired_total";
+const PURGED: &str = "athanor_aggregator_purged_batches_total";
 const TX_SECONDS: &str = "athanor_aggregator_transaction_duration_seconds";
 const TX_LINES: &str = "athanor_aggregator_transaction_lines";
 const TX_BATCHES: &str = "athanor_aggregator_transaction_batches";
@@ -73,6 +74,10 @@ pub(crate) fn describe() {
         "Runs marked lost (their worker stopped heartbeating)."
     );
     describe_counter!(RUNS_EXPIRED, "Runs deleted by database.retention.");
+    describe_counter!(
+        PURGED,
+        "Stored batches purged from ATHANOR_RUNS to keep it under nats.runs_max_bytes."
+    );
     describe_histogram!(
         TX_SECONDS,
         Unit::Seconds,
@@ -105,6 +110,7 @@ pub(crate) fn export(stats: &AggregatorStats) {
     counter!(DB_ERRORS).absolute(get(&stats.retries));
     counter!(RUNS_LOST).absolute(get(&stats.lost));
     counter!(RUNS_EXPIRED).absolute(get(&stats.expired_runs));
+    counter!(PURGED).absolute(get(&stats.purged));
     gauge!(PENDING).set(get(&stats.consumer_pending) as f64);
     gauge!(ACK_PENDING).set(get(&stats.consumer_ack_pending) as f64);
 }

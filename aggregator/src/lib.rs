@@ -14,6 +14,7 @@ mod consumer;
 mod dlq;
 mod instruments;
 mod lifecycle;
+mod reclaim;
 mod retention;
 pub mod store;
 
@@ -160,6 +161,8 @@ pub struct AggregatorStats {
     /// and delivered but not acknowledged.
     pub consumer_pending: AtomicU64,
     pub consumer_ack_pending: AtomicU64,
+    /// Stored batches purged from `ATHANOR_RUNS` to keep it under its bound.
+    pub purged: AtomicU64,
     /// Transactions that failed and were retried.
     pub retries: AtomicU64,
     /// Runs marked `lost`.
@@ -243,6 +246,7 @@ impl Aggregator {
         let tasks = tokio_util::task::TaskTracker::new();
         tasks.spawn(consumer::consume(shared.clone()));
         tasks.spawn(instruments::watch_lag(shared.clone()));
+        tasks.spawn(reclaim::run(shared.clone()));
         tasks.spawn(lifecycle::watch_lost(shared.clone()));
         tasks.spawn(checkpoint::run(shared.db.clone(), shared.shutdown.clone()));
         if let Some(retention) = shared.config.retention {

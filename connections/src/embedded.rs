@@ -52,6 +52,9 @@ pub struct EmbeddedServer {
     store_dir: PathBuf,
     port: u16,
     sync_always: bool,
+    /// JetStream's file store limit (`max_file_store`); unset: the server's default,
+    /// 75 % of the disk space free when it starts.
+    max_store: Option<u64>,
     /// Appended to the generated server configuration (e.g. an `authorization` block).
     extra_config: String,
     child: Option<Child>,
@@ -74,12 +77,34 @@ impl EmbeddedServer {
         Self::start_configured(server_bin, store_dir, sync_always, "")
     }
 
+    /// As [`start_with`](Self::start_with), with JetStream's file store limited to
+    /// `max_store` bytes (what `athanor up` asks: a limit that does not depend on the
+    /// disk space free at each start).
+    pub fn start_bounded(
+        server_bin: &str,
+        store_dir: &Path,
+        sync_always: bool,
+        max_store: u64,
+    ) -> Result<Self, ServerError> {
+        Self::start_inner(server_bin, store_dir, sync_always, Some(max_store), "")
+    }
+
     /// As [`start_with`](Self::start_with), with `extra_config` appended to the server's
     /// configuration file.
     pub fn start_configured(
         server_bin: &str,
         store_dir: &Path,
         sync_always: bool,
+        extra_config: &str,
+    ) -> Result<Self, ServerError> {
+        Self::start_inner(server_bin, store_dir, sync_always, None, extra_config)
+    }
+
+    fn start_inner(
+        server_bin: &str,
+        store_dir: &Path,
+        sync_always: bool,
+        max_store: Option<u64>,
         extra_config: &str,
     ) -> Result<Self, ServerError> {
         let bin = find_server(server_bin)?;
@@ -91,6 +116,7 @@ impl EmbeddedServer {
             store_dir: store_dir.to_path_buf(),
             port,
             sync_always,
+            max_store,
             extra_config: extra_config.to_string(),
             child: None,
             keeper: None,
@@ -202,8 +228,11 @@ impl EmbeddedServer {
         } else {
             ""
         };
+        let limit = self
+            .max_store
+            .map_or_else(String::new, |bytes| format!("\n  max_file_store: {bytes}"));
         let text = format!(
-            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}\n}}\n{}\n",
+            "listen: \"127.0.0.1:{}\"\nserver_name: athanor_{}\njetstream {{\n  store_dir: {:?}{sync}{limit}\n}}\n{}\n",
             self.port,
             self.port,
             store.display().to_string(),

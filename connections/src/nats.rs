@@ -31,6 +31,10 @@ pub struct NatsConfig {
     /// How long `ATHANOR_RUNS` keeps batches.
     #[serde(with = "humantime_serde")]
     pub runs_max_age: Duration,
+    /// The most bytes `ATHANOR_RUNS` holds. Over half of it, the aggregator purges the
+    /// batches it has stored; full (batches not yet stored: the aggregators are down or
+    /// behind), workers wait to publish (nothing is dropped) and `/readyz` says so.
+    pub runs_max_bytes: u64,
     /// Broker-side deduplication window of `ATHANOR_RUNS` and `ATHANOR_REQUESTS`.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
@@ -69,6 +73,7 @@ impl Default for NatsConfig {
             sync_always: true,
             replicas: 1,
             runs_max_age: Duration::from_secs(7 * 24 * 3600),
+            runs_max_bytes: 1 << 30,
             duplicate_window: Duration::from_secs(120),
             workers_ttl: Duration::from_secs(15),
             request_timeout: Duration::from_secs(5),
@@ -102,7 +107,25 @@ impl NatsConfig {
     pub fn url(&self) -> &str {
         self.url.as_deref().unwrap_or(Self::DEFAULT_URL)
     }
+
+    /// The JetStream file store every stream and bucket may fill together: what an
+    /// embedded server is given (`max_file_store`), so run output can never take the
+    /// space registrations, requests and cancels need.
+    pub fn store_needed(&self) -> u64 {
+        self.runs_max_bytes + OTHER_STREAMS_MAX_BYTES + STORE_SLACK
+    }
 }
+
+/// The bounds of the streams and buckets besides `ATHANOR_RUNS`: each reserves its
+/// space in the server's store, so none can be starved by another.
+const REQUESTS_MAX_BYTES: i64 = 64 << 20;
+const DLQ_MAX_BYTES: i64 = 256 << 20;
+const WORKERS_MAX_BYTES: i64 = 16 << 20;
+const CONTROL_MAX_BYTES: i64 = 16 << 20;
+const OTHER_STREAMS_MAX_BYTES: u64 =
+    (REQUESTS_MAX_BYTES + DLQ_MAX_BYTES + WORKERS_MAX_BYTES + CONTROL_MAX_BYTES) as u64;
+/// Room beyond the streams' bounds: consumers' state, and blocks not yet compacted.
+const STORE_SLACK: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
@@ -237,6 +260,10 @@ pub async fn ensure_topology(
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: config.runs_max_age,
+            max_bytes: i64::try_from(config.runs_max_bytes).unwrap_or(i64::MAX),
+            // Full: a publish is refused (the worker retries, its run waits), never an
+            // unstored batch dropped to make room.
+            discard: stream::DiscardPolicy::New,
             duplicate_window: config.duplicate_window,
             num_replicas: config.replicas,
             allow_direct: true,
@@ -248,6 +275,8 @@ pub async fn ensure_topology(
             subjects: vec![names::REQUESTS_SUBJECTS.into()],
             retention: stream::RetentionPolicy::WorkQueue,
             storage: stream::StorageType::File,
+            max_bytes: REQUESTS_MAX_BYTES,
+            discard: stream::DiscardPolicy::New,
             duplicate_window: config.duplicate_window,
             num_replicas: config.replicas,
             ..Default::default()
@@ -261,6 +290,7 @@ pub async fn ensure_topology(
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),
+            max_bytes: DLQ_MAX_BYTES,
             num_replicas: config.replicas,
             ..Default::default()
         },
@@ -280,6 +310,7 @@ pub async fn ensure_topology(
             description: "Athanor live workers (entries expire when heartbeats stop)".into(),
             history: 1,
             max_age: config.workers_ttl,
+            max_bytes: WORKERS_MAX_BYTES,
             num_replicas: config.replicas,
             ..Default::default()
         },
@@ -288,6 +319,7 @@ pub async fn ensure_topology(
             description: "Athanor control requests: cancel.<run_id>".into(),
             history: 1,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: CONTROL_MAX_BYTES,
             num_replicas: config.replicas,
             ..Default::default()
         },

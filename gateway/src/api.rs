@@ -53,22 +53,63 @@ pub(crate) async fn healthz() -> Json<Health> {
 pub(crate) struct Ready {
     database: bool,
     nats: bool,
+    /// Whether run output can be stored: `ATHANOR_RUNS` has room.
+    run_output: bool,
+    /// Why not, when something is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
-/// Readiness: the database answers and NATS is connected.
+/// Readiness: the database answers, NATS is connected, and `ATHANOR_RUNS` has room for
+/// run output.
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready", body = Ready),
-    (status = 503, description = "Not ready", body = Ready),
+    (status = 503, description = "Not ready, with the reason", body = Ready),
 ))]
 pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     let db = athanor_connections::db::ping(&state.db).await;
     let nats = state.js.client().connection_state() == async_nats::connection::State::Connected;
-    let status = if db && nats {
+    let held = if nats {
+        run_output_held(&state.js).await
+    } else {
+        None
+    };
+    let reason = match (db, nats, &held) {
+        (false, _, _) => Some("the database does not answer".to_string()),
+        (_, false, _) => Some("NATS is not connected".to_string()),
+        (_, _, held) => held.clone(),
+    };
+    let status = if reason.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(Ready { database: db, nats })).into_response()
+    let ready = Ready {
+        database: db,
+        nats,
+        run_output: held.is_none(),
+        reason,
+    };
+    (status, Json(ready)).into_response()
+}
+
+/// Why run output cannot be stored now, if it cannot: `ATHANOR_RUNS` is at 90 % of its
+/// bound (the aggregator purges what it stored at half, so it is full of batches no
+/// aggregator has stored). `None` too when the stream cannot be read: NATS's own state
+/// says that.
+pub(crate) async fn run_output_held(js: &async_nats::jetstream::Context) -> Option<String> {
+    let mut stream = js.get_stream(names::RUNS_STREAM).await.ok()?;
+    let info = stream.info().await.ok()?;
+    runs_stream_warning(info.state.bytes, info.config.max_bytes)
+}
+
+fn runs_stream_warning(bytes: u64, max_bytes: i64) -> Option<String> {
+    let max = u64::try_from(max_bytes).ok().filter(|m| *m > 0)?;
+    (bytes >= max / 10 * 9).then(|| {
+        format!(
+            "ATHANOR_RUNS is full ({bytes} of {max} bytes, nats.runs_max_bytes) with batches no aggregator has stored yet: workers wait to publish (nothing is lost) until an aggregator stores them; check that the aggregators run and the database takes writes"
+        )
+    })
 }
 
 /// This document.
@@ -557,20 +598,21 @@ pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
         .await?
         .ok_or_else(|| sea_orm::DbErr::RecordNotFound(sql.clone()))?;
     let number = |column: &str| row.try_get::<i64>("", column).map(|n| n.max(0) as u64);
-    let stream = state
+    let info = state
         .js
         .get_stream(names::RUNS_STREAM)
         .await
         .map_err(|e| ApiError::Nats(e.to_string()))?
         .cached_info()
-        .state
         .clone();
     Ok(Json(Stats {
         runs: number("runs")?,
         lines: number("lines")?,
         database_bytes: number("bytes")?,
-        stream_bytes: stream.bytes,
-        stream_messages: stream.messages,
+        stream_bytes: info.state.bytes,
+        stream_messages: info.state.messages,
+        stream_max_bytes: u64::try_from(info.config.max_bytes).unwrap_or(0),
+        warning: runs_stream_warning(info.state.bytes, info.config.max_bytes),
     }))
 }
 

@@ -132,7 +132,7 @@ pub struct RunDeleted {
 }
 
 /// `GET /api/stats`: what Athanor holds, for whoever watches the disk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stats {
     /// Runs in the database, and their stored log lines.
@@ -143,6 +143,13 @@ pub struct Stats {
     /// `ATHANOR_RUNS`: bytes and messages JetStream keeps (until `nats.runs_max_age`).
     pub stream_bytes: u64,
     pub stream_messages: u64,
+    /// Its bound (`nats.runs_max_bytes`; 0: none).
+    #[serde(default)]
+    pub stream_max_bytes: u64,
+    /// Set while run output cannot be stored (the stream is full of batches not yet
+    /// stored): what the web UI shows as a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// The rows a run's deletion removed.

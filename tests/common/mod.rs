@@ -142,6 +142,20 @@ pub async fn start_run(url: &str, experiment: &str, config: serde_json::Value) -
     body["id"].as_str().unwrap().to_string()
 }
 
+/// Holds SQLite's write lock on the database `file` until the transaction ends: no
+/// aggregator can commit meanwhile.
+pub async fn hold_write_lock(file: &std::path::Path) -> sea_orm::DatabaseTransaction {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let db = sea_orm::Database::connect(format!("sqlite://{}", file.display()))
+        .await
+        .unwrap();
+    let tx = db.begin().await.unwrap();
+    tx.execute_unprepared("CREATE TABLE test_holds_the_write_lock (x INTEGER)")
+        .await
+        .unwrap();
+    tx
+}
+
 /// Whether a process is alive (a zombie waiting to be reaped counts as gone).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {

@@ -195,13 +195,21 @@ window.addEventListener('DOMContentLoaded', route);
 
 const megabytes = (n) => `${(n / 1e6).toLocaleString('en-US', { maximumFractionDigits: 1 })} MB`;
 
-/** `GET /api/stats` in the footer: on every page change and every 30 s. */
+/** `GET /api/stats` in the footer, and its warning (run output held back: the stream is
+ * full) in a banner: on every page change and every 30 s, every 5 s while warning. */
 async function showStats() {
   const foot = document.querySelector('[data-role=stats]');
+  const held = document.querySelector('[data-role=held]');
   if (!foot) return;
   const result = await api('GET', '/api/stats');
   if (result.status !== 200) { foot.textContent = ''; return; }
   const s = result.body;
+  if (held) {
+    held.hidden = !s.warning;
+    held.textContent = s.warning ? `Run output is held back: ${s.warning}` : '';
+  }
+  clearTimeout(showStats.again);
+  if (s.warning) showStats.again = setTimeout(showStats, 5_000);
   foot.textContent = `${fmt.format(s.runs)} ${s.runs === 1 ? 'run' : 'runs'} · ${lineCount(s.lines)} · `
     + `database ${megabytes(s.database_bytes)} · stream ${megabytes(s.stream_bytes)} (${fmt.format(s.stream_messages)} batches)`;
 }

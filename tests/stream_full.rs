@@ -1,0 +1,158 @@
+//! `ATHANOR_RUNS` full: run output waits (nothing dropped, nothing acknowledged lost),
+//! everybody is told (`/readyz` 503 with the reason, the stats' warning the UI shows),
+//! registrations and cancels still go through, and it recovers by itself.
+
+mod common;
+
+use std::time::Duration;
+
+use athanor_testkit::wait_for;
+use serde_json::{json, Value};
+
+async fn get(url: &str) -> (u16, Value) {
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A 4 MiB `ATHANOR_RUNS` and an aggregator that cannot write (its database locked)
+/// while a run logs ~120 MB: the stream fills with unstored batches and the worker
+/// waits; when the database takes writes again, the aggregator stores them, purges
+/// the stored ones, and every line of the run is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
+    athanor_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, url) = common::up_with(
+        dir.path(),
+        &[
+            ("ATHANOR__NATS__RUNS_MAX_BYTES", "4194304"),
+            // A registration expires 4 s after its last heartbeat: one that could not
+            // be written while the stream is full would show at once.
+            ("ATHANOR__NATS__WORKERS_TTL", "4s"),
+            ("ATHANOR__WORKER__HEARTBEAT_INTERVAL", "1s"),
+        ],
+    );
+    common::wait_for_worker(&url);
+    let (status, ready) = get(&format!("{url}/readyz")).await;
+    assert_eq!(
+        (status, &ready["run_output"]),
+        (200, &json!(true)),
+        "{ready}"
+    );
+
+    let waiting = common::start_run(&url, "sleepy", json!({"duration_ms": 600_000})).await;
+    let storm = common::start_run(
+        &url,
+        "log_storm",
+        json!({"lines_per_second": 20_000, "duration_ms": 3000, "line_bytes": 2000}),
+    )
+    .await;
+    let lock = common::hold_write_lock(&dir.path().join("athanor.db")).await;
+
+    let ready = wait_for(
+        "/readyz to say the stream is full",
+        Duration::from_secs(60),
+        || async {
+            let (status, ready) = get(&format!("{url}/readyz")).await;
+            (status == 503).then_some(ready)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ready["run_output"], false, "{ready}");
+    assert!(
+        ready["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("ATHANOR_RUNS is full ("),
+        "{ready}"
+    );
+    let (_, stats) = get(&format!("{url}/api/stats")).await;
+    assert_eq!(stats["stream_max_bytes"], 4_194_304, "{stats}");
+    assert_eq!(stats["warning"], ready["reason"], "{stats}");
+
+    // Registrations and cancels do not starve behind run output: five registration
+    // lifetimes later the worker is still listed, and a cancel is taken.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(common::wait_for_worker(&url).contains("sleepy"));
+    let cancelled = reqwest::Client::new()
+        .post(format!("{url}/api/runs/{waiting}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 202, "{:?}", cancelled.text().await);
+    let (status, _) = get(&format!("{url}/readyz")).await;
+    assert_eq!(status, 503, "still full while nothing can be stored");
+
+    lock.rollback().await.unwrap();
+    let run = wait_for(
+        "the storm run to complete",
+        Duration::from_secs(180),
+        || async {
+            let (_, run) = get(&format!("{url}/api/runs/{storm}")).await;
+            (run["status"] == "completed").then_some(run)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(run["lines"], 60_001, "{run}");
+    let (_, cancelled) = get(&format!("{url}/api/runs/{waiting}")).await;
+    wait_for(
+        "the cancelled run to end",
+        Duration::from_secs(60),
+        || async {
+            let (_, run) = get(&format!("{url}/api/runs/{waiting}")).await;
+            (run["status"] == "cancelled").then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {cancelled}"));
+    let ready = wait_for("/readyz ready again", Duration::from_secs(30), || async {
+        let (status, ready) = get(&format!("{url}/readyz")).await;
+        (status == 200).then_some(ready)
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready["run_output"], true, "{ready}");
+    let (_, stats) = get(&format!("{url}/api/stats")).await;
+    assert!(stats.get("warning").is_none(), "{stats}");
+    assert!(
+        stats["stream_bytes"].as_u64().unwrap() <= 4_194_304,
+        "{stats}"
+    );
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let purged: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("athanor_aggregator_purged_batches_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(purged > 0.0, "{metrics}");
+    common::stop(&mut up);
+
+    // Every line, once, in the database.
+    let db = sea_orm::Database::connect(format!(
+        "sqlite://{}",
+        dir.path().join("athanor.db").display()
+    ))
+    .await
+    .unwrap();
+    let stored = athanor_testkit::count(
+        &db,
+        &format!("SELECT COUNT(*) AS n FROM run_logs WHERE run_id = '{storm}'"),
+    )
+    .await;
+    let distinct = athanor_testkit::count(
+        &db,
+        &format!("SELECT COUNT(DISTINCT seq) AS n FROM run_logs WHERE run_id = '{storm}'"),
+    )
+    .await;
+    assert_eq!((stored, distinct), (60_001, 60_001));
+    eprintln!("purged {purged} stored batches to make room");
+}
