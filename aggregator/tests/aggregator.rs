@@ -1449,19 +1449,24 @@ impl Drop for Tmpfs {
 /// the driver still counting that transaction, and from then on each "commit" only
 /// released a savepoint while the aggregator acknowledged: 47 984 of 150 001 lines gone
 /// for good. Now: every acknowledged batch is stored, without a gap, once space returns.
+///
+/// On the PostgreSQL pass, the same with the test's database in a tablespace on the
+/// tmpfs: PostgreSQL answers "could not extend file …: No space left on device"
+/// (SQLSTATE 53100), and the aggregator retries until space returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_loses_no_acknowledged_batch() {
-    if std::env::var("ATHANOR_TEST_DATABASE_URL").is_ok_and(|u| !u.is_empty()) {
-        return; // a SQLite file on a tmpfs; the SQLite pass runs it
-    }
     athanor_testkit::init_tracing();
     use athanor_migrations::MigratorTrait;
     let disk = Tmpfs::mount("256m");
+    let on_pg = match std::env::var("ATHANOR_TEST_DATABASE_URL") {
+        Ok(server) if !server.is_empty() => Some(PgOnDisk::create(&server, &disk).await),
+        _ => None,
+    };
     let config = athanor_connections::db::DatabaseConfig {
-        url: Some(format!(
-            "sqlite://{}",
-            disk.path().join("athanor.db").display()
-        )),
+        url: Some(match &on_pg {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite://{}", disk.path().join("athanor.db").display()),
+        }),
         busy_timeout: Duration::from_millis(500),
         ..Default::default()
     };
@@ -1513,6 +1518,54 @@ async fn a_full_disk_loses_no_acknowledged_batch() {
     worker.wait().await;
     stop.cancel();
     aggregator.wait().await;
+    db.close().await.unwrap();
+    if let Some(pg) = on_pg {
+        pg.drop().await;
+    }
+}
+
+/// A PostgreSQL database of the test's own in a tablespace on `disk`, on the server of
+/// `ATHANOR_TEST_DATABASE_URL` (its user is a superuser: `postgres` here).
+struct PgOnDisk {
+    admin: sea_orm::DatabaseConnection,
+    name: String,
+    url: String,
+}
+
+impl PgOnDisk {
+    async fn create(server: &str, disk: &Tmpfs) -> Self {
+        let dir = disk.path().join("pg");
+        std::fs::create_dir(&dir).unwrap();
+        let chown = std::process::Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(chown.success(), "chown postgres (the tests run as root)");
+        let name = format!("athanor_full_{}", std::process::id());
+        let admin = sea_orm::Database::connect(server).await.unwrap();
+        for sql in [
+            format!("CREATE TABLESPACE {name} LOCATION '{}'", dir.display()),
+            format!("CREATE DATABASE {name} TABLESPACE {name}"),
+        ] {
+            admin.execute_unprepared(&sql).await.unwrap();
+        }
+        let (base, _) = server.rsplit_once('/').unwrap();
+        PgOnDisk {
+            admin,
+            url: format!("{base}/{name}"),
+            name,
+        }
+    }
+
+    async fn drop(self) {
+        for sql in [
+            format!("DROP DATABASE {} WITH (FORCE)", self.name),
+            format!("DROP TABLESPACE {}", self.name),
+        ] {
+            self.admin.execute_unprepared(&sql).await.unwrap();
+        }
+    }
 }
 
 async fn publish_with(

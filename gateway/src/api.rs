@@ -849,3 +849,25 @@ pub(crate) async fn results(
         results,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::runs_stream_warning;
+
+    #[test]
+    fn the_runs_stream_is_full_at_ninety_percent_of_its_bound() {
+        let max = 4 << 20;
+        assert_eq!(runs_stream_warning(0, max), None);
+        assert_eq!(runs_stream_warning(max as u64 / 10 * 9 - 1, max), None);
+        let full = runs_stream_warning(max as u64 / 10 * 9, max).unwrap();
+        assert!(
+            full.starts_with(
+                "ATHANOR_RUNS is full (3774870 of 4194304 bytes, nats.runs_max_bytes)"
+            ),
+            "{full}"
+        );
+        // No bound (a stream declared by an older Athanor): never full.
+        assert_eq!(runs_stream_warning(u64::MAX, -1), None);
+        assert_eq!(runs_stream_warning(u64::MAX, 0), None);
+    }
+}

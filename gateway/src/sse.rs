@@ -463,25 +463,35 @@ impl Viewer {
                 _ = self.hubs.shutdown.cancelled() => return None,
                 m = tokio::time::timeout(CATCH_UP_WAIT, messages.next()) => m,
             };
-            let batch = match message {
-                Ok(Some(Ok(message))) => {
-                    athanor_schemas::decode(&message.payload, self.hubs.config.decode_limit)
-                }
+            let payload = match message {
+                Ok(Some(Ok(message))) => message.payload.clone(),
                 _ => {
                     self.resync("the missed batches are not in the stream any more");
                     return None;
                 }
             };
-            let Ok(batch) = batch else { continue };
-            if batch.batch_seq < self.have {
+            // CPU work (decompress, parse, encode the frame): off the async threads.
+            let (limit, have) = (self.hubs.config.decode_limit, self.have);
+            let decoded = tokio::task::spawn_blocking(move || {
+                let batch = athanor_schemas::decode(&payload, limit).ok()?;
+                let frame = (batch.batch_seq == have).then(|| Frame::batch(&batch));
+                Some((batch.batch_seq, frame))
+            })
+            .await
+            .ok()
+            .flatten();
+            let Some((batch_seq, frame)) = decoded else {
+                continue;
+            };
+            if batch_seq < self.have {
                 continue;
             }
-            if batch.batch_seq > self.have {
+            let Some(frame) = frame else {
                 self.resync("the missed batches are not in the stream any more");
                 return None;
-            }
+            };
             self.have += 1;
-            return Some(Frame::batch(&batch));
+            return Some(frame);
         }
     }
 }

@@ -480,12 +480,18 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                         if let Ok(info) = message.info() {
                             position = Some(info.stream_sequence + 1);
                         }
-                        match athanor_schemas::decode(&message.payload, config.decode_limit) {
-                            Ok(batch) if batch.run_id == hub.run_id => hub.apply(batch),
-                            Ok(_) => {}
-                            // The aggregator dead-letters it; a viewer cannot use it either.
-                            Err(error) => debug!(run_id = %hub.run_id, %error, "undecodable batch skipped"),
-                        }
+                        // Decompressing, parsing and encoding the frames is CPU work: off
+                        // the async threads, one batch at a time (order is kept).
+                        let (applying, limit) = (hub.clone(), config.decode_limit);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            match athanor_schemas::decode(&message.payload, limit) {
+                                Ok(batch) if batch.run_id == applying.run_id => applying.apply(batch),
+                                Ok(_) => {}
+                                // The aggregator dead-letters it; a viewer cannot use it either.
+                                Err(error) => debug!(run_id = %applying.run_id, %error, "undecodable batch skipped"),
+                            }
+                        })
+                        .await;
                     }
                     Some(Err(error)) => {
                         let retry_in = retries.next_delay();
