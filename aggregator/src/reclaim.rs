@@ -1,16 +1,19 @@
 //! Keeping `ATHANOR_RUNS` under its bound (`nats.runs_max_bytes`) without losing a
 //! batch. The stream refuses new batches when full (discard policy `new`: workers wait
 //! and retry), so space has to be made: once the stream holds more than half its bound,
-//! the batches every aggregator has stored — those below the durable consumer's ack
-//! floor — are purged. What is not stored yet is never touched. Hubs that still wanted
-//! a purged batch from the stream resync from the database, as they do for one past
-//! the stream's age.
+//! the batches every durable consumer has acknowledged — those at or below the lowest
+//! ack floor (the aggregators' consumer, and any other: a second deployment feeding
+//! another database) — are purged. A batch no durable consumer has taken care of is
+//! never touched (a dead-lettered one is acknowledged only once its copy is in
+//! `ATHANOR_DLQ`). Hubs that still wanted a purged batch from the stream resync from
+//! the database, as they do for one past the stream's age.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use athanor_schemas::names;
+use futures::TryStreamExt;
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
@@ -46,11 +49,19 @@ async fn reclaim(shared: &Shared) -> Result<(), async_nats::Error> {
     if max <= 0 || bytes <= max as u64 / 2 {
         return Ok(());
     }
-    let floor = stream
-        .consumer_info(&shared.config.consumer)
-        .await?
-        .ack_floor
-        .stream_sequence;
+    // The lowest ack floor of the durable consumers (hubs' ordered consumers are
+    // ephemeral and acknowledge nothing).
+    let mut floor: Option<u64> = None;
+    let mut consumers = stream.consumers();
+    while let Some(consumer) = consumers.try_next().await? {
+        if consumer.config.durable_name.is_some() {
+            let seq = consumer.ack_floor.stream_sequence;
+            floor = Some(floor.map_or(seq, |f| f.min(seq)));
+        }
+    }
+    let Some(floor) = floor else {
+        return Ok(()); // no aggregator has ever consumed: nothing is stored
+    };
     if floor < first {
         // Nothing stored that is still there: the aggregators are behind or down.
         return Ok(());

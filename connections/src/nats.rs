@@ -121,7 +121,8 @@ impl NatsConfig {
 const REQUESTS_MAX_BYTES: i64 = 64 << 20;
 const DLQ_MAX_BYTES: i64 = 256 << 20;
 const WORKERS_MAX_BYTES: i64 = 16 << 20;
-const CONTROL_MAX_BYTES: i64 = 16 << 20;
+/// Cancels and `taken.<run_id>` (one per run, kept 7 days): ~2 million runs a week.
+const CONTROL_MAX_BYTES: i64 = 256 << 20;
 const OTHER_STREAMS_MAX_BYTES: u64 =
     (REQUESTS_MAX_BYTES + DLQ_MAX_BYTES + WORKERS_MAX_BYTES + CONTROL_MAX_BYTES) as u64;
 /// Room beyond the streams' bounds: consumers' state, and blocks not yet compacted.
@@ -291,6 +292,9 @@ pub async fn ensure_topology(
             storage: stream::StorageType::File,
             max_age: Duration::from_secs(30 * 24 * 3600),
             max_bytes: DLQ_MAX_BYTES,
+            // Full: the copy is refused and the original stays unacknowledged in
+            // ATHANOR_RUNS (so it is not purged), never an older dead letter dropped.
+            discard: stream::DiscardPolicy::New,
             num_replicas: config.replicas,
             ..Default::default()
         },

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Bucket bounds of histograms in seconds: 1 ms to 10 s.
+/// Bucket bounds of histograms in seconds: 1 ms to 30 s.
 const SECONDS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];

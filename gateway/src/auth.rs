@@ -332,7 +332,8 @@ pub(crate) async fn known_hosts_only(
     let Some(allowed) = &state.auth.hosts else {
         return next.run(request).await;
     };
-    if !request.uri().path().starts_with("/api/") {
+    let path = request.uri().path();
+    if !path.starts_with("/api/") && path != "/metrics" {
         return next.run(request).await;
     }
     let Some(host) = request

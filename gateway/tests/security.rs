@@ -323,6 +323,14 @@ async fn on_loopback_without_a_token_only_known_host_names_reach_the_api() {
             "{answer}"
         );
     }
+    // Nor the metrics.
+    let metrics = http
+        .get(format!("{}/metrics", stack.base))
+        .header("host", "rebind.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), StatusCode::FORBIDDEN);
     // The page itself is no secret: only the API is guarded.
     let response = http
         .get(format!("{}/", stack.base))

@@ -40,7 +40,6 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// A short, stable reason code for metrics and the dead-letter header.
     /// Every [`kind`](Self::kind).
     pub const KINDS: [&'static str; 5] = [
         "garbage",
@@ -50,6 +49,7 @@ impl DecodeError {
         "malformed",
     ];
 
+    /// A short, stable reason code for metrics and the dead-letter header.
     pub fn kind(&self) -> &'static str {
         match self {
             DecodeError::Garbage(_) => "garbage",
