@@ -39,8 +39,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 }
 
 async fn reclaim(shared: &Shared) -> Result<(), async_nats::Error> {
-    let mut stream = shared.js.get_stream(names::RUNS_STREAM).await?;
-    let info = stream.info().await?;
+    // Fetching the stream reads its info (a second request would read it again).
+    let stream = shared.js.get_stream(names::RUNS_STREAM).await?;
+    let info = stream.cached_info();
     let (max, bytes, first) = (
         info.config.max_bytes,
         info.state.bytes,

@@ -98,8 +98,9 @@ pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
 /// aggregator has stored). `None` too when the stream cannot be read: NATS's own state
 /// says that.
 pub(crate) async fn run_output_held(js: &async_nats::jetstream::Context) -> Option<String> {
-    let mut stream = js.get_stream(names::RUNS_STREAM).await.ok()?;
-    let info = stream.info().await.ok()?;
+    // Fetching the stream reads its info: one request.
+    let stream = js.get_stream(names::RUNS_STREAM).await.ok()?;
+    let info = stream.cached_info();
     runs_stream_warning(info.state.bytes, info.config.max_bytes)
 }
 
