@@ -174,7 +174,10 @@ impl WorkerShared {
                 }
             })?;
         let run_id = request.run_id.clone();
-        if self.runs.lock().contains_key(&run_id) || self.already_published(&run_id).await {
+        if self.runs.lock().contains_key(&run_id)
+            || self.already_taken(&run_id).await
+            || self.already_published(&run_id).await
+        {
             return Err(Error::DuplicateRun(run_id));
         }
         let (state_tx, state_rx) = watch::channel(None);
@@ -241,6 +244,12 @@ impl WorkerShared {
         }
         if let Err(e) = acknowledge(request_message).await {
             self.runs.lock().remove(&run_id);
+            // The request comes back for any worker: it must not find the run taken.
+            // Should this fail too, the request is refused when it comes back, and the
+            // lost-run check ends the run as taken and dropped: never run twice.
+            if let Err(error) = self.control.delete(names::taken_key(&run_id)).await {
+                warn!(run_id = %run_id, %error, "could not withdraw the record of taking the run");
+            }
             return Err(e);
         }
         if self.cancel_requested(&run_id).await {
@@ -266,6 +275,19 @@ impl WorkerShared {
             state_tx,
         ));
         Ok(handle)
+    }
+
+    /// Whether a worker took the request of `run_id` (`taken.<run_id>`, kept 7 days):
+    /// a request delivered again after its run started, also once the run's output
+    /// has left `ATHANOR_RUNS`.
+    async fn already_taken(&self, run_id: &str) -> bool {
+        match self.control.get(names::taken_key(run_id)).await {
+            Ok(entry) => entry.is_some(),
+            Err(error) => {
+                warn!(run_id, %error, "could not check whether a worker took the run");
+                false
+            }
+        }
     }
 
     /// Whether `ATHANOR_RUNS` already holds output of `run_id` (a request delivered

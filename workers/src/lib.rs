@@ -57,7 +57,7 @@ pub enum Error {
     UnknownExperiment { name: String, hosted: String },
     #[error("invalid run id {0:?}: use 1-128 characters of A-Z a-z 0-9 - _")]
     InvalidRunId(String),
-    #[error("run {0} was already started: it is running here or its output is in ATHANOR_RUNS")]
+    #[error("run {0} was already started: it is running here, a worker took its request, or its output is in ATHANOR_RUNS")]
     DuplicateRun(String),
     #[error("could not acknowledge the run request: {0}")]
     Ack(#[source] async_nats::Error),

@@ -619,6 +619,37 @@ async fn requests_are_shared_by_workers_and_bounded_per_worker() {
             .messages,
         messages[3]
     );
+    // Also once its output has left ATHANOR_RUNS (purged when the stream fills, or
+    // past its age limit): the worker's record of having taken it still refuses it.
+    js.get_stream(names::RUNS_STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .filter(names::run_subject(&requests[3].run_id))
+        .await
+        .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(names::headers::MSG_ID, "a-third-id");
+    js.publish_with_headers(
+        names::request_subject("sleepy"),
+        headers,
+        serde_json::to_vec(&requests[3]).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_for(
+        "the request repeated after the purge to be consumed",
+        Duration::from_secs(20),
+        || async {
+            let stream = js.get_stream(names::REQUESTS_STREAM).await.unwrap();
+            (stream.cached_info().state.messages == 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.worker.runs_started() + b.worker.runs_started(), 8);
     // The work queue is drained.
     let info = js
         .get_stream(names::REQUESTS_STREAM)

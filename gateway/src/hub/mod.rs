@@ -424,8 +424,10 @@ impl Hub {
     }
 
     fn apply(&self, batch: Batch) {
+        // Serialised before the lock: viewers joining meanwhile are not kept waiting.
+        let frame = Frame::batch(&batch);
         let mut state = self.state.lock();
-        let applied = state.apply(batch);
+        let applied = state.apply_framed(batch, frame);
         if let Some(Skipped {
             missing,
             resumed_at,

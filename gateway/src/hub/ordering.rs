@@ -33,8 +33,9 @@ pub(crate) const MAX_EARLY: usize = 1024;
 /// alone would let a hub hold gigabytes).
 pub(crate) const MAX_EARLY_BYTES: usize = 64 << 20;
 
-/// About what a decoded batch holds in memory: its text, plus a little per record.
-fn approx_bytes(batch: &Batch) -> usize {
+/// About what a decoded batch and its frame hold in memory: its text twice, plus a
+/// little per record.
+fn approx_bytes(batch: &Batch, frame: &Frame) -> usize {
     let lines: usize = batch
         .logs
         .iter()
@@ -46,7 +47,7 @@ fn approx_bytes(batch: &Batch) -> usize {
         .iter()
         .map(|m| m.values.keys().map(|k| 32 + k.len()).sum::<usize>())
         .sum();
-    256 + lines + results + metrics
+    256 + lines + results + metrics + frame.wire.len()
 }
 
 /// Buckets a snapshot's series hold about (between this and twice this): enough for a
@@ -126,7 +127,7 @@ pub(crate) struct Sequencer {
     next: u64,
     /// Batches that arrived before a missing one, by `batch_seq`, and about how many
     /// bytes they hold.
-    early: BTreeMap<u64, Batch>,
+    early: BTreeMap<u64, (Batch, Arc<Frame>)>,
     early_bytes: usize,
     final_batches: Option<u64>,
     /// The `status` frame, once the run has ended.
@@ -180,14 +181,22 @@ impl Sequencer {
     }
 
     /// Applies `batch` (and the early batches it unblocks).
+    #[cfg(test)]
     pub fn apply(&mut self, batch: Batch) -> Applied {
+        let frame = Frame::batch(&batch);
+        self.apply_framed(batch, frame)
+    }
+
+    /// Applies `batch`, whose `batch` frame is `frame` (built by the caller before it
+    /// takes the hub's lock: the frame depends on the batch alone).
+    pub fn apply_framed(&mut self, batch: Batch, frame: Arc<Frame>) -> Applied {
         let mut applied = Applied::default();
         if batch.batch_seq < self.next || self.terminal.is_some() {
             return applied;
         }
-        self.early_bytes += approx_bytes(&batch);
-        if let Some(replaced) = self.early.insert(batch.batch_seq, batch) {
-            self.early_bytes -= approx_bytes(&replaced);
+        self.early_bytes += approx_bytes(&batch, &frame);
+        if let Some((replaced, old)) = self.early.insert(batch.batch_seq, (batch, frame)) {
+            self.early_bytes -= approx_bytes(&replaced, &old);
         }
         if self.early.len() > MAX_EARLY || self.early_bytes > MAX_EARLY_BYTES {
             let first = *self.early.keys().next().expect("not empty");
@@ -197,9 +206,9 @@ impl Sequencer {
             });
             self.next = first;
         }
-        while let Some(batch) = self.early.remove(&self.next) {
-            self.early_bytes -= approx_bytes(&batch);
-            applied.frames.push(Frame::batch(&batch));
+        while let Some((batch, frame)) = self.early.remove(&self.next) {
+            self.early_bytes -= approx_bytes(&batch, &frame);
+            applied.frames.push(frame);
             self.take(batch);
             if self.final_batches.is_some_and(|n| self.next >= n) {
                 applied.frames.push(self.finish());
@@ -580,10 +589,11 @@ mod tests {
     #[test]
     fn too_many_bytes_behind_a_gap_give_it_up() {
         // From a code review: the early batches were bounded by count alone (1 024 of
-        // up to 32 MiB each). Batches of 4 MiB: the 17th behind the gap passes 64 MiB.
+        // up to 32 MiB each). Batches of 2 MiB of text, held with their 2 MiB frames:
+        // the 16th behind the gap passes 64 MiB.
         let big = |n: u64| {
             let mut b = batch(n);
-            b.logs[0].message = "x".repeat(4 << 20);
+            b.logs[0].message = "x".repeat(2 << 20);
             b
         };
         let mut seq = fresh();
