@@ -283,6 +283,7 @@ pub fn check(config: &AppConfig) -> Vec<Problem> {
         gw.header_read_timeout,
         10 * MS,
     );
+    c.duration("gateway.storage_stall", gw.storage_stall, 1000 * MS);
     for (i, host) in gw.allowed_hosts.iter().enumerate() {
         if host.is_empty() || host.contains(['/', ' ', '@']) {
             c.refuse(

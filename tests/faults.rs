@@ -158,7 +158,8 @@ impl Rig {
         Proc::start(role, &self.env)
     }
 
-    /// A gateway process on a free port, once it answers `/readyz`.
+    /// A gateway process on a free port, once `/readyz` says it reaches the database
+    /// and NATS (run output may be waiting: an aggregator is down in some scenarios).
     async fn gateway(&self) -> (Proc, String) {
         let port = free_port();
         let mut env = self.env.clone();
@@ -171,7 +172,8 @@ impl Rig {
         let http = self.http.clone();
         wait_for("the gateway", Duration::from_secs(30), || async {
             let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-            r.status().is_success().then_some(())
+            let ready: Value = r.json().await.ok()?;
+            (ready["database"] == true && ready["nats"] == true).then_some(())
         })
         .await
         .unwrap();

@@ -156,3 +156,85 @@ async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
     assert_eq!((stored, distinct), (60_001, 60_001));
     eprintln!("purged {purged} stored batches to make room");
 }
+
+/// The database's disk full (a real ENOSPC: SQLite on a tmpfs, the NATS store
+/// elsewhere): the aggregator retries and acknowledges nothing, `ATHANOR_RUNS` has
+/// room, the database still answers reads — and `/readyz` says run output is not being
+/// stored once the aggregators have acknowledged nothing for `gateway.storage_stall`,
+/// as does the stats' warning the UI shows. Space freed: stored, ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_database_disk_makes_readyz_say_run_output_is_not_stored() {
+    athanor_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = athanor_testkit::tmpfs::Tmpfs::mount("64m");
+    let database = format!("sqlite://{}", disk.path().join("athanor.db").display());
+    let (mut up, url) = common::up_with(
+        dir.path(),
+        &[
+            ("ATHANOR__DATABASE__URL", database.as_str()),
+            ("ATHANOR__GATEWAY__STORAGE_STALL", "2s"),
+        ],
+    );
+    common::wait_for_worker(&url);
+    let (status, ready) = get(&format!("{url}/readyz")).await;
+    assert_eq!(status, 200, "{ready}");
+    let filler = disk.fill_leaving(1 << 20);
+
+    let storm = common::start_run(
+        &url,
+        "log_storm",
+        json!({"lines_per_second": 20_000, "duration_ms": 3000}),
+    )
+    .await;
+    let ready = wait_for(
+        "/readyz to say nothing is stored",
+        Duration::from_secs(60),
+        || async {
+            let (status, ready) = get(&format!("{url}/readyz")).await;
+            (status == 503).then_some(ready)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (&ready["database"], &ready["nats"], &ready["run_output"]),
+        (&json!(true), &json!(true), &json!(false)),
+        "{ready}"
+    );
+    let reason = ready["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("the aggregators have stored nothing for ")
+            && reason.contains("batches wait (consumer aggregator)"),
+        "{ready}"
+    );
+    let (_, stats) = get(&format!("{url}/api/stats")).await;
+    assert!(
+        stats["warning"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("the aggregators have stored nothing for ")),
+        "{stats}"
+    );
+
+    std::fs::remove_file(&filler).unwrap();
+    let run = wait_for(
+        "the storm run to complete",
+        Duration::from_secs(120),
+        || async {
+            let (_, run) = get(&format!("{url}/api/runs/{storm}")).await;
+            (run["status"] == "completed").then_some(run)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(run["lines"], 60_001, "{run}");
+    let ready = wait_for("/readyz ready again", Duration::from_secs(30), || async {
+        let (status, ready) = get(&format!("{url}/readyz")).await;
+        (status == 200).then_some(ready)
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready["run_output"], true, "{ready}");
+    let (_, stats) = get(&format!("{url}/api/stats")).await;
+    assert!(stats.get("warning").is_none(), "{stats}");
+    common::stop(&mut up);
+}

@@ -53,15 +53,17 @@ pub(crate) async fn healthz() -> Json<Health> {
 pub(crate) struct Ready {
     database: bool,
     nats: bool,
-    /// Whether run output can be stored: `ATHANOR_RUNS` has room.
+    /// Whether run output is being stored: `ATHANOR_RUNS` has room, and the
+    /// aggregators acknowledge what waits in it.
     run_output: bool,
     /// Why not, when something is not ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
 }
 
-/// Readiness: the database answers, NATS is connected, and `ATHANOR_RUNS` has room for
-/// run output.
+/// Readiness: the database answers, NATS is connected, `ATHANOR_RUNS` has room for run
+/// output, and the aggregators store what waits there (none has left it unacknowledged
+/// for `gateway.storage_stall`: a database that is full or refuses writes).
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready", body = Ready),
     (status = 503, description = "Not ready, with the reason", body = Ready),
@@ -70,7 +72,7 @@ pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     let db = athanor_connections::db::ping(&state.db).await;
     let nats = state.js.client().connection_state() == async_nats::connection::State::Connected;
     let held = if nats {
-        run_output_held(&state.js).await
+        run_output_held(&state.js, state.storage_stall).await
     } else {
         None
     };
@@ -93,15 +95,57 @@ pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     (status, Json(ready)).into_response()
 }
 
-/// Why run output cannot be stored now, if it cannot: `ATHANOR_RUNS` is at 90 % of its
-/// bound (the aggregator purges what it stored at half, so it is full of batches no
-/// aggregator has stored). `None` too when the stream cannot be read: NATS's own state
-/// says that.
-pub(crate) async fn run_output_held(js: &async_nats::jetstream::Context) -> Option<String> {
+/// Why run output is not being stored now, if it is not:
+/// * `ATHANOR_RUNS` is at 90 % of its bound (the aggregator purges what it stored at
+///   half, so it is full of batches no aggregator has stored);
+/// * or a durable consumer of it (the aggregators') has batches waiting and has
+///   acknowledged none for `stall`, counted from the later of its last acknowledgement
+///   and the arrival of the oldest batch it waits on: its aggregators cannot write (a
+///   full disk, a database down) or none runs.
+///
+/// `None` too when the stream cannot be read: NATS's own state says that.
+pub(crate) async fn run_output_held(
+    js: &async_nats::jetstream::Context,
+    stall: std::time::Duration,
+) -> Option<String> {
     // Fetching the stream reads its info: one request.
     let stream = js.get_stream(names::RUNS_STREAM).await.ok()?;
     let info = stream.cached_info();
-    runs_stream_warning(info.state.bytes, info.config.max_bytes)
+    if let Some(full) = runs_stream_warning(info.state.bytes, info.config.max_bytes) {
+        return Some(full);
+    }
+    let now = now_micros() / 1_000_000;
+    let mut stalled = None;
+    let mut consumers = stream.consumers();
+    while let Ok(Some(consumer)) = consumers.try_next().await {
+        let waiting = consumer.num_pending + consumer.num_ack_pending as u64;
+        // Hubs' ordered consumers are ephemeral and acknowledge nothing.
+        if consumer.config.durable_name.is_none() || waiting == 0 {
+            continue;
+        }
+        let acked = consumer
+            .ack_floor
+            .last_active
+            .unwrap_or(consumer.created)
+            .unix_timestamp();
+        if now - acked >= stall.as_secs() as i64 {
+            stalled = Some((consumer.name.clone(), consumer.ack_floor.stream_sequence, acked, waiting));
+            break;
+        }
+    }
+    drop(consumers);
+    let (name, floor, acked, waiting) = stalled?;
+    // A consumer idle for an hour that was handed a batch a moment ago is not stalled.
+    let arrived = match stream.get_raw_message(floor + 1).await {
+        Ok(message) => message.time.unix_timestamp(),
+        Err(_) => acked,
+    };
+    let quiet = now - acked.max(arrived);
+    (quiet >= stall.as_secs() as i64).then(|| {
+        format!(
+            "the aggregators have stored nothing for {quiet} s while {waiting} batches wait (consumer {name}): check their logs and their database (a full disk, the database down); the batches stay in ATHANOR_RUNS until stored"
+        )
+    })
 }
 
 fn runs_stream_warning(bytes: u64, max_bytes: i64) -> Option<String> {
@@ -613,7 +657,7 @@ pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
         stream_bytes: info.state.bytes,
         stream_messages: info.state.messages,
         stream_max_bytes: u64::try_from(info.config.max_bytes).unwrap_or(0),
-        warning: runs_stream_warning(info.state.bytes, info.config.max_bytes),
+        warning: run_output_held(&state.js, state.storage_stall).await,
     }))
 }
 

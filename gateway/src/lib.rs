@@ -87,6 +87,11 @@ pub struct GatewayConfig {
     /// API token answers under `/api`: it refuses any other `Host`, so a web page that
     /// points a name of its own at 127.0.0.1 (DNS rebinding) cannot use the API.
     pub allowed_hosts: Vec<String>,
+    /// Run output waiting this long with no acknowledgement from an aggregator (its
+    /// database full or down, the aggregators stopped) makes `/readyz` answer 503 and
+    /// the UI show a warning.
+    #[serde(with = "humantime_serde")]
+    pub storage_stall: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -109,6 +114,7 @@ impl Default for GatewayConfig {
             max_viewers: 10_000,
             header_read_timeout: Duration::from_secs(10),
             allowed_hosts: Vec::new(),
+            storage_stall: Duration::from_secs(30),
         }
     }
 }
@@ -166,6 +172,8 @@ pub struct AppState {
     /// Lifecycle changes relayed from NATS to `/api/events` viewers.
     pub(crate) lifecycle: tokio::sync::broadcast::Sender<Arc<hub::Frame>>,
     pub(crate) auth: Arc<auth::Auth>,
+    /// `gateway.storage_stall`.
+    pub(crate) storage_stall: Duration,
 }
 
 impl AppState {
@@ -201,6 +209,7 @@ impl AppState {
             workers,
             control,
             max_body_bytes: config.max_body_bytes,
+            storage_stall: config.storage_stall,
             hubs,
             lifecycle,
             auth: Arc::new(

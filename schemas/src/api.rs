@@ -146,8 +146,9 @@ pub struct Stats {
     /// Its bound (`nats.runs_max_bytes`; 0: none).
     #[serde(default)]
     pub stream_max_bytes: u64,
-    /// Set while run output cannot be stored (the stream is full of batches not yet
-    /// stored): what the web UI shows as a warning.
+    /// Set while run output is not being stored (the stream is full of batches not yet
+    /// stored, or the aggregators have acknowledged nothing for `gateway.storage_stall`
+    /// while batches wait): what the web UI shows as a warning; `/readyz`'s reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
 }

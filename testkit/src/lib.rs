@@ -13,6 +13,7 @@ use athanor_schemas::{names, Batch};
 use futures::StreamExt;
 
 pub mod lazyfs;
+pub mod tmpfs;
 
 /// A nats-server of our own, and its store directory (removed on drop).
 pub struct TestNats {

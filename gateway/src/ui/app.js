@@ -195,8 +195,8 @@ window.addEventListener('DOMContentLoaded', route);
 
 const megabytes = (n) => `${(n / 1e6).toLocaleString('en-US', { maximumFractionDigits: 1 })} MB`;
 
-/** `GET /api/stats` in the footer, and its warning (run output held back: the stream is
- * full) in a banner: on every page change and every 30 s, every 5 s while warning. */
+/** `GET /api/stats` in the footer, and its warning (run output not being stored: the
+ * stream is full, or the aggregators cannot write) in a banner: on every page change and every 30 s, every 5 s while warning. */
 async function showStats() {
   const foot = document.querySelector('[data-role=stats]');
   const held = document.querySelector('[data-role=held]');
@@ -206,7 +206,7 @@ async function showStats() {
   const s = result.body;
   if (held) {
     held.hidden = !s.warning;
-    held.textContent = s.warning ? `Run output is held back: ${s.warning}` : '';
+    held.textContent = s.warning ? `Run output is not being stored: ${s.warning}` : '';
   }
   clearTimeout(showStats.again);
   if (s.warning) showStats.again = setTimeout(showStats, 5_000);

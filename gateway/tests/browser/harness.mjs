@@ -17,7 +17,7 @@ export const EXAMPLES = join(root, 'examples');
 
 /**
  * Starts `athanor up` (with `--config configFile` when given); resolves with
- * { url, stop() } once its worker is registered.
+ * { url, dataDir, stop() } once its worker is registered.
  */
 export async function up(extraEnv = {}, configFile = null) {
   const dataDir = mkdtempSync(join(tmpdir(), 'athanor-ui-'));
@@ -46,6 +46,7 @@ export async function up(extraEnv = {}, configFile = null) {
   }
   return {
     url,
+    dataDir,
     async stop() {
       const exited = new Promise((ok) => child.on('exit', ok));
       child.kill('SIGTERM');

@@ -1,9 +1,11 @@
 // The UI's pages against a real `athanor up`: run output shown as text, the cancel
 // button, deleting a finished run, the new-run form showing the API's message, a reload mid-run, the live runs
-// list, and the screenshots of the run page in both themes.
+// list, the banner while run output is not being stored, and the screenshots of the run page in both themes.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { up, browser, startRun, runStatus, waitFor, SCREENSHOTS } from './harness.mjs';
@@ -243,6 +245,56 @@ test('screenshots of the run page in both themes', async () => {
     console.log(`saved ${path}`);
     assert.deepEqual(problems, []);
     await page.close();
+  }
+});
+
+test('while the aggregators cannot write, a banner says run output is not being stored; it goes once they can', { timeout: 180_000 }, async () => {
+  const stalled = await up({ ATHANOR__GATEWAY__STORAGE_STALL: '1s' });
+  const page = await chromium.newPage({ viewport: { width: 1280, height: 760 } });
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  await page.goto(`${stalled.url}/`);
+  const banner = page.locator('[data-role=held]');
+  assert.equal(await banner.isVisible(), false, 'a banner with nothing wrong');
+  const id = await startRun(stalled.url, 'log_storm', { lines_per_second: 1000, duration_ms: 4000 });
+  // Then another process holds SQLite's write lock until its stdin closes: the
+  // aggregator retries and acknowledges nothing (as on a full disk).
+  const lock = spawn('python3', ['-c', [
+    'import sqlite3, sys',
+    'db = sqlite3.connect(sys.argv[1], isolation_level=None)',
+    "db.execute('BEGIN IMMEDIATE')",
+    "print('locked', flush=True)",
+    'sys.stdin.read()',
+  ].join('\n'), join(stalled.dataDir, 'athanor.db')], { stdio: ['pipe', 'pipe', 'inherit'] });
+  try {
+    const [locked] = await once(lock.stdout, 'data');
+    assert.equal(locked.toString().trim(), 'locked');
+    // The stats are read at every page change (and every 30 s): go back and forth.
+    let onRun = false;
+    await waitFor('the banner', async () => {
+      if (await banner.isVisible()) return true;
+      onRun = !onRun;
+      await page.evaluate((hash) => { location.hash = hash; }, onRun ? `#/runs/${id}` : '#/');
+      return false;
+    }, 60_000);
+    const text = await banner.textContent();
+    assert.match(text, /^Run output is not being stored: the aggregators have stored nothing for \d+ s while \d+ batches wait \(consumer aggregator\)/);
+    assert.equal(await banner.getAttribute('role'), 'alert');
+    mkdirSync(SCREENSHOTS, { recursive: true });
+    await page.screenshot({ path: join(SCREENSHOTS, 'storage-warning.png') });
+    lock.stdin.end();
+    // Read every 5 s while it warns.
+    await waitFor('the banner to go', async () => !(await banner.isVisible()), 60_000);
+    const run = await waitFor('the run to be stored', async () => {
+      const r = await runStatus(stalled.url, id);
+      return r.status === 'completed' ? r : null;
+    }, 60_000);
+    assert.equal(run.lines, 4001);
+    assert.deepEqual(problems, []);
+  } finally {
+    lock.kill();
+    await page.close();
+    await stalled.stop();
   }
 });
 
