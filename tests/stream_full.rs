@@ -15,6 +15,34 @@ async fn get(url: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// The storm run (20 000 lines/s for 3 s) completes with every line.
+async fn assert_storm_stored(url: &str, storm: &str) {
+    let run = wait_for(
+        "the storm run to complete",
+        Duration::from_secs(180),
+        || async {
+            let (_, run) = get(&format!("{url}/api/runs/{storm}")).await;
+            (run["status"] == "completed").then_some(run)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(run["lines"], 60_001, "{run}");
+}
+
+/// `/readyz` answers 200 again, and the stats carry no warning.
+async fn assert_ready_again(url: &str) {
+    let ready = wait_for("/readyz ready again", Duration::from_secs(30), || async {
+        let (status, ready) = get(&format!("{url}/readyz")).await;
+        (status == 200).then_some(ready)
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready["run_output"], true, "{ready}");
+    let (_, stats) = get(&format!("{url}/api/stats")).await;
+    assert!(stats.get("warning").is_none(), "{stats}");
+}
+
 /// A 4 MiB `ATHANOR_RUNS` and an aggregator that cannot write (its database locked)
 /// while a run logs ~120 MB: the stream fills with unstored batches and the worker
 /// waits; when the database takes writes again, the aggregator stores them, purges
@@ -86,17 +114,7 @@ async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
     assert_eq!(status, 503, "still full while nothing can be stored");
 
     lock.rollback().await.unwrap();
-    let run = wait_for(
-        "the storm run to complete",
-        Duration::from_secs(180),
-        || async {
-            let (_, run) = get(&format!("{url}/api/runs/{storm}")).await;
-            (run["status"] == "completed").then_some(run)
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(run["lines"], 60_001, "{run}");
+    assert_storm_stored(&url, &storm).await;
     let (_, cancelled) = get(&format!("{url}/api/runs/{waiting}")).await;
     wait_for(
         "the cancelled run to end",
@@ -108,15 +126,7 @@ async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
     )
     .await
     .unwrap_or_else(|e| panic!("{e}: {cancelled}"));
-    let ready = wait_for("/readyz ready again", Duration::from_secs(30), || async {
-        let (status, ready) = get(&format!("{url}/readyz")).await;
-        (status == 200).then_some(ready)
-    })
-    .await
-    .unwrap();
-    assert_eq!(ready["run_output"], true, "{ready}");
-    let (_, stats) = get(&format!("{url}/api/stats")).await;
-    assert!(stats.get("warning").is_none(), "{stats}");
+    assert_ready_again(&url).await;
     assert!(
         stats["stream_bytes"].as_u64().unwrap() <= 4_194_304,
         "{stats}"
@@ -216,25 +226,7 @@ async fn a_full_database_disk_makes_readyz_say_run_output_is_not_stored() {
     );
 
     std::fs::remove_file(&filler).unwrap();
-    let run = wait_for(
-        "the storm run to complete",
-        Duration::from_secs(120),
-        || async {
-            let (_, run) = get(&format!("{url}/api/runs/{storm}")).await;
-            (run["status"] == "completed").then_some(run)
-        },
-    )
-    .await
-    .unwrap();
-    assert_eq!(run["lines"], 60_001, "{run}");
-    let ready = wait_for("/readyz ready again", Duration::from_secs(30), || async {
-        let (status, ready) = get(&format!("{url}/readyz")).await;
-        (status == 200).then_some(ready)
-    })
-    .await
-    .unwrap();
-    assert_eq!(ready["run_output"], true, "{ready}");
-    let (_, stats) = get(&format!("{url}/api/stats")).await;
-    assert!(stats.get("warning").is_none(), "{stats}");
+    assert_storm_stored(&url, &storm).await;
+    assert_ready_again(&url).await;
     common::stop(&mut up);
 }
