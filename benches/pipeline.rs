@@ -1,9 +1,11 @@
-//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|throughput|fanout|startup|command|metrics|durability|retention]`.
+//! Whole-pipeline benchmarks: `cargo bench --bench pipeline [-- latency|sparse|throughput|fanout|startup|command|metrics|durability|retention]`.
 //!
 //! * latency — from `log()` (the line's own timestamp) to an SSE client holding the
 //!   line, at 1 000 and 10 000 lines/s per run, with 1 and 100 concurrent runs: a worker,
 //!   an aggregator and a gateway in this process around a real nats-server and SQLite,
 //!   one SSE viewer per run.
+//! * sparse — the same at 1 and 10 lines/s (and 1 000 / 10 000 for the batch counts),
+//!   with the worker's leading edge off and on, side by side.
 //! * throughput — worker → JetStream → aggregator → SQLite, and → PostgreSQL, at rising
 //!   offered rates: lines/s logged and stored, and the consumer's lag (the age of the
 //!   oldest line published but not yet stored) while it runs.
@@ -58,6 +60,9 @@ fn main() {
         .unwrap();
     if want("latency") {
         rt.block_on(latency());
+    }
+    if want("sparse") {
+        rt.block_on(sparse());
     }
     if want("throughput") {
         rt.block_on(throughput());
@@ -245,43 +250,190 @@ async fn latency() {
     stack.stop().await;
 }
 
-/// One latency row per (runs, lines/s per run), each starting with `prefix`.
+/// Lines at `lines_per_second` on average, each gap drawn uniformly from half to one
+/// and a half times the mean (a training loop's lines do not keep step with the
+/// worker's ticks), and nothing else: no progress, no results.
+struct SparseLines;
+
+impl athanor_workers::Experiment for SparseLines {
+    fn name(&self) -> &str {
+        "sparse_lines"
+    }
+    fn description(&self) -> &str {
+        "benchmark: lines at random gaps around 1/lines_per_second"
+    }
+    fn config_schema(&self) -> athanor_schemas::ConfigSchema {
+        use athanor_schemas::Field;
+        athanor_schemas::ConfigSchema::new([
+            Field::int("lines_per_second").default(1),
+            Field::int("duration_ms").default(10_000),
+            Field::int("line_bytes").default(100),
+        ])
+    }
+    fn run(
+        &self,
+        ctx: &athanor_workers::RunContext,
+    ) -> Result<(), athanor_workers::RunError> {
+        let mean = 1.0 / ctx.config_i64("lines_per_second").unwrap().max(1) as f64;
+        let end = Instant::now() + Duration::from_millis(ctx.config_i64("duration_ms").unwrap() as u64);
+        let line = "x".repeat(ctx.config_i64("line_bytes").unwrap() as usize);
+        let mut n = 0;
+        while Instant::now() < end && !ctx.cancelled() {
+            std::thread::sleep(Duration::from_secs_f64(mean * (0.5 + fastrand::f64())));
+            ctx.log(athanor_schemas::Level::Info, format!("{n} {line}"));
+            n += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A latency row's runs: `runs` runs of `experiment` at `rate` lines/s for `duration_ms`.
+struct Row {
+    experiment: &'static str,
+    runs: usize,
+    rate: u64,
+    duration_ms: u64,
+}
+
+/// Sparse and steady output with the leading edge (`worker.leading_edge`) on and off,
+/// side by side: latency, and the batches the runs took.
+async fn sparse() {
+    println!("\n## Latency of sparse logs: the leading edge on and off\n");
+    println!("A run that published nothing for a whole flush interval publishes its next output at once (`worker.leading_edge`, on by default). Sparse rows: 20 runs at 1 line/s for 20 s, 10 runs at 10 lines/s for 10 s, of `log_storm` (evenly spaced lines, plus its opening line and a progress update per line) and of `sparse_lines` (lines only, each gap drawn from 0.5 to 1.5 times the mean: at 10 lines/s, lines closer than one interval to the last batch wait for the tick). Steady rows (`log_storm`) as in the latency table. Last column: the batches each run took.\n");
+    println!("| leading edge: runs | experiment: lines/s per run | lines received | p50 ms | p99 ms | max ms | compressed: p50 ms | p99 ms | max ms | batches per run |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for leading_edge in [false, true] {
+        let nats_server = TestNats::start();
+        let dir = tempfile::tempdir().unwrap();
+        let (_, db) = database(&dir).await;
+        let stack = Stack::start_configured(
+            &Bench::of(&nats_server),
+            db,
+            None,
+            vec![std::sync::Arc::new(SparseLines)],
+            AggregatorConfig::default(),
+            WorkerConfig {
+                leading_edge,
+                ..WorkerConfig::default()
+            },
+        )
+        .await;
+        let label = if leading_edge { "on" } else { "off" };
+        for (experiment, runs, rate, duration_ms) in [
+            ("log_storm", 20, 1, 20_000),
+            ("log_storm", 10, 10, 10_000),
+            ("sparse_lines", 20, 1, 20_000),
+            ("sparse_lines", 10, 10, 10_000),
+            ("log_storm", 1, 1_000, 5_000),
+            ("log_storm", 1, 10_000, 5_000),
+        ] {
+            let row = Row {
+                experiment,
+                runs,
+                rate,
+                duration_ms,
+            };
+            latency_row(&stack, &format!("{label}: "), row).await;
+        }
+        stack.stop().await;
+    }
+}
+
+/// One latency row per (runs, lines/s per run) of 5 s runs, each starting with `prefix`.
 async fn latency_rows(stack: &Stack, prefix: &str, rows: &[(usize, u64)]) {
-    let (http, base) = (&stack.http, &stack.base);
     for &(runs, rate) in rows {
-        let duration_ms = 5000;
-        let mut viewers = Vec::new();
-        for _ in 0..runs {
-            let id = start_run(
-                http,
-                base,
-                json!({"lines_per_second": rate, "duration_ms": duration_ms, "line_bytes": 100}),
-            )
-            .await;
-            let until = Instant::now() + Duration::from_millis(duration_ms + 30_000);
-            for compressed in [false, true] {
-                let feed = feed_with(base, &id, compressed).await;
-                viewers.push((compressed, tokio::spawn(delays(feed, until))));
-            }
+        let row = Row {
+            experiment: "log_storm",
+            runs,
+            rate,
+            duration_ms: 5000,
+        };
+        latency_row(stack, prefix, row).await;
+    }
+}
+
+/// A latency row: each run with a plain and a compressed viewer; the row ends with the
+/// batches each run took when `prefix` is not empty. Returns the runs' ids.
+async fn latency_row(stack: &Stack, prefix: &str, row: Row) -> Vec<String> {
+    let (http, base) = (&stack.http, &stack.base);
+    let Row {
+        experiment,
+        runs,
+        rate,
+        duration_ms,
+    } = row;
+    let mut viewers = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..runs {
+        let id = start_experiment(
+            http,
+            base,
+            experiment,
+            json!({"lines_per_second": rate, "duration_ms": duration_ms, "line_bytes": 100}),
+        )
+        .await;
+        let until = Instant::now() + Duration::from_millis(duration_ms + 30_000);
+        for compressed in [false, true] {
+            let feed = feed_with(base, &id, compressed).await;
+            viewers.push((compressed, tokio::spawn(delays(feed, until))));
         }
-        let (mut plain, mut compressed) = (Vec::new(), Vec::new());
-        for (is_compressed, viewer) in viewers {
-            let delays = viewer.await.unwrap();
-            if is_compressed {
-                &mut compressed
-            } else {
-                &mut plain
-            }
-            .extend(delays);
+        ids.push(id);
+    }
+    let (mut plain, mut compressed) = (Vec::new(), Vec::new());
+    for (is_compressed, viewer) in viewers {
+        let delays = viewer.await.unwrap();
+        if is_compressed {
+            &mut compressed
+        } else {
+            &mut plain
         }
-        plain.sort_unstable();
-        compressed.sort_unstable();
-        println!(
-            "| {prefix}{runs} | {rate} | {} | {} | {} |",
-            plain.len(),
-            delay_columns(&plain),
-            delay_columns(&compressed)
-        );
+        .extend(delays);
+    }
+    plain.sort_unstable();
+    compressed.sort_unstable();
+    let (rate_cell, batches) = if prefix.is_empty() {
+        (rate.to_string(), String::new())
+    } else {
+        (
+            format!("{experiment}: {rate}"),
+            format!(" {} |", batches_per_run(http, base, &ids).await),
+        )
+    };
+    println!(
+        "| {prefix}{runs} | {rate_cell} | {} | {} | {} |{batches}",
+        plain.len(),
+        delay_columns(&plain),
+        delay_columns(&compressed)
+    );
+    ids
+}
+
+/// The batches each run took once stored, as `min–max` (one figure when equal).
+async fn batches_per_run(http: &reqwest::Client, base: &str, ids: &[String]) -> String {
+    let mut counts = Vec::new();
+    for id in ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let run: Value = http
+                .get(format!("{base}/api/runs/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if run["status"] == "completed" || Instant::now() > deadline {
+                counts.push(run["batches"].as_i64().unwrap_or(-1));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let (min, max) = (counts.iter().min(), counts.iter().max());
+    match (min, max) {
+        (Some(a), Some(b)) if a == b => a.to_string(),
+        (Some(a), Some(b)) => format!("{a}–{b}"),
+        _ => "-".into(),
     }
 }
 
@@ -353,7 +505,15 @@ impl Stack {
         base: Option<String>,
         extra: Vec<std::sync::Arc<dyn athanor_workers::Experiment>>,
     ) -> Stack {
-        Stack::start_configured(nats, db, base, extra, AggregatorConfig::default()).await
+        Stack::start_configured(
+            nats,
+            db,
+            base,
+            extra,
+            AggregatorConfig::default(),
+            WorkerConfig::default(),
+        )
+        .await
     }
 
     /// As [`Stack::start_with`], with the aggregator's configuration.
@@ -363,6 +523,7 @@ impl Stack {
         base: Option<String>,
         extra: Vec<std::sync::Arc<dyn athanor_workers::Experiment>>,
         aggregator: AggregatorConfig,
+        worker: WorkerConfig,
     ) -> Stack {
         let stop = CancellationToken::new();
         let mut experiments = builtin::all();
@@ -370,7 +531,7 @@ impl Stack {
         let worker = Worker::start(
             WorkerConfig {
                 max_concurrent_runs: 128,
-                ..WorkerConfig::default()
+                ..worker
             },
             nats.config(),
             experiments,
@@ -550,7 +711,15 @@ async fn throughput_row_on(
     aggregator: AggregatorConfig,
 ) {
     let stack =
-        Stack::start_configured(&Bench::of(nats_server), db, None, Vec::new(), aggregator).await;
+        Stack::start_configured(
+            &Bench::of(nats_server),
+            db,
+            None,
+            Vec::new(),
+            aggregator,
+            WorkerConfig::default(),
+        )
+        .await;
     let per_run = offered / THROUGHPUT_RUNS;
     let t0 = Instant::now();
     let mut ids = Vec::new();

@@ -337,6 +337,48 @@ fn feeds_past_the_open_files_reserve_get_503_and_slow_headers_are_cut_off() {
     common::stop(&mut up);
 }
 
+/// Starts three runs logging 20 000 lines/s of ~2 KB (more than SQLite stores here,
+/// so the aggregator is behind) and waits until each has 20 000 lines stored; returns
+/// their ids and the lines stored by then.
+async fn three_storms_behind(url: &str) -> (Vec<String>, u64) {
+    common::wait_for_worker(url);
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let config =
+            json!({ "lines_per_second": 20_000, "duration_ms": 600_000, "line_bytes": 2000 });
+        ids.push(common::start_run(url, "log_storm", config).await);
+    }
+    wait_for("every run logging", Duration::from_secs(60), || async {
+        for id in &ids {
+            let run = run_json(&http, url, id).await?;
+            if run["lines"].as_u64().unwrap_or(0) < 20_000 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    let mut stored = 0;
+    for id in &ids {
+        stored += run_json(&http, url, id).await.unwrap()["lines"]
+            .as_u64()
+            .unwrap();
+    }
+    (ids, stored)
+}
+
+async fn run_json(http: &reqwest::Client, url: &str, id: &str) -> Option<serde_json::Value> {
+    http.get(format!("{url}/api/runs/{id}"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()
+}
+
 /// SIGTERM to `athanor up` while three runs log 20 000 lines/s each: it stops in order
 /// without a fixed pause — the worker ends the runs and JetStream acknowledges their
 /// last batches, the aggregator stores all of it, then the rest stops. After it exits,
@@ -348,47 +390,7 @@ async fn sigterm_to_athanor_up_under_load_stores_every_line_before_it_exits() {
     athanor_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let (mut up, url) = common::up(dir.path());
-    common::wait_for_worker(&url);
-    let http = reqwest::Client::new();
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        // ~2 KB lines: more than SQLite stores here, so the aggregator is behind when
-        // the signal comes (a fixed pause before stopping it left those batches
-        // unstored).
-        let config =
-            json!({ "lines_per_second": 20_000, "duration_ms": 600_000, "line_bytes": 2000 });
-        ids.push(common::start_run(&url, "log_storm", config).await);
-    }
-    wait_for("every run logging", Duration::from_secs(60), || async {
-        for id in &ids {
-            let run: serde_json::Value = http
-                .get(format!("{url}/api/runs/{id}"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            if run["lines"].as_u64().unwrap_or(0) < 20_000 {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await
-    .unwrap();
-    let mut stored_at_signal = 0;
-    for id in &ids {
-        let run: serde_json::Value = http
-            .get(format!("{url}/api/runs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        stored_at_signal += run["lines"].as_u64().unwrap();
-    }
+    let (ids, stored_at_signal) = three_storms_behind(&url).await;
     let signalled = std::time::Instant::now();
     common::stop(&mut up);
     let stopping = signalled.elapsed();
@@ -449,4 +451,58 @@ async fn sigterm_to_athanor_up_under_load_stores_every_line_before_it_exits() {
         .unwrap()
         .clone();
     assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "{info:?}");
+}
+
+/// SIGTERM when the drain is given no time (`aggregator.drain_timeout` 0, as when a
+/// loaded machine takes longer than the timeout): the aggregator stops with batches
+/// unstored. What it stored before exiting is acknowledged — after the next start no
+/// batch delivered again is one already stored — and the next start stores the rest,
+/// every run ending `cancelled` with all its batches. (A suspect for the test above
+/// failing once under load with 8 batches unacknowledged after its restart; this
+/// does not reproduce that, in 4 runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_without_drain_time_acknowledges_every_batch_it_stored() {
+    athanor_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("ATHANOR__AGGREGATOR__DRAIN_TIMEOUT", "0s"),
+        ("ATHANOR__AGGREGATOR__ACK_WAIT", "2s"),
+    ];
+    let (mut up, url) = common::up_with(dir.path(), &env);
+    let (ids, _) = three_storms_behind(&url).await;
+    common::stop(&mut up);
+
+    let (mut up, url) = common::up_with(dir.path(), &env);
+    let http = reqwest::Client::new();
+    for id in &ids {
+        let run = wait_for("the run stored to its end", Duration::from_secs(120), || async {
+            let run = run_json(&http, &url, id).await?;
+            // Terminal only once every batch up to its final one is stored.
+            (run["status"] == "cancelled").then_some(run)
+        })
+        .await
+        .unwrap();
+        assert!(run["lines"].as_u64().unwrap() >= 20_000, "{run}");
+    }
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .parse()
+            .unwrap()
+    };
+    let redelivered = counter("athanor_aggregator_redeliveries_total");
+    let duplicates = counter("athanor_aggregator_duplicate_batches_total");
+    eprintln!("after the restart: {redelivered} batches delivered again, {duplicates} of them stored already");
+    assert_eq!(duplicates, 0.0, "stored batches left unacknowledged at exit");
+    common::stop(&mut up);
 }

@@ -229,6 +229,10 @@ pub struct RunBuffer {
     /// Set when a run was stopped after ignoring cancellation: its thread may still be
     /// running, and what it logs from then on is discarded (the run is already over).
     closed: AtomicBool,
+    /// Set by the supervisor when the run has published nothing for a whole flush
+    /// interval: the next append wakes it through `output` (the leading edge), once.
+    idle: AtomicBool,
+    output: tokio::sync::Notify,
 }
 
 /// The most budget a run reserves at a time (less with a budget under 4 MiB: 1/64 of it).
@@ -248,7 +252,41 @@ impl RunBuffer {
             budget,
             max_line_bytes,
             closed: AtomicBool::new(false),
+            idle: AtomicBool::new(false),
+            output: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Called after each append, the lock let go: wakes an idle run's supervisor.
+    /// Costs one relaxed load while output flows.
+    #[inline]
+    fn appended(&self) {
+        if self.idle.load(Ordering::Relaxed) && self.idle.swap(false, Ordering::SeqCst) {
+            self.output.notify_one();
+        }
+    }
+
+    /// Marks the run idle (the supervisor published nothing for a flush interval): the
+    /// next append wakes [`RunBuffer::output`]. Returns whether output arrived before
+    /// the mark could catch it (then the caller flushes it now, as if woken).
+    pub(crate) fn mark_idle(&self) -> bool {
+        self.idle.store(true, Ordering::SeqCst);
+        // An append that read `idle` before the store has its output pending: look.
+        let p = self.pending.lock();
+        let waiting = !p.logs.is_empty()
+            || !p.results.is_empty()
+            || !p.metrics.is_empty()
+            || p.progress.is_some();
+        drop(p);
+        if waiting {
+            self.idle.store(false, Ordering::SeqCst);
+        }
+        waiting
+    }
+
+    /// Resolves when output was appended to a run marked idle.
+    pub(crate) async fn output(&self) {
+        self.output.notified().await
     }
 
     /// The longest message a line keeps (longer ones are cut with a marker).
@@ -267,6 +305,8 @@ impl RunBuffer {
             return;
         };
         p.push_line(ts, level, message, metadata);
+        drop(p);
+        self.appended();
     }
 
     /// Appends many lines under one lock; their `seq`s are consecutive.
@@ -285,6 +325,8 @@ impl RunBuffer {
         for (level, message) in lines {
             p.push_line(ts, level, message, None);
         }
+        drop(p);
+        self.appended();
     }
 
     pub fn result(&self, key: String, value: Value) {
@@ -304,6 +346,8 @@ impl RunBuffer {
             value,
             ts,
         });
+        drop(p);
+        self.appended();
     }
 
     /// Metric values at one `step`, as one record (several records when there are more
@@ -365,6 +409,8 @@ impl RunBuffer {
                 values,
             });
         }
+        drop(p);
+        self.appended();
     }
 
     /// A line from the worker itself about the run (not the experiment's): appended at
@@ -379,6 +425,8 @@ impl RunBuffer {
         let mut p = self.pending.lock();
         p.bytes += cost;
         p.push_line(now_micros(), level, message, None);
+        drop(p);
+        self.appended();
     }
 
     /// Progress is a "latest wins" value: only the newest one is kept.
@@ -393,6 +441,7 @@ impl RunBuffer {
             message,
             ts,
         });
+        self.appended();
     }
 
     /// Locks the pending output for an append of `cost` bytes and charges them, or

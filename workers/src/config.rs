@@ -22,6 +22,10 @@ pub struct WorkerConfig {
     /// How often each run's buffer is drained into one batch.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
+    /// After a whole interval with nothing to publish, a run's next output goes out at
+    /// once and the interval starts from there (sparse lines in milliseconds rather
+    /// than at the next tick); false: strictly at the ticks.
+    pub leading_edge: bool,
     /// How long a cancelled run may keep going before it is stopped and reported `cancelled`.
     #[serde(with = "humantime_serde")]
     pub cancel_grace: Duration,
@@ -42,6 +46,7 @@ impl Default for WorkerConfig {
             max_pending_bytes: 256 << 20,
             max_line_bytes: 64 << 10,
             flush_interval: Duration::from_millis(100),
+            leading_edge: true,
             cancel_grace: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(5),

@@ -22,6 +22,9 @@ use crate::instruments;
 pub enum FlushTrigger {
     /// The periodic flush of a running run.
     Tick,
+    /// Output of a run that had published nothing for a whole flush interval: sent at
+    /// once (the leading edge), the interval starting again from there.
+    Lead,
     /// An extra batch of the same flush, because one batch would exceed `max_payload`.
     Size,
     /// The last flush of a run, carrying its terminal status.
@@ -32,6 +35,7 @@ impl FlushTrigger {
     pub fn as_str(self) -> &'static str {
         match self {
             FlushTrigger::Tick => "tick",
+            FlushTrigger::Lead => "lead",
             FlushTrigger::Size => "size",
             FlushTrigger::Final => "final",
         }
@@ -107,6 +111,11 @@ impl Publisher {
             stats,
             budget,
         }
+    }
+
+    /// Whether nothing was published yet (the first batch carries `running`).
+    pub(crate) fn is_first(&self) -> bool {
+        self.next_batch_seq == 0
     }
 
     /// Publishes what was drained (the first call always publishes: it carries

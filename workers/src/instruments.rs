@@ -39,7 +39,7 @@ pub(crate) fn describe() {
     );
     describe_counter!(
         BATCHES,
-        "Batches published and acknowledged, by why they were sent (tick, size, final)."
+        "Batches published and acknowledged, by why they were sent (tick, lead, size, final)."
     );
     describe_counter!(
         RETRIES,

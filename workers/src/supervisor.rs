@@ -57,6 +57,11 @@ enum Ended {
 
 /// Owns one run from start to final batch: starts the experiment thread, flushes
 /// every tick, applies the cancel grace, publishes the terminal batch, frees the slot.
+/// How long a run woken from idle gathers output before its batch goes out: output
+/// emitted together (a line and its progress update, a burst of lines) shares one batch
+/// instead of the rest waiting a whole interval.
+const LEAD_LINGER: Duration = Duration::from_millis(2);
+
 pub(crate) async fn supervise(
     worker: Arc<WorkerShared>,
     run: Arc<RunShared>,
@@ -85,8 +90,23 @@ pub(crate) async fn supervise(
                 Err(payload) => Err(format!("panicked: {}", panic_message(payload.as_ref()))),
             });
         });
-    let mut interval = tokio::time::interval(worker.config.flush_interval);
+    let every = worker.config.flush_interval;
+    let lead = worker.config.leading_edge;
+    // The leading edge: a run that has published nothing for a whole interval is
+    // marked idle, and its next output goes out at once; the interval starts again
+    // from there. Under steady output every tick has something: exactly one batch per
+    // interval, as without it. A run starts idle: its first output (or, for a run
+    // silent that long, the first tick) publishes the batch saying `running`.
+    let now = tokio::time::Instant::now();
+    let first_tick = if lead && !run.buffer.mark_idle() {
+        now + every
+    } else {
+        now
+    };
+    let mut interval = tokio::time::interval_at(first_tick, every);
     interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // When the last batch went out.
+    let mut last_sent: Option<tokio::time::Instant> = None;
     let mut grace: Option<Pin<Box<Sleep>>> = None;
     let mut stopper_called = false;
     let ended = match spawned {
@@ -127,8 +147,36 @@ pub(crate) async fn supervise(
                 _ = worker.shutdown.cancelled(), if !run.cancelled.load(Ordering::Relaxed) => {
                     run.cancel("the worker is shutting down");
                 }
-                _ = interval.tick() => {
-                    publisher.send(run.buffer.drain(), FlushTrigger::Tick, None).await;
+                tick = interval.tick() => {
+                    let drained = run.buffer.drain();
+                    if !drained.is_empty() || publisher.is_first() {
+                        // The tick's own deadline: the next one is exactly `every` later.
+                        last_sent = Some(tick);
+                        publisher.send(drained, FlushTrigger::Tick, None).await;
+                    } else if lead
+                        && last_sent.is_none_or(|t| t.elapsed() >= every)
+                        && run.buffer.mark_idle()
+                    {
+                        last_sent = Some(tokio::time::Instant::now());
+                        publisher.send(run.buffer.drain(), FlushTrigger::Lead, None).await;
+                        interval.reset();
+                    }
+                }
+                _ = run.buffer.output() => {
+                    // A wake-up the tick beat to it (both ready at once) is left to
+                    // the ticks: still at most one batch per interval.
+                    if last_sent.is_some_and(|t| t.elapsed() < every) {
+                        continue;
+                    }
+                    // What comes with the line (a progress update, metrics, the next
+                    // line of a print) goes in the same batch.
+                    tokio::time::sleep(LEAD_LINGER.min(every / 10)).await;
+                    let drained = run.buffer.drain();
+                    if !drained.is_empty() {
+                        last_sent = Some(tokio::time::Instant::now());
+                        publisher.send(drained, FlushTrigger::Lead, None).await;
+                        interval.reset();
+                    }
                 }
             }
         },

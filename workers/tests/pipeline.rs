@@ -235,6 +235,76 @@ async fn batch_count_follows_ticks_not_lines() {
     worker.stop().await;
 }
 
+/// Logs `lines` lines, `gap_ms` apart.
+struct Sparse;
+
+impl Experiment for Sparse {
+    fn name(&self) -> &str {
+        "sparse"
+    }
+    fn description(&self) -> &str {
+        "test: a line every gap_ms"
+    }
+    fn config_schema(&self) -> ConfigSchema {
+        ConfigSchema::new([Field::int("lines").default(3), Field::int("gap_ms").default(1000)])
+    }
+    fn run(&self, ctx: &RunContext) -> Result<(), RunError> {
+        let gap = Duration::from_millis(ctx.config_i64("gap_ms").unwrap() as u64);
+        for i in 0..ctx.config_i64("lines").unwrap() {
+            ctx.log(Level::Info, format!("sparse line {i}"));
+            std::thread::sleep(gap);
+        }
+        Ok(())
+    }
+}
+
+/// A line after a quiet flush interval goes out at once (the leading edge) instead of
+/// waiting for the next tick. With a 3 s interval and a line every 3.5 s, the ticks
+/// would publish the first line up to 3 s late and each later one 2.5 s late; each
+/// goes out within a second (milliseconds, unloaded), in a batch of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_after_a_quiet_interval_is_published_at_once() {
+    let nats = TestNats::start();
+    let config = WorkerConfig {
+        flush_interval: Duration::from_secs(3),
+        ..WorkerConfig::for_tests()
+    };
+    let worker = TestWorker::start(&nats, config, vec![Arc::new(Sparse)]).await;
+    let request = request("sparse", json!({"lines": 4, "gap_ms": 3500}));
+    let js = nats.jetstream().await;
+    let mut published = js
+        .client()
+        .subscribe(names::run_subject(&request.run_id))
+        .await
+        .unwrap();
+    let run_id = request.run_id.clone();
+    let mut handle = worker.worker.start_run(request).await.unwrap();
+    let mut delays = Vec::new();
+    while delays.len() < 4 {
+        let message = tokio::time::timeout(Duration::from_secs(30), published.next())
+            .await
+            .expect("a batch within 30 s")
+            .unwrap();
+        let at = now_micros();
+        let batch = athanor_schemas::decode(&message.payload, 1 << 26).unwrap();
+        for line in &batch.logs {
+            delays.push((line.seq, batch.batch_seq, (at - line.ts) / 1000));
+        }
+    }
+    assert_eq!(handle.finished().await, RunState::Completed);
+    eprintln!("(seq, batch, ms from log() to the subject): {delays:?}");
+    // Line 0 is the run's first output: it goes out at once with `running`; each later
+    // one follows 3.5 s of quiet.
+    for &(seq, batch, ms) in &delays {
+        assert!(ms < 1000, "line {seq} (batch {batch}) published {ms} ms after log()");
+    }
+    let batches: HashSet<u64> = delays.iter().map(|d| d.1).collect();
+    assert_eq!(batches.len(), 4, "a batch per line: {delays:?}");
+    let out = read_run(&js, &run_id, READ_TIMEOUT).await.unwrap();
+    assert_gapless(&out, 4);
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endings_ok_error_panic_and_the_worker_survives() {
     let nats = TestNats::start();
@@ -741,7 +811,18 @@ async fn with_nats_down_log_blocks_within_the_memory_bound_then_everything_flows
     })
     .await
     .unwrap();
-    let used = budget.used();
+    // A publish acknowledged as NATS died may still free some room: once the budget
+    // stands still, it stays still for a second (it never would if output kept growing).
+    let mut used = budget.used();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = budget.used();
+        if std::mem::replace(&mut used, now) == now {
+            break;
+        }
+        assert!(Instant::now() < deadline, "output kept growing while NATS was down");
+    }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(
         budget.used(),
