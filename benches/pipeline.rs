@@ -270,12 +270,10 @@ impl athanor_workers::Experiment for SparseLines {
             Field::int("line_bytes").default(100),
         ])
     }
-    fn run(
-        &self,
-        ctx: &athanor_workers::RunContext,
-    ) -> Result<(), athanor_workers::RunError> {
+    fn run(&self, ctx: &athanor_workers::RunContext) -> Result<(), athanor_workers::RunError> {
         let mean = 1.0 / ctx.config_i64("lines_per_second").unwrap().max(1) as f64;
-        let end = Instant::now() + Duration::from_millis(ctx.config_i64("duration_ms").unwrap() as u64);
+        let end =
+            Instant::now() + Duration::from_millis(ctx.config_i64("duration_ms").unwrap() as u64);
         let line = "x".repeat(ctx.config_i64("line_bytes").unwrap() as usize);
         let mut n = 0;
         while Instant::now() < end && !ctx.cancelled() {
@@ -631,12 +629,70 @@ async fn throughput() {
         return;
     }
     for &rate in &offered {
-        let Some((admin, name, db)) = postgres_database(&rate.to_string()).await else {
-            return;
-        };
-        throughput_row("PostgreSQL 15", rate, db).await;
-        drop_postgres_database(&admin, &name).await;
+        // The lines by multi-row INSERT (as on SQLite) and by COPY, side by side.
+        for (copy, label) in [
+            (false, "PostgreSQL 15, INSERT"),
+            (true, "PostgreSQL 15, COPY"),
+        ] {
+            let tag = format!("{rate}_{}", u8::from(copy));
+            let Some((admin, name, db)) = postgres_database(&tag).await else {
+                return;
+            };
+            athanor_aggregator::store::set_postgres_copy(copy);
+            throughput_row(label, rate, db).await;
+            drop_postgres_database(&admin, &name).await;
+        }
     }
+    athanor_aggregator::store::set_postgres_copy(true);
+    copy_ceiling().await;
+}
+
+/// The ceiling to hold PostgreSQL's pipeline rate against, measured in the same sitting:
+/// `psql \copy` of 1 000 000 `log_storm`-like rows (~180 bytes) into an empty table
+/// with `run_logs`' columns and primary key, nothing else running.
+async fn copy_ceiling() {
+    use sea_orm::ConnectionTrait;
+    const ROWS: usize = 1_000_000;
+    let Some((admin, name, db)) = postgres_database("ceiling").await else {
+        return;
+    };
+    db.execute_unprepared("CREATE TABLE ceiling (LIKE run_logs INCLUDING ALL)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rows.tsv");
+    let mut data = String::with_capacity(ROWS * 200);
+    for (seq, (level, message)) in builtin::sample_lines(ROWS, 120, 7).into_iter().enumerate() {
+        use std::fmt::Write;
+        let _ = writeln!(
+            data,
+            "01a24c6a-f670-74f6-9326-e5257457e1cb\t{seq}\t{}\t{}\t{message}\t\\N",
+            1_765_000_000_000_000u64 + seq as u64,
+            level.as_str()
+        );
+    }
+    let bytes = data.len();
+    std::fs::write(&file, data).unwrap();
+    let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (base, _) = server.rsplit_once('/').unwrap();
+    let started = Instant::now();
+    let status = std::process::Command::new("psql")
+        .arg(format!("{base}/{name}"))
+        .args(["-q", "-c"])
+        .arg(format!("\\copy ceiling FROM '{}'", file.display()))
+        .status();
+    let took = started.elapsed().as_secs_f64();
+    match status {
+        Ok(s) if s.success() => println!(
+            "\nCeiling, same sitting: `psql \\copy` of {ROWS} rows ({} bytes each on average) into an empty table with `run_logs`' primary key: {took:.2} s, {:.0} rows/s.",
+            bytes / ROWS,
+            ROWS as f64 / took
+        ),
+        other => println!("\nCeiling: psql \\copy did not run: {other:?}"),
+    }
+    drop(db);
+    drop_postgres_database(&admin, &name).await;
 }
 
 /// A fresh, migrated PostgreSQL database on ATHANOR_BENCH_DATABASE_URL's server (the
@@ -710,16 +766,15 @@ async fn throughput_row_on(
     db: sea_orm::DatabaseConnection,
     aggregator: AggregatorConfig,
 ) {
-    let stack =
-        Stack::start_configured(
-            &Bench::of(nats_server),
-            db,
-            None,
-            Vec::new(),
-            aggregator,
-            WorkerConfig::default(),
-        )
-        .await;
+    let stack = Stack::start_configured(
+        &Bench::of(nats_server),
+        db,
+        None,
+        Vec::new(),
+        aggregator,
+        WorkerConfig::default(),
+    )
+    .await;
     let per_run = offered / THROUGHPUT_RUNS;
     let t0 = Instant::now();
     let mut ids = Vec::new();

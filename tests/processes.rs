@@ -475,11 +475,15 @@ async fn sigterm_without_drain_time_acknowledges_every_batch_it_stored() {
     let (mut up, url) = common::up_with(dir.path(), &env);
     let http = reqwest::Client::new();
     for id in &ids {
-        let run = wait_for("the run stored to its end", Duration::from_secs(120), || async {
-            let run = run_json(&http, &url, id).await?;
-            // Terminal only once every batch up to its final one is stored.
-            (run["status"] == "cancelled").then_some(run)
-        })
+        let run = wait_for(
+            "the run stored to its end",
+            Duration::from_secs(120),
+            || async {
+                let run = run_json(&http, &url, id).await?;
+                // Terminal only once every batch up to its final one is stored.
+                (run["status"] == "cancelled").then_some(run)
+            },
+        )
         .await
         .unwrap();
         assert!(run["lines"].as_u64().unwrap() >= 20_000, "{run}");
@@ -503,6 +507,9 @@ async fn sigterm_without_drain_time_acknowledges_every_batch_it_stored() {
     let redelivered = counter("athanor_aggregator_redeliveries_total");
     let duplicates = counter("athanor_aggregator_duplicate_batches_total");
     eprintln!("after the restart: {redelivered} batches delivered again, {duplicates} of them stored already");
-    assert_eq!(duplicates, 0.0, "stored batches left unacknowledged at exit");
+    assert_eq!(
+        duplicates, 0.0,
+        "stored batches left unacknowledged at exit"
+    );
     common::stop(&mut up);
 }

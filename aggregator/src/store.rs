@@ -8,6 +8,7 @@
 //! when every batch up to its final one is stored.
 
 mod metrics;
+mod pg;
 
 use std::collections::BTreeMap;
 
@@ -94,20 +95,87 @@ struct RunDelta {
     final_: Option<(athanor_schemas::Final, Option<athanor_schemas::Status>)>,
 }
 
+/// How a transaction writes the lines of its new batches.
+pub(crate) trait WriteLines: ConnectionTrait + Sized {
+    /// Writes `lines`, per run; a line already stored is left as it is.
+    async fn write_lines(&self, lines: Vec<(String, Vec<LineRow>)>) -> Result<(), DbErr> {
+        insert_lines(self, lines).await
+    }
+}
+
+impl WriteLines for sea_orm::DatabaseTransaction {}
+
+/// A line of a new batch, as stored in `run_logs` (the run id aside).
+pub(crate) struct LineRow {
+    seq: i64,
+    ts: i64,
+    level: &'static str,
+    message: String,
+    metadata: Option<String>,
+}
+
+/// Multi-row `INSERT … ON CONFLICT DO NOTHING`, the run id bound once per statement.
+/// (`WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert clause, not a
+/// join constraint.)
+async fn insert_lines(
+    txn: &impl ConnectionTrait,
+    lines: Vec<(String, Vec<LineRow>)>,
+) -> Result<(), DbErr> {
+    let backend = txn.get_database_backend();
+    for (run_id, rows) in lines {
+        let mut values = Vec::with_capacity(rows.len() * 5);
+        for row in rows {
+            values.push(row.seq.into());
+            values.push(row.ts.into());
+            values.push(row.level.into());
+            values.push(row.message.into());
+            values.push(row.metadata.into());
+        }
+        insert_rows(
+            txn,
+            backend,
+            "INSERT INTO run_logs (run_id, seq, ts, level, message, metadata) \
+             SELECT ?, column1, column2, column3, column4, column5 FROM (VALUES ",
+            vec![run_id.into()],
+            5,
+            values,
+            ") AS line WHERE true ON CONFLICT (run_id, seq) DO NOTHING",
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether PostgreSQL's lines go by COPY (`pg.rs`); off, by multi-row INSERT as on
+/// SQLite. For the benchmark's side-by-side rows.
+pub fn set_postgres_copy(on: bool) {
+    pg::COPY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writes `incoming` in one transaction (sorted by run and batch, so concurrent
 /// aggregators lock rows in the same order).
 pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Result<Written, DbErr> {
-    let backend = db.get_database_backend();
     incoming.sort_by(|a, b| {
         (&a.batch.run_id, a.batch.batch_seq).cmp(&(&b.batch.run_id, b.batch.batch_seq))
     });
     let _turn = athanor_connections::db::write_turn(db).await;
-    let now = now_micros();
+    if let Some(pool) = pg::copy_pool(db) {
+        return pg::store(pool, incoming).await;
+    }
     let txn = db.begin().await?;
+    let written = write(&txn, incoming).await?;
+    txn.commit().await?;
+    Ok(written)
+}
+
+/// The body of [`store`]'s transaction.
+async fn write(txn: &impl WriteLines, incoming: Vec<Incoming>) -> Result<Written, DbErr> {
+    let backend = txn.get_database_backend();
+    let now = now_micros();
     let mut written = Written::default();
     let mut deltas: BTreeMap<String, RunDelta> = BTreeMap::new();
-    // Per run (in order): its new lines, five values each.
-    let mut logs: Vec<(String, Vec<Value>)> = Vec::new();
+    // Per run (in order): its new lines.
+    let mut logs: Vec<(String, Vec<LineRow>)> = Vec::new();
     // Per run (in order): the metric points of its new batches.
     let mut points: Vec<(String, Vec<metrics::Point>)> = Vec::new();
     // Newest record per (run, key) in this transaction: one statement may not touch a
@@ -196,15 +264,15 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         if logs.last().is_none_or(|(run, _)| *run != run_id) {
             logs.push((run_id.clone(), Vec::new()));
         }
-        let values = &mut logs.last_mut().expect("pushed above").1;
-        values.reserve(batch.logs.len() * 5);
-        for line in batch.logs {
-            values.push((line.seq as i64).into());
-            values.push(line.ts.into());
-            values.push(line.level.as_str().into());
-            values.push(text(backend, line.message));
-            values.push(line.metadata.map(|m| m.to_string()).into());
-        }
+        let rows = &mut logs.last_mut().expect("pushed above").1;
+        rows.reserve(batch.logs.len());
+        rows.extend(batch.logs.into_iter().map(|line| LineRow {
+            seq: line.seq as i64,
+            ts: line.ts,
+            level: line.level.as_str(),
+            message: stored_text(backend, line.message),
+            metadata: line.metadata.map(|m| m.to_string()),
+        }));
         if !batch.metrics.is_empty() {
             if points.last().is_none_or(|(run, _)| *run != run_id) {
                 points.push((run_id.clone(), Vec::new()));
@@ -220,22 +288,8 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
             );
         }
     }
-    // The run id is bound once per statement, not once per line. (`WHERE true` tells
-    // SQLite's parser that `ON CONFLICT` is the upsert clause, not a join constraint.)
-    for (run_id, values) in logs {
-        insert_rows(
-            &txn,
-            backend,
-            "INSERT INTO run_logs (run_id, seq, ts, level, message, metadata) \
-             SELECT ?, column1, column2, column3, column4, column5 FROM (VALUES ",
-            vec![run_id.into()],
-            5,
-            values,
-            ") AS line WHERE true ON CONFLICT (run_id, seq) DO NOTHING",
-        )
-        .await?;
-    }
-    metrics::write(&txn, backend, points).await?;
+    txn.write_lines(logs).await?;
+    metrics::write(txn, backend, points).await?;
     let mut values = Vec::with_capacity(results.len() * 5);
     for ((run_id, key), record) in results {
         values.extend([
@@ -247,7 +301,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
         ]);
     }
     insert_rows(
-        &txn,
+        txn,
         backend,
         "INSERT INTO run_results (run_id, key, value, seq, ts) VALUES ",
         Vec::new(),
@@ -259,12 +313,11 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
     .await?;
     for (run_id, delta) in deltas {
         if delta.batches > 0 {
-            if let Some(change) = update_run(&txn, backend, &run_id, delta, now).await? {
+            if let Some(change) = update_run(txn, backend, &run_id, delta, now).await? {
                 written.changes.push(change);
             }
         }
     }
-    txn.commit().await?;
     Ok(written)
 }
 

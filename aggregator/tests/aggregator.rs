@@ -1895,3 +1895,104 @@ async fn runs_past_the_retention_are_deleted_in_chunks_and_the_rest_stay() {
     aggregator.wait().await;
     db.close().await;
 }
+
+/// Lines stored exactly as logged, whatever they hold — on PostgreSQL they go by COPY,
+/// whose text format escapes tabs, newlines, carriage returns and backslashes — and a
+/// run with a line already in `run_logs` (with no batch key: a hand-made row) still
+/// stores its batch: that run's lines take the INSERT path, the existing row kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_are_stored_exactly_as_logged_and_an_existing_line_is_kept() {
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
+    let db = TestDb::new().await;
+    let aggregator = Running::start(&nats, &db).await;
+    let odd = [
+        "a\ttab",
+        "a\nnewline and a\r\nreturn",
+        "a \\ backslash, \\N, \\t and \\\\",
+        "ünïcødé, emoji 🦀, and a NUL \0 here",
+        "",
+        "trailing tab\t",
+    ];
+    let mut batch = Batch::new("odd-lines", 0, "w-synthetic");
+    batch.logs = odd
+        .iter()
+        .enumerate()
+        .map(|(i, m)| LogLine {
+            seq: i as u64,
+            ts: 1000 + i as i64,
+            level: Level::Info,
+            message: m.to_string(),
+            metadata: (i % 2 == 0).then(|| json!({"m": m, "i": i})),
+        })
+        .collect();
+    batch.final_ = Some(athanor_schemas::Final {
+        status: RunState::Completed,
+        batches: 1,
+        lines: odd.len() as u64,
+        results: 0,
+        metrics: 0,
+    });
+    batch.status = Some(Status {
+        state: RunState::Completed,
+        error: None,
+        at: 2000,
+    });
+    // The other run: line 1 is in run_logs already, with no batch key.
+    let mut held = synthetic_run("held-line", 1).remove(0);
+    held.final_ = None;
+    held.status = None;
+    db.db
+        .execute(athanor_connections::db::stmt(
+            db.db.get_database_backend(),
+            "INSERT INTO run_logs (run_id, seq, ts, level, message, metadata) VALUES ('held-line', 1, 1, 'info', 'there before', NULL)",
+            vec![],
+        ))
+        .await
+        .unwrap();
+    for b in [&batch, &held] {
+        js.publish(
+            names::run_subject(&b.run_id),
+            codec::encode(b).payload.into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    wait_terminal(&db.db, "odd-lines").await;
+    let stored = logs_of(&db.db, "odd-lines").await;
+    let expected: Vec<String> = odd
+        .iter()
+        .map(|m| match db.db.get_database_backend() {
+            // PostgreSQL text cannot hold NUL: stored as U+2400.
+            sea_orm::DatabaseBackend::Postgres => m.replace('\0', "\u{2400}"),
+            _ => m.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        stored.iter().map(|l| l.message.clone()).collect::<Vec<_>>(),
+        expected
+    );
+    for (i, line) in stored.iter().enumerate() {
+        let metadata: Option<serde_json::Value> = line
+            .metadata
+            .as_deref()
+            .map(|m| serde_json::from_str(m).unwrap());
+        assert_eq!(
+            metadata,
+            (i % 2 == 0).then(|| json!({"m": odd[i], "i": i})),
+            "line {i}"
+        );
+        assert_eq!((line.seq, line.ts), (i as i64, 1000 + i as i64));
+    }
+    let held_lines = wait_for("the held run's batch", DEADLINE, || async {
+        let lines = logs_of(&db.db, "held-line").await;
+        (lines.len() == 50).then_some(lines)
+    })
+    .await
+    .unwrap();
+    assert_eq!(held_lines[1].message, "there before");
+    assert_eq!(held_lines[2].message, held.logs[2].message);
+    aggregator.stop().await;
+}

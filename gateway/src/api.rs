@@ -129,7 +129,12 @@ pub(crate) async fn run_output_held(
             .unwrap_or(consumer.created)
             .unix_timestamp();
         if now - acked >= stall.as_secs() as i64 {
-            stalled = Some((consumer.name.clone(), consumer.ack_floor.stream_sequence, acked, waiting));
+            stalled = Some((
+                consumer.name.clone(),
+                consumer.ack_floor.stream_sequence,
+                acked,
+                waiting,
+            ));
             break;
         }
     }

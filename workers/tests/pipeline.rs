@@ -246,7 +246,10 @@ impl Experiment for Sparse {
         "test: a line every gap_ms"
     }
     fn config_schema(&self) -> ConfigSchema {
-        ConfigSchema::new([Field::int("lines").default(3), Field::int("gap_ms").default(1000)])
+        ConfigSchema::new([
+            Field::int("lines").default(3),
+            Field::int("gap_ms").default(1000),
+        ])
     }
     fn run(&self, ctx: &RunContext) -> Result<(), RunError> {
         let gap = Duration::from_millis(ctx.config_i64("gap_ms").unwrap() as u64);
@@ -296,7 +299,10 @@ async fn a_line_after_a_quiet_interval_is_published_at_once() {
     // Line 0 is the run's first output: it goes out at once with `running`; each later
     // one follows 3.5 s of quiet.
     for &(seq, batch, ms) in &delays {
-        assert!(ms < 1000, "line {seq} (batch {batch}) published {ms} ms after log()");
+        assert!(
+            ms < 1000,
+            "line {seq} (batch {batch}) published {ms} ms after log()"
+        );
     }
     let batches: HashSet<u64> = delays.iter().map(|d| d.1).collect();
     assert_eq!(batches.len(), 4, "a batch per line: {delays:?}");
@@ -821,7 +827,10 @@ async fn with_nats_down_log_blocks_within_the_memory_bound_then_everything_flows
         if std::mem::replace(&mut used, now) == now {
             break;
         }
-        assert!(Instant::now() < deadline, "output kept growing while NATS was down");
+        assert!(
+            Instant::now() < deadline,
+            "output kept growing while NATS was down"
+        );
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(

@@ -1,0 +1,259 @@
+//! PostgreSQL's write path: the same transaction as on SQLite (`super::write`), run on a
+//! connection of sqlx's own taken from sea-orm's pool, so that the lines of new batches
+//! can go by `COPY … FROM STDIN` — one stream of rows instead of multi-row INSERTs of
+//! 50 000 bind parameters each. Everything else in the transaction (the `run_batches`
+//! keys that make a batch new, results, metric points, counters) is the same statements
+//! through sea-orm's `ConnectionTrait`, implemented here over that connection, so
+//! exactly-once is unchanged: a batch's lines are written only by the transaction that
+//! inserted its `run_batches` row.
+//!
+//! COPY cannot skip a row that exists. Lines can exist without their batch's key only
+//! in an oddity (a line stored by an earlier version, a hand-made row), so each run's
+//! seq range is checked first in one query; a run with any line there already takes the
+//! `INSERT … ON CONFLICT DO NOTHING` path instead.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sea_orm::{
+    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, ExecResult, QueryResult,
+    RuntimeErr, Statement,
+};
+use sea_query_binder::SqlxValues;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+use tokio::sync::Mutex;
+
+use super::{insert_lines, Incoming, LineRow, WriteLines, Written};
+
+/// Whether lines go by COPY (see `super::set_postgres_copy`).
+pub(super) static COPY: AtomicBool = AtomicBool::new(true);
+
+/// Bytes of COPY data sent per message.
+const COPY_CHUNK: usize = 4 << 20;
+
+/// The pool to write through when `db` is PostgreSQL and COPY is on.
+pub(super) fn copy_pool(db: &DatabaseConnection) -> Option<&PgPool> {
+    (db.get_database_backend() == DatabaseBackend::Postgres && COPY.load(Ordering::Relaxed))
+        .then(|| db.get_postgres_connection_pool())
+}
+
+/// [`super::store`]'s transaction on a connection of `pool`. A connection whose COMMIT
+/// failed is closed, never reused.
+pub(super) async fn store(pool: &PgPool, incoming: Vec<Incoming>) -> Result<Written, DbErr> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(|e| DbErr::Conn(RuntimeErr::SqlxError(e)))?;
+    match transaction(&mut conn, incoming).await {
+        Ok(written) => Ok(written),
+        Err(Failed::Commit(error)) => {
+            let _ = conn.close().await;
+            Err(error)
+        }
+        Err(Failed::Before(error)) => Err(error),
+    }
+}
+
+enum Failed {
+    /// Before the COMMIT: the transaction rolled back (on drop).
+    Before(DbErr),
+    Commit(DbErr),
+}
+
+async fn transaction(conn: &mut PgConnection, incoming: Vec<Incoming>) -> Result<Written, Failed> {
+    let tx = conn.begin().await.map_err(|e| Failed::Before(exec(e)))?;
+    let txn = PgTxn { tx: Mutex::new(tx) };
+    // Dropped unfinished (an error, or the caller gone), the transaction rolls back.
+    let written = super::write(&txn, incoming).await.map_err(Failed::Before)?;
+    let tx = txn.tx.into_inner();
+    tx.commit().await.map_err(|e| Failed::Commit(exec(e)))?;
+    Ok(written)
+}
+
+fn exec(error: sqlx::Error) -> DbErr {
+    DbErr::Exec(RuntimeErr::SqlxError(error))
+}
+
+fn query(error: sqlx::Error) -> DbErr {
+    DbErr::Query(RuntimeErr::SqlxError(error))
+}
+
+/// An open transaction on one PostgreSQL connection, for sea-orm statements and COPY.
+struct PgTxn<'c> {
+    tx: Mutex<sqlx::Transaction<'c, Postgres>>,
+}
+
+fn bound(stmt: &Statement) -> sqlx::query::Query<'_, Postgres, SqlxValues> {
+    let values = stmt
+        .values
+        .clone()
+        .unwrap_or_else(|| sea_orm::Values(Vec::new()));
+    sqlx::query_with(&stmt.sql, SqlxValues(values))
+}
+
+#[async_trait::async_trait]
+impl ConnectionTrait for PgTxn<'_> {
+    fn get_database_backend(&self) -> DatabaseBackend {
+        DatabaseBackend::Postgres
+    }
+
+    async fn execute(&self, stmt: Statement) -> Result<ExecResult, DbErr> {
+        let mut tx = self.tx.lock().await;
+        let conn: &mut PgConnection = &mut tx;
+        bound(&stmt)
+            .execute(conn)
+            .await
+            .map(Into::into)
+            .map_err(exec)
+    }
+
+    async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
+        self.execute(Statement::from_string(DatabaseBackend::Postgres, sql))
+            .await
+    }
+
+    async fn query_one(&self, stmt: Statement) -> Result<Option<QueryResult>, DbErr> {
+        let mut tx = self.tx.lock().await;
+        let conn: &mut PgConnection = &mut tx;
+        bound(&stmt)
+            .fetch_optional(conn)
+            .await
+            .map(|row| row.map(Into::into))
+            .map_err(query)
+    }
+
+    async fn query_all(&self, stmt: Statement) -> Result<Vec<QueryResult>, DbErr> {
+        let mut tx = self.tx.lock().await;
+        let conn: &mut PgConnection = &mut tx;
+        bound(&stmt)
+            .fetch_all(conn)
+            .await
+            .map(|rows| rows.into_iter().map(Into::into).collect())
+            .map_err(query)
+    }
+}
+
+impl WriteLines for PgTxn<'_> {
+    async fn write_lines(&self, lines: Vec<(String, Vec<LineRow>)>) -> Result<(), DbErr> {
+        let mut tx = self.tx.lock().await;
+        let conn: &mut PgConnection = &mut tx;
+        // Runs with a line in their new seq range already: one query for all of them.
+        let (mut ids, mut lows, mut highs) = (Vec::new(), Vec::new(), Vec::new());
+        for (run_id, rows) in &lines {
+            let seqs = rows.iter().map(|r| r.seq);
+            if let (Some(low), Some(high)) = (seqs.clone().min(), seqs.max()) {
+                ids.push(run_id.clone());
+                lows.push(low);
+                highs.push(high);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let held: Vec<String> = sqlx::query_scalar(
+            "SELECT q.run_id FROM unnest($1::text[], $2::int8[], $3::int8[]) AS q(run_id, lo, hi) \
+             WHERE EXISTS (SELECT 1 FROM run_logs l WHERE l.run_id = q.run_id AND l.seq BETWEEN q.lo AND q.hi)",
+        )
+        .bind(&ids)
+        .bind(&lows)
+        .bind(&highs)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(query)?;
+        let (inserted, copied): (Vec<_>, Vec<_>) = lines
+            .into_iter()
+            .partition(|(run_id, _)| held.contains(run_id));
+        if !copied.is_empty() {
+            let mut copy = conn
+                .copy_in_raw("COPY run_logs (run_id, seq, ts, level, message, metadata) FROM STDIN")
+                .await
+                .map_err(exec)?;
+            let mut data = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+            for (run_id, rows) in copied {
+                for row in rows {
+                    copy_row(&mut data, &run_id, &row);
+                    if data.len() >= COPY_CHUNK {
+                        let full = std::mem::replace(
+                            &mut data,
+                            Vec::with_capacity(COPY_CHUNK + (64 << 10)),
+                        );
+                        copy.send(full).await.map_err(exec)?;
+                    }
+                }
+            }
+            if !data.is_empty() {
+                copy.send(data).await.map_err(exec)?;
+            }
+            copy.finish().await.map_err(exec)?;
+        }
+        drop(tx);
+        if !inserted.is_empty() {
+            insert_lines(self, inserted).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One row of COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
+fn copy_row(out: &mut Vec<u8>, run_id: &str, row: &LineRow) {
+    use std::io::Write;
+    copy_text(out, run_id);
+    let _ = write!(out, "\t{}\t{}\t", row.seq, row.ts);
+    copy_text(out, row.level);
+    out.push(b'\t');
+    copy_text(out, &row.message);
+    out.push(b'\t');
+    match &row.metadata {
+        Some(metadata) => copy_text(out, metadata),
+        None => out.extend_from_slice(b"\\N"),
+    }
+    out.push(b'\n');
+}
+
+fn copy_text(out: &mut Vec<u8>, text: &str) {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_rows_escape_what_the_text_format_would_misread() {
+        let mut out = Vec::new();
+        let row = LineRow {
+            seq: 7,
+            ts: 1_700_000_000_000_000,
+            level: "info",
+            message: "a\ttab, a\nnewline, a \\ backslash, a\r return, ünïcødé".into(),
+            metadata: None,
+        };
+        copy_row(&mut out, "run-1", &row);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "run-1\t7\t1700000000000000\tinfo\ta\\ttab, a\\nnewline, a \\\\ backslash, a\\r return, ünïcødé\t\\N\n"
+        );
+        let mut out = Vec::new();
+        let row = LineRow {
+            metadata: Some(r#"{"k":"v\\n"}"#.into()),
+            ..row
+        };
+        copy_row(&mut out, "r", &row);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("\t{\"k\":\"v\\\\\\\\n\"}\n"));
+    }
+}
