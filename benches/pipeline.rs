@@ -30,6 +30,7 @@
 //! Prints a table per part; BENCHMARKS.md holds the last figures.
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use athanor_aggregator::{Aggregator, AggregatorConfig};
@@ -853,72 +854,185 @@ async fn all_completed(stack: &Stack, ids: &[String]) -> bool {
 
 // ---------------------------------------------------------------- fan-out
 
-/// One viewer: a sampled one reads the feed through `athanor-client` and reports
-/// delays; the others only drain a raw connection (thousands of them, as cheap for this
-/// process as can be, so the gateway is what is measured).
-async fn raw_viewer(
-    addr: std::net::SocketAddr,
-    path: String,
-    sample: bool,
-    until: Instant,
-) -> Vec<i64> {
-    if sample {
-        let id = path
-            .trim_start_matches("/api/runs/")
-            .trim_end_matches("/events");
-        return delays(feed(&format!("http://{addr}"), id).await, until).await;
+/// What one viewer has seen so far.
+#[derive(Default)]
+struct Seen {
+    snapshot: std::sync::atomic::AtomicBool,
+    batches: std::sync::atomic::AtomicU64,
+}
+
+impl Seen {
+    fn batches(&self) -> u64 {
+        self.batches.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// A viewer as a browser tab would be, without parsing: a raw HTTP request for the
+/// feed, counting `snapshot` and `batch` events in the bytes that arrive.
+async fn raw_viewer(addr: std::net::SocketAddr, path: String, seen: Arc<Seen>) {
+    use std::sync::atomic::Ordering::Relaxed;
     let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
-        return Vec::new();
+        return;
     };
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
-        return Vec::new();
+        return;
     }
-    let mut buf = vec![0u8; 64 * 1024];
-    while Instant::now() < until {
-        match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => break,
+    static SNAPSHOT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"event: snapshot\n"));
+    static BATCH: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"event: batch\n"));
+    // Each read lands after the 12 bytes kept from the previous one: a `batch` event
+    // name (13 bytes) cut in two is still counted, and one already counted cannot fit.
+    let mut buf = vec![0u8; 64 * 1024 + 12];
+    let mut kept = 0;
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf[kept..]));
+        let n = match read.await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return,
+        };
+        let text = &buf[..kept + n];
+        if !seen.snapshot.load(Relaxed) && SNAPSHOT.find(text).is_some() {
+            seen.snapshot.store(true, Relaxed);
         }
+        let batches = BATCH.find_iter(text).count() as u64;
+        if batches > 0 {
+            seen.batches.fetch_add(batches, Relaxed);
+        }
+        let keep = (kept + n).min(12);
+        buf.copy_within(kept + n - keep..kept + n, 0);
+        kept = keep;
     }
-    Vec::new()
 }
 
-/// Delays seen by 20 fresh viewers over 5 s. They run on a thread and runtime of their
-/// own: on the load viewers' runtime they would wait behind thousands of tasks woken by
-/// the same frame, and measure this process's queue instead of the gateway (a real
-/// viewer is in a browser of its own).
-async fn sample_viewers(addr: std::net::SocketAddr, path: &str) -> Vec<i64> {
-    let path = path.to_string();
-    let sampler = std::thread::spawn(move || {
+/// A sampled viewer: the feed parsed (through `athanor-client`), each line's delay
+/// recorded with when it arrived (µs since the epoch).
+async fn sampled_viewer(
+    base: String,
+    id: String,
+    seen: Arc<Seen>,
+    delays: Arc<Mutex<Vec<(i64, i64)>>>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Ok(mut feed) = athanor_client::Client::with_compression(&base, None, false)
+        .unwrap()
+        .events(&id, None)
+        .await
+    else {
+        return;
+    };
+    while let Ok(Ok(Some(event))) = tokio::time::timeout(Duration::from_secs(30), feed.next()).await
+    {
+        let now = now_micros();
+        match event.data {
+            FeedData::Snapshot(_) => seen.snapshot.store(true, Relaxed),
+            FeedData::Batch(batch) => {
+                seen.batches.fetch_add(1, Relaxed);
+                delays
+                    .lock()
+                    .unwrap()
+                    .extend(batch.logs.iter().map(|line| (now, now - line.ts)));
+            }
+            FeedData::Status(_) => return,
+            _ => {}
+        }
+    }
+}
+
+/// The viewers of a fan-out measure: load viewers on the benchmark's runtime, every
+/// 50th a sampled one on a runtime of its own (on the load viewers' runtime a sample
+/// would wait behind thousands of tasks woken by the same frame, and measure this
+/// process's queue instead of the gateway: a real viewer is in a browser of its own).
+struct Population {
+    addr: std::net::SocketAddr,
+    sampler: tokio::runtime::Handle,
+    viewers: Vec<(Arc<Seen>, tokio::task::JoinHandle<()>)>,
+    delays: Arc<Mutex<Vec<(i64, i64)>>>,
+}
+
+impl Population {
+    fn new(addr: std::net::SocketAddr) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async move {
-            let window = Instant::now() + Duration::from_secs(5);
-            let samplers: Vec<_> = (0..20)
-                .map(|_| tokio::spawn(raw_viewer(addr, path.clone(), true, window)))
-                .collect();
-            let mut all = Vec::new();
-            for s in samplers {
-                all.extend(s.await.unwrap());
-            }
-            all
-        })
-    });
-    tokio::task::spawn_blocking(move || sampler.join().unwrap())
-        .await
-        .unwrap()
+        let sampler = rt.handle().clone();
+        std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+        Population {
+            addr,
+            sampler,
+            viewers: Vec::new(),
+            delays: Arc::default(),
+        }
+    }
+
+    /// Opens a viewer of run `id`.
+    fn open(&mut self, id: &str) {
+        let seen = Arc::new(Seen::default());
+        let path = format!("/api/runs/{id}/events");
+        let task = if self.viewers.len().is_multiple_of(50) {
+            self.sampler.spawn(sampled_viewer(
+                format!("http://{}", self.addr),
+                id.to_string(),
+                seen.clone(),
+                self.delays.clone(),
+            ))
+        } else {
+            tokio::spawn(raw_viewer(self.addr, path, seen.clone()))
+        };
+        self.viewers.push((seen, task));
+    }
+
+    /// Measures a `window`: how many viewers had their snapshot and got a batch in it,
+    /// the delays the sampled ones saw in it (sorted), and how many samples took part.
+    async fn measure(&self, window: Duration) -> (usize, Vec<i64>, usize) {
+        let before: Vec<u64> = self.viewers.iter().map(|(s, _)| s.batches()).collect();
+        let from = now_micros();
+        tokio::time::sleep(window).await;
+        let to = now_micros();
+        let receiving = self
+            .viewers
+            .iter()
+            .zip(&before)
+            .filter(|((s, _), b)| {
+                s.snapshot.load(std::sync::atomic::Ordering::Relaxed) && s.batches() > **b
+            })
+            .count();
+        let mut delays: Vec<i64> = self
+            .delays
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| (from..to).contains(at))
+            .map(|(_, d)| *d)
+            .collect();
+        delays.sort_unstable();
+        let samples = self
+            .viewers
+            .iter()
+            .step_by(50)
+            .zip(before.iter().step_by(50))
+            .filter(|((s, _), b)| s.batches() > **b)
+            .count();
+        (receiving, delays, samples)
+    }
+
+    fn stop(self) {
+        for (_, task) in self.viewers {
+            task.abort();
+        }
+    }
 }
 
-async fn fanout() {
-    let nats_server = TestNats::start();
-    let nats = Bench::of(&nats_server);
-    let dir = tempfile::tempdir().unwrap();
-    let (db_config, db) = database(&dir).await;
+/// A gateway process of its own on a free port (so its memory can be read), with room
+/// for `max_viewers` feeds; its address.
+fn gateway_process(
+    nats: &Bench,
+    db_config: &DatabaseConfig,
+    max_viewers: usize,
+) -> (std::process::Child, std::net::SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -927,34 +1041,64 @@ async fn fanout() {
     // ATHANOR_BENCH_GATEWAY: another build of `athanor` to measure (a before/after).
     let binary = std::env::var("ATHANOR_BENCH_GATEWAY")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_athanor").to_string());
-    let mut gateway = std::process::Command::new(binary)
+    let gateway = std::process::Command::new(binary)
         .arg("gateway")
         .env("ATHANOR__NATS__URL", nats.url())
         .env("ATHANOR__DATABASE__URL", db_config.url())
         .env("ATHANOR__GATEWAY__HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("ATHANOR__GATEWAY__MAX_VIEWERS", max_viewers.to_string())
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let stack = Stack::start(&nats, db, Some(format!("http://127.0.0.1:{port}"))).await;
+    (gateway, format!("127.0.0.1:{port}").parse().unwrap())
+}
+
+/// One row of a fan-out table.
+fn fanout_row(
+    label: &str,
+    opened: usize,
+    measured: (usize, Vec<i64>, usize),
+    rss: u64,
+    baseline: u64,
+) {
+    let (receiving, delays, samples) = measured;
+    let failed = if receiving < opened {
+        format!(" **{} did not receive**", opened - receiving)
+    } else {
+        String::new()
+    };
+    println!(
+        "| {label} | {opened} | {receiving}{failed} | {samples} | {} | {:.0} | {:.1} |",
+        delay_columns(&delays),
+        rss as f64 / 1024.0,
+        rss.saturating_sub(baseline) as f64 / receiving.max(1) as f64
+    );
+}
+
+async fn fanout() {
+    let nats_server = TestNats::start();
+    let nats = Bench::of(&nats_server);
+    let dir = tempfile::tempdir().unwrap();
+    let (db_config, db) = database(&dir).await;
+    let (mut gateway, addr) = gateway_process(&nats, &db_config, 20_000);
+    let stack = Stack::start(&nats, db, Some(format!("http://{addr}"))).await;
     let (http, base) = (&stack.http, &stack.base);
-    // One long, slow run: 100 lines/s (10 batches of 10 lines a second).
-    let id = start_run(
-        http,
-        base,
-        json!({"lines_per_second": 100, "duration_ms": 600_000, "line_bytes": 100}),
-    )
-    .await;
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let path = format!("/api/runs/{id}/events");
+    // Runs of 100 lines/s (10 batches of 10 lines a second).
+    let slow = json!({"lines_per_second": 100, "duration_ms": 600_000, "line_bytes": 100});
+    let id = start_run(http, base, slow.clone()).await;
     // Open the hub with one viewer, then measure the gateway without viewers.
-    let warm = http.get(format!("{base}{path}")).send().await.unwrap();
+    let warm = http
+        .get(format!("{base}/api/runs/{id}/events"))
+        .send()
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let baseline = athanor_testkit::rss_kib(gateway.id());
     drop(warm);
-    println!("\n## SSE fan-out: viewers of one run (100 lines/s) on one gateway process\n");
-    println!("| viewers | delivery p50 ms | p99 ms | max ms | gateway RSS MiB | KiB per viewer |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    let mut held: Vec<tokio::task::JoinHandle<Vec<i64>>> = Vec::new();
+    println!("\n## SSE fan-out: viewers on one gateway process, runs of 100 lines/s\n");
+    println!("Receiving: viewers that had the `snapshot` and at least one `batch` in the 5 s window. Delivery: each line's `log()` time to its arrival at every 50th viewer (parsed, on a runtime of its own), over the window. KiB per receiving viewer: the gateway's RSS over its baseline.\n");
+    println!("| shape | viewers opened | receiving | sampled viewers receiving | delivery p50 ms | p99 ms | max ms | gateway RSS MiB | KiB per receiving viewer |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     // ATHANOR_BENCH_VIEWERS=1000,5000: other steps (for a profiler run, say).
     let steps: Vec<usize> = std::env::var("ATHANOR_BENCH_VIEWERS")
         .map(|v| {
@@ -963,31 +1107,49 @@ async fn fanout() {
                 .collect()
         })
         .unwrap_or_else(|_| vec![1_000, 5_000, 10_000]);
+    let mut population = Population::new(addr);
     for target in steps {
-        let until = Instant::now() + Duration::from_secs(3600);
-        while held.len() < target {
-            let sample = held.len().is_multiple_of(50);
-            held.push(tokio::spawn(raw_viewer(addr, path.clone(), sample, until)));
-            if held.len().is_multiple_of(200) {
+        while population.viewers.len() < target {
+            population.open(&id);
+            if population.viewers.len().is_multiple_of(200) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        // Let them settle, then sample a window with everyone connected.
+        // Let them settle, then measure a window with everyone connected.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let rss = athanor_testkit::rss_kib(gateway.id());
-        let mut all = sample_viewers(addr, &path).await;
-        all.sort_unstable();
-        let viewers = target + 20;
-        println!(
-            "| {viewers} | {} | {:.0} | {:.1} |",
-            delay_columns(&all),
-            rss as f64 / 1024.0,
-            rss.saturating_sub(baseline) as f64 / viewers as f64
-        );
+        let measured = population.measure(Duration::from_secs(5)).await;
+        fanout_row("1 run", target, measured, rss, baseline);
     }
-    for h in held {
-        h.abort();
+    population.stop();
+    // 100 runs × 100 viewers each, on a fresh gateway.
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let (mut gateway, addr) = gateway_process(&nats, &db_config, 20_000);
+    let base = format!("http://{addr}");
+    while http.get(format!("{base}/readyz")).send().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids.push(start_run(http, &base, slow.clone()).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baseline = athanor_testkit::rss_kib(gateway.id());
+    let mut population = Population::new(addr);
+    for round in 0..100 {
+        for id in &ids {
+            population.open(id);
+        }
+        if round % 2 == 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = athanor_testkit::rss_kib(gateway.id());
+    let measured = population.measure(Duration::from_secs(5)).await;
+    fanout_row("100 runs × 100", 10_000, measured, rss, baseline);
+    population.stop();
     let _ = gateway.kill();
     let _ = gateway.wait();
     stack.stop().await;
