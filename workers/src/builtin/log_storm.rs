@@ -105,9 +105,14 @@ fn storm_thread(
         if ctx.cancelled() {
             return;
         }
-        let due = ((start.elapsed().as_secs_f64() * rate) as u64 + 1).min(count);
+        let elapsed = start.elapsed().as_secs_f64();
+        let due = ((elapsed * rate) as u64 + 1).min(count);
         if emitted >= due {
-            std::thread::sleep(Duration::from_micros(500));
+            // Until the next line is due (at least 500 µs, at most 50 ms so a cancel is
+            // seen): 100 slow runs polling every 500 µs would cost the machine 200 000
+            // wake-ups a second.
+            let next = (emitted as f64 / rate - elapsed).clamp(0.0005, 0.05);
+            std::thread::sleep(Duration::from_secs_f64(next));
             continue;
         }
         // At most ~10 ms worth of lines between cancellation checks.
