@@ -55,6 +55,9 @@ async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
         dir.path(),
         &[
             ("ATHANOR__NATS__RUNS_MAX_BYTES", "4194304"),
+            // This test is about the stream-full reason: the storage-stall one (the
+            // aggregator acknowledging nothing for 30 s) must not come first.
+            ("ATHANOR__GATEWAY__STORAGE_STALL", "10m"),
             // A registration expires 4 s after its last heartbeat: one that could not
             // be written while the stream is full would show at once.
             ("ATHANOR__NATS__WORKERS_TTL", "4s"),
