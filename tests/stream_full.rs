@@ -15,6 +15,16 @@ async fn get(url: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// `/readyz`'s first 503 (within a minute), waited for as `what`.
+async fn not_ready(url: &str, what: &str) -> Value {
+    wait_for(what, Duration::from_secs(60), || async {
+        let (status, ready) = get(&format!("{url}/readyz")).await;
+        (status == 503).then_some(ready)
+    })
+    .await
+    .unwrap()
+}
+
 /// The storm run (20 000 lines/s for 3 s) completes with every line.
 async fn assert_storm_stored(url: &str, storm: &str) {
     let run = wait_for(
@@ -81,16 +91,7 @@ async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
     .await;
     let lock = common::hold_write_lock(&dir.path().join("athanor.db")).await;
 
-    let ready = wait_for(
-        "/readyz to say the stream is full",
-        Duration::from_secs(60),
-        || async {
-            let (status, ready) = get(&format!("{url}/readyz")).await;
-            (status == 503).then_some(ready)
-        },
-    )
-    .await
-    .unwrap();
+    let ready = not_ready(&url, "/readyz to say the stream is full").await;
     assert_eq!(ready["run_output"], false, "{ready}");
     assert!(
         ready["reason"]
@@ -199,16 +200,7 @@ async fn a_full_database_disk_makes_readyz_say_run_output_is_not_stored() {
         json!({"lines_per_second": 20_000, "duration_ms": 3000}),
     )
     .await;
-    let ready = wait_for(
-        "/readyz to say nothing is stored",
-        Duration::from_secs(60),
-        || async {
-            let (status, ready) = get(&format!("{url}/readyz")).await;
-            (status == 503).then_some(ready)
-        },
-    )
-    .await
-    .unwrap();
+    let ready = not_ready(&url, "/readyz to say nothing is stored").await;
     assert_eq!(
         (&ready["database"], &ready["nats"], &ready["run_output"]),
         (&json!(true), &json!(true), &json!(false)),

@@ -110,6 +110,14 @@ pub(crate) async fn run_output_held(
 ) -> Option<String> {
     // Fetching the stream reads its info: one request.
     let stream = js.get_stream(names::RUNS_STREAM).await.ok()?;
+    run_output_held_in(&stream, stall).await
+}
+
+/// [`run_output_held`] for `ATHANOR_RUNS` fetched already (its info as fetched).
+async fn run_output_held_in(
+    stream: &async_nats::jetstream::stream::Stream,
+    stall: std::time::Duration,
+) -> Option<String> {
     let info = stream.cached_info();
     if let Some(full) = runs_stream_warning(info.state.bytes, info.config.max_bytes) {
         return Some(full);
@@ -648,13 +656,13 @@ pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
         .await?
         .ok_or_else(|| sea_orm::DbErr::RecordNotFound(sql.clone()))?;
     let number = |column: &str| row.try_get::<i64>("", column).map(|n| n.max(0) as u64);
-    let info = state
+    let stream = state
         .js
         .get_stream(names::RUNS_STREAM)
         .await
-        .map_err(|e| ApiError::Nats(e.to_string()))?
-        .cached_info()
-        .clone();
+        .map_err(|e| ApiError::Nats(e.to_string()))?;
+    let warning = run_output_held_in(&stream, state.storage_stall).await;
+    let info = stream.cached_info();
     Ok(Json(Stats {
         runs: number("runs")?,
         lines: number("lines")?,
@@ -662,7 +670,7 @@ pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
         stream_bytes: info.state.bytes,
         stream_messages: info.state.messages,
         stream_max_bytes: u64::try_from(info.config.max_bytes).unwrap_or(0),
-        warning: run_output_held(&state.js, state.storage_stall).await,
+        warning,
     }))
 }
 

@@ -176,6 +176,14 @@ struct Pending {
 }
 
 impl Pending {
+    /// Whether anything waits to be drained.
+    fn has_output(&self) -> bool {
+        !self.logs.is_empty()
+            || !self.results.is_empty()
+            || !self.metrics.is_empty()
+            || self.progress.is_some()
+    }
+
     /// Appends a line with the run's next `seq`.
     fn push_line(&mut self, ts: i64, level: Level, message: String, metadata: Option<Value>) {
         let seq = self.next_seq;
@@ -272,12 +280,7 @@ impl RunBuffer {
     pub(crate) fn mark_idle(&self) -> bool {
         self.idle.store(true, Ordering::SeqCst);
         // An append that read `idle` before the store has its output pending: look.
-        let p = self.pending.lock();
-        let waiting = !p.logs.is_empty()
-            || !p.results.is_empty()
-            || !p.metrics.is_empty()
-            || p.progress.is_some();
-        drop(p);
+        let waiting = self.pending.lock().has_output();
         if waiting {
             self.idle.store(false, Ordering::SeqCst);
         }

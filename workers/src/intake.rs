@@ -281,13 +281,12 @@ impl WorkerShared {
     /// a request delivered again after its run started, also once the run's output
     /// has left `ATHANOR_RUNS`.
     async fn already_taken(&self, run_id: &str) -> bool {
-        match self.control.get(names::taken_key(run_id)).await {
-            Ok(entry) => entry.is_some(),
-            Err(error) => {
-                warn!(run_id, %error, "could not check whether a worker took the run");
-                false
-            }
-        }
+        self.control_holds(
+            names::taken_key(run_id),
+            run_id,
+            "whether a worker took the run",
+        )
+        .await
     }
 
     /// Whether `ATHANOR_RUNS` already holds output of `run_id` (a request delivered
@@ -308,10 +307,17 @@ impl WorkerShared {
     }
 
     async fn cancel_requested(&self, run_id: &str) -> bool {
-        match self.control.get(names::cancel_key(run_id)).await {
+        self.control_holds(names::cancel_key(run_id), run_id, "for a cancel request")
+            .await
+    }
+
+    /// Whether `athanor_control` holds `key`; false (with a warning) when it cannot
+    /// be read: the run starts rather than waiting on NATS.
+    async fn control_holds(&self, key: String, run_id: &str, what: &str) -> bool {
+        match self.control.get(key).await {
             Ok(entry) => entry.is_some(),
             Err(error) => {
-                warn!(run_id, %error, "could not check for a cancel request; starting the run");
+                warn!(run_id, %error, "could not check {what}; starting the run");
                 false
             }
         }
