@@ -110,16 +110,22 @@ pub(crate) async fn run_output_held(
 ) -> Option<String> {
     // Fetching the stream reads its info: one request.
     let stream = js.get_stream(names::RUNS_STREAM).await.ok()?;
-    run_output_held_in(&stream, stall).await
+    run_output_held_in(&stream, largest_message(js), stall).await
+}
+
+/// The largest message a worker may publish: the server's `max_payload`.
+fn largest_message(js: &async_nats::jetstream::Context) -> u64 {
+    js.client().server_info().max_payload as u64
 }
 
 /// [`run_output_held`] for `ATHANOR_RUNS` fetched already (its info as fetched).
 async fn run_output_held_in(
     stream: &async_nats::jetstream::stream::Stream,
+    largest: u64,
     stall: std::time::Duration,
 ) -> Option<String> {
     let info = stream.cached_info();
-    if let Some(full) = runs_stream_warning(info.state.bytes, info.config.max_bytes) {
+    if let Some(full) = runs_stream_warning(info.state.bytes, info.config.max_bytes, largest) {
         return Some(full);
     }
     let now = now_micros() / 1_000_000;
@@ -161,9 +167,14 @@ async fn run_output_held_in(
     })
 }
 
-fn runs_stream_warning(bytes: u64, max_bytes: i64) -> Option<String> {
+/// Full: less room left than a tenth of the bound, or than one batch of the largest
+/// size (a 4 MiB stream refuses a 1 MiB batch at 76 %, and workers wait from there) —
+/// that counted as at most a quarter of the bound, so a server whose `max_payload`
+/// dwarfs the stream does not read as full forever.
+fn runs_stream_warning(bytes: u64, max_bytes: i64, largest: u64) -> Option<String> {
     let max = u64::try_from(max_bytes).ok().filter(|m| *m > 0)?;
-    (bytes >= max / 10 * 9).then(|| {
+    let room = max.saturating_sub(bytes);
+    (room <= (max / 10).max(largest.min(max / 4))).then(|| {
         format!(
             "ATHANOR_RUNS is full ({bytes} of {max} bytes, nats.runs_max_bytes) with batches no aggregator has stored yet: workers wait to publish (nothing is lost) until an aggregator stores them; check that the aggregators run and the database takes writes"
         )
@@ -661,7 +672,8 @@ pub(crate) async fn stats(State(state): AppStateRef) -> ApiResult<Json<Stats>> {
         .get_stream(names::RUNS_STREAM)
         .await
         .map_err(|e| ApiError::Nats(e.to_string()))?;
-    let warning = run_output_held_in(&stream, state.storage_stall).await;
+    let warning =
+        run_output_held_in(&stream, largest_message(&state.js), state.storage_stall).await;
     let info = stream.cached_info();
     Ok(Json(Stats {
         runs: number("runs")?,
@@ -913,19 +925,30 @@ mod tests {
     use super::runs_stream_warning;
 
     #[test]
-    fn the_runs_stream_is_full_at_ninety_percent_of_its_bound() {
+    fn the_runs_stream_is_full_at_ninety_percent_or_without_room_for_a_batch() {
         let max = 4 << 20;
-        assert_eq!(runs_stream_warning(0, max), None);
-        assert_eq!(runs_stream_warning(max as u64 / 10 * 9 - 1, max), None);
-        let full = runs_stream_warning(max as u64 / 10 * 9, max).unwrap();
+        // Batches of up to 64 KiB: full at 90 % (room ≤ 419 430 bytes).
+        let small = 64 << 10;
+        assert_eq!(runs_stream_warning(0, max, small), None);
+        assert_eq!(runs_stream_warning(3_774_873, max, small), None);
+        let full = runs_stream_warning(3_774_874, max, small).unwrap();
         assert!(
             full.starts_with(
-                "ATHANOR_RUNS is full (3774870 of 4194304 bytes, nats.runs_max_bytes)"
+                "ATHANOR_RUNS is full (3774874 of 4194304 bytes, nats.runs_max_bytes)"
             ),
             "{full}"
         );
+        // Batches of up to 1 MiB (NATS's default max_payload): full once a batch of
+        // that size no longer fits — the CI run where workers were refused
+        // ("maximum bytes exceeded") below 90 % while /readyz said nothing.
+        let large = 1 << 20;
+        assert_eq!(runs_stream_warning(3_145_727, max, large), None);
+        assert!(runs_stream_warning(3_145_728, max, large).is_some());
+        // A max_payload of 64 MiB counts as a quarter of the bound, not as always full.
+        assert_eq!(runs_stream_warning(0, max, 64 << 20), None);
+        assert_eq!(runs_stream_warning(3_145_727, max, 64 << 20), None);
         // No bound (a stream declared by an older Athanor): never full.
-        assert_eq!(runs_stream_warning(u64::MAX, -1), None);
-        assert_eq!(runs_stream_warning(u64::MAX, 0), None);
+        assert_eq!(runs_stream_warning(u64::MAX, -1, small), None);
+        assert_eq!(runs_stream_warning(u64::MAX, 0, small), None);
     }
 }
