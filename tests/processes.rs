@@ -457,9 +457,10 @@ async fn sigterm_to_athanor_up_under_load_stores_every_line_before_it_exits() {
 /// loaded machine takes longer than the timeout): the aggregator stops with batches
 /// unstored. What it stored before exiting is acknowledged — after the next start no
 /// batch delivered again is one already stored — and the next start stores the rest,
-/// every run ending `cancelled` with all its batches. (A suspect for the test above
-/// failing once under load with 8 batches unacknowledged after its restart; this
-/// does not reproduce that, in 4 runs.)
+/// every run ending `cancelled` with all its batches. (Written as a suspect for the
+/// test above failing under load with 5 and 8 batches unacknowledged after its
+/// restart; the cause was nats-server's background write of the consumer state, see
+/// the probe below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_without_drain_time_acknowledges_every_batch_it_stored() {
     athanor_testkit::init_tracing();
@@ -512,4 +513,113 @@ async fn sigterm_without_drain_time_acknowledges_every_batch_it_stored() {
         "stored batches left unacknowledged at exit"
     );
     common::stop(&mut up);
+}
+
+/// A probe of nats-server, run on demand (`cargo test --test processes -- --ignored
+/// nats_keeps`), for `athanor up`'s pause between the aggregator's last
+/// acknowledgements and stopping its nats-server: a durable consumer acknowledges all
+/// of 150 messages (consumer info: nothing pending, nothing unacknowledged), the server
+/// gets SIGTERM `ATHANOR_PROBE_SETTLE_MS` later (500, as `athanor up` waits) and is
+/// started again on the same store. Every restart must show every acknowledgement.
+/// With 0 ms, under 6 busy loops on 2 cores, 2 and 3 of 160 stops kept an older state
+/// (ack floor 15–22 messages back); with 200 ms and with 500 ms, 0 of 160 each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a probe of nats-server's shutdown, run on demand"]
+async fn nats_keeps_the_last_acknowledgements_when_stopped_after_a_settle() {
+    use async_nats::jetstream::{self, consumer::pull, stream};
+    use athanor_connections::embedded::EmbeddedServer;
+    use futures::StreamExt;
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (stops, settle) = (
+        env("ATHANOR_PROBE_STOPS", 40),
+        Duration::from_millis(env("ATHANOR_PROBE_SETTLE_MS", 500)),
+    );
+    let start = |dir: &std::path::Path| {
+        EmbeddedServer::start_with(&athanor_testkit::server_bin(), dir, true).unwrap()
+    };
+    let mut stale = Vec::new();
+    for stop in 0..stops {
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path());
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let js = jetstream::new(client.clone());
+        let stream = js
+            .create_stream(stream::Config {
+                name: "PROBE".into(),
+                subjects: vec!["probe.>".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some("probe".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut messages = consumer.messages().await.unwrap();
+        let publisher = tokio::spawn(async move {
+            for n in 0..150 {
+                let subject = format!("probe.{}", n % 3);
+                js.publish(subject, vec![0u8; 2000].into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        for _ in 0..150 {
+            let message = messages.next().await.unwrap().unwrap();
+            // Acknowledged a little after delivery, as after a commit.
+            tokio::time::sleep(Duration::from_micros(300)).await;
+            message.ack().await.unwrap();
+        }
+        publisher.await.unwrap();
+        drop(messages);
+        client.flush().await.unwrap();
+        wait_for(
+            "every message acknowledged",
+            Duration::from_secs(10),
+            || {
+                let stream = stream.clone();
+                async move {
+                    let info = stream.consumer_info("probe").await.ok()?.clone();
+                    ((info.num_pending, info.num_ack_pending) == (0, 0)).then_some(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(settle).await;
+        drop(client);
+        tokio::task::spawn_blocking(move || server.stop())
+            .await
+            .unwrap();
+        let server = start(dir.path());
+        let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
+        let info = js
+            .get_stream("PROBE")
+            .await
+            .unwrap()
+            .consumer_info("probe")
+            .await
+            .unwrap()
+            .clone();
+        if info.num_ack_pending != 0 {
+            stale.push((stop, info.ack_floor.stream_sequence));
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "{} of {stops} stops {settle:?} after the last ack kept an older state (stop, ack floor): {stale:?}",
+        stale.len()
+    );
 }
