@@ -464,6 +464,7 @@ async fn durability() {
             offered,
             db,
             AggregatorConfig::default(),
+            Vec::new(),
         )
         .await;
     }
@@ -630,17 +631,32 @@ async fn throughput() {
         return;
     }
     for &rate in &offered {
-        // The lines by multi-row INSERT (as on SQLite) and by COPY, side by side.
-        for (copy, label) in [
-            (false, "PostgreSQL 15, INSERT"),
-            (true, "PostgreSQL 15, COPY"),
-        ] {
-            let tag = format!("{rate}_{}", u8::from(copy));
+        // The lines by multi-row INSERT (as on SQLite) and by COPY, side by side; then
+        // COPY with two transactions in flight, and with two aggregators sharing the
+        // consumer (on these 2 cores: contention, not scale).
+        for (variant, (copy, writers, aggregators, label)) in [
+            (false, 1, 1, "PostgreSQL 15, INSERT"),
+            (true, 1, 1, "PostgreSQL 15, COPY"),
+            (true, 2, 1, "PostgreSQL 15, COPY, 2 transactions in flight"),
+            (true, 1, 2, "PostgreSQL 15, COPY, 2 aggregators"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let tag = format!("{rate}_{variant}");
             let Some((admin, name, db)) = postgres_database(&tag).await else {
                 return;
             };
             athanor_aggregator::store::set_postgres_copy(copy);
-            throughput_row(label, rate, db).await;
+            let config = AggregatorConfig {
+                writers,
+                ..Default::default()
+            };
+            let mut others = Vec::new();
+            for _ in 1..aggregators {
+                others.push(postgres_connect(&name).await);
+            }
+            throughput_row_on(&TestNats::start(), label, rate, db, config, others).await;
             drop_postgres_database(&admin, &name).await;
         }
     }
@@ -723,20 +739,27 @@ async fn postgres_database(
             return None;
         }
     };
-    let (base, _) = server.rsplit_once('/').unwrap();
     let name = format!("athanor_bench_pipeline_{}_{tag}", std::process::id());
     admin
         .execute_unprepared(&format!("CREATE DATABASE {name}"))
         .await
         .unwrap();
-    let db = athanor_connections::db::connect(&DatabaseConfig {
+    let db = postgres_connect(&name).await;
+    athanor_migrations::Migrator::up(&db, None).await.unwrap();
+    Some((admin, name, db))
+}
+
+/// A pool of its own on the database `name` of ATHANOR_BENCH_DATABASE_URL's server.
+async fn postgres_connect(name: &str) -> sea_orm::DatabaseConnection {
+    let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let (base, _) = server.rsplit_once('/').unwrap();
+    athanor_connections::db::connect(&DatabaseConfig {
         url: Some(format!("{base}/{name}")),
         ..Default::default()
     })
     .await
-    .unwrap();
-    athanor_migrations::Migrator::up(&db, None).await.unwrap();
-    Some((admin, name, db))
+    .unwrap()
 }
 
 async fn drop_postgres_database(admin: &sea_orm::DatabaseConnection, name: &str) {
@@ -755,6 +778,7 @@ async fn throughput_row(database: &str, offered: u64, db: sea_orm::DatabaseConne
         offered,
         db,
         AggregatorConfig::default(),
+        Vec::new(),
     )
     .await;
 }
@@ -766,16 +790,38 @@ async fn throughput_row_on(
     offered: u64,
     db: sea_orm::DatabaseConnection,
     aggregator: AggregatorConfig,
+    // More aggregators on the same consumer and database, each with its own pool.
+    others: Vec<sea_orm::DatabaseConnection>,
 ) {
     let stack = Stack::start_configured(
         &Bench::of(nats_server),
         db,
         None,
         Vec::new(),
-        aggregator,
+        aggregator.clone(),
         WorkerConfig::default(),
     )
     .await;
+    let mut started = Vec::new();
+    for pool in others {
+        let other = Aggregator::start(
+            aggregator.clone(),
+            Bench::of(nats_server).config(),
+            pool,
+            stack.stop.clone(),
+        )
+        .await
+        .unwrap();
+        started.push(other);
+    }
+    let others = started;
+    let stored_lines = || {
+        stack.aggregator.stats().lines.load(Ordering::Relaxed)
+            + others
+                .iter()
+                .map(|a| a.stats().lines.load(Ordering::Relaxed))
+                .sum::<u64>()
+    };
     let per_run = offered / THROUGHPUT_RUNS;
     let t0 = Instant::now();
     let mut ids = Vec::new();
@@ -788,7 +834,7 @@ async fn throughput_row_on(
     let mut last_poll = Instant::now();
     loop {
         let published = stack.worker.stats().lines.load(Ordering::Relaxed);
-        let stored = stack.aggregator.stats().lines.load(Ordering::Relaxed);
+        let stored = stored_lines();
         samples.push((t0.elapsed().as_secs_f64(), published, stored));
         if last_poll.elapsed() > Duration::from_millis(500) {
             last_poll = Instant::now();
@@ -829,6 +875,9 @@ async fn throughput_row_on(
         (stored_at - published_at).max(0.0) * 1000.0
     );
     stack.stop().await;
+    for other in others {
+        other.wait().await;
+    }
 }
 
 /// Whether every run has ended; panics if one ended other than `completed`.
@@ -1461,7 +1510,15 @@ async fn retention() {
             retention,
             ..AggregatorConfig::default()
         };
-        throughput_row_on(&TestNats::start(), label, 200_000, db.clone(), aggregator).await;
+        throughput_row_on(
+            &TestNats::start(),
+            label,
+            200_000,
+            db.clone(),
+            aggregator,
+            Vec::new(),
+        )
+        .await;
         let left = athanor_testkit::count(
             &db,
             "SELECT COUNT(*) AS n FROM runs WHERE experiment = 'old'",

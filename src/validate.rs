@@ -206,6 +206,7 @@ pub fn check(config: &AppConfig) -> Vec<Problem> {
         KIB,
         4 * GIB,
     );
+    c.size("aggregator.writers", agg.writers as u64, 1, 64);
     c.duration("aggregator.linger", agg.linger, Duration::ZERO);
     c.duration("aggregator.ack_wait", agg.ack_wait, Duration::from_secs(1));
     c.size(
@@ -461,6 +462,7 @@ mod tests {
             c.aggregator.ack_wait = durations(&mut rng);
             c.aggregator.max_batch_bytes = sizes(&mut rng);
             c.aggregator.max_batch_messages = sizes(&mut rng);
+            c.aggregator.writers = sizes(&mut rng);
             c.gateway.keep_alive = durations(&mut rng);
             c.gateway.hub_idle = durations(&mut rng);
             c.gateway.status_poll = durations(&mut rng);
@@ -511,6 +513,7 @@ mod tests {
             );
             assert!(
                 c.aggregator.max_batch_messages >= 1
+                    && (1..=64).contains(&c.aggregator.writers)
                     && c.nats.duplicate_window <= c.nats.runs_max_age
             );
         }

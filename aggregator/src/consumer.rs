@@ -29,11 +29,18 @@ struct Decoded {
 /// when it ends (NATS restarts are handled by the client). Decoding runs here, the
 /// writes in a task of their own, so the two overlap.
 pub(crate) async fn consume(shared: Arc<Shared>) {
-    let (to_writer, from_decoder) = tokio::sync::mpsc::channel::<Decoded>(DECODED_QUEUE);
-    let writer = tokio::spawn(write_loop(shared.clone(), from_decoder));
+    let writers = shared.config.writers.max(1);
+    let (to_writer, from_decoder) =
+        tokio::sync::mpsc::channel::<Decoded>(DECODED_QUEUE.max(writers));
+    let from_decoder = Arc::new(tokio::sync::Mutex::new(from_decoder));
+    let writers: Vec<_> = (0..writers)
+        .map(|_| tokio::spawn(write_loop(shared.clone(), from_decoder.clone())))
+        .collect();
     pull_loop(&shared, to_writer).await;
-    // The channel is closed: the writer finishes what it has, then stops.
-    let _ = writer.await;
+    // The channel is closed: the writers finish what they have, then stop.
+    for writer in writers {
+        let _ = writer.await;
+    }
     // Acknowledgements are buffered by the client: send the last ones before going.
     if let Err(error) = shared.js.client().flush().await {
         warn!(%error, "could not send the last acknowledgements; those batches will be delivered again (and absorbed)");
@@ -150,8 +157,16 @@ async fn decode_all(shared: &Shared, messages: Vec<jetstream::Message>) -> Decod
     decoded
 }
 
-async fn write_loop(shared: Arc<Shared>, mut from_decoder: tokio::sync::mpsc::Receiver<Decoded>) {
-    while let Some(decoded) = from_decoder.recv().await {
+/// One of `aggregator.writers`: takes the next transaction's worth, writes it, acks it.
+/// Concurrent transactions lock rows in the same order (`store::store` sorts), as those
+/// of several aggregators do.
+async fn write_loop(
+    shared: Arc<Shared>,
+    from_decoder: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Decoded>>>,
+) {
+    loop {
+        let next = from_decoder.lock().await.recv().await;
+        let Some(decoded) = next else { return };
         if !write(&shared, decoded).await {
             return;
         }

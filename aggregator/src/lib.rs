@@ -40,9 +40,14 @@ pub struct AggregatorConfig {
     /// Most messages written in one transaction.
     pub max_batch_messages: usize,
     /// Decompressed bytes after which a transaction takes no more messages: with at
-    /// most two transactions queued and one being written, this bounds the memory the
-    /// aggregator holds.
+    /// most `max(2, writers)` transactions queued and `writers` being written, this
+    /// bounds the memory the aggregator holds.
     pub max_batch_bytes: usize,
+    /// Transactions in flight at once, each on its own connection: while one commits,
+    /// the next is written. Worth it on PostgreSQL (measured in BENCHMARKS.md); SQLite
+    /// takes one writer at a time whatever this says. Memory held grows with it: up to
+    /// `writers` transactions being written and as many queued.
+    pub writers: usize,
     /// How long to wait for more messages before writing what has arrived.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
@@ -77,6 +82,7 @@ impl Default for AggregatorConfig {
             consumer: "aggregator".into(),
             max_batch_messages: 1000,
             max_batch_bytes: 32 << 20,
+            writers: 1,
             linger: Duration::from_millis(20),
             ack_wait: Duration::from_secs(15),
             decode_limit: athanor_schemas::DEFAULT_DECODE_LIMIT,

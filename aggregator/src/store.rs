@@ -95,15 +95,22 @@ struct RunDelta {
     final_: Option<(athanor_schemas::Final, Option<athanor_schemas::Status>)>,
 }
 
-/// How a transaction writes the lines of its new batches.
-pub(crate) trait WriteLines: ConnectionTrait + Sized {
+/// How a transaction writes the bulk of its new batches: their lines and metric points.
+/// By default multi-row INSERTs; PostgreSQL's own path (`pg`) overrides both.
+pub(crate) trait BulkWrite: ConnectionTrait + Sized {
     /// Writes `lines`, per run; a line already stored is left as it is.
     async fn write_lines(&self, lines: Vec<(String, Vec<LineRow>)>) -> Result<(), DbErr> {
         insert_lines(self, lines).await
     }
+
+    /// Inserts `points` into `run_metrics`, skipping a `(series_id, step)` already
+    /// stored; returns how many were inserted.
+    async fn insert_points(&self, points: metrics::PointRows) -> Result<u64, DbErr> {
+        metrics::insert_points(self, points).await
+    }
 }
 
-impl WriteLines for sea_orm::DatabaseTransaction {}
+impl BulkWrite for sea_orm::DatabaseTransaction {}
 
 /// A line of a new batch, as stored in `run_logs` (the run id aside).
 pub(crate) struct LineRow {
@@ -169,7 +176,7 @@ pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Resu
 }
 
 /// The body of [`store`]'s transaction.
-async fn write(txn: &impl WriteLines, incoming: Vec<Incoming>) -> Result<Written, DbErr> {
+async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written, DbErr> {
     let backend = txn.get_database_backend();
     let now = now_micros();
     let mut written = Written::default();

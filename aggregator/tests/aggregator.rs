@@ -33,16 +33,15 @@ struct Running {
 
 impl Running {
     async fn start(nats: &TestNats, db: &TestDb) -> Self {
+        Running::start_with(nats, db, AggregatorConfig::for_tests()).await
+    }
+
+    async fn start_with(nats: &TestNats, db: &TestDb, config: AggregatorConfig) -> Self {
         athanor_testkit::init_tracing();
         let stop = CancellationToken::new();
-        let aggregator = Aggregator::start(
-            AggregatorConfig::for_tests(),
-            nats.config(),
-            db.db.clone(),
-            stop.clone(),
-        )
-        .await
-        .unwrap();
+        let aggregator = Aggregator::start(config, nats.config(), db.db.clone(), stop.clone())
+            .await
+            .unwrap();
         Running { aggregator, stop }
     }
 
@@ -713,6 +712,70 @@ async fn two_aggregators_store_each_line_once() {
     worker.wait().await;
     first.stop().await;
     second.stop().await;
+    db.close().await;
+}
+
+/// `aggregator.writers` 4: four transactions in flight at once, of runs logging and
+/// stepping metrics together (small transactions, so they do overlap), store every line
+/// and every point once, with exact summaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_in_flight_store_each_line_and_point_once() {
+    let nats = TestNats::start();
+    let db = TestDb::new().await;
+    let aggregator = Running::start_with(
+        &nats,
+        &db,
+        AggregatorConfig {
+            writers: 4,
+            max_batch_messages: 2,
+            ..AggregatorConfig::for_tests()
+        },
+    )
+    .await;
+    let (worker, worker_stop) = start_worker(&nats).await;
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let lines = json!({"lines_per_second": 20_000, "duration_ms": 1000, "line_bytes": 80});
+        handles.push(worker.start_run(request("log_storm", lines)).await.unwrap());
+        let points =
+            json!({"metrics": 3, "steps": 20_000, "steps_per_second": 20_000, "log_steps": false});
+        handles.push(
+            worker
+                .start_run(request("metric_storm", points))
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, handle) in handles.iter_mut().enumerate() {
+        assert_eq!(handle.finished().await, RunState::Completed);
+        let run = wait_terminal(&db.db, &handle.run_id).await;
+        assert_eq!(run.final_batches, Some(run.batches), "{run:?}");
+        if i % 2 == 0 {
+            assert_eq!(run.lines, 20_001, "{run:?}");
+            let seqs: Vec<i64> = logs_of(&db.db, &handle.run_id)
+                .await
+                .iter()
+                .map(|l| l.seq)
+                .collect();
+            assert!(seqs.iter().copied().eq(0..20_001));
+        } else {
+            let points = points_of(&db.db, &handle.run_id).await;
+            assert_eq!(points.len(), 3 * 20_000);
+            for (name, series) in [("m0", &points[..20_000]), ("m1", &points[20_000..40_000])] {
+                assert!(series.iter().map(|p| p.1).eq(0..20_000), "{name}");
+            }
+            let summaries = summaries_of(&db.db, &handle.run_id).await;
+            assert_eq!(summaries.len(), 3);
+            for summary in &summaries {
+                assert_eq!((summary.1, summary.4), (20_000, 19_999), "{summary:?}");
+            }
+            assert_rollups_match_points(&db.db, &handle.run_id).await;
+        }
+    }
+    assert_eq!(AggregatorStats::get(&aggregator.stats().lines), 3 * 20_001);
+    worker_stop.cancel();
+    worker.wait().await;
+    aggregator.stop().await;
     db.close().await;
 }
 

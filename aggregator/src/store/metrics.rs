@@ -39,7 +39,7 @@ use std::sync::LazyLock;
 
 use athanor_connections::db::stored_text;
 
-use super::insert_rows;
+use super::{insert_rows, BulkWrite};
 
 /// One value of a record: a row of `run_metrics` (of the run it is grouped under).
 pub(super) struct Point {
@@ -134,7 +134,7 @@ const INSERT_POINTS: &str = "INSERT INTO run_metrics (series_id, step, value, se
 
 /// Writes the points of each run (sorted by run) and moves their summaries.
 pub(super) async fn write(
-    txn: &impl ConnectionTrait,
+    txn: &impl BulkWrite,
     backend: DatabaseBackend,
     runs: Vec<(String, Vec<Point>)>,
 ) -> Result<(), DbErr> {
@@ -156,16 +156,8 @@ pub(super) async fn write(
             .collect();
         let ids = series_ids(txn, backend, &run_id, &names).await?;
         let id_of = |name: &str| ids[name];
-        let inserted = insert_rows(
-            txn,
-            backend,
-            INSERT_POINTS,
-            Vec::new(),
-            5,
-            point_values(&points, &id_of),
-            " ON CONFLICT (series_id, step) DO NOTHING",
-        )
-        .await?;
+        let rows = PointRows::of(&points, &id_of);
+        let inserted = txn.insert_points(rows.clone()).await?;
         if inserted < points.len() as u64 {
             insert_rows(
                 txn,
@@ -173,7 +165,7 @@ pub(super) async fn write(
                 INSERT_POINTS,
                 Vec::new(),
                 5,
-                point_values(&points, &id_of),
+                rows.values(),
                 " ON CONFLICT (series_id, step) DO UPDATE \
                  SET value = excluded.value, seq = excluded.seq, ts = excluded.ts \
                  WHERE excluded.seq > run_metrics.seq",
@@ -262,21 +254,68 @@ async fn series_ids(
     Ok(ids)
 }
 
-fn point_values(points: &[Point], id_of: &impl Fn(&str) -> i64) -> Vec<Value> {
-    let mut values = Vec::with_capacity(points.len() * 5);
-    for series in points.chunk_by(|a, b| a.name == b.name) {
-        let id = id_of(&series[0].name);
-        for p in series {
+/// Rows of `run_metrics`, column by column.
+#[derive(Clone, Default)]
+pub(crate) struct PointRows {
+    pub(super) series_id: Vec<i64>,
+    pub(super) step: Vec<i64>,
+    /// NaN is `None`.
+    pub(super) value: Vec<Option<f64>>,
+    pub(super) seq: Vec<i64>,
+    pub(super) ts: Vec<i64>,
+}
+
+impl PointRows {
+    fn of(points: &[Point], id_of: &impl Fn(&str) -> i64) -> Self {
+        let mut rows = PointRows::default();
+        for series in points.chunk_by(|a, b| a.name == b.name) {
+            let id = id_of(&series[0].name);
+            for p in series {
+                rows.series_id.push(id);
+                rows.step.push(p.step);
+                rows.value.push(p.value);
+                rows.seq.push(p.seq);
+                rows.ts.push(p.ts);
+            }
+        }
+        rows
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.series_id.len()
+    }
+
+    /// The rows as `INSERT_POINTS`'s values, five per row.
+    fn values(&self) -> Vec<Value> {
+        let mut values = Vec::with_capacity(self.len() * 5);
+        for i in 0..self.len() {
             values.extend([
-                id.into(),
-                p.step.into(),
-                p.value.into(),
-                p.seq.into(),
-                p.ts.into(),
+                self.series_id[i].into(),
+                self.step[i].into(),
+                self.value[i].into(),
+                self.seq[i].into(),
+                self.ts[i].into(),
             ]);
         }
+        values
     }
-    values
+}
+
+/// [`BulkWrite::insert_points`] by multi-row INSERTs.
+pub(super) async fn insert_points(
+    txn: &impl ConnectionTrait,
+    points: PointRows,
+) -> Result<u64, DbErr> {
+    insert_rows(
+        txn,
+        txn.get_database_backend(),
+        INSERT_POINTS,
+        Vec::new(),
+        5,
+        points.values(),
+        " ON CONFLICT (series_id, step) DO NOTHING",
+    )
+    .await
 }
 
 /// Appends the summary of each series in `points` (sorted by name and step, one point

@@ -1,7 +1,8 @@
 //! PostgreSQL's write path: the same transaction as on SQLite (`super::write`), run on a
 //! connection of sqlx's own taken from sea-orm's pool, so that the lines of new batches
 //! can go by `COPY … FROM STDIN` — one stream of rows instead of multi-row INSERTs of
-//! 50 000 bind parameters each. Everything else in the transaction (the `run_batches`
+//! 50 000 bind parameters each — and their metric points by an INSERT of `unnest`ed
+//! arrays (COPY cannot skip a point stored before). Everything else in the transaction (the `run_batches`
 //! keys that make a batch new, results, metric points, counters) is the same statements
 //! through sea-orm's `ConnectionTrait`, implemented here over that connection, so
 //! exactly-once is unchanged: a batch's lines are written only by the transaction that
@@ -22,7 +23,8 @@ use sea_query_binder::SqlxValues;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio::sync::Mutex;
 
-use super::{insert_lines, Incoming, LineRow, WriteLines, Written};
+use super::metrics::PointRows;
+use super::{insert_lines, BulkWrite, Incoming, LineRow, Written};
 
 /// Whether lines go by COPY (see `super::set_postgres_copy`).
 pub(super) static COPY: AtomicBool = AtomicBool::new(true);
@@ -132,7 +134,7 @@ impl ConnectionTrait for PgTxn<'_> {
     }
 }
 
-impl WriteLines for PgTxn<'_> {
+impl BulkWrite for PgTxn<'_> {
     async fn write_lines(&self, lines: Vec<(String, Vec<LineRow>)>) -> Result<(), DbErr> {
         let mut tx = self.tx.lock().await;
         let conn: &mut PgConnection = &mut tx;
@@ -191,7 +193,37 @@ impl WriteLines for PgTxn<'_> {
         }
         Ok(())
     }
+
+    /// One statement per [`POINTS_PER_STATEMENT`] points, five arrays bound instead of
+    /// five parameters a point (what PostgreSQL parses and plans is the same small
+    /// statement every time).
+    async fn insert_points(&self, points: PointRows) -> Result<u64, DbErr> {
+        let mut tx = self.tx.lock().await;
+        let mut inserted = 0;
+        for start in (0..points.len()).step_by(POINTS_PER_STATEMENT) {
+            let end = (start + POINTS_PER_STATEMENT).min(points.len());
+            let conn: &mut PgConnection = &mut tx;
+            inserted += sqlx::query(
+                "INSERT INTO run_metrics (series_id, step, value, seq, ts) \
+                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::float8[], $4::int8[], $5::int8[]) \
+                 ON CONFLICT (series_id, step) DO NOTHING",
+            )
+            .bind(&points.series_id[start..end])
+            .bind(&points.step[start..end])
+            .bind(&points.value[start..end])
+            .bind(&points.seq[start..end])
+            .bind(&points.ts[start..end])
+            .execute(conn)
+            .await
+            .map_err(exec)?
+            .rows_affected();
+        }
+        Ok(inserted)
+    }
 }
+
+/// Metric points per INSERT of arrays.
+const POINTS_PER_STATEMENT: usize = 100_000;
 
 /// One row of COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
 fn copy_row(out: &mut Vec<u8>, run_id: &str, row: &LineRow) {
