@@ -1081,7 +1081,7 @@ fn gateway_process(
     nats: &Bench,
     db_config: &DatabaseConfig,
     max_viewers: usize,
-) -> (std::process::Child, std::net::SocketAddr) {
+) -> (GatewayProcess, std::net::SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1099,7 +1099,27 @@ fn gateway_process(
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    (gateway, format!("127.0.0.1:{port}").parse().unwrap())
+    (
+        GatewayProcess(gateway),
+        format!("127.0.0.1:{port}").parse().unwrap(),
+    )
+}
+
+/// A gateway child process, killed when dropped — also when the benchmark panics, so
+/// that it does not outlive it holding the benchmark's stdout open.
+struct GatewayProcess(std::process::Child);
+
+impl GatewayProcess {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// One row of a fan-out table.
@@ -1129,7 +1149,7 @@ async fn fanout() {
     let nats = Bench::of(&nats_server);
     let dir = tempfile::tempdir().unwrap();
     let (db_config, db) = database(&dir).await;
-    let (mut gateway, addr) = gateway_process(&nats, &db_config, 20_000);
+    let (gateway, addr) = gateway_process(&nats, &db_config, 20_000);
     let stack = Stack::start(&nats, db, Some(format!("http://{addr}"))).await;
     let (http, base) = (&stack.http, &stack.base);
     // Runs of 100 lines/s (10 batches of 10 lines a second).
@@ -1172,9 +1192,8 @@ async fn fanout() {
     }
     population.stop();
     // 100 runs × 100 viewers each, on a fresh gateway.
-    let _ = gateway.kill();
-    let _ = gateway.wait();
-    let (mut gateway, addr) = gateway_process(&nats, &db_config, 20_000);
+    drop(gateway);
+    let (gateway, addr) = gateway_process(&nats, &db_config, 20_000);
     let base = format!("http://{addr}");
     while http.get(format!("{base}/readyz")).send().await.is_err() {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1199,8 +1218,7 @@ async fn fanout() {
     let measured = population.measure(Duration::from_secs(5)).await;
     fanout_row("100 runs × 100", 10_000, measured, rss, baseline);
     population.stop();
-    let _ = gateway.kill();
-    let _ = gateway.wait();
+    drop(gateway);
     stack.stop().await;
 }
 

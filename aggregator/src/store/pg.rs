@@ -194,36 +194,86 @@ impl BulkWrite for PgTxn<'_> {
         Ok(())
     }
 
-    /// One statement per [`POINTS_PER_STATEMENT`] points, five arrays bound instead of
-    /// five parameters a point (what PostgreSQL parses and plans is the same small
-    /// statement every time).
+    /// Like the lines: when no series has a stored point in the step range it brings
+    /// (one query for all), the points go by COPY — no `ON CONFLICT` to check row by
+    /// row; otherwise one INSERT of `unnest`ed arrays (five parameters, not five a
+    /// point) that skips the points stored before.
     async fn insert_points(&self, points: PointRows) -> Result<u64, DbErr> {
         let mut tx = self.tx.lock().await;
-        let mut inserted = 0;
-        for start in (0..points.len()).step_by(POINTS_PER_STATEMENT) {
-            let end = (start + POINTS_PER_STATEMENT).min(points.len());
-            let conn: &mut PgConnection = &mut tx;
-            inserted += sqlx::query(
+        let conn: &mut PgConnection = &mut tx;
+        let (mut ids, mut lows, mut highs) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        while start < points.len() {
+            let id = points.series_id[start];
+            let end = start + points.series_id[start..].partition_point(|&s| s == id);
+            let steps = &points.step[start..end];
+            ids.push(id);
+            lows.push(*steps.iter().min().expect("not empty"));
+            highs.push(*steps.iter().max().expect("not empty"));
+            start = end;
+        }
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS q(id, lo, hi) \
+             WHERE EXISTS (SELECT 1 FROM run_metrics m WHERE m.series_id = q.id AND m.step BETWEEN q.lo AND q.hi))",
+        )
+        .bind(&ids)
+        .bind(&lows)
+        .bind(&highs)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(query)?;
+        if held {
+            return sqlx::query(
                 "INSERT INTO run_metrics (series_id, step, value, seq, ts) \
                  SELECT * FROM unnest($1::int8[], $2::int8[], $3::float8[], $4::int8[], $5::int8[]) \
                  ON CONFLICT (series_id, step) DO NOTHING",
             )
-            .bind(&points.series_id[start..end])
-            .bind(&points.step[start..end])
-            .bind(&points.value[start..end])
-            .bind(&points.seq[start..end])
-            .bind(&points.ts[start..end])
+            .bind(&points.series_id)
+            .bind(&points.step)
+            .bind(&points.value)
+            .bind(&points.seq)
+            .bind(&points.ts)
             .execute(conn)
             .await
-            .map_err(exec)?
-            .rows_affected();
+            .map(|done| done.rows_affected())
+            .map_err(exec);
         }
-        Ok(inserted)
+        let mut copy = conn
+            .copy_in_raw("COPY run_metrics (series_id, step, value, seq, ts) FROM STDIN")
+            .await
+            .map_err(exec)?;
+        let mut data = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+        for i in 0..points.len() {
+            point_row(&mut data, &points, i);
+            if data.len() >= COPY_CHUNK {
+                let full =
+                    std::mem::replace(&mut data, Vec::with_capacity(COPY_CHUNK + (64 << 10)));
+                copy.send(full).await.map_err(exec)?;
+            }
+        }
+        if !data.is_empty() {
+            copy.send(data).await.map_err(exec)?;
+        }
+        copy.finish().await.map_err(exec)
     }
 }
 
-/// Metric points per INSERT of arrays.
-const POINTS_PER_STATEMENT: usize = 100_000;
+/// Point `i` of `points` as a row of COPY's text format: NaN (`None`) as NULL, the
+/// infinities as PostgreSQL spells them, finite values in Rust's shortest form that
+/// reads back as the same f64.
+fn point_row(out: &mut Vec<u8>, points: &PointRows, i: usize) {
+    use std::io::Write;
+    let _ = write!(out, "{}\t{}\t", points.series_id[i], points.step[i]);
+    match points.value[i] {
+        None => out.extend_from_slice(b"\\N"),
+        Some(v) if v == f64::INFINITY => out.extend_from_slice(b"Infinity"),
+        Some(v) if v == f64::NEG_INFINITY => out.extend_from_slice(b"-Infinity"),
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+    }
+    let _ = writeln!(out, "\t{}\t{}", points.seq[i], points.ts[i]);
+}
 
 /// One row of COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
 fn copy_row(out: &mut Vec<u8>, run_id: &str, row: &LineRow) {
@@ -262,6 +312,36 @@ fn copy_text(out: &mut Vec<u8>, text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn point_rows_spell_nan_and_the_infinities_as_postgresql_reads_them() {
+        let values = [
+            Some(0.1),
+            None,
+            Some(f64::INFINITY),
+            Some(f64::NEG_INFINITY),
+            Some(-1e300),
+        ];
+        let points = PointRows {
+            series_id: vec![3; 5],
+            step: (0..5).collect(),
+            value: values.to_vec(),
+            seq: (10..15).collect(),
+            ts: vec![1_700_000_000_000_000; 5],
+        };
+        let mut out = Vec::new();
+        for i in 0..points.len() {
+            point_row(&mut out, &points, i);
+        }
+        let text = String::from_utf8(out).unwrap();
+        let rows: Vec<&str> = text.lines().collect();
+        assert_eq!(rows[0], "3\t0\t0.1\t10\t1700000000000000");
+        assert_eq!(rows[1], "3\t1\t\\N\t11\t1700000000000000");
+        assert_eq!(rows[2], "3\t2\tInfinity\t12\t1700000000000000");
+        assert_eq!(rows[3], "3\t3\t-Infinity\t13\t1700000000000000");
+        let big: f64 = rows[4].split('\t').nth(2).unwrap().parse().unwrap();
+        assert_eq!(big, -1e300);
+    }
 
     #[test]
     fn copy_rows_escape_what_the_text_format_would_misread() {
