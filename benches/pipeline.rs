@@ -690,12 +690,9 @@ async fn copy_ceiling() {
     }
     let bytes = data.len();
     std::fs::write(&file, data).unwrap();
-    let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let (base, _) = server.rsplit_once('/').unwrap();
     let started = Instant::now();
     let status = std::process::Command::new("psql")
-        .arg(format!("{base}/{name}"))
+        .arg(postgres_url(&name))
         .args(["-q", "-c"])
         .arg(format!("\\copy ceiling FROM '{}'", file.display()))
         .status();
@@ -724,8 +721,7 @@ async fn postgres_database(
 )> {
     use athanor_migrations::MigratorTrait;
     use sea_orm::ConnectionTrait;
-    let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let server = postgres_server();
     let admin = match athanor_connections::db::connect(&DatabaseConfig {
         url: Some(server.clone()),
         max_connections: 1,
@@ -749,13 +745,24 @@ async fn postgres_database(
     Some((admin, name, db))
 }
 
-/// A pool of its own on the database `name` of ATHANOR_BENCH_DATABASE_URL's server.
-async fn postgres_connect(name: &str) -> sea_orm::DatabaseConnection {
-    let server = std::env::var("ATHANOR_BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+/// ATHANOR_BENCH_DATABASE_URL: the PostgreSQL server to measure (the local one by
+/// default).
+fn postgres_server() -> String {
+    std::env::var("ATHANOR_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The URL of the database `name` on [`postgres_server`].
+fn postgres_url(name: &str) -> String {
+    let server = postgres_server();
     let (base, _) = server.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}
+
+/// A pool of its own on the database `name` of [`postgres_server`].
+async fn postgres_connect(name: &str) -> sea_orm::DatabaseConnection {
     athanor_connections::db::connect(&DatabaseConfig {
-        url: Some(format!("{base}/{name}")),
+        url: Some(postgres_url(name)),
         ..Default::default()
     })
     .await
@@ -802,19 +809,13 @@ async fn throughput_row_on(
         WorkerConfig::default(),
     )
     .await;
-    let mut started = Vec::new();
+    let mut aggregators = Vec::new();
     for pool in others {
-        let other = Aggregator::start(
-            aggregator.clone(),
-            Bench::of(nats_server).config(),
-            pool,
-            stack.stop.clone(),
-        )
-        .await
-        .unwrap();
-        started.push(other);
+        let nats = Bench::of(nats_server).config();
+        let other = Aggregator::start(aggregator.clone(), nats, pool, stack.stop.clone());
+        aggregators.push(other.await.unwrap());
     }
-    let others = started;
+    let others = aggregators;
     let stored_lines = || {
         stack.aggregator.stats().lines.load(Ordering::Relaxed)
             + others

@@ -14,9 +14,9 @@ use tracing::{debug, info, warn};
 use crate::store::{self, Incoming};
 use crate::{dlq, Error, Result, Shared};
 
-/// Decoded messages on their way to the writer. Bounded: when the database is slower
+/// Decoded messages on their way to the writers. Bounded: when the database is slower
 /// than decoding, the decoder waits (policy: block), so at most this many fetched
-/// transactions are held in memory.
+/// transactions (or `aggregator.writers`, if more) wait in memory.
 const DECODED_QUEUE: usize = 2;
 
 /// One transaction's worth: the messages to ack after the commit, and their batches.
@@ -27,7 +27,7 @@ struct Decoded {
 
 /// Pulls from the shared durable consumer until shutdown, recreating the pull stream
 /// when it ends (NATS restarts are handled by the client). Decoding runs here, the
-/// writes in a task of their own, so the two overlap.
+/// writes in `aggregator.writers` tasks of their own, so the two overlap.
 pub(crate) async fn consume(shared: Arc<Shared>) {
     let writers = shared.config.writers.max(1);
     let (to_writer, from_decoder) =

@@ -761,7 +761,8 @@ async fn transactions_in_flight_store_each_line_and_point_once() {
         } else {
             let points = points_of(&db.db, &handle.run_id).await;
             assert_eq!(points.len(), 3 * 20_000);
-            for (name, series) in [("m0", &points[..20_000]), ("m1", &points[20_000..40_000])] {
+            for (series, name) in points.chunks(20_000).zip(["m0", "m1", "m2"]) {
+                assert!(series.iter().all(|p| p.0 == name), "{name}");
                 assert!(series.iter().map(|p| p.1).eq(0..20_000), "{name}");
             }
             let summaries = summaries_of(&db.db, &handle.run_id).await;

@@ -156,8 +156,7 @@ pub(super) async fn write(
             .collect();
         let ids = series_ids(txn, backend, &run_id, &names).await?;
         let id_of = |name: &str| ids[name];
-        let rows = PointRows::of(&points, &id_of);
-        let inserted = txn.insert_points(rows.clone()).await?;
+        let inserted = txn.insert_points(PointRows::of(&points, &id_of)).await?;
         if inserted < points.len() as u64 {
             insert_rows(
                 txn,
@@ -165,7 +164,8 @@ pub(super) async fn write(
                 INSERT_POINTS,
                 Vec::new(),
                 5,
-                rows.values(),
+                // Built again: the rare case does not cost the common one a copy.
+                PointRows::of(&points, &id_of).values(),
                 " ON CONFLICT (series_id, step) DO UPDATE \
                  SET value = excluded.value, seq = excluded.seq, ts = excluded.ts \
                  WHERE excluded.seq > run_metrics.seq",
@@ -254,8 +254,8 @@ async fn series_ids(
     Ok(ids)
 }
 
-/// Rows of `run_metrics`, column by column.
-#[derive(Clone, Default)]
+/// Rows of `run_metrics`, column by column, by series and step.
+#[derive(Default)]
 pub(crate) struct PointRows {
     pub(super) series_id: Vec<i64>,
     pub(super) step: Vec<i64>,

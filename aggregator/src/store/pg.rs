@@ -1,17 +1,18 @@
 //! PostgreSQL's write path: the same transaction as on SQLite (`super::write`), run on a
-//! connection of sqlx's own taken from sea-orm's pool, so that the lines of new batches
-//! can go by `COPY … FROM STDIN` — one stream of rows instead of multi-row INSERTs of
-//! 50 000 bind parameters each — and their metric points by an INSERT of `unnest`ed
-//! arrays (COPY cannot skip a point stored before). Everything else in the transaction (the `run_batches`
-//! keys that make a batch new, results, metric points, counters) is the same statements
-//! through sea-orm's `ConnectionTrait`, implemented here over that connection, so
-//! exactly-once is unchanged: a batch's lines are written only by the transaction that
-//! inserted its `run_batches` row.
+//! connection of sqlx's own taken from sea-orm's pool, so that the lines and metric
+//! points of new batches can go by `COPY … FROM STDIN` — one stream of rows instead of
+//! multi-row INSERTs of 50 000 bind parameters each. Everything else in the transaction
+//! (the `run_batches` keys that make a batch new, results, the metric summaries and
+//! rollups, counters) is the same statements through sea-orm's `ConnectionTrait`,
+//! implemented here over that connection, so exactly-once is unchanged: a batch's rows
+//! are written only by the transaction that inserted its `run_batches` row.
 //!
 //! COPY cannot skip a row that exists. Lines can exist without their batch's key only
 //! in an oddity (a line stored by an earlier version, a hand-made row), so each run's
 //! seq range is checked first in one query; a run with any line there already takes the
-//! `INSERT … ON CONFLICT DO NOTHING` path instead.
+//! `INSERT … ON CONFLICT DO NOTHING` path instead. Points are checked the same way per
+//! series and step range (a step repeated by a later batch is legitimate there); when
+//! any is stored they go by one INSERT of `unnest`ed arrays that skips those.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,6 +21,7 @@ use sea_orm::{
     RuntimeErr, Statement,
 };
 use sea_query_binder::SqlxValues;
+use sqlx::postgres::PgCopyIn;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 use tokio::sync::Mutex;
 
@@ -169,23 +171,16 @@ impl BulkWrite for PgTxn<'_> {
                 .copy_in_raw("COPY run_logs (run_id, seq, ts, level, message, metadata) FROM STDIN")
                 .await
                 .map_err(exec)?;
-            let mut data = Vec::with_capacity(COPY_CHUNK + (64 << 10));
-            for (run_id, rows) in copied {
+            let mut data = CopyData::new();
+            for (run_id, rows) in &copied {
                 for row in rows {
-                    copy_row(&mut data, &run_id, &row);
-                    if data.len() >= COPY_CHUNK {
-                        let full = std::mem::replace(
-                            &mut data,
-                            Vec::with_capacity(COPY_CHUNK + (64 << 10)),
-                        );
+                    copy_row(&mut data.0, run_id, row);
+                    if let Some(full) = data.full() {
                         copy.send(full).await.map_err(exec)?;
                     }
                 }
             }
-            if !data.is_empty() {
-                copy.send(data).await.map_err(exec)?;
-            }
-            copy.finish().await.map_err(exec)?;
+            data.finish(copy).await?;
         }
         drop(tx);
         if !inserted.is_empty() {
@@ -201,16 +196,15 @@ impl BulkWrite for PgTxn<'_> {
     async fn insert_points(&self, points: PointRows) -> Result<u64, DbErr> {
         let mut tx = self.tx.lock().await;
         let conn: &mut PgConnection = &mut tx;
+        // Each series' step range (its rows are together, by step).
         let (mut ids, mut lows, mut highs) = (Vec::new(), Vec::new(), Vec::new());
         let mut start = 0;
-        while start < points.len() {
-            let id = points.series_id[start];
-            let end = start + points.series_id[start..].partition_point(|&s| s == id);
-            let steps = &points.step[start..end];
-            ids.push(id);
-            lows.push(*steps.iter().min().expect("not empty"));
-            highs.push(*steps.iter().max().expect("not empty"));
-            start = end;
+        for series in points.series_id.chunk_by(|a, b| a == b) {
+            let steps = &points.step[start..start + series.len()];
+            ids.push(series[0]);
+            lows.push(steps[0]);
+            highs.push(steps[steps.len() - 1]);
+            start += series.len();
         }
         let held: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS q(id, lo, hi) \
@@ -242,17 +236,34 @@ impl BulkWrite for PgTxn<'_> {
             .copy_in_raw("COPY run_metrics (series_id, step, value, seq, ts) FROM STDIN")
             .await
             .map_err(exec)?;
-        let mut data = Vec::with_capacity(COPY_CHUNK + (64 << 10));
+        let mut data = CopyData::new();
         for i in 0..points.len() {
-            point_row(&mut data, &points, i);
-            if data.len() >= COPY_CHUNK {
-                let full =
-                    std::mem::replace(&mut data, Vec::with_capacity(COPY_CHUNK + (64 << 10)));
+            point_row(&mut data.0, &points, i);
+            if let Some(full) = data.full() {
                 copy.send(full).await.map_err(exec)?;
             }
         }
-        if !data.is_empty() {
-            copy.send(data).await.map_err(exec)?;
+        data.finish(copy).await
+    }
+}
+
+/// COPY's data being written, sent [`COPY_CHUNK`] bytes a message.
+struct CopyData(Vec<u8>);
+
+impl CopyData {
+    fn new() -> Self {
+        CopyData(Vec::with_capacity(COPY_CHUNK + (64 << 10)))
+    }
+
+    /// The data written so far, once it fills a message.
+    fn full(&mut self) -> Option<Vec<u8>> {
+        (self.0.len() >= COPY_CHUNK).then(|| std::mem::replace(self, CopyData::new()).0)
+    }
+
+    /// Sends the rest and ends the COPY; returns the rows copied.
+    async fn finish(self, mut copy: PgCopyIn<&mut PgConnection>) -> Result<u64, DbErr> {
+        if !self.0.is_empty() {
+            copy.send(self.0).await.map_err(exec)?;
         }
         copy.finish().await.map_err(exec)
     }
