@@ -108,6 +108,19 @@ pub(crate) trait BulkWrite: ConnectionTrait + Sized {
     async fn insert_points(&self, points: metrics::PointRows) -> Result<u64, DbErr> {
         metrics::insert_points(self, points).await
     }
+
+    /// `insert` (`INSERT INTO <table> (<columns>)`) of `values`, `width` a row (each
+    /// column's values of one type), followed by `tail` (an `ON CONFLICT` clause);
+    /// returns the rows affected.
+    async fn insert_many(
+        &self,
+        insert: &str,
+        width: usize,
+        values: Vec<Value>,
+        tail: &str,
+    ) -> Result<u64, DbErr> {
+        insert_values(self, insert, width, values, tail).await
+    }
 }
 
 impl BulkWrite for sea_orm::DatabaseTransaction {}
@@ -307,11 +320,8 @@ async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written,
             record.ts.into(),
         ]);
     }
-    insert_rows(
-        txn,
-        backend,
-        "INSERT INTO run_results (run_id, key, value, seq, ts) VALUES ",
-        Vec::new(),
+    txn.insert_many(
+        "INSERT INTO run_results (run_id, key, value, seq, ts)",
         5,
         values,
         " ON CONFLICT (run_id, key) DO UPDATE SET value = excluded.value, seq = excluded.seq, ts = excluded.ts \
@@ -326,6 +336,27 @@ async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written,
         }
     }
     Ok(written)
+}
+
+/// [`BulkWrite::insert_many`] by multi-row INSERTs.
+async fn insert_values(
+    txn: &impl ConnectionTrait,
+    insert: &str,
+    width: usize,
+    values: Vec<Value>,
+    tail: &str,
+) -> Result<u64, DbErr> {
+    let head = format!("{insert} VALUES ");
+    insert_rows(
+        txn,
+        txn.get_database_backend(),
+        &head,
+        Vec::new(),
+        width,
+        values,
+        tail,
+    )
+    .await
 }
 
 /// Executes `head (?, …), (?, …) … tail` over `values` (`width` per row), in chunks

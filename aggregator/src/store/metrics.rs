@@ -130,7 +130,7 @@ fn merge_upsert(
 }
 
 /// Where points go, keyed by their series' id.
-const INSERT_POINTS: &str = "INSERT INTO run_metrics (series_id, step, value, seq, ts) VALUES ";
+const INSERT_POINTS: &str = "INSERT INTO run_metrics (series_id, step, value, seq, ts)";
 
 /// Writes the points of each run (sorted by run) and moves their summaries.
 pub(super) async fn write(
@@ -158,11 +158,8 @@ pub(super) async fn write(
         let id_of = |name: &str| ids[name];
         let inserted = txn.insert_points(PointRows::of(&points, &id_of)).await?;
         if inserted < points.len() as u64 {
-            insert_rows(
-                txn,
-                backend,
+            txn.insert_many(
                 INSERT_POINTS,
-                Vec::new(),
                 5,
                 // Built again: the rare case does not cost the common one a copy.
                 PointRows::of(&points, &id_of).values(),
@@ -181,23 +178,17 @@ pub(super) async fn write(
         summarize(&run_id, &points, &mut summaries);
         block_rows(&points, &id_of, &mut blocks);
     }
-    insert_rows(
-        txn,
-        backend,
+    txn.insert_many(
         "INSERT INTO run_metric_summaries \
-         (run_id, name, count, min, max, last_step, last_value, last_seq, updated_at) VALUES ",
-        Vec::new(),
+         (run_id, name, count, min, max, last_step, last_value, last_seq, updated_at)",
         9,
         summaries,
         &MERGE_SUMMARIES,
     )
     .await?;
-    insert_rows(
-        txn,
-        backend,
+    txn.insert_many(
         "INSERT INTO run_metric_rollups (series_id, level, block, count, min, min_step, max, max_step, \
-         last_step, last_ts, last_value, last_seq) VALUES ",
-        Vec::new(),
+         last_step, last_ts, last_value, last_seq)",
         12,
         blocks,
         &MERGE_BLOCKS,
@@ -306,11 +297,9 @@ pub(super) async fn insert_points(
     txn: &impl ConnectionTrait,
     points: PointRows,
 ) -> Result<u64, DbErr> {
-    insert_rows(
+    super::insert_values(
         txn,
-        txn.get_database_backend(),
         INSERT_POINTS,
-        Vec::new(),
         5,
         points.values(),
         " ON CONFLICT (series_id, step) DO NOTHING",

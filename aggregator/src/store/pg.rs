@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, ExecResult, QueryResult,
-    RuntimeErr, Statement,
+    RuntimeErr, Statement, Value,
 };
 use sea_query_binder::SqlxValues;
 use sqlx::postgres::PgCopyIn;
@@ -245,6 +245,113 @@ impl BulkWrite for PgTxn<'_> {
         }
         data.finish(copy).await
     }
+
+    /// One statement whatever the number of rows: each column bound as one array and
+    /// `unnest`ed, so the statement's text is the same every time and is prepared once
+    /// per connection (multi-row VALUES of a new length each time were parsed and
+    /// planned anew, 12 parameters a row for a rollup block). Values of a type it does
+    /// not bind as arrays go by the multi-row INSERT.
+    async fn insert_many(
+        &self,
+        insert: &str,
+        width: usize,
+        values: Vec<Value>,
+        tail: &str,
+    ) -> Result<u64, DbErr> {
+        if values.is_empty() {
+            return Ok(0);
+        }
+        let columns = match Column::split(width, values) {
+            Ok(columns) => columns,
+            Err(values) => return super::insert_values(self, insert, width, values, tail).await,
+        };
+        let arrays: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, column)| format!("${}::{}[]", i + 1, column.sql_type()))
+            .collect();
+        let sql = format!("{insert} SELECT * FROM unnest({}){tail}", arrays.join(", "));
+        let mut query = sqlx::query(&sql);
+        for column in columns {
+            query = match column {
+                Column::Int4(values) => query.bind(values),
+                Column::Int8(values) => query.bind(values),
+                Column::Float8(values) => query.bind(values),
+                Column::Text(values) => query.bind(values),
+            };
+        }
+        let mut tx = self.tx.lock().await;
+        let conn: &mut PgConnection = &mut tx;
+        query
+            .execute(conn)
+            .await
+            .map(|done| done.rows_affected())
+            .map_err(exec)
+    }
+}
+
+/// One column of [`BulkWrite::insert_many`]'s rows, as the array it is bound as.
+#[derive(Debug, PartialEq)]
+enum Column {
+    Int4(Vec<Option<i32>>),
+    Int8(Vec<Option<i64>>),
+    Float8(Vec<Option<f64>>),
+    Text(Vec<Option<String>>),
+}
+
+impl Column {
+    /// `values` (`width` a row) column by column; given back when a value is of a type
+    /// not bound as an array here, or not the type of its column's first row.
+    fn split(width: usize, values: Vec<Value>) -> Result<Vec<Column>, Vec<Value>> {
+        if width == 0 || !values.len().is_multiple_of(width) {
+            return Err(values);
+        }
+        let rows = values.len() / width;
+        let mut columns: Vec<Column> = Vec::with_capacity(width);
+        for value in &values[..width] {
+            columns.push(match value {
+                Value::Int(_) => Column::Int4(Vec::with_capacity(rows)),
+                Value::BigInt(_) => Column::Int8(Vec::with_capacity(rows)),
+                Value::Double(_) => Column::Float8(Vec::with_capacity(rows)),
+                Value::String(_) => Column::Text(Vec::with_capacity(rows)),
+                _ => return Err(values),
+            });
+        }
+        let fits = values
+            .iter()
+            .zip(columns.iter().cycle())
+            .all(|(value, column)| {
+                matches!(
+                    (value, column),
+                    (Value::Int(_), Column::Int4(_))
+                        | (Value::BigInt(_), Column::Int8(_))
+                        | (Value::Double(_), Column::Float8(_))
+                        | (Value::String(_), Column::Text(_))
+                )
+            });
+        if !fits {
+            return Err(values);
+        }
+        for (i, value) in values.into_iter().enumerate() {
+            match (value, &mut columns[i % width]) {
+                (Value::Int(v), Column::Int4(c)) => c.push(v),
+                (Value::BigInt(v), Column::Int8(c)) => c.push(v),
+                (Value::Double(v), Column::Float8(c)) => c.push(v),
+                (Value::String(v), Column::Text(c)) => c.push(v.map(|s| *s)),
+                _ => unreachable!("checked above"),
+            }
+        }
+        Ok(columns)
+    }
+
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Column::Int4(_) => "int4",
+            Column::Int8(_) => "int8",
+            Column::Float8(_) => "float8",
+            Column::Text(_) => "text",
+        }
+    }
 }
 
 /// COPY's data being written, sent [`COPY_CHUNK`] bytes a message.
@@ -352,6 +459,42 @@ mod tests {
         assert_eq!(rows[3], "3\t3\t-Infinity\t13\t1700000000000000");
         let big: f64 = rows[4].split('\t').nth(2).unwrap().parse().unwrap();
         assert_eq!(big, -1e300);
+    }
+
+    #[test]
+    fn rows_split_into_typed_columns_or_are_given_back_whole() {
+        let row = |n: i64, x: Option<f64>| -> Vec<Value> {
+            vec![
+                n.into(),
+                (n as i32).into(),
+                x.into(),
+                Some(format!("r{n}")).into(),
+            ]
+        };
+        let values: Vec<Value> = [row(1, Some(0.5)), row(2, None)].concat();
+        assert_eq!(
+            Column::split(4, values).unwrap(),
+            vec![
+                Column::Int8(vec![Some(1), Some(2)]),
+                Column::Int4(vec![Some(1), Some(2)]),
+                Column::Float8(vec![Some(0.5), None]),
+                Column::Text(vec![Some("r1".into()), Some("r2".into())]),
+            ]
+        );
+        // A column whose type changes from one row to the next, a type not bound as an
+        // array, a row cut short: the values come back as they were, for the INSERT.
+        let mixed: Vec<Value> = [
+            row(1, Some(0.5)),
+            vec![1i64.into(), 1i32.into(), 2i64.into(), "x".into()],
+        ]
+        .concat();
+        assert_eq!(Column::split(4, mixed.clone()).unwrap_err(), mixed);
+        let unbound = vec![Value::Bool(Some(true)), 1i64.into()];
+        assert_eq!(Column::split(2, unbound.clone()).unwrap_err(), unbound);
+        let short: Vec<Value> = [row(1, None), vec![2i64.into()]].concat();
+        assert_eq!(Column::split(4, short.clone()).unwrap_err(), short);
+        let shorter: Vec<Value> = vec![2i64.into()];
+        assert_eq!(Column::split(4, shorter.clone()).unwrap_err(), shorter);
     }
 
     #[test]
