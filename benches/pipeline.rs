@@ -991,28 +991,51 @@ async fn sampled_viewer(
     }
 }
 
-/// The viewers of a fan-out measure: load viewers on the benchmark's runtime, every
-/// 50th a sampled one on a runtime of its own (on the load viewers' runtime a sample
-/// would wait behind thousands of tasks woken by the same frame, and measure this
-/// process's queue instead of the gateway: a real viewer is in a browser of its own).
+/// The viewers of a fan-out measure, each kind on a runtime of its own: every 50th a
+/// sampled one on one thread (on the load viewers' runtime a sample would wait behind
+/// thousands of tasks woken by the same frame, and measure this process's queue instead
+/// of the gateway: a real viewer is in a browser of its own), the others on two threads
+/// apart from the benchmark's (where the worker publishing the runs would queue behind
+/// them: a real worker does not share a runtime with the viewers).
 struct Population {
     addr: std::net::SocketAddr,
-    sampler: tokio::runtime::Handle,
+    sampler: Runtime,
+    load: Runtime,
     viewers: Vec<(Arc<Seen>, tokio::task::JoinHandle<()>)>,
     delays: Arc<Mutex<Vec<(i64, i64)>>>,
 }
 
+/// A runtime on a thread of its own, shut down (off the benchmark's runtime, where
+/// dropping one is not allowed) when dropped.
+struct Runtime {
+    handle: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Runtime {
+    fn new(mut builder: tokio::runtime::Builder) -> Self {
+        let rt = builder.enable_all().build().unwrap();
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = rt.block_on(stopped);
+            rt.shutdown_background();
+        });
+        Runtime {
+            handle,
+            _stop: stop,
+        }
+    }
+}
+
 impl Population {
     fn new(addr: std::net::SocketAddr) -> Self {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let sampler = rt.handle().clone();
-        std::thread::spawn(move || rt.block_on(std::future::pending::<()>()));
+        let mut load = tokio::runtime::Builder::new_multi_thread();
+        load.worker_threads(2);
         Population {
             addr,
-            sampler,
+            sampler: Runtime::new(tokio::runtime::Builder::new_current_thread()),
+            load: Runtime::new(load),
             viewers: Vec::new(),
             delays: Arc::default(),
         }
@@ -1023,25 +1046,30 @@ impl Population {
         let seen = Arc::new(Seen::default());
         let path = format!("/api/runs/{id}/events");
         let task = if self.viewers.len().is_multiple_of(50) {
-            self.sampler.spawn(sampled_viewer(
+            self.sampler.handle.spawn(sampled_viewer(
                 format!("http://{}", self.addr),
                 id.to_string(),
                 seen.clone(),
                 self.delays.clone(),
             ))
         } else {
-            tokio::spawn(raw_viewer(self.addr, path, seen.clone()))
+            self.load
+                .handle
+                .spawn(raw_viewer(self.addr, path, seen.clone()))
         };
         self.viewers.push((seen, task));
     }
 
     /// Measures a `window`: how many viewers had their snapshot and got a batch in it,
-    /// the delays the sampled ones saw in it (sorted), and how many samples took part.
-    async fn measure(&self, window: Duration) -> (usize, Vec<i64>, usize) {
+    /// the delays the sampled ones saw in it (sorted), how many samples took part, and
+    /// the gateway's own two legs over it (from its `/metrics`).
+    async fn measure(&self, window: Duration) -> Measured {
         let before: Vec<u64> = self.viewers.iter().map(|(s, _)| s.batches()).collect();
+        let legs_before = GatewayLegs::scrape(self.addr).await;
         let from = now_micros();
         tokio::time::sleep(window).await;
         let to = now_micros();
+        let legs = GatewayLegs::scrape(self.addr).await.since(&legs_before);
         let receiving = self
             .viewers
             .iter()
@@ -1066,13 +1094,103 @@ impl Population {
             .zip(before.iter().step_by(50))
             .filter(|((s, _), b)| s.batches() > **b)
             .count();
-        (receiving, delays, samples)
+        Measured {
+            receiving,
+            delays,
+            samples,
+            legs,
+        }
     }
 
     fn stop(self) {
         for (_, task) in self.viewers {
             task.abort();
         }
+    }
+}
+
+/// What [`Population::measure`] found.
+struct Measured {
+    receiving: usize,
+    delays: Vec<i64>,
+    samples: usize,
+    legs: GatewayLegs,
+}
+
+/// The gateway's histograms of a batch's way through it (cumulative buckets, by upper
+/// bound in seconds): stream → broadcast, and broadcast → each viewer's connection.
+#[derive(Default)]
+struct GatewayLegs {
+    broadcast: Vec<(f64, u64)>,
+    queued: Vec<(f64, u64)>,
+}
+
+impl GatewayLegs {
+    async fn scrape(addr: std::net::SocketAddr) -> Self {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let buckets = |name: &str| -> Vec<(f64, u64)> {
+            let prefix = format!("{name}_bucket{{le=\"");
+            text.lines()
+                .filter_map(|line| {
+                    let rest = line.strip_prefix(&prefix)?;
+                    let (le, count) = rest.split_once("\"} ")?;
+                    Some((le.parse().ok()?, count.trim().parse().ok()?))
+                })
+                .collect()
+        };
+        GatewayLegs {
+            broadcast: buckets("athanor_gateway_batch_broadcast_delay_seconds"),
+            queued: buckets("athanor_gateway_sse_queued_seconds"),
+        }
+    }
+
+    /// The counts recorded after `earlier`.
+    fn since(self, earlier: &GatewayLegs) -> Self {
+        let minus = |now: Vec<(f64, u64)>, then: &[(f64, u64)]| {
+            now.into_iter()
+                .map(|(le, n)| {
+                    let before = then.iter().find(|(l, _)| *l == le).map_or(0, |(_, n)| *n);
+                    (le, n - before)
+                })
+                .collect()
+        };
+        GatewayLegs {
+            broadcast: minus(self.broadcast, &earlier.broadcast),
+            queued: minus(self.queued, &earlier.queued),
+        }
+    }
+
+    /// The bucket bound under which `p` of the samples fell, in ms (`> 30 s` beyond the
+    /// last bound; `-` without samples).
+    fn percentile(buckets: &[(f64, u64)], p: f64) -> String {
+        let Some(&(_, total)) = buckets.iter().find(|(le, _)| le.is_infinite()) else {
+            return "-".into();
+        };
+        if total == 0 {
+            return "-".into();
+        }
+        let wanted = (p * total as f64).ceil() as u64;
+        match buckets.iter().find(|(_, n)| *n >= wanted) {
+            Some((le, _)) if le.is_finite() => format!("≤ {}", le * 1000.0),
+            _ => "> 30 000".into(),
+        }
+    }
+
+    /// `| broadcast p50 | p99 | queued p50 | p99 |`.
+    fn columns(&self) -> String {
+        let p = GatewayLegs::percentile;
+        format!(
+            "{} | {} | {} | {}",
+            p(&self.broadcast, 0.5),
+            p(&self.broadcast, 0.99),
+            p(&self.queued, 0.5),
+            p(&self.queued, 0.99)
+        )
     }
 }
 
@@ -1124,22 +1242,22 @@ impl Drop for GatewayProcess {
 }
 
 /// One row of a fan-out table.
-fn fanout_row(
-    label: &str,
-    opened: usize,
-    measured: (usize, Vec<i64>, usize),
-    rss: u64,
-    baseline: u64,
-) {
-    let (receiving, delays, samples) = measured;
+fn fanout_row(label: &str, opened: usize, measured: Measured, rss: u64, baseline: u64) {
+    let Measured {
+        receiving,
+        delays,
+        samples,
+        legs,
+    } = measured;
     let failed = if receiving < opened {
         format!(" **{} did not receive**", opened - receiving)
     } else {
         String::new()
     };
     println!(
-        "| {label} | {opened} | {receiving}{failed} | {samples} | {} | {:.0} | {:.1} |",
+        "| {label} | {opened} | {receiving}{failed} | {samples} | {} | {} | {:.0} | {:.1} |",
         delay_columns(&delays),
+        legs.columns(),
         rss as f64 / 1024.0,
         rss.saturating_sub(baseline) as f64 / receiving.max(1) as f64
     );
@@ -1166,9 +1284,9 @@ async fn fanout() {
     let baseline = athanor_testkit::rss_kib(gateway.id());
     drop(warm);
     println!("\n## SSE fan-out: viewers on one gateway process, runs of 100 lines/s\n");
-    println!("Receiving: viewers that had the `snapshot` and at least one `batch` in the 5 s window. Delivery: each line's `log()` time to its arrival at every 50th viewer (parsed, on a runtime of its own), over the window. KiB per receiving viewer: the gateway's RSS over its baseline.\n");
-    println!("| shape | viewers opened | receiving | sampled viewers receiving | delivery p50 ms | p99 ms | max ms | gateway RSS MiB | KiB per receiving viewer |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("Receiving: viewers that had the `snapshot` and at least one `batch` in the 5 s window. Delivery: each line's `log()` time to its arrival at every 50th viewer (parsed, on a runtime of its own), over the window. The gateway's legs over the window, from its `/metrics` histograms (bucket bounds): stream → broadcast (once per batch), broadcast → handed to a viewer's connection (once per viewer and batch). KiB per receiving viewer: the gateway's RSS over its baseline.\n");
+    println!("| shape | viewers opened | receiving | sampled viewers receiving | delivery p50 ms | p99 ms | max ms | stream → broadcast p50 ms | p99 ms | broadcast → connection p50 ms | p99 ms | gateway RSS MiB | KiB per receiving viewer |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     // ATHANOR_BENCH_VIEWERS=1000,5000: other steps (for a profiler run, say).
     let steps: Vec<usize> = std::env::var("ATHANOR_BENCH_VIEWERS")
         .map(|v| {

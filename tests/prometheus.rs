@@ -235,6 +235,27 @@ async fn prometheus_scrapes_athanor_up_while_a_run_logs() {
         json!({"lines_per_second": 20_000, "duration_ms": 3000, "line_bytes": 100}),
     )
     .await;
+    // A viewer of the run, counting the batch events it is handed, until the status.
+    let viewer = tokio::spawn({
+        let (url, id) = (url.clone(), id.clone());
+        async move {
+            let client = athanor_client::Client::new(&url, None).unwrap();
+            let mut feed = client.events(&id, None).await.unwrap();
+            let mut batches = 0u64;
+            loop {
+                let event = tokio::time::timeout(Duration::from_secs(60), feed.next())
+                    .await
+                    .expect("an event within 60 s")
+                    .expect("the feed")
+                    .expect("an event before the end");
+                match event.data {
+                    athanor_client::FeedData::Batch(_) => batches += 1,
+                    athanor_client::FeedData::Status(_) => return batches,
+                    _ => {}
+                }
+            }
+        }
+    });
     let lock = common::hold_write_lock(&dir.path().join("athanor.db")).await;
     let while_locked = prometheus
         .until("the lag to show batches not stored", lag, |v| v > 0.0)
@@ -280,6 +301,27 @@ async fn prometheus_scrapes_athanor_up_while_a_run_logs() {
     assert!(
         !exposition.contains(&id),
         "a run id in a label: {exposition}"
+    );
+    // The gateway's two legs of a batch: each batch frame handed to the viewer waited
+    // once (exactly as many samples as it received); batches broadcast, at most the
+    // run's.
+    let handed = viewer.await.unwrap();
+    let exposition = promtool_checked(&format!("{url}/metrics")).await;
+    assert!(handed >= 1, "the viewer was handed no batch");
+    assert_eq!(
+        sample(&exposition, "athanor_gateway_sse_queued_seconds_count"),
+        Some(handed as f64),
+        "{exposition}"
+    );
+    let broadcast = sample(
+        &exposition,
+        "athanor_gateway_batch_broadcast_delay_seconds_count",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        broadcast >= 1.0 && broadcast <= run["batches"].as_f64().unwrap(),
+        "{broadcast} batches broadcast, the run has {}",
+        run["batches"]
     );
 
     // Every panel of the Grafana dashboard in deploy/ is a valid query with data.

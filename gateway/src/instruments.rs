@@ -1,8 +1,10 @@
 //! The gateway's Prometheus metrics (`athanor_gateway_*`) and `GET /metrics`, which
 //! renders every metric of the process (in `athanor up`, the worker's and the
 //! aggregator's too). Live feeds and hubs are read at each render; events sent and
-//! resyncs are counted as frames go to viewers; every HTTP request is counted by its
-//! route template (never its path: `/api/runs/{id}`, not a run id) and status.
+//! resyncs are counted as frames go to viewers; a batch's way through the gateway is
+//! timed in two legs (stream → broadcast, once per batch; broadcast → a viewer's
+//! connection, once per viewer); every HTTP request is counted by its route template
+//! (never its path: `/api/runs/{id}`, not a run id) and status.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,7 +16,8 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
 };
 
 use crate::hub::{Frame, Hubs};
@@ -25,12 +28,16 @@ const EVENTS: &str = "athanor_gateway_sse_events_total";
 const RESYNCS: &str = "athanor_gateway_resyncs_total";
 const REQUESTS: &str = "athanor_gateway_http_requests_total";
 const REQUEST_SECONDS: &str = "athanor_gateway_http_request_duration_seconds";
+const BROADCAST_SECONDS: &str = "athanor_gateway_batch_broadcast_delay_seconds";
+const QUEUED_SECONDS: &str = "athanor_gateway_sse_queued_seconds";
 
 /// The counters every feed adds to, taken once (a handle is an atomic: no lookup per
 /// event).
 pub(crate) struct Instruments {
     events: Counter,
     resyncs: Counter,
+    broadcast: Histogram,
+    queued: Histogram,
 }
 
 impl Instruments {
@@ -59,9 +66,21 @@ impl Instruments {
             Unit::Seconds,
             "Time to answer an HTTP request (to the response head; a feed's events follow)."
         );
+        describe_histogram!(
+            BROADCAST_SECONDS,
+            Unit::Seconds,
+            "From a batch's arrival in ATHANOR_RUNS (its stream timestamp, NATS's clock) to its frame broadcast to the run's viewers on this gateway."
+        );
+        describe_histogram!(
+            QUEUED_SECONDS,
+            Unit::Seconds,
+            "From a batch frame's broadcast to its hand-over to one viewer's connection: how long it waited for that viewer (one sample per viewer and batch)."
+        );
         Instruments {
             events: counter!(EVENTS),
             resyncs: counter!(RESYNCS),
+            broadcast: histogram!(BROADCAST_SECONDS),
+            queued: histogram!(QUEUED_SECONDS),
         }
     }
 
@@ -70,7 +89,19 @@ impl Instruments {
         self.events.increment(1);
         if frame.event == events::RESYNC {
             self.resyncs.increment(1);
+        } else if frame.event == events::BATCH {
+            self.queued.record(frame.at.elapsed());
         }
+    }
+
+    /// A batch that reached the stream at `published` (ns since the epoch) went to the
+    /// viewers now.
+    pub fn broadcast(&self, published: i128) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        // Another host's clock may be ahead: no negative delays.
+        self.broadcast.record((now - published).max(0) as f64 / 1e9);
     }
 }
 

@@ -423,7 +423,8 @@ impl Hub {
         self.state.lock().waiting_for_gap()
     }
 
-    fn apply(&self, batch: Batch) {
+    /// Applies a batch from the stream; returns how many frames went to the viewers.
+    fn apply(&self, batch: Batch) -> usize {
         // Serialised before the lock: viewers joining meanwhile are not kept waiting.
         let frame = Frame::batch(&batch);
         let mut state = self.state.lock();
@@ -435,11 +436,13 @@ impl Hub {
         {
             warn!(run_id = %self.run_id, missing, resumed_at, "batches missing from the stream; skipping them");
         }
+        let sent = applied.frames.len();
         for frame in applied.frames {
             self.sent.stamp(&frame);
             // No receivers is not an error: the frame is in the state for later viewers.
             let _ = self.tx.send(frame);
         }
+        sent
     }
 
     fn is_terminal(&self) -> bool {
@@ -479,21 +482,29 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                 match message {
                     Some(Ok(message)) => {
                         last_message = Instant::now();
+                        let mut published = None;
                         if let Ok(info) = message.info() {
                             position = Some(info.stream_sequence + 1);
+                            published = Some(info.published.unix_timestamp_nanos());
                         }
                         // Decompressing, parsing and encoding the frames is CPU work: off
                         // the async threads, one batch at a time (order is kept).
                         let (applying, limit) = (hub.clone(), config.decode_limit);
-                        let _ = tokio::task::spawn_blocking(move || {
+                        let sent = tokio::task::spawn_blocking(move || {
                             match athanor_schemas::decode(&message.payload, limit) {
                                 Ok(batch) if batch.run_id == applying.run_id => applying.apply(batch),
-                                Ok(_) => {}
+                                Ok(_) => 0,
                                 // The aggregator dead-letters it; a viewer cannot use it either.
-                                Err(error) => debug!(run_id = %applying.run_id, %error, "undecodable batch skipped"),
+                                Err(error) => {
+                                    debug!(run_id = %applying.run_id, %error, "undecodable batch skipped");
+                                    0
+                                }
                             }
                         })
                         .await;
+                        if let (Ok(1..), Some(published)) = (sent, published) {
+                            hubs.instruments.broadcast(published);
+                        }
                     }
                     Some(Err(error)) => {
                         let retry_in = retries.next_delay();
