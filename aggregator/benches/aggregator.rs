@@ -129,7 +129,7 @@ async fn bench(batches_per_run: usize) {
     {
         Ok(admin) => {
             let (base, _) = server.rsplit_once('/').unwrap();
-            let names = ["pipeline", "raw", "short", "points"]
+            let names = ["pipeline", "raw", "short", "points", "values"]
                 .map(|kind| format!("athanor_bench_{kind}_{}", std::process::id()));
             for name in &names {
                 admin
@@ -145,13 +145,27 @@ async fn bench(batches_per_run: usize) {
                 url: Some(format!("{base}/{name}")),
                 ..Default::default()
             };
-            row(
+            let [pipeline, raw, short, points, values] = names.clone().map(|name| pg(&name));
+            let short = row(
                 "PostgreSQL 15 (local)",
                 &streams,
-                names.clone().map(|name| pg(&name)),
+                [pipeline, raw, short, points],
                 &all_lines,
             )
             .await;
+            // The points again, their summaries and rollup blocks by multi-row VALUES
+            // (the statements before they bound arrays), against the same short lines.
+            athanor_aggregator::store::set_postgres_arrays(false);
+            let label = "PostgreSQL: points, summaries and blocks by multi-row VALUES";
+            let points = pipeline_rate(streams.points, &values, streams.total, label, |s| {
+                AggregatorStats::get(&s.metrics)
+            })
+            .await;
+            athanor_aggregator::store::set_postgres_arrays(true);
+            println!(
+                "| {label} | | | | {short:.0} | {points:.0} | {:.2} |",
+                points / short
+            );
             for name in &names {
                 admin
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -230,7 +244,7 @@ async fn row(
     streams: &Streams<'_>,
     dbs: [DatabaseConfig; 4],
     lines: &[(String, LogLine)],
-) {
+) -> f64 {
     let [pipeline_db, raw_db, short_db, points_db] = dbs;
     let lines_counter = |s: &AggregatorStats| AggregatorStats::get(&s.lines);
     let total = streams.total;
@@ -248,6 +262,7 @@ async fn row(
         100.0 * pipeline / raw,
         points / short
     );
+    short
 }
 
 async fn migrated(config: &DatabaseConfig) -> sea_orm::DatabaseConnection {

@@ -172,6 +172,13 @@ pub fn set_postgres_copy(on: bool) {
     pg::COPY.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether PostgreSQL's other bulk statements (metric summaries and rollup blocks,
+/// results) bind one array per column (`pg.rs`); off, multi-row VALUES as on SQLite.
+/// For the benchmark's side-by-side rows.
+pub fn set_postgres_arrays(on: bool) {
+    pg::ARRAYS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writes `incoming` in one transaction (sorted by run and batch, so concurrent
 /// aggregators lock rows in the same order).
 pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Result<Written, DbErr> {

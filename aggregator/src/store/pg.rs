@@ -31,6 +31,9 @@ use super::{insert_lines, BulkWrite, Incoming, LineRow, Written};
 /// Whether lines go by COPY (see `super::set_postgres_copy`).
 pub(super) static COPY: AtomicBool = AtomicBool::new(true);
 
+/// Whether [`BulkWrite::insert_many`] binds arrays (see `super::set_postgres_arrays`).
+pub(super) static ARRAYS: AtomicBool = AtomicBool::new(true);
+
 /// Bytes of COPY data sent per message.
 const COPY_CHUNK: usize = 4 << 20;
 
@@ -260,6 +263,9 @@ impl BulkWrite for PgTxn<'_> {
     ) -> Result<u64, DbErr> {
         if values.is_empty() {
             return Ok(0);
+        }
+        if !ARRAYS.load(Ordering::Relaxed) {
+            return super::insert_values(self, insert, width, values, tail).await;
         }
         let columns = match Column::split(width, values) {
             Ok(columns) => columns,
