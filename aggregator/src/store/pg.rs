@@ -5,7 +5,9 @@
 //! (the `run_batches` keys that make a batch new, results, the metric summaries and
 //! rollups, counters) is the same statements through sea-orm's `ConnectionTrait`,
 //! implemented here over that connection, so exactly-once is unchanged: a batch's rows
-//! are written only by the transaction that inserted its `run_batches` row.
+//! are written only by the transaction that inserted its `run_batches` row. The bulk
+//! ones among them (results, summaries, rollup blocks) bind one array per column
+//! ([`BulkWrite::insert_many`]) instead of their rows' values.
 //!
 //! COPY cannot skip a row that exists. Lines can exist without their batch's key only
 //! in an oddity (a line stored by an earlier version, a hand-made row), so each run's
