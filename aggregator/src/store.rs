@@ -204,7 +204,7 @@ async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written,
     // Per run (in order): its new lines.
     let mut logs: Vec<(String, Vec<LineRow>)> = Vec::new();
     // Per run (in order): the metric points of its new batches.
-    let mut points: Vec<(String, Vec<metrics::Point>)> = Vec::new();
+    let mut points: Vec<(String, metrics::RunPoints)> = Vec::new();
     // Newest record per (run, key) in this transaction: one statement may not touch a
     // row twice.
     let mut results: BTreeMap<(String, String), athanor_schemas::ResultRecord> = BTreeMap::new();
@@ -302,10 +302,10 @@ async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written,
         }));
         if !batch.metrics.is_empty() {
             if points.last().is_none_or(|(run, _)| *run != run_id) {
-                points.push((run_id.clone(), Vec::new()));
+                points.push((run_id.clone(), metrics::RunPoints::default()));
             }
             let run_points = &mut points.last_mut().expect("pushed above").1;
-            written.metrics += metrics::collect(backend, run_points, batch.metrics);
+            written.metrics += run_points.collect(backend, batch.metrics);
         }
         for record in batch.results {
             athanor_schemas::merge_result(

@@ -1096,7 +1096,8 @@ fn point(name: &str, step: i64, value: Option<f64>, seq: i64) -> PointRow {
     (name.to_string(), step, value, seq, 10_000 + seq)
 }
 
-/// Every point as sent (NaN as NULL, ±infinity as such, a name holding NUL), and the
+/// Every point as sent (NaN as NULL, ±infinity as such, a name holding NUL in two
+/// records, one series however PostgreSQL spells the NUL), and the
 /// summaries moved by a second transaction: count added, extremes widened (NULL of an
 /// all-NaN series replaced, never replacing), the last point only moved forward,
 /// `updated_at` the newest point's time even when it is not the last step's.
@@ -1119,22 +1120,26 @@ async fn metric_points_are_stored_point_for_point_with_exact_summaries() {
                     ("z\0", 1.0),
                 ],
             ),
-            metric_record(1, 1, &[("loss", -1.0), ("acc", nan), ("grad", -inf)]),
+            metric_record(
+                1,
+                1,
+                &[("loss", -1.0), ("acc", nan), ("grad", -inf), ("z\0", 2.0)],
+            ),
             metric_record(2, 5, &[("loss", nan), ("acc", nan)]),
         ],
     );
     let written = store_batches(&db.db, vec![first]).await;
-    assert_eq!((written.batches, written.metrics), (1, 10));
+    assert_eq!((written.batches, written.metrics), (1, 11));
     let nul = if db.is_postgres() { "z\u{2400}" } else { "z\0" };
     let nul_summary = (
         nul.to_string(),
+        2,
+        Some(1.0),
+        Some(2.0),
         1,
-        Some(1.0),
-        Some(1.0),
-        0,
-        Some(1.0),
-        0,
-        10_000,
+        Some(2.0),
+        1,
+        10_001,
     );
     assert_eq!(
         summaries_of(&db.db, "metrics").await,
@@ -1192,6 +1197,7 @@ async fn metric_points_are_stored_point_for_point_with_exact_summaries() {
             point("loss", 3, Some(0.5), 3),
             point("loss", 5, None, 2),
             point(nul, 0, Some(1.0), 0),
+            point(nul, 1, Some(2.0), 1),
         ]
     );
     assert_eq!(

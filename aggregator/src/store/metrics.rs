@@ -43,7 +43,8 @@ use super::{insert_rows, BulkWrite};
 
 /// One value of a record: a row of `run_metrics` (of the run it is grouped under).
 pub(super) struct Point {
-    name: String,
+    /// The index of its name in [`RunPoints::names`]; once sorted, the name's rank.
+    series: u32,
     step: i64,
     /// NaN is `None`.
     value: Option<f64>,
@@ -51,25 +52,66 @@ pub(super) struct Point {
     ts: i64,
 }
 
-/// Appends the values of `records` to `points`; returns how many there were.
-pub(super) fn collect(
-    backend: DatabaseBackend,
-    points: &mut Vec<Point>,
-    records: Vec<MetricRecord>,
-) -> u64 {
-    let before = points.len();
-    for record in records {
-        // The decoder refuses steps beyond i64::MAX.
-        let (step, seq) = (record.step as i64, record.seq as i64);
-        points.extend(record.values.into_iter().map(|(name, value)| Point {
-            name: stored_text(backend, name),
-            step,
-            value: Some(value.0).filter(|v| !v.is_nan()),
-            seq,
-            ts: record.ts,
-        }));
+/// The points of one run's new batches in a transaction, each name held once.
+#[derive(Default)]
+pub(super) struct RunPoints {
+    names: Vec<String>,
+    index: std::collections::HashMap<String, u32>,
+    points: Vec<Point>,
+}
+
+impl RunPoints {
+    /// Appends the values of `records`; returns how many there were.
+    pub(super) fn collect(&mut self, backend: DatabaseBackend, records: Vec<MetricRecord>) -> u64 {
+        let before = self.points.len();
+        for record in records {
+            // The decoder refuses steps beyond i64::MAX.
+            let (step, seq) = (record.step as i64, record.seq as i64);
+            for (name, value) in record.values {
+                let name = stored_text(backend, name);
+                let series = match self.index.get(&name) {
+                    Some(&series) => series,
+                    None => {
+                        let series = self.names.len() as u32;
+                        self.index.insert(name.clone(), series);
+                        self.names.push(name);
+                        series
+                    }
+                };
+                self.points.push(Point {
+                    series,
+                    step,
+                    value: Some(value.0).filter(|v| !v.is_nan()),
+                    seq,
+                    ts: record.ts,
+                });
+            }
+        }
+        (self.points.len() - before) as u64
     }
-    (points.len() - before) as u64
+
+    /// The names, sorted, and the points by name and step, one per step (the one with
+    /// the highest seq), each point's `series` the rank of its name. Integer keys: no
+    /// string is compared per point.
+    fn sorted(self) -> (Vec<String>, Vec<Point>) {
+        let RunPoints {
+            names, mut points, ..
+        } = self;
+        let mut named: Vec<(String, u32)> = names.into_iter().zip(0..).collect();
+        named.sort_unstable();
+        let mut rank = vec![0u32; named.len()];
+        for (r, (_, index)) in named.iter().enumerate() {
+            rank[*index as usize] = r as u32;
+        }
+        for p in &mut points {
+            p.series = rank[p.series as usize];
+        }
+        let names = named.into_iter().map(|(name, _)| name).collect();
+        // By name and step, the highest seq first; keep that one.
+        points.sort_unstable_by_key(|p| (p.series, p.step, std::cmp::Reverse(p.seq)));
+        points.dedup_by(|next, kept| next.series == kept.series && next.step == kept.step);
+        (names, points)
+    }
 }
 
 /// A summary moved by a transaction's points of its series.
@@ -136,7 +178,7 @@ const INSERT_POINTS: &str = "INSERT INTO run_metrics (series_id, step, value, se
 pub(super) async fn write(
     txn: &impl BulkWrite,
     backend: DatabaseBackend,
-    runs: Vec<(String, Vec<Point>)>,
+    runs: Vec<(String, RunPoints)>,
 ) -> Result<(), DbErr> {
     // Nine values per (run, name), the summary of this transaction's points.
     let mut summaries: Vec<Value> = Vec::new();
@@ -146,16 +188,11 @@ pub(super) async fn write(
     // that this transaction's points fall in.
     let mut recount: Vec<i64> = Vec::new();
     let mut recount_blocks: Vec<(i64, Vec<(u32, u64)>)> = Vec::new();
-    for (run_id, mut points) in runs {
-        // By name and step, the highest seq first; keep that one.
-        points.sort_unstable_by(|a, b| (&a.name, a.step, b.seq).cmp(&(&b.name, b.step, a.seq)));
-        points.dedup_by(|next, kept| next.name == kept.name && next.step == kept.step);
-        let names: Vec<&str> = points
-            .chunk_by(|a, b| a.name == b.name)
-            .map(|series| series[0].name.as_str())
-            .collect();
+    for (run_id, run_points) in runs {
+        let (names, points) = run_points.sorted();
+        // By rank: the id of each name.
         let ids = series_ids(txn, backend, &run_id, &names).await?;
-        let id_of = |name: &str| ids[name];
+        let id_of = |series: u32| ids[series as usize];
         let inserted = txn.insert_points(PointRows::of(&points, &id_of)).await?;
         if inserted < points.len() as u64 {
             txn.insert_many(
@@ -168,14 +205,14 @@ pub(super) async fn write(
                  WHERE excluded.seq > run_metrics.seq",
             )
             .await?;
-            for series in points.chunk_by(|a, b| a.name == b.name) {
-                let id = id_of(&series[0].name);
+            for series in points.chunk_by(|a, b| a.series == b.series) {
+                let id = id_of(series[0].series);
                 recount.push(id);
                 let touched = roll_up(series).into_iter().map(|(key, _)| key).collect();
                 recount_blocks.push((id, touched));
             }
         }
-        summarize(&run_id, &points, &mut summaries);
+        summarize(&run_id, &names, &points, &mut summaries);
         block_rows(&points, &id_of, &mut blocks);
     }
     txn.insert_many(
@@ -205,15 +242,15 @@ pub(super) async fn write(
     Ok(())
 }
 
-/// The id of each of `names` of a run (sorted, distinct), making a summary row — a
-/// series — for those it does not have yet (empty: the transaction's own upsert fills
-/// it in).
+/// The id of each of `names` of a run (sorted, distinct), in their order, making a
+/// summary row — a series — for those it does not have yet (empty: the transaction's
+/// own upsert fills it in).
 async fn series_ids(
     txn: &impl ConnectionTrait,
     backend: DatabaseBackend,
     run_id: &str,
-    names: &[&str],
-) -> Result<std::collections::HashMap<String, i64>, DbErr> {
+    names: &[String],
+) -> Result<Vec<i64>, DbErr> {
     insert_rows(
         txn,
         backend,
@@ -223,7 +260,7 @@ async fn series_ids(
          -1, CAST(NULL AS DOUBLE PRECISION), -1, 0 FROM (VALUES ",
         vec![run_id.into()],
         1,
-        names.iter().map(|n| Value::from(*n)).collect(),
+        names.iter().map(|n| Value::from(n.as_str())).collect(),
         ") AS series WHERE true ON CONFLICT (run_id, name) DO NOTHING",
     )
     .await?;
@@ -234,15 +271,27 @@ async fn series_ids(
             vec!["?"; chunk.len()].join(", ")
         );
         let mut values: Vec<Value> = vec![run_id.into()];
-        values.extend(chunk.iter().map(|n| Value::from(*n)));
+        values.extend(chunk.iter().map(|n| Value::from(n.as_str())));
         for row in txn
             .query_all(athanor_connections::db::stmt(backend, &sql, values))
             .await?
         {
-            ids.insert(row.try_get("", "name")?, row.try_get::<i64>("", "id")?);
+            ids.insert(
+                row.try_get::<String>("", "name")?,
+                row.try_get::<i64>("", "id")?,
+            );
         }
     }
-    Ok(ids)
+    names
+        .iter()
+        .map(|name| {
+            ids.get(name).copied().ok_or_else(|| {
+                DbErr::Custom(format!(
+                    "no series {name:?} of run {run_id:?} after its insert"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// Rows of `run_metrics`, column by column, by series and step.
@@ -257,10 +306,10 @@ pub(crate) struct PointRows {
 }
 
 impl PointRows {
-    fn of(points: &[Point], id_of: &impl Fn(&str) -> i64) -> Self {
+    fn of(points: &[Point], id_of: &impl Fn(u32) -> i64) -> Self {
         let mut rows = PointRows::default();
-        for series in points.chunk_by(|a, b| a.name == b.name) {
-            let id = id_of(&series[0].name);
+        for series in points.chunk_by(|a, b| a.series == b.series) {
+            let id = id_of(series[0].series);
             for p in series {
                 rows.series_id.push(id);
                 rows.step.push(p.step);
@@ -308,9 +357,9 @@ pub(super) async fn insert_points(
 }
 
 /// Appends the summary of each series in `points` (sorted by name and step, one point
-/// per step) to `values`.
-fn summarize(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
-    for series in points.chunk_by(|a, b| a.name == b.name) {
+/// per step; `names` by rank) to `values`.
+fn summarize(run_id: &str, names: &[String], points: &[Point], values: &mut Vec<Value>) {
+    for series in points.chunk_by(|a, b| a.series == b.series) {
         let finite = || series.iter().filter_map(|p| p.value);
         let min = finite().reduce(f64::min);
         let max = finite().reduce(f64::max);
@@ -318,7 +367,7 @@ fn summarize(run_id: &str, points: &[Point], values: &mut Vec<Value>) {
         let updated_at = series.iter().map(|p| p.ts).max();
         values.extend([
             run_id.into(),
-            last.name.as_str().into(),
+            names[last.series as usize].as_str().into(),
             (series.len() as i64).into(),
             min.into(),
             max.into(),
@@ -367,10 +416,10 @@ fn roll_up(series: &[Point]) -> Vec<((u32, u64), Block)> {
 
 /// Appends a `run_metric_rollups` row for each block the points (sorted by name and
 /// step) fall in.
-fn block_rows(points: &[Point], id_of: &impl Fn(&str) -> i64, values: &mut Vec<Value>) {
+fn block_rows(points: &[Point], id_of: &impl Fn(u32) -> i64, values: &mut Vec<Value>) {
     let stored = |v: MetricValue| Some(v.0).filter(|v| !v.is_nan());
-    for series in points.chunk_by(|a, b| a.name == b.name) {
-        let id = id_of(&series[0].name);
+    for series in points.chunk_by(|a, b| a.series == b.series) {
+        let id = id_of(series[0].series);
         for (
             (level, block),
             Block {
