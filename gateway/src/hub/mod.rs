@@ -450,6 +450,13 @@ impl Hub {
     }
 }
 
+/// Compressed bytes of a batch the hub decodes and applies on its own task (a tick of a
+/// run's output: tens of microseconds); a larger one goes to the blocking pool. Handing
+/// every batch there made the hub, woken from the pool, wait behind all the viewers its
+/// previous frame had woken: with 10 000 viewers of a run it fell seconds behind the
+/// stream (`athanor_gateway_batch_broadcast_delay_seconds`, measured in BENCHMARKS.md).
+const INLINE_DECODE: usize = 16 << 10;
+
 /// Follows the run's subject until the run ends, the hub idles, or shutdown.
 async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
     let config = &hubs.config;
@@ -487,22 +494,25 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                             position = Some(info.stream_sequence + 1);
                             published = Some(info.published.unix_timestamp_nanos());
                         }
-                        // Decompressing, parsing and encoding the frames is CPU work: off
-                        // the async threads, one batch at a time (order is kept).
                         let (applying, limit) = (hub.clone(), config.decode_limit);
-                        let sent = tokio::task::spawn_blocking(move || {
-                            match athanor_schemas::decode(&message.payload, limit) {
-                                Ok(batch) if batch.run_id == applying.run_id => applying.apply(batch),
-                                Ok(_) => 0,
-                                // The aggregator dead-letters it; a viewer cannot use it either.
-                                Err(error) => {
-                                    debug!(run_id = %applying.run_id, %error, "undecodable batch skipped");
-                                    0
-                                }
+                        let inline = message.payload.len() <= INLINE_DECODE;
+                        let apply = move || match athanor_schemas::decode(&message.payload, limit) {
+                            Ok(batch) if batch.run_id == applying.run_id => applying.apply(batch),
+                            Ok(_) => 0,
+                            // The aggregator dead-letters it; a viewer cannot use it either.
+                            Err(error) => {
+                                debug!(run_id = %applying.run_id, %error, "undecodable batch skipped");
+                                0
                             }
-                        })
-                        .await;
-                        if let (Ok(1..), Some(published)) = (sent, published) {
+                        };
+                        // One batch at a time, so order is kept. A large one is CPU work
+                        // for the blocking pool; a small one is applied here.
+                        let sent = if inline {
+                            apply()
+                        } else {
+                            tokio::task::spawn_blocking(apply).await.unwrap_or(0)
+                        };
+                        if let (1.., Some(published)) = (sent, published) {
                             hubs.instruments.broadcast(published);
                         }
                     }
