@@ -156,7 +156,7 @@ async fn bench(batches_per_run: usize) {
             // The points again, their summaries and rollup blocks by multi-row VALUES
             // (the statements before they bound arrays), against the same short lines.
             athanor_aggregator::store::set_postgres_arrays(false);
-            let label = "PostgreSQL: points, summaries and blocks by multi-row VALUES";
+            let label = "PostgreSQL: summaries and blocks by multi-row VALUES (points by COPY)";
             let points = pipeline_rate(streams.points, &values, streams.total, label, |s| {
                 AggregatorStats::get(&s.metrics)
             })

@@ -174,7 +174,8 @@ pub fn set_postgres_copy(on: bool) {
 
 /// Whether PostgreSQL's other bulk statements (metric summaries and rollup blocks,
 /// results) bind one array per column (`pg.rs`); off, multi-row VALUES as on SQLite.
-/// For the benchmark's side-by-side rows.
+/// Only on the COPY path: with [`set_postgres_copy`] off they are multi-row VALUES
+/// anyway. For the benchmark's side-by-side rows.
 pub fn set_postgres_arrays(on: bool) {
     pg::ARRAYS.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -1096,8 +1096,8 @@ fn point(name: &str, step: i64, value: Option<f64>, seq: i64) -> PointRow {
     (name.to_string(), step, value, seq, 10_000 + seq)
 }
 
-/// Every point as sent (NaN as NULL, ±infinity as such, a name holding NUL in two
-/// records, one series however PostgreSQL spells the NUL), and the
+/// Every point as sent (NaN as NULL, ±infinity as such, a name holding NUL: one series
+/// over its two records, on PostgreSQL too, where the NUL is stored as ␀), and the
 /// summaries moved by a second transaction: count added, extremes widened (NULL of an
 /// all-NaN series replaced, never replacing), the last point only moved forward,
 /// `updated_at` the newest point's time even when it is not the last step's.

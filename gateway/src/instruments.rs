@@ -2,8 +2,8 @@
 //! renders every metric of the process (in `athanor up`, the worker's and the
 //! aggregator's too). Live feeds and hubs are read at each render; events sent and
 //! resyncs are counted as frames go to viewers; a batch's way through the gateway is
-//! timed in two legs (stream → broadcast, once per batch; broadcast → a viewer's
-//! connection, once per viewer); every HTTP request is counted by its route template
+//! timed in two legs (stream → broadcast, once per stream message; the broadcast frame
+//! → a viewer's connection, once per viewer); every HTTP request is counted by its route template
 //! (never its path: `/api/runs/{id}`, not a run id) and status.
 
 use std::sync::Arc;
@@ -69,12 +69,12 @@ impl Instruments {
         describe_histogram!(
             BROADCAST_SECONDS,
             Unit::Seconds,
-            "From a batch's arrival in ATHANOR_RUNS (its stream timestamp, NATS's clock) to its frame broadcast to the run's viewers on this gateway."
+            "From a batch's arrival in ATHANOR_RUNS (its stream timestamp, NATS's clock) to its frame broadcast to the run's viewers on this gateway; one sample per stream message that released frames (a batch held for an earlier one is released, untimed, with the message that fills the gap)."
         );
         describe_histogram!(
             QUEUED_SECONDS,
             Unit::Seconds,
-            "From a batch frame's broadcast to its hand-over to one viewer's connection: how long it waited for that viewer (one sample per viewer and batch)."
+            "From a broadcast batch frame's making (its batch at the hub; a batch held for an earlier one waits here too) to its hand-over to one viewer's connection: how long it waited for that viewer (one sample per viewer and frame)."
         );
         Instruments {
             events: counter!(EVENTS),
@@ -89,7 +89,8 @@ impl Instruments {
         self.events.increment(1);
         if frame.event == events::RESYNC {
             self.resyncs.increment(1);
-        } else if frame.event == events::BATCH {
+        } else if frame.event == events::BATCH && frame.was_broadcast() {
+            // Not a catch-up frame made for this viewer alone.
             self.queued.record(frame.at.elapsed());
         }
     }

@@ -52,7 +52,8 @@ pub(super) struct Point {
     ts: i64,
 }
 
-/// The points of one run's new batches in a transaction, each name held once.
+/// The points of one run's new batches in a transaction; each name is stored once per
+/// run (in `names`, and as its key in `index`), not once per point.
 #[derive(Default)]
 pub(super) struct RunPoints {
     names: Vec<String>,

@@ -271,7 +271,13 @@ impl BulkWrite for PgTxn<'_> {
         }
         let columns = match Column::split(width, values) {
             Ok(columns) => columns,
-            Err(values) => return super::insert_values(self, insert, width, values, tail).await,
+            Err(values) => {
+                tracing::debug!(
+                    insert,
+                    "values of a type not bound as arrays: multi-row VALUES"
+                );
+                return super::insert_values(self, insert, width, values, tail).await;
+            }
         };
         let arrays: Vec<String> = columns
             .iter()
@@ -311,7 +317,7 @@ impl Column {
     /// `values` (`width` a row) column by column; given back when a value is of a type
     /// not bound as an array here, or not the type of its column's first row.
     fn split(width: usize, values: Vec<Value>) -> Result<Vec<Column>, Vec<Value>> {
-        if width == 0 || !values.len().is_multiple_of(width) {
+        if width == 0 || values.is_empty() || !values.len().is_multiple_of(width) {
             return Err(values);
         }
         let rows = values.len() / width;
@@ -503,6 +509,10 @@ mod tests {
         assert_eq!(Column::split(4, short.clone()).unwrap_err(), short);
         let shorter: Vec<Value> = vec![2i64.into()];
         assert_eq!(Column::split(4, shorter.clone()).unwrap_err(), shorter);
+        assert_eq!(
+            Column::split(4, Vec::new()).unwrap_err(),
+            Vec::<Value>::new()
+        );
     }
 
     #[test]

@@ -143,6 +143,12 @@ impl Frame {
             .clone()
     }
 
+    /// Whether a hub broadcast it (not a snapshot, or a catch-up frame made for one
+    /// viewer).
+    pub fn was_broadcast(&self) -> bool {
+        self.through.load(std::sync::atomic::Ordering::Relaxed) > 0
+    }
+
     /// The frame's bytes in `encoding`, compressed the first time they are asked for.
     pub fn encoded(&self, encoding: Encoding) -> &Bytes {
         match encoding {

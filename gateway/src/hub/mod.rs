@@ -450,12 +450,14 @@ impl Hub {
     }
 }
 
-/// Compressed bytes of a batch the hub decodes and applies on its own task (a tick of a
-/// run's output: tens of microseconds); a larger one goes to the blocking pool. Handing
-/// every batch there made the hub, woken from the pool, wait behind all the viewers its
-/// previous frame had woken: with 10 000 viewers of a run it fell seconds behind the
-/// stream (`athanor_gateway_batch_broadcast_delay_seconds`, measured in BENCHMARKS.md).
-const INLINE_DECODE: usize = 16 << 10;
+/// A batch the hub decodes and applies on its own task: at most this many bytes, both
+/// compressed and as its frame header declares them decompressed (a tick of a run's
+/// output: tens of microseconds). A larger one, or one that does not declare its size,
+/// goes to the blocking pool. Handing every batch there made the hub, woken from the
+/// pool, wait behind all the viewers its previous frame had woken: with 10 000 viewers
+/// of a run it fell seconds behind the stream
+/// (`athanor_gateway_batch_broadcast_delay_seconds`, measured in BENCHMARKS.md).
+const INLINE_DECODE: (usize, u64) = (16 << 10, 256 << 10);
 
 /// Follows the run's subject until the run ends, the hub idles, or shutdown.
 async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
@@ -495,7 +497,9 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                             published = Some(info.published.unix_timestamp_nanos());
                         }
                         let (applying, limit) = (hub.clone(), config.decode_limit);
-                        let inline = message.payload.len() <= INLINE_DECODE;
+                        let inline = message.payload.len() <= INLINE_DECODE.0
+                            && athanor_schemas::codec::declared_size(&message.payload)
+                                .is_some_and(|size| size <= INLINE_DECODE.1);
                         let apply = move || match athanor_schemas::decode(&message.payload, limit) {
                             Ok(batch) if batch.run_id == applying.run_id => applying.apply(batch),
                             Ok(_) => 0,
