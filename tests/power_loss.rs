@@ -234,7 +234,12 @@ fn reverted(outcome: &Outcome, part: &str) -> bool {
 
 /// The defaults (JetStream `sync_interval: always`, SQLite `synchronous = full`): a
 /// power cut mid-run loses no acknowledged line and leaves no gap; no byte of the
-/// stream's messages or of the database was left unsynced.
+/// stream's messages was left unsynced. The database's files may be: a checkpoint
+/// copying the WAL into the database, or a transaction writing its WAL frames before
+/// its commit's fsync, can be under way at the cut (a CI run cut one checkpoint: 9.9 MB
+/// of `athanor.db`, 32 KB of its WAL). SQLite recovers from the WAL, and a commit that
+/// was lost would show as lost lines: the aggregator acknowledges a batch only after
+/// its commit, so a stored batch lost with the cut is never delivered again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_power_cut_mid_run_loses_no_acknowledged_line_with_the_durable_defaults() {
     athanor_testkit::init_tracing();
@@ -250,12 +255,8 @@ async fn a_power_cut_mid_run_loses_no_acknowledged_line_with_the_durable_default
     assert!(outcome.cut.syncs > 0, "{outcome:?}");
     assert_eq!((outcome.lost, outcome.gaps), (0, 0), "{outcome:?}");
     assert!(outcome.stored_after >= outcome.acked, "{outcome:?}");
-    // Where acknowledged data lives: JetStream's message blocks and SQLite's files.
-    let durable = |p: &str| {
-        p.contains("/streams/ATHANOR_RUNS/msgs/")
-            || p.ends_with("/athanor.db")
-            || p.ends_with("/athanor.db-wal")
-    };
+    // Where acknowledged messages live: JetStream's message blocks.
+    let durable = |p: &str| p.contains("/streams/ATHANOR_RUNS/msgs/");
     let dropped: Vec<_> = outcome
         .cut
         .reverted
