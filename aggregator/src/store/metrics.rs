@@ -43,7 +43,7 @@ use super::{insert_rows, BulkWrite};
 
 /// One value of a record: a row of `run_metrics` (of the run it is grouped under).
 pub(super) struct Point {
-    /// The index of its name in [`RunPoints::names`]; once sorted, the name's rank.
+    /// Its name's number in [`RunPoints::index`]; once sorted, the name's rank.
     series: u32,
     step: i64,
     /// NaN is `None`.
@@ -53,10 +53,9 @@ pub(super) struct Point {
 }
 
 /// The points of one run's new batches in a transaction; each name is stored once per
-/// run (in `names`, and as its key in `index`), not once per point.
+/// run (as its key in `index`, to its point's `series`), not once per point.
 #[derive(Default)]
 pub(super) struct RunPoints {
-    names: Vec<String>,
     index: std::collections::HashMap<String, u32>,
     points: Vec<Point>,
 }
@@ -70,15 +69,8 @@ impl RunPoints {
             let (step, seq) = (record.step as i64, record.seq as i64);
             for (name, value) in record.values {
                 let name = stored_text(backend, name);
-                let series = match self.index.get(&name) {
-                    Some(&series) => series,
-                    None => {
-                        let series = self.names.len() as u32;
-                        self.index.insert(name.clone(), series);
-                        self.names.push(name);
-                        series
-                    }
-                };
+                let next = self.index.len() as u32;
+                let series = *self.index.entry(name).or_insert(next);
                 self.points.push(Point {
                     series,
                     step,
@@ -95,10 +87,8 @@ impl RunPoints {
     /// the highest seq), each point's `series` the rank of its name. Integer keys: no
     /// string is compared per point.
     fn sorted(self) -> (Vec<String>, Vec<Point>) {
-        let RunPoints {
-            names, mut points, ..
-        } = self;
-        let mut named: Vec<(String, u32)> = names.into_iter().zip(0..).collect();
+        let RunPoints { index, mut points } = self;
+        let mut named: Vec<(String, u32)> = index.into_iter().collect();
         named.sort_unstable();
         let mut rank = vec![0u32; named.len()];
         for (r, (_, index)) in named.iter().enumerate() {
