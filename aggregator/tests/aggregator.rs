@@ -1378,6 +1378,106 @@ async fn a_repeated_step_keeps_the_highest_seq_and_recounts_the_summary() {
     db.close().await;
 }
 
+/// PostgreSQL: a step written by another transaction at the same time (another
+/// aggregator, or a second writer, storing a later batch of the run that repeats it).
+/// The check before the points' COPY does not see the other's uncommitted point, so the
+/// COPY waits on it and, once it commits, meets its key: the transaction still stores
+/// its batch — the newer point wins, the block and the summary are recounted — where it
+/// used to fail with a unique violation, a data error, and dead-letter a good batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_stored_at_the_same_time_by_another_transaction_is_not_an_error() {
+    let db = TestDb::new().await;
+    if !db.is_postgres() {
+        // SQLite takes one writer at a time, and its points go by INSERT … ON CONFLICT.
+        return db.close().await;
+    }
+    let loss = |seq, step, v| metric_record(seq, step, &[("loss", v)]);
+    store_batches(
+        &db.db,
+        vec![metric_batch(
+            "race",
+            0,
+            vec![loss(0, 0, 1.0), loss(1, 1, 2.0)],
+        )],
+    )
+    .await;
+    let series: i64 = db
+        .db
+        .query_one(sea_orm::Statement::from_string(
+            sea_orm::DatabaseBackend::Postgres,
+            "SELECT id FROM run_metric_summaries WHERE run_id = 'race' AND name = 'loss'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get("", "id")
+        .unwrap();
+    // The other transaction: step 5, older (seq 2) than the batch's (seq 3).
+    let other = sea_orm::TransactionTrait::begin(&db.db).await.unwrap();
+    other
+        .execute_unprepared(&format!(
+            "INSERT INTO run_metrics (series_id, step, value, seq, ts) VALUES ({series}, 5, 7.0, 2, 10002)"
+        ))
+        .await
+        .unwrap();
+    let storing = {
+        let db = db.db.clone();
+        tokio::spawn(async move {
+            let batch = metric_batch("race", 1, vec![loss(3, 5, 3.0), loss(4, 6, 4.0)]);
+            store(
+                &db,
+                vec![Incoming {
+                    stream_seq: 2,
+                    batch,
+                }],
+            )
+            .await
+        })
+    };
+    wait_for(
+        "the points' COPY to wait on the other transaction",
+        DEADLINE,
+        || async {
+            let waiting = athanor_testkit::count(
+                &db.db,
+                "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE 'COPY run_metrics%'",
+            )
+            .await;
+            (waiting > 0).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    other.commit().await.unwrap();
+    let written = storing.await.unwrap().expect("the batch is stored");
+    assert_eq!((written.batches, written.metrics), (1, 2));
+    assert_eq!(
+        points_of(&db.db, "race").await,
+        [
+            point("loss", 0, Some(1.0), 0),
+            point("loss", 1, Some(2.0), 1),
+            point("loss", 5, Some(3.0), 3),
+            point("loss", 6, Some(4.0), 4),
+        ]
+    );
+    assert_rollups_match_points(&db.db, "race").await;
+    assert_eq!(
+        summaries_of(&db.db, "race").await,
+        [(
+            "loss".into(),
+            4,
+            Some(1.0),
+            Some(4.0),
+            6,
+            Some(4.0),
+            4,
+            10_004
+        )]
+    );
+    db.close().await;
+}
+
 /// Several runs in one transaction, sharing series names: each run's points and
 /// summaries are its own, one of them with a step stored before (recounted) while the
 /// others are moved incrementally.

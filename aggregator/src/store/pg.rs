@@ -14,7 +14,8 @@
 //! seq range is checked first in one query; a run with any line there already takes the
 //! `INSERT … ON CONFLICT DO NOTHING` path instead. Points are checked the same way per
 //! series and step range (a step repeated by a later batch is legitimate there); when
-//! any is stored they go by one INSERT of `unnest`ed arrays that skips those.
+//! any is stored — or a concurrent transaction commits one of their steps while the COPY
+//! runs — they go by one INSERT of `unnest`ed arrays that skips those.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -198,57 +199,44 @@ impl BulkWrite for PgTxn<'_> {
     /// (one query for all), the points go by COPY — no `ON CONFLICT` to check row by
     /// row; otherwise one INSERT of `unnest`ed arrays (five parameters, not five a
     /// point) that skips the points stored before.
+    ///
+    /// Another transaction may be writing one of these steps at the same moment (another
+    /// aggregator, or a second writer, storing a later batch of the run that repeats the
+    /// step). The check cannot see its uncommitted point; the COPY waits on it and, once
+    /// it commits, meets its key. So the COPY runs under a savepoint, and that unique
+    /// violation falls back to the INSERT, which skips the point now committed (the
+    /// caller's repeated-step path then keeps the newer one).
     async fn insert_points(&self, points: PointRows) -> Result<u64, DbErr> {
         let mut tx = self.tx.lock().await;
         let conn: &mut PgConnection = &mut tx;
-        // Each series' step range (its rows are together, by step).
-        let (mut ids, mut lows, mut highs) = (Vec::new(), Vec::new(), Vec::new());
-        let mut start = 0;
-        for series in points.series_id.chunk_by(|a, b| a == b) {
-            let steps = &points.step[start..start + series.len()];
-            ids.push(series[0]);
-            lows.push(steps[0]);
-            highs.push(steps[steps.len() - 1]);
-            start += series.len();
-        }
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS q(id, lo, hi) \
-             WHERE EXISTS (SELECT 1 FROM run_metrics m WHERE m.series_id = q.id AND m.step BETWEEN q.lo AND q.hi))",
-        )
-        .bind(&ids)
-        .bind(&lows)
-        .bind(&highs)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(query)?;
-        if held {
-            return sqlx::query(
-                "INSERT INTO run_metrics (series_id, step, value, seq, ts) \
-                 SELECT * FROM unnest($1::int8[], $2::int8[], $3::float8[], $4::int8[], $5::int8[]) \
-                 ON CONFLICT (series_id, step) DO NOTHING",
-            )
-            .bind(&points.series_id)
-            .bind(&points.step)
-            .bind(&points.value)
-            .bind(&points.seq)
-            .bind(&points.ts)
-            .execute(conn)
-            .await
-            .map(|done| done.rows_affected())
-            .map_err(exec);
-        }
-        let mut copy = conn
-            .copy_in_raw("COPY run_metrics (series_id, step, value, seq, ts) FROM STDIN")
-            .await
-            .map_err(exec)?;
-        let mut data = CopyData::new();
-        for i in 0..points.len() {
-            point_row(&mut data.0, &points, i);
-            if let Some(full) = data.full() {
-                copy.send(full).await.map_err(exec)?;
+        if !points_held(conn, &points).await? {
+            run(conn, "SAVEPOINT athanor_points").await?;
+            match copy_points(conn, &points).await {
+                Ok(copied) => {
+                    run(conn, "RELEASE SAVEPOINT athanor_points").await?;
+                    return Ok(copied);
+                }
+                Err(error) if is_unique_violation(&error) => {
+                    tracing::debug!(%error, "a step was stored by another transaction meanwhile; inserting them with ON CONFLICT instead");
+                    run(conn, "ROLLBACK TO SAVEPOINT athanor_points").await?;
+                }
+                Err(error) => return Err(error),
             }
         }
-        data.finish(copy).await
+        sqlx::query(
+            "INSERT INTO run_metrics (series_id, step, value, seq, ts) \
+             SELECT * FROM unnest($1::int8[], $2::int8[], $3::float8[], $4::int8[], $5::int8[]) \
+             ON CONFLICT (series_id, step) DO NOTHING",
+        )
+        .bind(&points.series_id)
+        .bind(&points.step)
+        .bind(&points.value)
+        .bind(&points.seq)
+        .bind(&points.ts)
+        .execute(conn)
+        .await
+        .map(|done| done.rows_affected())
+        .map_err(exec)
     }
 
     /// One statement whatever the number of rows: each column bound as one array and
@@ -388,6 +376,57 @@ impl CopyData {
         }
         copy.finish().await.map_err(exec)
     }
+}
+
+/// Whether any series of `points` has a point stored in the step range they bring
+/// (each series' rows are together, by step): one query for all.
+async fn points_held(conn: &mut PgConnection, points: &PointRows) -> Result<bool, DbErr> {
+    let (mut ids, mut lows, mut highs) = (Vec::new(), Vec::new(), Vec::new());
+    let mut start = 0;
+    for series in points.series_id.chunk_by(|a, b| a == b) {
+        let steps = &points.step[start..start + series.len()];
+        ids.push(series[0]);
+        lows.push(steps[0]);
+        highs.push(steps[steps.len() - 1]);
+        start += series.len();
+    }
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM unnest($1::int8[], $2::int8[], $3::int8[]) AS q(id, lo, hi) \
+         WHERE EXISTS (SELECT 1 FROM run_metrics m WHERE m.series_id = q.id AND m.step BETWEEN q.lo AND q.hi))",
+    )
+    .bind(&ids)
+    .bind(&lows)
+    .bind(&highs)
+    .fetch_one(conn)
+    .await
+    .map_err(query)
+}
+
+/// `points` by `COPY … FROM STDIN`; the rows copied.
+async fn copy_points(conn: &mut PgConnection, points: &PointRows) -> Result<u64, DbErr> {
+    let mut copy = conn
+        .copy_in_raw("COPY run_metrics (series_id, step, value, seq, ts) FROM STDIN")
+        .await
+        .map_err(exec)?;
+    let mut data = CopyData::new();
+    for i in 0..points.len() {
+        point_row(&mut data.0, points, i);
+        if let Some(full) = data.full() {
+            copy.send(full).await.map_err(exec)?;
+        }
+    }
+    data.finish(copy).await
+}
+
+/// A statement without parameters or rows.
+async fn run(conn: &mut PgConnection, sql: &str) -> Result<(), DbErr> {
+    sqlx::query(sql).execute(conn).await.map(drop).map_err(exec)
+}
+
+/// PostgreSQL's `unique_violation` (SQLSTATE 23505).
+fn is_unique_violation(error: &DbErr) -> bool {
+    matches!(error, DbErr::Exec(RuntimeErr::SqlxError(e))
+        if e.as_database_error().and_then(|db| db.code()).as_deref() == Some("23505"))
 }
 
 /// Point `i` of `points` as a row of COPY's text format: NaN (`None`) as NULL, the
