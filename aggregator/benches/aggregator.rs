@@ -6,9 +6,11 @@
 //! points against log lines of the same size (JSON bytes per point ≈ per line; one
 //! value per record, four series stepping together, as `metric()` calls write them):
 //! points stored per second next to lines stored per second, through the same
-//! pipeline. PostgreSQL is `ATHANOR_BENCH_DATABASE_URL` (default: the local server's
-//! `test` database); databases are created for the run and dropped after. `--quick`:
-//! fewer batches.
+//! pipeline, in rounds of fresh databases taken in turns (`ATHANOR_BENCH_ROUNDS`,
+//! default 4; the ratio is the rounds' median). PostgreSQL is
+//! `ATHANOR_BENCH_DATABASE_URL` (default: the local server's `test` database);
+//! databases are created for the run and dropped after, and each PostgreSQL
+//! measurement starts after a `CHECKPOINT`. `--quick`: fewer batches.
 
 use std::time::{Duration, Instant};
 
@@ -88,7 +90,7 @@ async fn bench(batches_per_run: usize) {
     };
     let total = all_lines.len();
     println!("# Athanor aggregator benchmark: {total} lines in {} batches of {LINES_PER_BATCH} ({RUNS} runs), ~120-byte messages; as many metric points ({point_bytes} JSON bytes each) and lines of their size ({short_bytes} JSON bytes each)\n", RUNS * batches_per_run);
-    println!("| database | pipeline lines/s (consume → decode → write → ack) | raw multi-row INSERT lines/s | pipeline / raw | pipeline lines/s, {short_bytes} B | pipeline points/s, {point_bytes} B | points / lines |");
+    println!("| database | pipeline lines/s (consume → decode → write → ack) | raw multi-row INSERT lines/s | pipeline / raw | pipeline lines/s, {short_bytes} B (median) | pipeline points/s, {point_bytes} B (median) | points / lines: median (each round) |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let streams = Streams {
         lines: &nats,
@@ -105,15 +107,14 @@ async fn bench(batches_per_run: usize) {
         )),
         ..Default::default()
     };
+    let rounds = rounds();
     row(
         "SQLite (WAL, synchronous=normal)",
         &streams,
-        [
-            sqlite("pipeline"),
-            sqlite("raw"),
-            sqlite("short"),
-            sqlite("points"),
-        ],
+        [sqlite("pipeline"), sqlite("raw")],
+        (0..rounds)
+            .map(|r| (sqlite(&format!("short{r}")), sqlite(&format!("points{r}"))))
+            .collect(),
         &all_lines,
     )
     .await;
@@ -129,8 +130,14 @@ async fn bench(batches_per_run: usize) {
     {
         Ok(admin) => {
             let (base, _) = server.rsplit_once('/').unwrap();
-            let names = ["pipeline", "raw", "short", "points", "values"]
-                .map(|kind| format!("athanor_bench_{kind}_{}", std::process::id()));
+            let mut kinds = vec!["pipeline".to_string(), "raw".into(), "values".into()];
+            for r in 0..rounds {
+                kinds.extend([format!("short{r}"), format!("points{r}")]);
+            }
+            let names: Vec<String> = kinds
+                .iter()
+                .map(|kind| format!("athanor_bench_{kind}_{}", std::process::id()))
+                .collect();
             for name in &names {
                 admin
                     .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name}"))
@@ -145,14 +152,17 @@ async fn bench(batches_per_run: usize) {
                 url: Some(format!("{base}/{name}")),
                 ..Default::default()
             };
-            let [pipeline, raw, short, points, values] = names.clone().map(|name| pg(&name));
             let short = row(
                 "PostgreSQL 15 (local)",
                 &streams,
-                [pipeline, raw, short, points],
+                [pg(&names[0]), pg(&names[1])],
+                (0..rounds)
+                    .map(|r| (pg(&names[3 + 2 * r]), pg(&names[4 + 2 * r])))
+                    .collect(),
                 &all_lines,
             )
             .await;
+            let values = pg(&names[2]);
             // The points again, their summaries and rollup blocks by multi-row VALUES
             // (the statements before they bound arrays), against the same short lines.
             athanor_aggregator::store::set_postgres_arrays(false);
@@ -237,30 +247,73 @@ async fn publish(js: &async_nats::jetstream::Context, batch: Batch) {
     .unwrap();
 }
 
-/// One database's row: `dbs` are fresh databases for the pipeline, the raw INSERTs,
-/// the short lines and the points.
+/// Rounds of short lines beside points (`ATHANOR_BENCH_ROUNDS`, default 4): each a
+/// pair of fresh databases, taken in turns (short lines first, then points first: the
+/// second of a pair measured slower), so a machine that slows down or speeds up during
+/// the sitting moves both; the ratio is the median of the rounds' (of an even number,
+/// the mean of the middle two).
+fn rounds() -> usize {
+    std::env::var("ATHANOR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(4)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n.is_multiple_of(2) {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    } else {
+        values[n / 2]
+    }
+}
+
+/// One database's row: `dbs` are fresh databases for the pipeline and the raw
+/// INSERTs, `rounds` for the short lines and the points of each round. Returns the
+/// median rate of the short lines.
 async fn row(
     label: &str,
     streams: &Streams<'_>,
-    dbs: [DatabaseConfig; 4],
+    dbs: [DatabaseConfig; 2],
+    rounds: Vec<(DatabaseConfig, DatabaseConfig)>,
     lines: &[(String, LogLine)],
 ) -> f64 {
-    let [pipeline_db, raw_db, short_db, points_db] = dbs;
+    let [pipeline_db, raw_db] = dbs;
     let lines_counter = |s: &AggregatorStats| AggregatorStats::get(&s.lines);
     let total = streams.total;
     let pipeline = pipeline_rate(streams.lines, &pipeline_db, total, label, lines_counter).await;
     let raw = raw_rate(&raw_db, lines).await;
-    let short_label = format!("{label}: short lines");
-    let short = pipeline_rate(streams.short, &short_db, total, &short_label, lines_counter).await;
-    let points_label = format!("{label}: points");
-    let points = pipeline_rate(streams.points, &points_db, total, &points_label, |s| {
-        AggregatorStats::get(&s.metrics)
-    })
-    .await;
+    let (mut shorts, mut points, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for (r, (short_db, points_db)) in rounds.iter().enumerate() {
+        let short_label = format!("{label}: short lines, round {}", r + 1);
+        let points_label = format!("{label}: points, round {}", r + 1);
+        let short = || pipeline_rate(streams.short, short_db, total, &short_label, lines_counter);
+        let point = || {
+            pipeline_rate(streams.points, points_db, total, &points_label, |s| {
+                AggregatorStats::get(&s.metrics)
+            })
+        };
+        let (s, p) = if r % 2 == 0 {
+            let s = short().await;
+            (s, point().await)
+        } else {
+            let p = point().await;
+            (short().await, p)
+        };
+        shorts.push(s);
+        points.push(p);
+        ratios.push(p / s);
+    }
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    let short = median(shorts);
     println!(
-        "| {label} | {pipeline:.0} | {raw:.0} | {:.0}% | {short:.0} | {points:.0} | {:.2} |",
+        "| {label} | {pipeline:.0} | {raw:.0} | {:.0}% | {short:.0} | {:.0} | {:.2} ({}) |",
         100.0 * pipeline / raw,
-        points / short
+        median(points),
+        median(ratios),
+        each.join(", ")
     );
     short
 }
@@ -281,6 +334,10 @@ async fn pipeline_rate(
     stored: impl Fn(&AggregatorStats) -> u64,
 ) -> f64 {
     let db = migrated(config).await;
+    if db.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+        // The previous measurement's dirty pages are written now, not during this one.
+        db.execute_unprepared("CHECKPOINT").await.unwrap();
+    }
     let stop = CancellationToken::new();
     let consumer: String = label
         .chars()

@@ -22,7 +22,7 @@ const DECODED_QUEUE: usize = 2;
 /// One transaction's worth: the messages to ack after the commit, and their batches.
 struct Decoded {
     messages: Vec<jetstream::Message>,
-    incoming: Vec<Incoming>,
+    incoming: store::Prepared,
 }
 
 /// Pulls from the shared durable consumer until shutdown, recreating the pull stream
@@ -124,12 +124,11 @@ fn decoded_size(payload: &[u8]) -> usize {
         .map_or(payload.len() * 10, |n| n.min(u32::MAX as u64) as usize)
 }
 
-/// Decodes messages, dead-lettering those that cannot be.
+/// Decodes messages, dead-lettering those that cannot be, and prepares the rest for
+/// their transaction.
 async fn decode_all(shared: &Shared, messages: Vec<jetstream::Message>) -> Decoded {
-    let mut decoded = Decoded {
-        messages: Vec::with_capacity(messages.len()),
-        incoming: Vec::with_capacity(messages.len()),
-    };
+    let mut kept = Vec::with_capacity(messages.len());
+    let mut incoming = Vec::with_capacity(messages.len());
     // Decompressing and parsing is CPU work: off the async threads, which meanwhile
     // ack, pull and keep the consumer's heartbeats going.
     let limit = shared.config.decode_limit;
@@ -145,16 +144,27 @@ async fn decode_all(shared: &Shared, messages: Vec<jetstream::Message>) -> Decod
     for (message, batch) in messages.into_iter().zip(batches) {
         match checked(&message, batch) {
             Ok(batch) => {
-                decoded.incoming.push(Incoming {
+                incoming.push(Incoming {
                     batch,
                     stream_seq: message.info().map_or(0, |i| i.stream_sequence),
                 });
-                decoded.messages.push(message);
+                kept.push(message);
             }
             Err((kind, reason)) => dlq::dead_letter(shared, &message, kind, &reason).await,
         }
     }
-    decoded
+    let backend = sea_orm::ConnectionTrait::get_database_backend(&shared.db);
+    let incoming = if store::Prepared::worth_a_thread(&incoming) {
+        tokio::task::spawn_blocking(move || store::Prepared::new(backend, incoming))
+            .await
+            .expect("preparing does not panic")
+    } else {
+        store::Prepared::new(backend, incoming)
+    };
+    Decoded {
+        messages: kept,
+        incoming,
+    }
 }
 
 /// One of `aggregator.writers`: takes the next transaction's worth, writes it, acks it.
@@ -272,14 +282,14 @@ async fn ack_all(messages: &[jetstream::Message]) {
 async fn write_with_retry(
     shared: &Shared,
     messages: &[jetstream::Message],
-    mut incoming: Vec<Incoming>,
+    mut incoming: store::Prepared,
 ) -> Outcome {
     let mut retries = Backoff::STORE
         .with_cap(shared.config.max_retry_delay)
         .retries();
     loop {
         let started = Instant::now();
-        let stored = store::store(&shared.db, std::mem::take(&mut incoming)).await;
+        let stored = store::store_prepared(&shared.db, incoming).await;
         let took = started.elapsed();
         shared
             .stats

@@ -180,38 +180,82 @@ pub fn set_postgres_arrays(on: bool) {
     pg::ARRAYS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Writes `incoming` in one transaction (sorted by run and batch, so concurrent
-/// aggregators lock rows in the same order).
-pub async fn store(db: &DatabaseConnection, mut incoming: Vec<Incoming>) -> Result<Written, DbErr> {
-    incoming.sort_by(|a, b| {
-        (&a.batch.run_id, a.batch.batch_seq).cmp(&(&b.batch.run_id, b.batch.batch_seq))
-    });
+/// One transaction's batches, sorted by run and batch (so concurrent aggregators lock
+/// rows in the same order), their metric points collected, sorted and rolled up per run
+/// (`metrics::Prepared`): CPU work the consumer does before the transaction, while the
+/// previous one writes, instead of between the transaction's statements.
+pub struct Prepared {
+    incoming: Vec<Incoming>,
+    /// By run.
+    points: BTreeMap<String, metrics::Prepared>,
+}
+
+impl Prepared {
+    pub fn new(backend: DatabaseBackend, mut incoming: Vec<Incoming>) -> Self {
+        incoming.sort_by(|a, b| {
+            (&a.batch.run_id, a.batch.batch_seq).cmp(&(&b.batch.run_id, b.batch.batch_seq))
+        });
+        let mut runs: Vec<(String, metrics::RunPoints)> = Vec::new();
+        for (position, Incoming { batch, .. }) in incoming.iter_mut().enumerate() {
+            if batch.metrics.is_empty() {
+                continue;
+            }
+            if runs.last().is_none_or(|(run, _)| *run != batch.run_id) {
+                runs.push((batch.run_id.clone(), metrics::RunPoints::default()));
+            }
+            let run_points = &mut runs.last_mut().expect("pushed above").1;
+            run_points.collect(backend, position, std::mem::take(&mut batch.metrics));
+        }
+        let points = runs
+            .into_iter()
+            .map(|(run, run_points)| (run, run_points.prepare()))
+            .collect();
+        Prepared { incoming, points }
+    }
+
+    /// Whether any batch holds metric points (whether preparing is worth a thread).
+    pub fn worth_a_thread(incoming: &[Incoming]) -> bool {
+        incoming.iter().any(|i| !i.batch.metrics.is_empty())
+    }
+}
+
+/// Writes `incoming` in one transaction.
+pub async fn store(db: &DatabaseConnection, incoming: Vec<Incoming>) -> Result<Written, DbErr> {
+    store_prepared(db, Prepared::new(db.get_database_backend(), incoming)).await
+}
+
+/// Writes `prepared` in one transaction.
+pub async fn store_prepared(db: &DatabaseConnection, prepared: Prepared) -> Result<Written, DbErr> {
     let _turn = athanor_connections::db::write_turn(db).await;
     if let Some(pool) = pg::copy_pool(db) {
-        return pg::store(pool, incoming).await;
+        return pg::store(pool, prepared).await;
     }
     let txn = db.begin().await?;
-    let written = write(&txn, incoming).await?;
+    let written = write(&txn, prepared).await?;
     txn.commit().await?;
     Ok(written)
 }
 
 /// The body of [`store`]'s transaction.
-async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written, DbErr> {
+async fn write(txn: &impl BulkWrite, prepared: Prepared) -> Result<Written, DbErr> {
+    let Prepared {
+        incoming,
+        points: mut prepared_points,
+    } = prepared;
     let backend = txn.get_database_backend();
     let now = now_micros();
     let mut written = Written::default();
     let mut deltas: BTreeMap<String, RunDelta> = BTreeMap::new();
     // Per run (in order): its new lines.
     let mut logs: Vec<(String, Vec<LineRow>)> = Vec::new();
-    // Per run (in order): the metric points of its new batches.
-    let mut points: Vec<(String, metrics::RunPoints)> = Vec::new();
+    // Per run with metric points: the positions (in `incoming`) of its new batches.
+    let mut new_batches: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     // Newest record per (run, key) in this transaction: one statement may not touch a
     // row twice.
     let mut results: BTreeMap<(String, String), athanor_schemas::ResultRecord> = BTreeMap::new();
     // Runs deleted by a user: their batches, delivered again, must not bring them back.
     let mut deleted: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
-    for Incoming { batch, stream_seq } in incoming {
+    for (position, Incoming { batch, stream_seq }) in incoming.into_iter().enumerate() {
         let run_id = batch.run_id;
         if deleted.contains(&run_id) {
             written.of_deleted_runs += 1;
@@ -301,12 +345,11 @@ async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written,
             message: stored_text(backend, line.message),
             metadata: line.metadata.map(|m| m.to_string()),
         }));
-        if !batch.metrics.is_empty() {
-            if points.last().is_none_or(|(run, _)| *run != run_id) {
-                points.push((run_id.clone(), metrics::RunPoints::default()));
-            }
-            let run_points = &mut points.last_mut().expect("pushed above").1;
-            written.metrics += run_points.collect(backend, batch.metrics);
+        if prepared_points.contains_key(&run_id) {
+            new_batches
+                .entry(run_id.clone())
+                .or_default()
+                .push(position);
         }
         for record in batch.results {
             athanor_schemas::merge_result(
@@ -317,6 +360,15 @@ async fn write(txn: &impl BulkWrite, incoming: Vec<Incoming>) -> Result<Written,
         }
     }
     txn.write_lines(logs).await?;
+    let mut points = Vec::with_capacity(new_batches.len());
+    for (run_id, new) in new_batches {
+        let run_points = prepared_points
+            .remove(&run_id)
+            .expect("runs with points only");
+        let (run_points, values) = run_points.of_new(&new);
+        written.metrics += values;
+        points.push((run_id, run_points));
+    }
     metrics::write(txn, backend, points).await?;
     let mut values = Vec::with_capacity(results.len() * 5);
     for ((run_id, key), record) in results {
