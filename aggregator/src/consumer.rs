@@ -168,7 +168,7 @@ async fn decode_all(shared: &Shared, messages: Vec<jetstream::Message>) -> Decod
 }
 
 /// One of `aggregator.writers`: takes the next transaction's worth, writes it, acks it.
-/// Concurrent transactions lock rows in the same order (`store::store` sorts), as those
+/// Concurrent transactions lock rows in the same order (`store::Prepared` sorts), as those
 /// of several aggregators do.
 async fn write_loop(
     shared: Arc<Shared>,

@@ -173,7 +173,8 @@ pub struct AggregatorStats {
     pub retries: AtomicU64,
     /// Runs marked `lost`.
     pub lost: AtomicU64,
-    /// Time spent decoding, and in write transactions (µs): which stage limits throughput.
+    /// Time spent decoding (and preparing: `store::Prepared`), and in write transactions
+    /// (µs): which stage limits throughput.
     pub decode_micros: AtomicU64,
     pub write_micros: AtomicU64,
 }

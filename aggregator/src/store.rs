@@ -236,7 +236,7 @@ pub async fn store_prepared(db: &DatabaseConnection, prepared: Prepared) -> Resu
     Ok(written)
 }
 
-/// The body of [`store`]'s transaction.
+/// The body of [`store_prepared`]'s transaction.
 async fn write(txn: &impl BulkWrite, prepared: Prepared) -> Result<Written, DbErr> {
     let Prepared {
         incoming,

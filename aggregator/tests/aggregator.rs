@@ -1381,16 +1381,19 @@ async fn a_repeated_step_keeps_the_highest_seq_and_recounts_the_summary() {
 /// PostgreSQL: a step written by another transaction at the same time (another
 /// aggregator, or a second writer, storing a later batch of the run that repeats it).
 /// The check before the points' COPY does not see the other's uncommitted point, so the
-/// COPY waits on it and, once it commits, meets its key: the transaction still stores
-/// its batch — the newer point wins, the block and the summary are recounted — where it
-/// used to fail with a unique violation, a data error, and dead-letter a good batch.
+/// COPY waits on it and, once it commits, meets its key. That used to be a unique
+/// violation, a data error: the batch went to the dead-letter stream. Now the
+/// transaction is retried, stores its batch (the newer point wins, the block and the
+/// summary are recounted) and nothing is dead-lettered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_stored_at_the_same_time_by_another_transaction_is_not_an_error() {
     let db = TestDb::new().await;
     if !db.is_postgres() {
-        // SQLite takes one writer at a time, and its points go by INSERT … ON CONFLICT.
+        // SQLite takes one writer at a time, and its points are INSERT … ON CONFLICT.
         return db.close().await;
     }
+    let nats = TestNats::start();
+    let js = nats.jetstream().await;
     let loss = |seq, step, v| metric_record(seq, step, &[("loss", v)]);
     store_batches(
         &db.db,
@@ -1420,20 +1423,15 @@ async fn a_step_stored_at_the_same_time_by_another_transaction_is_not_an_error()
         ))
         .await
         .unwrap();
-    let storing = {
-        let db = db.db.clone();
-        tokio::spawn(async move {
-            let batch = metric_batch("race", 1, vec![loss(3, 5, 3.0), loss(4, 6, 4.0)]);
-            store(
-                &db,
-                vec![Incoming {
-                    stream_seq: 2,
-                    batch,
-                }],
-            )
-            .await
-        })
-    };
+    let aggregator = Running::start(&nats, &db).await;
+    let batch = metric_batch("race", 1, vec![loss(3, 5, 3.0), loss(4, 6, 4.0)]);
+    publish_raw(
+        &js,
+        &names::run_subject("race"),
+        codec::encode(&batch).payload,
+        "race.1",
+    )
+    .await;
     wait_for(
         "the points' COPY to wait on the other transaction",
         DEADLINE,
@@ -1450,8 +1448,18 @@ async fn a_step_stored_at_the_same_time_by_another_transaction_is_not_an_error()
     .await
     .unwrap();
     other.commit().await.unwrap();
-    let written = storing.await.unwrap().expect("the batch is stored");
-    assert_eq!((written.batches, written.metrics), (1, 2));
+    let stats = aggregator.stats();
+    wait_for("the batch to be stored", DEADLINE, || async {
+        (AggregatorStats::get(&stats.batches) == 1).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(AggregatorStats::get(&stats.dead_lettered), 0);
+    assert!(
+        AggregatorStats::get(&stats.retries) >= 1,
+        "the COPY met the other transaction's point"
+    );
+    assert_eq!(AggregatorStats::get(&stats.metrics), 2);
     assert_eq!(
         points_of(&db.db, "race").await,
         [
@@ -1473,6 +1481,72 @@ async fn a_step_stored_at_the_same_time_by_another_transaction_is_not_an_error()
             Some(4.0),
             4,
             10_004
+        )]
+    );
+    aggregator.stop().await;
+    db.close().await;
+}
+
+/// A transaction holding a batch stored before beside a new batch of the same run that
+/// shares a step with it: the stored one lends the new one none of its points (its
+/// point at the shared step has the higher seq and stays as stored; the new batch's
+/// own points are written and counted), and a name only the stored batch holds makes
+/// no series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_before_beside_a_new_one_adds_none_of_its_points() {
+    let db = TestDb::new().await;
+    let stored = metric_batch(
+        "mixed",
+        0,
+        vec![
+            metric_record(10, 1, &[("loss", 1.0)]),
+            metric_record(11, 2, &[("extra", 9.0)]),
+        ],
+    );
+    let written = store_batches(&db.db, vec![stored.clone()]).await;
+    assert_eq!((written.batches, written.metrics), (1, 2));
+    // The stored batch's "extra" series is deleted by hand: were its points taken
+    // again, the series would come back.
+    let extra = "SELECT id FROM run_metric_summaries WHERE run_id = 'mixed' AND name = 'extra'";
+    for sql in [
+        format!("DELETE FROM run_metric_rollups WHERE series_id IN ({extra})"),
+        format!("DELETE FROM run_metrics WHERE series_id IN ({extra})"),
+        "DELETE FROM run_metric_summaries WHERE run_id = 'mixed' AND name = 'extra'".into(),
+    ] {
+        db.db.execute_unprepared(&sql).await.unwrap();
+    }
+    let new = metric_batch(
+        "mixed",
+        1,
+        vec![
+            metric_record(5, 1, &[("loss", 2.0)]),
+            metric_record(6, 3, &[("loss", 3.0)]),
+        ],
+    );
+    let written = store_batches(&db.db, vec![stored, new]).await;
+    assert_eq!(
+        (written.batches, written.duplicates, written.metrics),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        points_of(&db.db, "mixed").await,
+        [
+            point("loss", 1, Some(1.0), 10),
+            point("loss", 3, Some(3.0), 6)
+        ]
+    );
+    assert_rollups_match_points(&db.db, "mixed").await;
+    assert_eq!(
+        summaries_of(&db.db, "mixed").await,
+        [(
+            "loss".into(),
+            2,
+            Some(1.0),
+            Some(3.0),
+            3,
+            Some(3.0),
+            6,
+            10_010
         )]
     );
     db.close().await;

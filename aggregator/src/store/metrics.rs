@@ -14,9 +14,10 @@
 //! of the rate of log lines of the same size on SQLite, 0.73 → 0.89 on PostgreSQL).
 //!
 //! A point is one `(run, name, step)`: the record with the highest `seq` wins, whatever
-//! the delivery order. Within the transaction the points of a run are sorted and
-//! deduplicated first (one statement may not touch a row twice on PostgreSQL), then
-//! inserted with `ON CONFLICT DO NOTHING`, counting the rows inserted:
+//! the delivery order. The points of a run in a transaction are sorted and deduplicated
+//! first, before it (one statement may not touch a row twice on PostgreSQL), then
+//! inserted with `ON CONFLICT DO NOTHING` (or COPY, see `pg.rs`), counting the rows
+//! inserted:
 //!
 //! * All inserted (the common case: no step seen before): each series' summary is moved
 //!   by one upsert of this transaction's points — count added, extremes widened, the
@@ -192,6 +193,22 @@ impl Prepared {
         } = self;
         points.extend(shadowed);
         points.retain(|p| new.binary_search(&p.batch).is_ok());
+        // Only the names these points have, ranked again (in the same order).
+        let mut rank: Vec<Option<u32>> = vec![None; names.len()];
+        for p in &points {
+            rank[p.series as usize] = Some(0);
+        }
+        let mut kept = Vec::new();
+        for (name, rank) in names.into_iter().zip(&mut rank) {
+            if rank.is_some() {
+                *rank = Some(kept.len() as u32);
+                kept.push(name);
+            }
+        }
+        for p in &mut points {
+            p.series = rank[p.series as usize].expect("a name of a kept point");
+        }
+        let names = kept;
         let (points, shadowed) = sorted(points);
         let blocks = roll_up_all(&points);
         let prepared = Prepared {

@@ -14,9 +14,10 @@
 //! seq range is checked first in one query; a run with any line there already takes the
 //! `INSERT … ON CONFLICT DO NOTHING` path instead. Points are checked the same way per
 //! series and step range (a step repeated by a later batch is legitimate there); when
-//! any is stored — or a concurrent transaction commits one of their steps while the COPY
-//! runs — they go by one INSERT of `unnest`ed arrays that skips those. The points'
-//! COPY is in the binary format: all numbers, none formatted here or parsed there.
+//! any is stored they go by one INSERT of `unnest`ed arrays that skips those (a step
+//! committed by a concurrent transaction while the COPY runs fails it: the
+//! transaction is retried, and takes the INSERT). The points' COPY is in the binary
+//! format: all numbers, none formatted here or parsed there.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -47,7 +48,7 @@ pub(super) fn copy_pool(db: &DatabaseConnection) -> Option<&PgPool> {
         .then(|| db.get_postgres_connection_pool())
 }
 
-/// [`super::store`]'s transaction on a connection of `pool`. A connection whose COMMIT
+/// [`super::store_prepared`]'s transaction on a connection of `pool`. A connection whose COMMIT
 /// failed is closed, never reused.
 pub(super) async fn store(pool: &PgPool, prepared: Prepared) -> Result<Written, DbErr> {
     let mut conn = pool
@@ -204,25 +205,26 @@ impl BulkWrite for PgTxn<'_> {
     /// Another transaction may be writing one of these steps at the same moment (another
     /// aggregator, or a second writer, storing a later batch of the run that repeats the
     /// step). The check cannot see its uncommitted point; the COPY waits on it and, once
-    /// it commits, meets its key. So the COPY runs under a savepoint, and that unique
-    /// violation falls back to the INSERT, which skips the point now committed (the
-    /// caller's repeated-step path then keeps the newer one).
+    /// it commits, meets its key. That unique violation is not the data's fault, so it
+    /// is returned as an outage, not a data error ([`super::is_permanent`]): the
+    /// consumer retries the transaction, whose check then sees the committed point and
+    /// takes the INSERT. (Not a savepoint around each COPY: a transaction of more than
+    /// 64 runs would overflow PostgreSQL's subtransaction cache and slow every other
+    /// session's visibility checks while it is open.)
     async fn insert_points(&self, points: PointRows) -> Result<u64, DbErr> {
         let mut tx = self.tx.lock().await;
         let conn: &mut PgConnection = &mut tx;
         if !points_held(conn, &points).await? {
-            run(conn, "SAVEPOINT athanor_points").await?;
-            match copy_points(conn, &points).await {
-                Ok(copied) => {
-                    run(conn, "RELEASE SAVEPOINT athanor_points").await?;
-                    return Ok(copied);
+            return copy_points(conn, &points).await.map_err(|error| {
+                if is_unique_violation(&error) {
+                    DbErr::Custom(format!(
+                        "a step of these metric points was stored by a concurrent transaction while they were copied; \
+                         the transaction is retried ({error})"
+                    ))
+                } else {
+                    error
                 }
-                Err(error) if is_unique_violation(&error) => {
-                    tracing::debug!(%error, "a step was stored by another transaction meanwhile; inserting them with ON CONFLICT instead");
-                    run(conn, "ROLLBACK TO SAVEPOINT athanor_points").await?;
-                }
-                Err(error) => return Err(error),
-            }
+            });
         }
         sqlx::query(
             "INSERT INTO run_metrics (series_id, step, value, seq, ts) \
@@ -421,11 +423,6 @@ async fn copy_points(conn: &mut PgConnection, points: &PointRows) -> Result<u64,
     }
     data.0.extend_from_slice(&(-1i16).to_be_bytes());
     data.finish(copy).await
-}
-
-/// A statement without parameters or rows.
-async fn run(conn: &mut PgConnection, sql: &str) -> Result<(), DbErr> {
-    sqlx::query(sql).execute(conn).await.map(drop).map_err(exec)
 }
 
 /// PostgreSQL's `unique_violation` (SQLSTATE 23505).
