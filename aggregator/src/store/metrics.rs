@@ -113,16 +113,8 @@ impl RunPoints {
             mut points,
             counts,
         } = self;
-        let mut named: Vec<(String, u32)> = index.into_iter().collect();
-        named.sort_unstable();
-        let mut rank = vec![0u32; named.len()];
-        for (r, (_, index)) in named.iter().enumerate() {
-            rank[*index as usize] = r as u32;
-        }
-        for p in &mut points {
-            p.series = rank[p.series as usize];
-        }
-        let names = named.into_iter().map(|(name, _)| name).collect();
+        let slots = index.len();
+        let names = ranked(index.into_iter().collect(), slots, &mut points);
         let (points, shadowed) = sorted(points);
         let blocks = roll_up_all(&points);
         Prepared {
@@ -135,8 +127,23 @@ impl RunPoints {
     }
 }
 
+/// The names of `named` (each with the number its points' `series` holds now, below
+/// `slots`), sorted; each point's `series` becomes its name's rank there. Integer keys
+/// from here on: no string is compared per point.
+fn ranked(mut named: Vec<(String, u32)>, slots: usize, points: &mut [Point]) -> Vec<String> {
+    named.sort_unstable();
+    let mut rank = vec![0u32; slots];
+    for (r, (_, series)) in named.iter().enumerate() {
+        rank[*series as usize] = r as u32;
+    }
+    for p in points {
+        p.series = rank[p.series as usize];
+    }
+    named.into_iter().map(|(name, _)| name).collect()
+}
+
 /// Points by series (rank) and step, one per step — the one with the highest seq — and
-/// the others. Integer keys: no string is compared per point.
+/// the others.
 fn sorted(mut points: Vec<Point>) -> (Vec<Point>, Vec<Point>) {
     points.sort_unstable_by_key(|p| (p.series, p.step, std::cmp::Reverse(p.seq)));
     let mut shadowed = Vec::new();
@@ -193,22 +200,16 @@ impl Prepared {
         } = self;
         points.extend(shadowed);
         points.retain(|p| new.binary_search(&p.batch).is_ok());
-        // Only the names these points have, ranked again (in the same order).
-        let mut rank: Vec<Option<u32>> = vec![None; names.len()];
+        // Only the names these points have, ranked again.
+        let mut used = vec![false; names.len()];
         for p in &points {
-            rank[p.series as usize] = Some(0);
+            used[p.series as usize] = true;
         }
-        let mut kept = Vec::new();
-        for (name, rank) in names.into_iter().zip(&mut rank) {
-            if rank.is_some() {
-                *rank = Some(kept.len() as u32);
-                kept.push(name);
-            }
-        }
-        for p in &mut points {
-            p.series = rank[p.series as usize].expect("a name of a kept point");
-        }
-        let names = kept;
+        let slots = names.len();
+        let named = (names.into_iter().zip(0..))
+            .filter(|(_, series)| used[*series as usize])
+            .collect();
+        let names = ranked(named, slots, &mut points);
         let (points, shadowed) = sorted(points);
         let blocks = roll_up_all(&points);
         let prepared = Prepared {
