@@ -208,12 +208,19 @@ test('a reload mid-run shows the same state', async () => {
     lines: await page.locator('.viewport .line .msg').allTextContents(),
     results: await page.locator('[data-role=results]').textContent(),
   });
-  await waitFor('the first iteration', async () => (await page.locator('[data-role=total]').textContent()) === '1 line');
+  // The first line and its progress report may come in separate batches (the leading
+  // edge publishes a line at once; a busy machine can leave the report to the next
+  // tick), and each is drawn on a frame of its own: wait for both.
+  await waitFor('the first iteration', async () =>
+    (await page.locator('[data-role=total]').textContent()) === '1 line'
+    && (await page.locator('[data-role=progress]').textContent()) !== '');
   const before = await state();
   assert.equal(before.status, 'running');
   assert.equal(before.progress, '1/3 · iteration 1 of 3');
   await page.reload();
-  await waitFor('the page to load the run', async () => (await page.locator('[data-role=total]').textContent()) === '1 line');
+  await waitFor('the page to load the run', async () =>
+    (await page.locator('[data-role=total]').textContent()) === '1 line'
+    && (await page.locator('[data-role=progress]').textContent()) !== '');
   await waitFor('the results', async () => (await page.locator('[data-role=results]').textContent()).includes('iteration_0'));
   assert.deepEqual(await state(), before);
   assert.deepEqual(problems, []);
