@@ -15,6 +15,22 @@ async fn get(url: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A message with each run of digits replaced by `#`.
+fn without_figures(message: &Value) -> String {
+    let text = message
+        .as_str()
+        .unwrap_or_else(|| panic!("not text: {message}"));
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c.is_ascii_digit() {
+            true if out.ends_with('#') => {}
+            true => out.push('#'),
+            false => out.push(c),
+        }
+    }
+    out
+}
+
 /// `/readyz`'s first 503 (within a minute), waited for as `what`.
 async fn not_ready(url: &str, what: &str) -> Value {
     wait_for(what, Duration::from_secs(60), || async {
@@ -102,7 +118,13 @@ async fn a_full_runs_stream_holds_output_back_and_recovers_without_a_restart() {
     );
     let (_, stats) = get(&format!("{url}/api/stats")).await;
     assert_eq!(stats["stream_max_bytes"], 4_194_304, "{stats}");
-    assert_eq!(stats["warning"], ready["reason"], "{stats}");
+    // The same reason; its byte count moves between the two requests while the
+    // worker's last batches still fit.
+    assert_eq!(
+        without_figures(&stats["warning"]),
+        without_figures(&ready["reason"]),
+        "{stats}"
+    );
 
     // Registrations and cancels do not starve behind run output: five registration
     // lifetimes later the worker is still listed, and a cancel is taken.
