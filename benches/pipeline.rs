@@ -991,7 +991,7 @@ async fn sampled_viewer(
     }
 }
 
-/// The viewers of a fan-out measure, each kind on a runtime of its own: every 50th a
+/// The viewers of a fan-out measure, each kind on a runtime of its own: one in 50 a
 /// sampled one on one thread (on the load viewers' runtime a sample would wait behind
 /// thousands of tasks woken by the same frame, and measure this process's queue instead
 /// of the gateway: a real viewer is in a browser of its own), the others on two threads
@@ -1001,7 +1001,8 @@ struct Population {
     addr: std::net::SocketAddr,
     sampler: Runtime,
     load: Runtime,
-    viewers: Vec<(Arc<Seen>, tokio::task::JoinHandle<()>)>,
+    /// Each viewer's counts, task, and whether it is a sampled one.
+    viewers: Vec<(Arc<Seen>, tokio::task::JoinHandle<()>, bool)>,
     delays: Arc<Mutex<Vec<(i64, i64)>>>,
 }
 
@@ -1041,11 +1042,11 @@ impl Population {
         }
     }
 
-    /// Opens a viewer of run `id`.
-    fn open(&mut self, id: &str) {
+    /// Opens a viewer of run `id`; a `sampled` one records its delays.
+    fn open(&mut self, id: &str, sampled: bool) {
         let seen = Arc::new(Seen::default());
         let path = format!("/api/runs/{id}/events");
-        let task = if self.viewers.len().is_multiple_of(50) {
+        let task = if sampled {
             self.sampler.handle.spawn(sampled_viewer(
                 format!("http://{}", self.addr),
                 id.to_string(),
@@ -1057,14 +1058,14 @@ impl Population {
                 .handle
                 .spawn(raw_viewer(self.addr, path, seen.clone()))
         };
-        self.viewers.push((seen, task));
+        self.viewers.push((seen, task, sampled));
     }
 
     /// Measures a `window`: how many viewers had their snapshot and got a batch in it,
     /// the delays the sampled ones saw in it (sorted), how many samples took part, and
     /// the gateway's own two legs over it (from its `/metrics`).
     async fn measure(&self, window: Duration) -> Measured {
-        let before: Vec<u64> = self.viewers.iter().map(|(s, _)| s.batches()).collect();
+        let before: Vec<u64> = self.viewers.iter().map(|(s, ..)| s.batches()).collect();
         let legs_before = GatewayLegs::scrape(self.addr).await;
         let from = now_micros();
         tokio::time::sleep(window).await;
@@ -1074,7 +1075,7 @@ impl Population {
             .viewers
             .iter()
             .zip(&before)
-            .filter(|((s, _), b)| {
+            .filter(|((s, ..), b)| {
                 s.snapshot.load(std::sync::atomic::Ordering::Relaxed) && s.batches() > **b
             })
             .count();
@@ -1090,9 +1091,8 @@ impl Population {
         let samples = self
             .viewers
             .iter()
-            .step_by(50)
-            .zip(before.iter().step_by(50))
-            .filter(|((s, _), b)| s.batches() > **b)
+            .zip(&before)
+            .filter(|((s, _, sampled), b)| *sampled && s.batches() > **b)
             .count();
         Measured {
             receiving,
@@ -1103,7 +1103,7 @@ impl Population {
     }
 
     fn stop(self) {
-        for (_, task) in self.viewers {
+        for (_, task, _) in self.viewers {
             task.abort();
         }
     }
@@ -1284,21 +1284,24 @@ async fn fanout() {
     let baseline = athanor_testkit::rss_kib(gateway.id());
     drop(warm);
     println!("\n## SSE fan-out: viewers on one gateway process, runs of 100 lines/s\n");
-    println!("Receiving: viewers that had the `snapshot` and at least one `batch` in the 5 s window. Delivery: each line's `log()` time to its arrival at every 50th viewer (parsed, on a runtime of its own), over the window. The gateway's legs over the window, from its `/metrics` histograms (bucket bounds): stream → broadcast (once per batch), broadcast → handed to a viewer's connection (once per viewer and batch). KiB per receiving viewer: the gateway's RSS over its baseline.\n");
+    println!("Receiving: viewers that had the `snapshot` and at least one `batch` in the 5 s window. Delivery: each line's `log()` time to its arrival at one viewer in 50 (parsed, on a runtime of its own; of 100 runs, two viewers of each), over the window. The gateway's legs over the window, from its `/metrics` histograms (bucket bounds): stream → broadcast (once per batch), broadcast → handed to a viewer's connection (once per viewer and batch). KiB per receiving viewer: the gateway's RSS over its baseline.\n");
     println!("| shape | viewers opened | receiving | sampled viewers receiving | delivery p50 ms | p99 ms | max ms | stream → broadcast p50 ms | p99 ms | broadcast → connection p50 ms | p99 ms | gateway RSS MiB | KiB per receiving viewer |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    // ATHANOR_BENCH_VIEWERS=1000,5000: other steps (for a profiler run, say).
+    // ATHANOR_BENCH_VIEWERS=1000,5000: other steps (for a profiler run, say); 0: none,
+    // only the 100 runs × 100 shape.
     let steps: Vec<usize> = std::env::var("ATHANOR_BENCH_VIEWERS")
         .map(|v| {
             v.split(',')
                 .map(|n| n.trim().parse().expect("a number of viewers"))
+                .filter(|n| *n > 0)
                 .collect()
         })
         .unwrap_or_else(|_| vec![1_000, 5_000, 10_000]);
     let mut population = Population::new(addr);
     for target in steps {
         while population.viewers.len() < target {
-            population.open(&id);
+            let sampled = population.viewers.len().is_multiple_of(50);
+            population.open(&id, sampled);
             if population.viewers.len().is_multiple_of(200) {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -1324,9 +1327,11 @@ async fn fanout() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let baseline = athanor_testkit::rss_kib(gateway.id());
     let mut population = Population::new(addr);
+    // One viewer in 50 sampled, two of each run's 100: viewer `round` of run `k` when
+    // `round + k` is a multiple of 50.
     for round in 0..100 {
-        for id in &ids {
-            population.open(id);
+        for (k, id) in ids.iter().enumerate() {
+            population.open(id, (round + k).is_multiple_of(50));
         }
         if round % 2 == 1 {
             tokio::time::sleep(Duration::from_millis(20)).await;
