@@ -70,7 +70,9 @@ pub(crate) struct Ready {
 ))]
 pub(crate) async fn readyz(State(state): AppStateRef) -> Response {
     let db = athanor_connections::db::ping(&state.db).await;
-    let nats = state.js.client().connection_state() == async_nats::connection::State::Connected;
+    // Both connections: the gateway's, and the one its hubs follow runs on.
+    let nats = state.js.client().connection_state() == async_nats::connection::State::Connected
+        && state.hubs.follower.connected();
     let held = if nats {
         run_output_held(&state.js, state.storage_stall).await
     } else {

@@ -154,6 +154,8 @@ pub enum Error {
     },
     #[error("cannot serve MCP: {0}")]
     Mcp(String),
+    #[error("cannot start the hubs' thread: {0}")]
+    Follower(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -194,7 +196,8 @@ impl AppState {
             })?;
         let workers = athanor_connections::nats::bucket(&js, names::WORKERS_BUCKET).await?;
         let control = athanor_connections::nats::bucket(&js, names::CONTROL_BUCKET).await?;
-        let hubs = hub::Hubs::new(db.clone(), js.clone(), config.clone(), shutdown);
+        let follower = hub::Follower::start(nats).await?;
+        let hubs = hub::Hubs::new(db.clone(), js.clone(), follower, config.clone(), shutdown);
         instruments::export_feeds(&hubs);
         // Bounded: a lifecycle viewer that lags is told to reload.
         let (lifecycle, _) = tokio::sync::broadcast::channel(1024);

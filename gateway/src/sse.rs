@@ -446,7 +446,7 @@ impl Viewer {
         }
         if catch_up.messages.is_none() {
             let opened = match self.hubs.resume_point(&run_id, self.have).await {
-                Ok(start) => self.hubs.consumer(&run_id, start).await,
+                Ok(start) => Hubs::consumer(&self.hubs.js, &run_id, start).await,
                 Err(e) => Err(e.to_string()),
             };
             match opened {

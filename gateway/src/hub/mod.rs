@@ -18,7 +18,8 @@
 //!   run's end; a pure state machine ([`Sequencer`]) with no I/O;
 //! * `frame.rs` — the SSE frames, encoded once and shared by every viewer;
 //! * here — the cache of hubs, the bootstrap from the database, the JetStream follow
-//!   loop, the database checks, and broadcasting what the sequencer returns.
+//!   loop (on the [`Follower`]'s thread), the database checks, and broadcasting what
+//!   the sequencer returns.
 
 mod frame;
 mod ordering;
@@ -53,10 +54,83 @@ use self::ordering::{Bootstrap, Checked, Sequencer, Skipped, Stored, SNAPSHOT_BU
 use crate::error::{ApiError, ApiResult};
 use crate::GatewayConfig;
 
+/// The thread the hubs follow their runs on: a runtime of one thread with a NATS
+/// connection of its own. A batch is then decoded and broadcast as soon as it arrives,
+/// instead of waiting on the gateway's runtime behind the viewers' writes its previous
+/// frames woke — and so is the NATS connection that delivers it (100 runs × 100
+/// viewers on 2 cores, measured in BENCHMARKS.md). The viewers' writes stay on the
+/// gateway's runtime; a broadcast wakes them there.
+pub(crate) struct Follower {
+    handle: tokio::runtime::Handle,
+    /// JetStream over the follower's own connection (its I/O on the follower thread).
+    js: jetstream::Context,
+    /// Dropped with the hubs: the thread then stops its runtime and ends.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Follower {
+    pub async fn start(nats: &athanor_connections::nats::NatsConfig) -> crate::Result<Self> {
+        // The runtime is built on its thread, so that no failure here drops it inside
+        // the gateway's runtime.
+        let (ready, built) = tokio::sync::oneshot::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("athanor-hubs".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        let _ = ready.send(Ok(runtime.handle().clone()));
+                        let _ = runtime.block_on(stopped);
+                        runtime.shutdown_background();
+                    }
+                    Err(error) => {
+                        let _ = ready.send(Err(error.to_string()));
+                    }
+                }
+            })
+            .map_err(|e| crate::Error::Follower(e.to_string()))?;
+        let handle = built
+            .await
+            .map_err(|e| crate::Error::Follower(e.to_string()))?
+            .map_err(crate::Error::Follower)?;
+        let config = nats.clone();
+        let js = handle
+            .spawn(async move {
+                let client =
+                    athanor_connections::nats::connect(&config, "athanor-gateway-hubs").await?;
+                Ok::<_, athanor_connections::nats::NatsError>(athanor_connections::nats::jetstream(
+                    client, &config,
+                ))
+            })
+            .await
+            .map_err(|e| crate::Error::Follower(e.to_string()))??;
+        Ok(Follower {
+            handle,
+            js,
+            _stop: stop,
+        })
+    }
+
+    /// Whether the follower's NATS connection is up.
+    pub fn connected(&self) -> bool {
+        self.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+}
+
 /// What every hub shares.
 pub(crate) struct Hubs {
     pub db: DatabaseConnection,
+    /// JetStream over the gateway's connection: viewers replaying what they missed.
     pub js: jetstream::Context,
+    /// The hubs' thread and connection.
+    pub follower: Follower,
+    /// The gateway's runtime: the hubs' database checks run there, so that every
+    /// database connection stays on the runtime that opened it (a connection opened on
+    /// the follower would stop working with it, and the pool is shared).
+    main: tokio::runtime::Handle,
     pub config: GatewayConfig,
     cache: moka::future::Cache<String, Arc<Hub>>,
     /// Cancelled when the gateway stops: hubs stop following, feeds end.
@@ -87,9 +161,11 @@ impl Drop for ViewerSlot {
 }
 
 impl Hubs {
+    /// Called on the gateway's runtime.
     pub fn new(
         db: DatabaseConnection,
         js: jetstream::Context,
+        follower: Follower,
         config: GatewayConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -119,6 +195,8 @@ impl Hubs {
         Arc::new(Hubs {
             db,
             js,
+            follower,
+            main: tokio::runtime::Handle::current(),
             config,
             cache,
             shutdown,
@@ -292,7 +370,10 @@ impl Hubs {
             poke: Notify::new(),
         });
         if hub.state.lock().terminal().is_none() {
-            self.tasks.spawn(follow(self.clone(), hub.clone(), start));
+            self.tasks.spawn_on(
+                follow(self.clone(), hub.clone(), start),
+                &self.follower.handle,
+            );
         } else {
             hub.stop.cancel();
         }
@@ -304,12 +385,11 @@ impl Hubs {
     /// beginning when unknown): ordered, ephemeral, recreated by the client after a
     /// NATS restart.
     pub async fn consumer(
-        &self,
+        js: &jetstream::Context,
         run_id: &str,
         start: Option<u64>,
     ) -> Result<consumer::pull::Ordered, String> {
-        let stream = self
-            .js
+        let stream = js
             .get_stream(names::RUNS_STREAM)
             .await
             .map_err(|e| e.to_string())?;
@@ -454,9 +534,10 @@ impl Hub {
 /// compressed and as its frame header declares them decompressed (a tick of a run's
 /// output: tens of microseconds). A larger one, or one that does not declare its size,
 /// goes to the blocking pool. Handing every batch there made the hub, woken from the
-/// pool, wait behind all the viewers its previous frame had woken: with 10 000 viewers
-/// of a run it fell seconds behind the stream
-/// (`athanor_gateway_batch_broadcast_delay_seconds`, measured in BENCHMARKS.md).
+/// pool, wait behind all the viewers its previous frame had woken (when the hubs still
+/// shared the viewers' runtime): with 10 000 viewers of a run it fell seconds behind
+/// the stream (`athanor_gateway_batch_broadcast_delay_seconds`, in BENCHMARKS.md). On
+/// the follower's one thread a small batch is still cheaper decoded in place.
 const INLINE_DECODE: (usize, u64) = (16 << 10, 256 << 10);
 
 /// Follows the run's subject until the run ends, the hub idles, or shutdown.
@@ -475,7 +556,7 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
         tokio::select! {
             _ = hub.stop.cancelled() => break,
             _ = &mut reopen, if messages.is_none() => {
-                match hubs.consumer(&hub.run_id, position).await {
+                match Hubs::consumer(&hubs.follower.js, &hub.run_id, position).await {
                     Ok(m) => {
                         messages = Some(m);
                         retries.reset();
@@ -532,7 +613,7 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                     }
                 }
             }
-            _ = hub.poke.notified() => check_database(&hubs, &hub).await,
+            _ = hub.poke.notified() => check_database_on_main(&hubs, &hub).await,
             _ = tick.tick() => {
                 if hub.tx.receiver_count() == 0 {
                     let since = *idle_since.get_or_insert_with(Instant::now);
@@ -547,7 +628,7 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
                 }
                 // Quiet, or stuck behind a batch the stream does not hold.
                 if last_message.elapsed() >= config.status_poll || hub.waiting_for_gap() {
-                    check_database(&hubs, &hub).await;
+                    check_database_on_main(&hubs, &hub).await;
                 }
             }
         }
@@ -562,6 +643,18 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
 
 /// Ends the hub when the database holds a terminal status the stream will not bring:
 /// `lost` (its worker vanished), or an end reached without further batches.
+/// [`check_database`] on the gateway's runtime (see [`Hubs::main`]); the hub waits for
+/// it, as it would in place.
+async fn check_database_on_main(hubs: &Arc<Hubs>, hub: &Arc<Hub>) {
+    let (hubs, hub) = (hubs.clone(), hub.clone());
+    // A failure is the gateway's runtime shutting down: the hub stops with it.
+    let _ = hubs
+        .main
+        .clone()
+        .spawn(async move { check_database(&hubs, &hub).await })
+        .await;
+}
+
 async fn check_database(hubs: &Hubs, hub: &Hub) {
     let run = match runs::Entity::find_by_id(hub.run_id.clone())
         .one(&hubs.db)
