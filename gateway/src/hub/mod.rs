@@ -641,8 +641,6 @@ async fn follow(hubs: Arc<Hubs>, hub: Arc<Hub>, start: Option<u64>) {
     }
 }
 
-/// Ends the hub when the database holds a terminal status the stream will not bring:
-/// `lost` (its worker vanished), or an end reached without further batches.
 /// [`check_database`] on the gateway's runtime (see [`Hubs::main`]); the hub waits for
 /// it, as it would in place.
 async fn check_database_on_main(hubs: &Arc<Hubs>, hub: &Arc<Hub>) {
@@ -655,6 +653,8 @@ async fn check_database_on_main(hubs: &Arc<Hubs>, hub: &Arc<Hub>) {
         .await;
 }
 
+/// Ends the hub when the database holds a terminal status the stream will not bring:
+/// `lost` (its worker vanished), or an end reached without further batches.
 async fn check_database(hubs: &Hubs, hub: &Hub) {
     let run = match runs::Entity::find_by_id(hub.run_id.clone())
         .one(&hubs.db)
